@@ -1,0 +1,285 @@
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use raftyard_types::{Algorithm, Digest, Hasher, RepoName};
+use tracing::{debug, warn};
+
+use crate::upload::{write_stream, Session, UploadStatus};
+use crate::{BlobError, Result};
+
+/// Settings of the blob store.
+#[derive(Debug, Clone)]
+pub struct BlobStoreConfig {
+    /// Directory holding `blobs/` and `uploads/`.
+    pub root: PathBuf,
+    /// Prefix of upload session ids: names the node that owns a session.
+    pub owner: String,
+    /// fsync files and directories before a blob is acknowledged. Only tests turn this off.
+    pub fsync: bool,
+}
+
+/// Content-addressed blob files plus the upload sessions of this node.
+pub struct BlobStore {
+    cfg: BlobStoreConfig,
+    blobs: PathBuf,
+    uploads: PathBuf,
+    sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the store. Upload sessions of a previous run are discarded:
+    /// their hashing state lived in memory, and clients restart interrupted uploads.
+    pub fn open(cfg: BlobStoreConfig) -> Result<Self> {
+        let blobs = cfg.root.join("blobs");
+        let uploads = cfg.root.join("uploads");
+        fs::create_dir_all(&cfg.root)?;
+        if uploads.exists() {
+            fs::remove_dir_all(&uploads)?;
+        }
+        fs::create_dir_all(&uploads)?;
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let a = blobs.join(alg.as_str());
+            let fresh = !a.exists();
+            for i in 0..=255u8 {
+                fs::create_dir_all(a.join(format!("{i:02x}")))?;
+            }
+            if fresh && cfg.fsync {
+                fsync_dir(&a)?;
+            }
+        }
+        if cfg.fsync {
+            fsync_dir(&blobs)?;
+            fsync_dir(&cfg.root)?;
+        }
+        Ok(BlobStore { cfg, blobs, uploads, sessions: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.cfg.root
+    }
+
+    /// Where the blob with this digest lives (whether or not it exists).
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs.join(digest.algorithm().as_str()).join(&hex[..2]).join(hex)
+    }
+
+    /// Size of the blob if this node holds it.
+    pub fn stat(&self, digest: &Digest) -> Option<u64> {
+        fs::metadata(self.path_of(digest)).ok().map(|m| m.len())
+    }
+
+    /// Opens a held blob for reading.
+    pub fn open_blob(&self, digest: &Digest) -> Result<(File, u64)> {
+        match File::open(self.path_of(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok((f, len))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(BlobError::BlobUnknown),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the local copy of a blob (garbage collection). Missing is fine.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<()> {
+        match fs::remove_file(self.path_of(digest)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts an upload session for `repo`, hashing with `algorithm`.
+    pub fn start_upload(&self, repo: RepoName, algorithm: Algorithm) -> Result<String> {
+        let id = format!("{}-{}", self.cfg.owner, random_hex(16));
+        let path = self.uploads.join(&id);
+        let file = File::options().create_new(true).write(true).open(&path)?;
+        let session = Session::new(id.clone(), repo, path, file, algorithm.hasher());
+        self.sessions
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        debug!(upload = %id, "upload started");
+        Ok(id)
+    }
+
+    fn session(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<Session>>> {
+        self.sessions.lock().unwrap().get(id).cloned().ok_or(BlobError::UploadUnknown)
+    }
+
+    fn lock(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<Session>> {
+        self.session(id)?.try_lock_owned().map_err(|_| BlobError::UploadBusy)
+    }
+
+    /// The repository and current size of an upload session.
+    pub fn upload_status(&self, id: &str) -> Result<UploadStatus> {
+        let s = self.lock(id)?;
+        Ok(s.status())
+    }
+
+    /// Appends a request body to a session. `start`, when given (a `Content-Range`), must equal
+    /// the bytes already received, else [`BlobError::RangeInvalid`]. `len`, when given, is the
+    /// number of bytes the body must carry. On a body error the bytes received so far stay in the
+    /// session (file and hash agree), and the status reports them.
+    pub async fn append<S, E>(&self, id: &str, start: Option<u64>, len: Option<u64>, body: S) -> Result<u64>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut s = self.lock(id)?;
+        if let Some(start) = start {
+            if start != s.size {
+                return Err(BlobError::RangeInvalid { size: s.size });
+            }
+        }
+        let (file, hasher) = s.take_writer()?;
+        let before = s.size;
+        let (file, hasher, written, result) = write_stream(file, hasher, body).await;
+        s.put_writer(file, hasher, written);
+        result?;
+        if let Some(len) = len {
+            if written != len {
+                return Err(BlobError::SizeInvalid { expected: len, actual: written });
+            }
+        }
+        debug!(upload = %id, from = before, to = s.size, "chunk appended");
+        Ok(s.size)
+    }
+
+    /// Completes a session: verifies `expected` against what was hashed while streaming, then
+    /// makes the blob durable under its digest. The session is gone afterwards, whatever the
+    /// outcome (a digest mismatch discards the data).
+    pub async fn finish(&self, id: &str, expected: &Digest) -> Result<(RepoName, u64)> {
+        let guard = self.lock(id)?;
+        self.sessions.lock().unwrap().remove(id);
+        let mut session = guard;
+        let (file, hasher) = session.take_writer()?;
+        let size = session.size;
+        let repo = session.repo.clone();
+        let path = session.path.clone();
+        let target = self.path_of(expected);
+        let fsync = self.cfg.fsync;
+        let expected = expected.clone();
+        let res = tokio::task::spawn_blocking(move || -> Result<()> {
+            let actual = if hasher.algorithm() == expected.algorithm() {
+                hasher.finish()
+            } else {
+                // The client hashed with another algorithm than the session announced.
+                drop(hasher);
+                hash_file(&path, expected.algorithm())?
+            };
+            if actual != expected {
+                let _ = fs::remove_file(&path);
+                return Err(BlobError::DigestInvalid { expected, actual });
+            }
+            commit_file(file, &path, &target, fsync)
+        })
+        .await
+        .map_err(|e| BlobError::Io(io::Error::other(e)))?;
+        res.map(|()| (repo, size))
+    }
+
+    /// Stores a whole blob from one stream (monolithic upload, replication from a peer).
+    pub async fn put_stream<S, E>(&self, repo: RepoName, expected: &Digest, len: Option<u64>, body: S) -> Result<u64>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let id = self.start_upload(repo, expected.algorithm())?;
+        let r = self.append(&id, None, len, body).await;
+        if let Err(e) = r {
+            self.cancel(&id);
+            return Err(e);
+        }
+        Ok(self.finish(&id, expected).await?.1)
+    }
+
+    /// Cancels a session and frees its space. Unknown ids are ignored.
+    pub fn cancel(&self, id: &str) -> bool {
+        let removed = self.sessions.lock().unwrap().remove(id);
+        if let Some(s) = removed {
+            if let Ok(s) = s.try_lock() {
+                let _ = fs::remove_file(&s.path);
+            } else {
+                // A request is still writing; its temp file is removed when the session drops.
+                debug!(upload = %id, "cancelled while busy");
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Number of open upload sessions.
+    pub fn open_uploads(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    /// Discards sessions idle for longer than `max_idle`. Returns how many were removed.
+    pub fn expire_uploads(&self, max_idle: Duration) -> usize {
+        let now = Instant::now();
+        let ids: Vec<String> = {
+            let map = self.sessions.lock().unwrap();
+            map.iter()
+                .filter(|(_, s)| s.try_lock().map(|s| now.duration_since(s.last_active) > max_idle).unwrap_or(false))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in &ids {
+            warn!(upload = %id, "upload session expired");
+            self.cancel(id);
+        }
+        ids.len()
+    }
+}
+
+fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut h: Hasher = alg.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+/// fsync the file, rename it under its digest, fsync the directory. If the digest already
+/// exists the new copy is dropped: content addressing makes them identical.
+fn commit_file(file: File, tmp: &Path, target: &Path, fsync: bool) -> Result<()> {
+    if fsync {
+        file.sync_all()?;
+    }
+    drop(file);
+    if target.exists() {
+        fs::remove_file(tmp)?;
+        return Ok(());
+    }
+    fs::rename(tmp, target)?;
+    if fsync {
+        fsync_dir(target.parent().expect("blob path has a parent"))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}

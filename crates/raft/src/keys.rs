@@ -1,0 +1,69 @@
+//! Key layout of the `state` tree. One tree, so that one sled batch applies a whole command
+//! atomically together with `last_applied`.
+//!
+//! | prefix | key rest | value |
+//! |---|---|---|
+//! | `m/` | `applied`, `membership` | bincode of LogId / StoredMembership |
+//! | `b/` | repo `\0` digest | blob size (u64 BE): the blob is linked in the repo |
+//! | `B/` | digest | [`crate::state::BlobInfo`] (size, holders) |
+//! | `M/` | repo `\0` digest | [`crate::state::ManifestRecord`] |
+//! | `t/` | repo `\0` tag | digest string |
+//! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
+//! | `R/` | repo | empty: the repository exists (catalog) |
+//! | `j/` | index (u64 BE) | versioned journal entry |
+
+pub const APPLIED: &[u8] = b"m/applied";
+pub const MEMBERSHIP: &[u8] = b"m/membership";
+
+fn join(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+pub fn link(repo: &str, digest: &str) -> Vec<u8> {
+    join(b"b/", &[repo, digest])
+}
+pub fn blob(digest: &str) -> Vec<u8> {
+    join(b"B/", &[digest])
+}
+pub fn manifest(repo: &str, digest: &str) -> Vec<u8> {
+    join(b"M/", &[repo, digest])
+}
+pub fn tag(repo: &str, tag: &str) -> Vec<u8> {
+    join(b"t/", &[repo, tag])
+}
+/// Prefix of all tags of a repository.
+pub fn tags_of(repo: &str) -> Vec<u8> {
+    let mut k = join(b"t/", &[repo]);
+    k.push(0);
+    k
+}
+pub fn referrer(repo: &str, subject: &str, digest: &str) -> Vec<u8> {
+    join(b"r/", &[repo, subject, digest])
+}
+pub fn referrers_of(repo: &str, subject: &str) -> Vec<u8> {
+    let mut k = join(b"r/", &[repo, subject]);
+    k.push(0);
+    k
+}
+pub fn repo(repo: &str) -> Vec<u8> {
+    join(b"R/", &[repo])
+}
+pub const REPOS: &[u8] = b"R/";
+pub fn journal(index: u64) -> Vec<u8> {
+    let mut k = b"j/".to_vec();
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+pub const JOURNAL: &[u8] = b"j/";
+
+/// The part of `key` after `prefix`, as UTF-8.
+pub fn suffix<'a>(key: &'a [u8], prefix: &[u8]) -> &'a str {
+    std::str::from_utf8(&key[prefix.len()..]).unwrap_or("")
+}

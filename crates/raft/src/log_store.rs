@@ -1,0 +1,157 @@
+//! The Raft log and vote on sled. Appends are acknowledged to openraft only after sled has
+//! flushed them to disk.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, ErrorSubject, ErrorVerb, RaftLogId, RaftLogReader, Vote};
+
+use crate::{storage_err, LogId, NodeId, StorageError, TypeConfig};
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+
+/// Log entries in tree `log` (key: index BE), vote and bookkeeping in tree `raft`.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    raft: sled::Tree,
+}
+
+fn idx_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+impl LogStore {
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(LogStore { db: db.clone(), log: db.open_tree("log")?, raft: db.open_tree("raft")? })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8], subject: ErrorSubject<NodeId>) -> Result<Option<T>, StorageError> {
+        match self.raft.get(key).map_err(|e| storage_err(subject.clone(), ErrorVerb::Read, e))? {
+            None => Ok(None),
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| storage_err(subject, ErrorVerb::Read, e)),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], v: &T, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+        let bytes = bincode::serialize(v).map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
+        self.raft.insert(key, bytes).map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    async fn flush(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+        self.db.flush_async().await.map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    fn decode(v: &[u8]) -> Result<Entry<TypeConfig>, StorageError> {
+        bincode::deserialize(v).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
+        match self.log.last().map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))? {
+            None => Ok(None),
+            Some((_, v)) => Ok(Some(*Self::decode(&v)?.get_log_id())),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => Bound::Included(idx_key(i)),
+            Bound::Excluded(&i) => Bound::Excluded(idx_key(i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for kv in self.log.range((Bound::Included(idx_key(start)), end)) {
+            let (_, v) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            out.push(Self::decode(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
+        let last = self.last_entry_id()?.or(last_purged);
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        self.put_meta(VOTE, vote, ErrorSubject::Vote)?;
+        self.flush(ErrorSubject::Vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(VOTE, ErrorSubject::Vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not flushed on its own: it is an optimisation for restart, not a safety property.
+        self.put_meta(COMMITTED, &committed, ErrorSubject::Store)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(COMMITTED, ErrorSubject::Store)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            let bytes = bincode::serialize(&e).map_err(|err| storage_err(ErrorSubject::Log(*e.get_log_id()), ErrorVerb::Write, err))?;
+            batch.insert(&idx_key(e.get_log_id().index), bytes);
+        }
+        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        // Entries are readable now; acknowledge durability only after the flush.
+        let res = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+        callback.log_io_completed(res);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(idx_key(log_id.index)..) {
+            let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.flush(ErrorSubject::Logs).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Record the purge point first: a crash in between leaves extra entries, never a hole.
+        self.put_meta(LAST_PURGED, &log_id, ErrorSubject::Logs)?;
+        self.flush(ErrorSubject::Logs).await?;
+        let mut batch = sled::Batch::default();
+        for kv in self.log.range(..=idx_key(log_id.index)) {
+            let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        Ok(())
+    }
+}

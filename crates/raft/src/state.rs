@@ -1,0 +1,514 @@
+//! The event-sourced state machine: folds committed [`Command`]s into the `state` tree, and
+//! answers reads from it ([`StateReader`]).
+//!
+//! Each log entry is applied as one sled batch holding the command's writes, its journal entry
+//! and `last_applied`, so a crash leaves the state at an entry boundary and openraft re-applies
+//! from there. Validation happens here, at apply time, so that it is deterministic and cannot
+//! race: a manifest whose references vanished before it was applied is rejected on every node.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
+};
+use raftyard_types::event::VersionedJournalEntry;
+use raftyard_types::{Command, Digest, Event, JournalEntry, Outcome, Rejection, RepoName, Tag};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::keys;
+use crate::{storage_err, LogId, NodeAddr, NodeId, StorageError, TypeConfig};
+
+/// A stored manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub media_type: String,
+    pub bytes: Vec<u8>,
+    pub subject: Option<Digest>,
+    pub artifact_type: Option<String>,
+    /// Proposer time of the push, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// Which nodes hold a blob.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobInfo {
+    pub size: u64,
+    pub holders: Vec<NodeId>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeAddr>,
+    data: Vec<u8>,
+}
+
+type Membership = StoredMembership<NodeId, NodeAddr>;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("in-memory values always encode")
+}
+
+fn dec<T: serde::de::DeserializeOwned>(v: &[u8]) -> Option<T> {
+    bincode::deserialize(v).ok()
+}
+
+/// Pending writes of one entry over the committed tree.
+struct Tx<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Tx<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Tx { tree, writes: BTreeMap::new() }
+    }
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        match self.writes.get(k) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.tree.get(k)?.map(|v| v.to_vec())),
+        }
+    }
+    fn has(&self, k: &[u8]) -> Result<bool, sled::Error> {
+        Ok(self.get(k)?.is_some())
+    }
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.writes.insert(k, Some(v));
+    }
+    fn del(&mut self, k: Vec<u8>) {
+        self.writes.insert(k, None);
+    }
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error> {
+        let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out.into_iter().collect())
+    }
+    fn into_batch(self) -> sled::Batch {
+        let mut b = sled::Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        b
+    }
+}
+
+/// Applies one event to the pending writes. Returns a rejection if the event cannot apply.
+fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejection>, sled::Error> {
+    match ev {
+        Event::BlobLinked { repo, digest, size } => {
+            tx.put(keys::link(repo.as_str(), &digest.to_string()), size.to_be_bytes().to_vec());
+            tx.put(keys::repo(repo.as_str()), vec![]);
+            let bk = keys::blob(&digest.to_string());
+            if !tx.has(&bk)? {
+                tx.put(bk, enc(&BlobInfo { size: *size, holders: vec![] }));
+            }
+        }
+        Event::BlobUnlinked { repo, digest } => {
+            let k = keys::link(repo.as_str(), &digest.to_string());
+            if !tx.has(&k)? {
+                return Ok(Err(Rejection::BlobUnknown(digest.clone())));
+            }
+            tx.del(k);
+        }
+        Event::BlobPlaced { digest, size, node } => {
+            let bk = keys::blob(&digest.to_string());
+            let mut info: BlobInfo = tx.get(&bk)?.and_then(|v| dec(&v)).unwrap_or_default();
+            info.size = *size;
+            if !info.holders.contains(node) {
+                info.holders.push(*node);
+                info.holders.sort();
+            }
+            tx.put(bk, enc(&info));
+        }
+        Event::BlobDropped { digest, node } => {
+            let bk = keys::blob(&digest.to_string());
+            if let Some(mut info) = tx.get(&bk)?.and_then(|v| dec::<BlobInfo>(&v)) {
+                info.holders.retain(|n| n != node);
+                tx.put(bk, enc(&info));
+            }
+        }
+        Event::ManifestPut { repo, digest, media_type, bytes, refs, subject, artifact_type } => {
+            let r = repo.as_str();
+            let mut missing = Vec::new();
+            for d in refs {
+                let ds = d.to_string();
+                if !tx.has(&keys::link(r, &ds))? && !tx.has(&keys::manifest(r, &ds))? {
+                    missing.push(d.clone());
+                }
+            }
+            if !missing.is_empty() {
+                return Ok(Err(Rejection::ManifestBlobUnknown(missing)));
+            }
+            let ds = digest.to_string();
+            let rec = ManifestRecord {
+                media_type: media_type.clone(),
+                bytes: bytes.clone(),
+                subject: subject.clone(),
+                artifact_type: artifact_type.clone(),
+                created_ms: time_ms,
+            };
+            tx.put(keys::manifest(r, &ds), enc(&rec));
+            tx.put(keys::repo(r), vec![]);
+            if let Some(s) = subject {
+                tx.put(keys::referrer(r, &s.to_string(), &ds), vec![]);
+            }
+        }
+        Event::TagSet { repo, tag, digest, expect } => {
+            let r = repo.as_str();
+            if !tx.has(&keys::manifest(r, &digest.to_string()))? {
+                return Ok(Err(Rejection::ManifestUnknown));
+            }
+            let tk = keys::tag(r, tag.as_str());
+            if let Some(expect) = expect {
+                let current = tx.get(&tk)?.and_then(|v| Digest::parse(std::str::from_utf8(&v).ok()?).ok());
+                if &current != expect {
+                    return Ok(Err(Rejection::TagConflict { tag: tag.clone(), current }));
+                }
+            }
+            tx.put(tk, digest.to_string().into_bytes());
+        }
+        Event::TagDeleted { repo, tag } => {
+            let tk = keys::tag(repo.as_str(), tag.as_str());
+            if !tx.has(&tk)? {
+                return Ok(Err(Rejection::ManifestUnknown));
+            }
+            tx.del(tk);
+        }
+        Event::ManifestDeleted { repo, digest } => {
+            let r = repo.as_str();
+            let ds = digest.to_string();
+            let mk = keys::manifest(r, &ds);
+            let Some(rec) = tx.get(&mk)?.and_then(|v| dec::<ManifestRecord>(&v)) else {
+                return Ok(Err(Rejection::ManifestUnknown));
+            };
+            tx.del(mk);
+            for (k, v) in tx.scan(&keys::tags_of(r))? {
+                if v == ds.as_bytes() {
+                    tx.del(k);
+                }
+            }
+            if let Some(s) = rec.subject {
+                tx.del(keys::referrer(r, &s.to_string(), &ds));
+            }
+        }
+        Event::BlobsSwept { digests, .. } => {
+            for d in digests {
+                tx.del(keys::blob(&d.to_string()));
+            }
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Read access to the applied state. Cheap to clone; reads see whole applied entries.
+#[derive(Clone)]
+pub struct StateReader {
+    tree: sled::Tree,
+    applied: watch::Receiver<u64>,
+}
+
+fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl StateReader {
+    /// Index of the last applied log entry.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until the state has applied at least `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut rx = self.applied.clone();
+        let _ = rx.wait_for(|a| *a >= index).await;
+    }
+
+    pub fn blob_link(&self, repo: &RepoName, digest: &Digest) -> std::io::Result<Option<u64>> {
+        Ok(self
+            .tree
+            .get(keys::link(repo.as_str(), &digest.to_string()))
+            .map_err(io)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Any repository linking this blob (for mounts without `from`).
+    pub fn blob_info(&self, digest: &Digest) -> std::io::Result<Option<BlobInfo>> {
+        Ok(self.tree.get(keys::blob(&digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
+    }
+
+    pub fn manifest(&self, repo: &RepoName, digest: &Digest) -> std::io::Result<Option<ManifestRecord>> {
+        Ok(self.tree.get(keys::manifest(repo.as_str(), &digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
+    }
+
+    pub fn tag(&self, repo: &RepoName, tag: &Tag) -> std::io::Result<Option<Digest>> {
+        Ok(self
+            .tree
+            .get(keys::tag(repo.as_str(), tag.as_str()))
+            .map_err(io)?
+            .and_then(|v| Digest::parse(std::str::from_utf8(&v).ok()?).ok()))
+    }
+
+    /// Tags in ASCII order, strictly after `last`, at most `n`.
+    pub fn tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> std::io::Result<Vec<String>> {
+        let prefix = keys::tags_of(repo.as_str());
+        let start = match last {
+            Some(l) => {
+                let mut k = keys::tag(repo.as_str(), l);
+                k.push(0); // strictly after
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, _) = kv.map_err(io)?;
+            if !k.starts_with(&prefix) || out.len() >= n {
+                break;
+            }
+            out.push(keys::suffix(&k, &prefix).to_string());
+        }
+        Ok(out)
+    }
+
+    pub fn repo_exists(&self, repo: &RepoName) -> std::io::Result<bool> {
+        self.tree.contains_key(keys::repo(repo.as_str())).map_err(io)
+    }
+
+    /// Repositories in ASCII order, strictly after `last`, at most `n`.
+    pub fn repos(&self, last: Option<&str>, n: usize) -> std::io::Result<Vec<String>> {
+        let start = match last {
+            Some(l) => {
+                let mut k = keys::repo(l);
+                k.push(0);
+                k
+            }
+            None => keys::REPOS.to_vec(),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, _) = kv.map_err(io)?;
+            if !k.starts_with(keys::REPOS) || out.len() >= n {
+                break;
+            }
+            out.push(keys::suffix(&k, keys::REPOS).to_string());
+        }
+        Ok(out)
+    }
+
+    /// Digests of the manifests in `repo` whose subject is `subject`.
+    pub fn referrers(&self, repo: &RepoName, subject: &Digest) -> std::io::Result<Vec<Digest>> {
+        let prefix = keys::referrers_of(repo.as_str(), &subject.to_string());
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(io)?;
+            if let Ok(d) = Digest::parse(keys::suffix(&k, &prefix)) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Journal entries with index ≥ `since`, at most `limit`.
+    pub fn journal(&self, since: u64, limit: usize) -> std::io::Result<Vec<JournalEntry>> {
+        let mut out = Vec::new();
+        for kv in self.tree.range(keys::journal(since)..) {
+            let (k, v) = kv.map_err(io)?;
+            if !k.starts_with(keys::JOURNAL) || out.len() >= limit {
+                break;
+            }
+            if let Some(e) = dec::<VersionedJournalEntry>(&v) {
+                out.push(e.into());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The openraft state machine over the `state` tree.
+pub struct StateMachine {
+    db: sled::Db,
+    state: sled::Tree,
+    snap: sled::Tree,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachine {
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        let state = db.open_tree("state")?;
+        let snap = db.open_tree("snapshot")?;
+        let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
+        let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
+        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx) })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader { tree: self.state.clone(), applied: self.applied_tx.subscribe() }
+    }
+
+    fn read_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let err = |e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
+        let applied = self.state.get(keys::APPLIED).map_err(err)?.and_then(|v| dec(&v));
+        let membership = self.state.get(keys::MEMBERSHIP).map_err(err)?.and_then(|v| dec(&v)).unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    fn apply_entry(&self, entry: &Entry<TypeConfig>) -> Result<Option<Outcome>, sled::Error> {
+        let mut tx = Tx::new(&self.state);
+        let log_id = entry.log_id;
+        let outcome = match &entry.payload {
+            EntryPayload::Blank => None,
+            EntryPayload::Membership(m) => {
+                tx.put(keys::MEMBERSHIP.to_vec(), enc(&Membership::new(Some(log_id), m.clone())));
+                None
+            }
+            EntryPayload::Normal(cmd) => {
+                let cmd: Command = cmd.clone().into();
+                let mut outcome = Ok(());
+                for ev in &cmd.events {
+                    if let Err(rej) = apply_event(&mut tx, ev, cmd.time_ms)? {
+                        outcome = Err(rej);
+                        break;
+                    }
+                }
+                if outcome.is_ok() {
+                    let je = JournalEntry { index: log_id.index, time_ms: cmd.time_ms, events: cmd.events };
+                    tx.put(keys::journal(log_id.index), enc(&VersionedJournalEntry::V1(je)));
+                } else {
+                    // All or nothing: drop the partial writes of a rejected command.
+                    tx.writes.clear();
+                }
+                Some(outcome)
+            }
+        };
+        tx.put(keys::APPLIED.to_vec(), enc(&log_id));
+        self.state.apply_batch(tx.into_batch())?;
+        Ok(outcome)
+    }
+
+    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
+        let v = self
+            .snap
+            .get(b"current")
+            .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(v.and_then(|v| dec(&v)))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
+        self.read_applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        let mut last = None;
+        for entry in entries {
+            let r = self
+                .apply_entry(&entry)
+                .map_err(|e| storage_err(ErrorSubject::Apply(entry.log_id), ErrorVerb::Write, e))?;
+            out.push(r.unwrap_or(Ok(())));
+            last = Some(entry.log_id.index);
+        }
+        if let Some(i) = last {
+            self.applied_tx.send_replace(i);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        // Copy the state now, while no entry is being applied: the snapshot is consistent.
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> =
+            self.state.iter().filter_map(|kv| kv.ok()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let (applied, membership) = self.read_applied().unwrap_or((None, Membership::default()));
+        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), pairs, applied, membership }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let sig = Some(meta.signature());
+        let data = snapshot.into_inner();
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = bincode::deserialize(&data)
+            .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
+        let werr = |e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e);
+        let mut batch = sled::Batch::default();
+        for kv in self.state.iter() {
+            batch.remove(kv.map_err(werr)?.0);
+        }
+        for (k, v) in pairs {
+            batch.insert(k, v);
+        }
+        if let Some(l) = meta.last_log_id {
+            batch.insert(keys::APPLIED, enc(&l));
+        }
+        batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
+        self.state.apply_batch(batch).map_err(werr)?;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
+        self.db.flush_async().await.map_err(werr)?;
+        self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self
+            .load_snapshot()?
+            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+/// Builds a snapshot from a copy of the state taken by `get_snapshot_builder`.
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    snap: sled::Tree,
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    applied: Option<LogId>,
+    membership: Membership,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let data = enc(&self.pairs);
+        let snapshot_id = match self.applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
+            None => format!("0-0-{}", data.len()),
+        };
+        let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
+        self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
+        // The state machine is flushed too, so logs purged after this snapshot are never needed.
+        self.db.flush_async().await.map_err(werr)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}

@@ -1,0 +1,23 @@
+//! openraft's own storage test suite against the sled log store and state machine.
+
+use openraft::testing::{StoreBuilder, Suite};
+use raftyard_raft::log_store::LogStore;
+use raftyard_raft::state::StateMachine;
+use raftyard_raft::{StorageError, TypeConfig};
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new().path(dir.path()).open().expect("sled");
+        let log = LogStore::open(&db).expect("log store");
+        let sm = StateMachine::open(&db).expect("state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() -> Result<(), StorageError> {
+    Suite::test_all(SledBuilder)
+}

@@ -1,0 +1,175 @@
+//! Metadata events: the only way metadata changes. Every node applies the same committed
+//! [`Command`]s in the same order, so state = fold(events).
+//!
+//! Events are kept for ever in the journal, so their encoding is versioned: the log and the
+//! journal store [`VersionedCommand`]/[`VersionedJournalEntry`], and decoding upgrades old
+//! versions to the current types (there is only `V1` so far).
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::name::{RepoName, Tag};
+
+/// Raft node id.
+pub type NodeId = u64;
+
+/// One metadata change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A finished upload or a mount makes a blob visible in a repository.
+    BlobLinked { repo: RepoName, digest: Digest, size: u64 },
+    /// A blob is removed from a repository (`DELETE /v2/<name>/blobs/<digest>`).
+    BlobUnlinked { repo: RepoName, digest: Digest },
+    /// A node holds a verified copy of the blob.
+    BlobPlaced { digest: Digest, size: u64, node: NodeId },
+    /// A node no longer holds the blob.
+    BlobDropped { digest: Digest, node: NodeId },
+    /// A manifest is stored; its bytes travel inside the event.
+    ManifestPut {
+        repo: RepoName,
+        digest: Digest,
+        media_type: String,
+        bytes: Vec<u8>,
+        /// Blobs and manifests that must exist in `repo` when this event applies.
+        refs: Vec<Digest>,
+        subject: Option<Digest>,
+        artifact_type: Option<String>,
+    },
+    /// Points a tag at a manifest. With `expect`, only if the tag currently points at
+    /// `expect` (`Some(None)`: only if the tag does not exist).
+    TagSet { repo: RepoName, tag: Tag, digest: Digest, expect: Option<Option<Digest>> },
+    TagDeleted { repo: RepoName, tag: Tag },
+    /// Removes a manifest and every tag that points at it.
+    ManifestDeleted { repo: RepoName, digest: Digest },
+    /// The outcome of a garbage collection at an applied index.
+    BlobsSwept { digests: Vec<Digest>, as_of: u64 },
+}
+
+impl Event {
+    /// The repository the event concerns, if any.
+    pub fn repo(&self) -> Option<&RepoName> {
+        match self {
+            Event::BlobLinked { repo, .. }
+            | Event::BlobUnlinked { repo, .. }
+            | Event::ManifestPut { repo, .. }
+            | Event::TagSet { repo, .. }
+            | Event::TagDeleted { repo, .. }
+            | Event::ManifestDeleted { repo, .. } => Some(repo),
+            _ => None,
+        }
+    }
+
+    /// A JSON view for the event stream: manifest bytes are summarised by their size.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Event::BlobLinked { repo, digest, size } => {
+                json!({"type":"BlobLinked","repo":repo,"digest":digest,"size":size})
+            }
+            Event::BlobUnlinked { repo, digest } => {
+                json!({"type":"BlobUnlinked","repo":repo,"digest":digest})
+            }
+            Event::BlobPlaced { digest, size, node } => {
+                json!({"type":"BlobPlaced","digest":digest,"size":size,"node":node})
+            }
+            Event::BlobDropped { digest, node } => {
+                json!({"type":"BlobDropped","digest":digest,"node":node})
+            }
+            Event::ManifestPut { repo, digest, media_type, bytes, refs, subject, artifact_type } => {
+                json!({"type":"ManifestPut","repo":repo,"digest":digest,"mediaType":media_type,
+                       "size":bytes.len(),"refs":refs,"subject":subject,"artifactType":artifact_type})
+            }
+            Event::TagSet { repo, tag, digest, expect } => {
+                json!({"type":"TagSet","repo":repo,"tag":tag,"digest":digest,"expect":expect})
+            }
+            Event::TagDeleted { repo, tag } => json!({"type":"TagDeleted","repo":repo,"tag":tag}),
+            Event::ManifestDeleted { repo, digest } => {
+                json!({"type":"ManifestDeleted","repo":repo,"digest":digest})
+            }
+            Event::BlobsSwept { digests, as_of } => {
+                json!({"type":"BlobsSwept","digests":digests,"asOf":as_of})
+            }
+        }
+    }
+}
+
+/// A batch of events proposed together and applied atomically: all or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Wall-clock time at the proposer, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub events: Vec<Event>,
+}
+
+impl Command {
+    pub fn new(events: Vec<Event>) -> Self {
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Command { time_ms, events }
+    }
+}
+
+/// The versioned encoding of a command inside the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VersionedCommand {
+    V1(Command),
+}
+
+impl From<VersionedCommand> for Command {
+    fn from(v: VersionedCommand) -> Command {
+        match v {
+            VersionedCommand::V1(c) => c,
+        }
+    }
+}
+
+/// Why a command was not applied. Deterministic: every node reaches the same verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("blob {0} unknown to the repository")]
+    BlobUnknown(Digest),
+    #[error("manifest references blobs or manifests unknown to the repository: {0:?}")]
+    ManifestBlobUnknown(Vec<Digest>),
+    #[error("manifest unknown")]
+    ManifestUnknown,
+    #[error("tag {tag} does not point at the expected manifest (now {current:?})")]
+    TagConflict { tag: Tag, current: Option<Digest> },
+}
+
+/// The result of applying one command.
+pub type Outcome = Result<(), Rejection>;
+
+/// One applied command in the event journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Raft log index of the command.
+    pub index: u64,
+    pub time_ms: u64,
+    pub events: Vec<Event>,
+}
+
+impl JournalEntry {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "index": self.index,
+            "time": self.time_ms,
+            "events": self.events.iter().map(Event::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The versioned encoding of a journal entry on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VersionedJournalEntry {
+    V1(JournalEntry),
+}
+
+impl From<VersionedJournalEntry> for JournalEntry {
+    fn from(v: VersionedJournalEntry) -> JournalEntry {
+        match v {
+            VersionedJournalEntry::V1(e) => e,
+        }
+    }
+}

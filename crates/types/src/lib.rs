@@ -1,0 +1,16 @@
+//! Pure data types of raftyard: content digests, repository names, tags and references,
+//! manifest parsing and validation, and the metadata events kept in the Raft log.
+//!
+//! This crate owns the *vocabulary* every other crate speaks. It performs no IO and has no
+//! async code; everything here is deterministic and unit-tested on its own. It must not depend
+//! on any other raftyard crate.
+
+pub mod digest;
+pub mod event;
+pub mod manifest;
+pub mod name;
+
+pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use event::{Command, Event, JournalEntry, Outcome, Rejection};
+pub use manifest::{Descriptor, ManifestError, ManifestKind, ParsedManifest};
+pub use name::{NameError, Reference, RepoName, Tag};
