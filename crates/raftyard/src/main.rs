@@ -1,1 +1,123 @@
-fn main(){}
+//! The `raftyard` binary: command line, configuration, wiring of the crates into a running
+//! node, and graceful shutdown. No registry, storage or consensus logic lives here.
+
+mod certs;
+mod config;
+mod node;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "raftyard",
+    version,
+    about = "A container registry cluster on Raft"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node. Without a config file: a single-node registry on 127.0.0.1:5000 with data
+    /// in ./raftyard-data.
+    Serve {
+        /// Node configuration (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override `registry.listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Override `node.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print the event journal of a node as JSON lines.
+    Events {
+        /// Registry URL of the node.
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        node: String,
+        /// First journal index to print.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep waiting for new events.
+        #[arg(long)]
+        follow: bool,
+        /// Trust this CA certificate (PEM) for an HTTPS node.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Make TLS certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// A new CA and a server certificate signed by it: ca.pem, cert.pem, key.pem in DIR.
+    SelfSigned {
+        /// Host name or IP address the certificate is valid for (repeatable).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::default(),
+            };
+            if let Some(l) = listen {
+                cfg.registry.listen = l;
+            }
+            if let Some(d) = data_dir {
+                cfg.node.data_dir = d;
+            }
+            cfg.validate()?;
+            runtime()?.block_on(node::serve(cfg))
+        }
+        Cmd::Events {
+            node,
+            since,
+            follow,
+            ca,
+        } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
+        Cmd::Certs {
+            cmd: CertsCmd::SelfSigned { hosts, out },
+        } => {
+            certs::self_signed(&hosts, &out)?;
+            println!("wrote {0}/ca.pem, {0}/cert.pem, {0}/key.pem", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,1 +1,83 @@
-//! placeholder
+//! The OCI distribution API of a raftyard node.
+//!
+//! Owns the HTTP surface: the endpoint parser ([`endpoint`]), the handlers, the one mapping
+//! from failures to OCI error responses ([`error`]), request metrics and the server loop with
+//! TLS and graceful shutdown ([`server`]). It reads metadata through
+//! [`raftyard_raft::StateReader`], changes it only by proposing events through
+//! [`raftyard_raft::MetaNode`], and keeps bytes in [`raftyard_blobstore::BlobStore`]. It does
+//! not parse configuration files or command lines: the binary wires it up.
+
+pub mod body;
+pub mod endpoint;
+pub mod error;
+mod handlers;
+pub mod metrics;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftyard_blobstore::BlobStore;
+use raftyard_raft::MetaNode;
+
+pub use error::RegistryError;
+pub use handlers::handle;
+pub use server::{serve, TlsFiles};
+
+/// Behaviour switches of the registry API.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Allow `DELETE` of manifests, tags and blobs.
+    pub delete_enabled: bool,
+    /// Upload sessions idle for longer are discarded.
+    pub upload_idle_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            delete_enabled: true,
+            upload_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Everything a request handler needs.
+pub struct Registry {
+    pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) meta: MetaNode,
+    pub(crate) cfg: RegistryConfig,
+    pub(crate) metrics: metrics::Metrics,
+}
+
+impl Registry {
+    pub fn new(blobs: Arc<BlobStore>, meta: MetaNode, cfg: RegistryConfig) -> Arc<Self> {
+        Arc::new(Registry {
+            blobs,
+            meta,
+            cfg,
+            metrics: metrics::Metrics::default(),
+        })
+    }
+
+    pub fn meta(&self) -> &MetaNode {
+        &self.meta
+    }
+
+    pub fn blobs(&self) -> &Arc<BlobStore> {
+        &self.blobs
+    }
+
+    /// Background upkeep: expires idle upload sessions. Runs until the registry is dropped.
+    pub fn spawn_upkeep(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(reg) = weak.upgrade() else { return };
+                reg.blobs.expire_uploads(reg.cfg.upload_idle_timeout);
+            }
+        })
+    }
+}

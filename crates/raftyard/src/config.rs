@@ -1,0 +1,179 @@
+//! The one configuration struct of a node, read from TOML. Every field has a default, so an
+//! empty file (or none) is the embedded single-node registry on 127.0.0.1:5000.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Identity and storage of this node.
+    pub node: NodeSection,
+    /// The OCI distribution API.
+    pub registry: RegistrySection,
+    /// Raft timing.
+    pub raft: RaftSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Raft node id, unique in the cluster, never reused.
+    pub id: u64,
+    /// Directory holding blobs, upload sessions and the metadata database.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// Address the registry HTTP(S) API listens on.
+    pub listen: SocketAddr,
+    /// Allow deleting manifests, tags and blobs.
+    pub delete_enabled: bool,
+    /// Seconds after which an idle upload session is discarded.
+    pub upload_idle_timeout_secs: u64,
+    /// Serve HTTPS with this certificate and key (PEM). Absent: plain HTTP.
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM). Never printed.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftSection {
+    /// Leader heartbeat interval, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Lower bound of the randomised election timeout, milliseconds.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomised election timeout, milliseconds.
+    pub election_timeout_max_ms: u64,
+    /// Take a state snapshot (allowing log compaction) every this many entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeSection::default(),
+            registry: RegistrySection::default(),
+            raft: RaftSection::default(),
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: 1,
+            data_dir: PathBuf::from("./raftyard-data"),
+        }
+    }
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        RegistrySection {
+            listen: "127.0.0.1:5000".parse().expect("valid address"),
+            delete_enabled: true,
+            upload_idle_timeout_secs: 3600,
+            tls: None,
+        }
+    }
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
+            snapshot_every: 5000,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.node.id > 0, "node.id must be > 0");
+        anyhow::ensure!(self.raft.heartbeat_ms > 0, "raft.heartbeat_ms must be > 0");
+        anyhow::ensure!(
+            self.raft.election_timeout_min_ms > self.raft.heartbeat_ms
+                && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
+            "raft timeouts must satisfy heartbeat < election_timeout_min < election_timeout_max"
+        );
+        Ok(())
+    }
+
+    pub fn upload_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.registry.upload_idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.registry.listen.to_string(), "127.0.0.1:5000");
+        assert_eq!(c.node.data_dir, PathBuf::from("./raftyard-data"));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(
+            toml::from_str::<Config>("[registry]\nlisten = \"0.0.0.0:5000\"\nlisen = 1\n").is_err()
+        );
+        assert!(toml::from_str::<Config>("[nod]\n").is_err());
+    }
+
+    #[test]
+    fn full_file() {
+        let c: Config = toml::from_str(
+            r#"
+            [node]
+            id = 3
+            data_dir = "/var/lib/raftyard"
+            [registry]
+            listen = "0.0.0.0:443"
+            delete_enabled = false
+            [registry.tls]
+            cert = "/etc/raftyard/cert.pem"
+            key = "/etc/raftyard/key.pem"
+            [raft]
+            heartbeat_ms = 100
+            election_timeout_min_ms = 300
+            election_timeout_max_ms = 600
+            snapshot_every = 100
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.node.id, 3);
+        assert!(c.registry.tls.is_some());
+        assert!(!c.registry.delete_enabled);
+    }
+}

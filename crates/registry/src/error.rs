@@ -1,0 +1,225 @@
+//! The one place where failures become OCI error responses: every handler returns
+//! [`RegistryError`], and [`RegistryError::into_response`] decides status, code and headers.
+
+use http::{header, HeaderValue, Response, StatusCode};
+use raftyard_blobstore::BlobError;
+use raftyard_raft::ProposeError;
+use raftyard_types::{Digest, ManifestError, Rejection};
+use serde_json::json;
+
+use crate::body::{full, Body};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("blob unknown to registry")]
+    BlobUnknown,
+    #[error("blob upload invalid: {0}")]
+    BlobUploadInvalid(String),
+    #[error("blob upload unknown to registry")]
+    BlobUploadUnknown,
+    #[error("provided digest did not match uploaded content: {0}")]
+    DigestInvalid(String),
+    #[error("manifest references a manifest or blob unknown to registry")]
+    ManifestBlobUnknown(Vec<Digest>),
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    #[error("manifest is larger than the limit of {0} bytes")]
+    ManifestTooLarge(usize),
+    #[error("manifest unknown to registry")]
+    ManifestUnknown,
+    #[error("invalid repository name {0:?}")]
+    NameInvalid(String),
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    #[error("provided length did not match content length: {0}")]
+    SizeInvalid(String),
+    #[error("the operation is unsupported: {0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Denied(String),
+    /// A chunk that does not continue the upload: 416 with the upload's state.
+    #[error("requested range not satisfiable: the upload holds {size} bytes")]
+    UploadRange { location: String, size: u64 },
+    /// A blob `Range` outside the blob.
+    #[error("requested range not satisfiable")]
+    BlobRange { size: u64 },
+    #[error("tag {tag} changed concurrently (now {current:?})")]
+    TagConflict {
+        tag: String,
+        current: Option<Digest>,
+    },
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("not found")]
+    NotFound,
+    #[error("request header or query too large")]
+    TooLarge,
+    /// Metadata could not be committed (no leader, no quorum) — safe to retry.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RegistryError {
+    pub fn status(&self) -> StatusCode {
+        use RegistryError::*;
+        match self {
+            BlobUnknown | BlobUploadUnknown | ManifestUnknown | NameUnknown | NotFound => {
+                StatusCode::NOT_FOUND
+            }
+            BlobUploadInvalid(_)
+            | DigestInvalid(_)
+            | ManifestBlobUnknown(_)
+            | ManifestInvalid(_)
+            | NameInvalid(_)
+            | SizeInvalid(_) => StatusCode::BAD_REQUEST,
+            ManifestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Unsupported(_) | MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Denied(_) => StatusCode::FORBIDDEN,
+            UploadRange { .. } | BlobRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            TagConflict { .. } => StatusCode::PRECONDITION_FAILED,
+            TooLarge => StatusCode::URI_TOO_LONG,
+            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OCI error code.
+    pub fn code(&self) -> &'static str {
+        use RegistryError::*;
+        match self {
+            BlobUnknown => "BLOB_UNKNOWN",
+            BlobUploadInvalid(_) | UploadRange { .. } => "BLOB_UPLOAD_INVALID",
+            BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            DigestInvalid(_) => "DIGEST_INVALID",
+            ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
+            ManifestInvalid(_) | ManifestTooLarge(_) | TagConflict { .. } => "MANIFEST_INVALID",
+            ManifestUnknown => "MANIFEST_UNKNOWN",
+            NameInvalid(_) => "NAME_INVALID",
+            NameUnknown | NotFound => "NAME_UNKNOWN",
+            SizeInvalid(_) | BlobRange { .. } | TooLarge => "SIZE_INVALID",
+            Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
+            Denied(_) => "DENIED",
+            Unavailable(_) => "TOOMANYREQUESTS",
+            Internal(_) => "UNKNOWN",
+        }
+    }
+
+    fn detail(&self) -> serde_json::Value {
+        match self {
+            RegistryError::ManifestBlobUnknown(d) => json!({ "digests": d }),
+            RegistryError::UploadRange { size, .. } | RegistryError::BlobRange { size } => {
+                json!({ "size": size })
+            }
+            RegistryError::TagConflict { current, .. } => json!({ "current": current }),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// The response for this error: the spec's JSON body, plus the headers a client needs.
+    pub fn into_response(self, head_only: bool) -> Response<Body> {
+        let status = self.status();
+        let body = json!({"errors": [{"code": self.code(), "message": self.to_string(), "detail": self.detail()}]});
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let len = bytes.len();
+        let mut resp = Response::new(if head_only {
+            crate::body::empty()
+        } else {
+            full(bytes)
+        });
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        match &self {
+            RegistryError::UploadRange { location, size } => {
+                if let Ok(v) = HeaderValue::from_str(location) {
+                    h.insert(header::LOCATION, v);
+                }
+                h.insert(header::RANGE, crate::handlers::range_header(*size));
+            }
+            RegistryError::BlobRange { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            RegistryError::Unavailable(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+impl From<BlobError> for RegistryError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::UploadUnknown => RegistryError::BlobUploadUnknown,
+            BlobError::UploadBusy => {
+                RegistryError::BlobUploadInvalid("another request is writing to this upload".into())
+            }
+            // The handler turns this into UploadRange, which needs the location.
+            BlobError::RangeInvalid { size } => RegistryError::UploadRange {
+                location: String::new(),
+                size,
+            },
+            e @ BlobError::DigestInvalid { .. } => RegistryError::DigestInvalid(e.to_string()),
+            e @ BlobError::SizeInvalid { .. } => RegistryError::SizeInvalid(e.to_string()),
+            BlobError::BlobUnknown => RegistryError::BlobUnknown,
+            e @ BlobError::Body(_) => RegistryError::BlobUploadInvalid(e.to_string()),
+            BlobError::Io(e) => RegistryError::Internal(format!("storage: {e}")),
+        }
+    }
+}
+
+impl From<ProposeError> for RegistryError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::Rejected(r) => r.into(),
+            e @ ProposeError::NotLeader { .. } => RegistryError::Unavailable(e.to_string()),
+            ProposeError::Unavailable(m) => RegistryError::Unavailable(m),
+        }
+    }
+}
+
+impl From<Rejection> for RegistryError {
+    fn from(r: Rejection) -> Self {
+        match r {
+            Rejection::BlobUnknown(_) => RegistryError::BlobUnknown,
+            Rejection::ManifestBlobUnknown(d) => RegistryError::ManifestBlobUnknown(d),
+            Rejection::ManifestUnknown => RegistryError::ManifestUnknown,
+            Rejection::TagConflict { tag, current } => RegistryError::TagConflict {
+                tag: tag.to_string(),
+                current,
+            },
+        }
+    }
+}
+
+impl From<ManifestError> for RegistryError {
+    fn from(e: ManifestError) -> Self {
+        match e {
+            ManifestError::TooLarge(_) => {
+                RegistryError::ManifestTooLarge(raftyard_types::manifest::MAX_MANIFEST_BYTES)
+            }
+            e => RegistryError::ManifestInvalid(e.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for RegistryError {
+    fn from(e: std::io::Error) -> Self {
+        RegistryError::Internal(e.to_string())
+    }
+}
+
+impl From<raftyard_types::DigestError> for RegistryError {
+    fn from(e: raftyard_types::DigestError) -> Self {
+        RegistryError::DigestInvalid(e.to_string())
+    }
+}

@@ -1,0 +1,257 @@
+//! Blob uploads: sessions (`POST`), chunks (`PATCH`), completion (`PUT`), status (`GET`),
+//! cancel (`DELETE`), monolithic `POST ?digest=` and cross-repository mounts.
+
+use futures::TryStreamExt;
+use http::{header, Request, StatusCode};
+use http_body_util::BodyDataStream;
+use hyper::body::Incoming;
+use raftyard_blobstore::BlobError;
+use raftyard_types::{Algorithm, Digest, Event, RepoName};
+
+use super::blobs::parse_digest;
+use super::{content_length, empty_response, header_str, query, HandlerResult};
+use crate::error::RegistryError;
+use crate::Registry;
+
+fn upload_location(name: &RepoName, id: &str) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+fn blob_location(name: &RepoName, digest: &Digest) -> String {
+    format!("/v2/{name}/blobs/{digest}")
+}
+
+fn accepted(name: &RepoName, id: &str, size: u64, status: StatusCode) -> HandlerResult {
+    empty_response(
+        status,
+        &[
+            ("Location", upload_location(name, id)),
+            (
+                "Range",
+                super::range_header(size)
+                    .to_str()
+                    .unwrap_or("0-0")
+                    .to_string(),
+            ),
+            ("Docker-Upload-UUID", id.to_string()),
+        ],
+    )
+}
+
+fn created(name: &RepoName, digest: &Digest) -> HandlerResult {
+    empty_response(
+        StatusCode::CREATED,
+        &[
+            ("Location", blob_location(name, digest)),
+            ("Docker-Content-Digest", digest.to_string()),
+        ],
+    )
+}
+
+/// Makes a blob that this node holds durably visible in `name`.
+async fn link(
+    reg: &Registry,
+    name: &RepoName,
+    digest: &Digest,
+    size: u64,
+) -> Result<(), RegistryError> {
+    reg.meta
+        .propose(vec![
+            Event::BlobLinked {
+                repo: name.clone(),
+                digest: digest.clone(),
+                size,
+            },
+            Event::BlobPlaced {
+                digest: digest.clone(),
+                size,
+                node: reg.meta.id(),
+            },
+        ])
+        .await?;
+    Ok(())
+}
+
+fn body_stream(
+    req: Request<Incoming>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, hyper::Error>> + Send + Unpin {
+    BodyDataStream::new(req.into_body()).into_stream()
+}
+
+/// `Content-Range: <start>-<end>` (also accepts `bytes <start>-<end>/<total>`).
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim();
+    let v = v.strip_prefix("bytes ").unwrap_or(v);
+    let v = v.split('/').next()?;
+    let (a, b) = v.split_once('-')?;
+    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (b >= a).then_some((a, b))
+}
+
+/// Checks a chunk's `Content-Range` against the session; returns the expected start and length.
+fn chunk_bounds(
+    req: &Request<Incoming>,
+    name: &RepoName,
+    id: &str,
+    current: u64,
+) -> Result<(Option<u64>, Option<u64>), RegistryError> {
+    let len = content_length(req.headers())?;
+    let Some(cr) = header_str(req.headers(), header::CONTENT_RANGE) else {
+        return Ok((None, len));
+    };
+    let range_err = || RegistryError::UploadRange {
+        location: upload_location(name, id),
+        size: current,
+    };
+    let (a, b) = parse_content_range(cr).ok_or_else(range_err)?;
+    if a != current {
+        return Err(range_err());
+    }
+    let chunk_len = b - a + 1;
+    if len.is_some_and(|l| l != chunk_len) {
+        return Err(range_err());
+    }
+    Ok((Some(a), Some(chunk_len)))
+}
+
+fn session_of(reg: &Registry, name: &RepoName, id: &str) -> Result<u64, RegistryError> {
+    let st = reg.blobs.upload_status(id)?;
+    if &st.repo != name {
+        return Err(RegistryError::BlobUploadUnknown);
+    }
+    Ok(st.size)
+}
+
+fn fix_range(e: BlobError, name: &RepoName, id: &str) -> RegistryError {
+    match e {
+        BlobError::RangeInvalid { size } => RegistryError::UploadRange {
+            location: upload_location(name, id),
+            size,
+        },
+        e => e.into(),
+    }
+}
+
+pub(crate) async fn start(
+    reg: &Registry,
+    name: RepoName,
+    q: &[(String, String)],
+    req: Request<Incoming>,
+) -> HandlerResult {
+    if let Some(mount) = query(q, "mount") {
+        if let Ok(digest) = Digest::parse(mount) {
+            if let Some(r) = try_mount(reg, &name, &digest, query(q, "from")).await? {
+                return Ok(r);
+            }
+        }
+        // Not mountable: the spec says to open an ordinary session instead.
+        let id = reg.blobs.start_upload(name.clone(), Algorithm::Sha256)?;
+        return accepted(&name, &id, 0, StatusCode::ACCEPTED);
+    }
+    if let Some(d) = query(q, "digest") {
+        let digest = parse_digest(d)?;
+        let len = content_length(req.headers())?;
+        let size = reg
+            .blobs
+            .put_stream(name.clone(), &digest, len, body_stream(req))
+            .await?;
+        link(reg, &name, &digest, size).await?;
+        return created(&name, &digest);
+    }
+    let algorithm = match query(q, "digest-algorithm") {
+        None | Some("") => Algorithm::Sha256,
+        Some(a) => a.parse::<Algorithm>().map_err(RegistryError::from)?,
+    };
+    let id = reg.blobs.start_upload(name.clone(), algorithm)?;
+    accepted(&name, &id, 0, StatusCode::ACCEPTED)
+}
+
+/// Links an existing blob into `name` if it is mountable: held by this node and linked in
+/// `from` (or, without `from`, known anywhere in the registry).
+async fn try_mount(
+    reg: &Registry,
+    name: &RepoName,
+    digest: &Digest,
+    from: Option<&str>,
+) -> Result<Option<http::Response<crate::body::Body>>, RegistryError> {
+    let size = match from.map(RepoName::parse) {
+        Some(Ok(from)) => super::blobs::linked_size(reg, &from, digest).await?,
+        Some(Err(_)) => None,
+        None => {
+            reg.meta.read_barrier().await?;
+            reg.meta.reader().blob_info(digest)?.map(|i| i.size)
+        }
+    };
+    let Some(size) = size else { return Ok(None) };
+    if reg.blobs.stat(digest) != Some(size) {
+        return Ok(None);
+    }
+    link(reg, name, digest, size).await?;
+    created(name, digest).map(Some)
+}
+
+pub(crate) async fn patch(
+    reg: &Registry,
+    name: &RepoName,
+    id: &str,
+    req: Request<Incoming>,
+) -> HandlerResult {
+    let current = session_of(reg, name, id)?;
+    let (start, len) = chunk_bounds(&req, name, id, current)?;
+    let size = reg
+        .blobs
+        .append(id, start, len, body_stream(req))
+        .await
+        .map_err(|e| fix_range(e, name, id))?;
+    accepted(name, id, size, StatusCode::ACCEPTED)
+}
+
+pub(crate) async fn put(
+    reg: &Registry,
+    name: &RepoName,
+    id: &str,
+    q: &[(String, String)],
+    req: Request<Incoming>,
+) -> HandlerResult {
+    let current = session_of(reg, name, id)?;
+    let digest =
+        parse_digest(query(q, "digest").ok_or_else(|| {
+            RegistryError::DigestInvalid("the digest parameter is required".into())
+        })?)?;
+    let (start, len) = chunk_bounds(&req, name, id, current)?;
+    let has_body = len != Some(0) && !http_body::Body::is_end_stream(req.body());
+    if has_body {
+        reg.blobs
+            .append(id, start, len, body_stream(req))
+            .await
+            .map_err(|e| fix_range(e, name, id))?;
+    }
+    let (_, size) = reg.blobs.finish(id, &digest).await?;
+    link(reg, name, &digest, size).await?;
+    created(name, &digest)
+}
+
+pub(crate) fn status(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
+    let size = session_of(reg, name, id)?;
+    accepted(name, id, size, StatusCode::NO_CONTENT)
+}
+
+pub(crate) fn cancel(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
+    session_of(reg, name, id)?;
+    reg.blobs.cancel(id);
+    empty_response(StatusCode::NO_CONTENT, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_range;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("0-99"), Some((0, 99)));
+        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, 199)));
+        assert_eq!(parse_content_range("bytes 100-199/*"), Some((100, 199)));
+        assert_eq!(parse_content_range("5-4"), None);
+        assert_eq!(parse_content_range("a-b"), None);
+    }
+}

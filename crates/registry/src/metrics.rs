@@ -1,0 +1,125 @@
+//! Request metrics and the Prometheus text exposition at `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response};
+
+use crate::body::{full, Body};
+use crate::Registry;
+
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+#[derive(Default)]
+struct Series {
+    count: u64,
+    sum: f64,
+    buckets: [u64; BUCKETS.len()],
+}
+
+/// Counters by route, method and status, with latency histograms.
+#[derive(Default)]
+pub struct Metrics {
+    series: Mutex<BTreeMap<(&'static str, String, u16), Series>>,
+}
+
+impl Metrics {
+    pub fn observe(&self, route: &'static str, method: &str, status: u16, took: Duration) {
+        let secs = took.as_secs_f64();
+        let mut m = self.series.lock().unwrap();
+        let s = m.entry((route, method.to_string(), status)).or_default();
+        s.count += 1;
+        s.sum += secs;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                s.buckets[i] += 1;
+            }
+        }
+    }
+
+    pub fn render(&self, reg: &Registry) -> Response<Body> {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP raftyard_http_requests_total HTTP requests by route, method and status.\n",
+        );
+        out.push_str("# TYPE raftyard_http_requests_total counter\n");
+        let m = self.series.lock().unwrap();
+        for ((route, method, status), s) in m.iter() {
+            let _ = writeln!(out, "raftyard_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}", s.count);
+        }
+        out.push_str("# HELP raftyard_http_request_duration_seconds Request latency.\n");
+        out.push_str("# TYPE raftyard_http_request_duration_seconds histogram\n");
+        for ((route, method, status), s) in m.iter() {
+            let l = format!("route=\"{route}\",method=\"{method}\",status=\"{status}\"");
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "raftyard_http_request_duration_seconds_bucket{{{l},le=\"{b}\"}} {}",
+                    s.buckets[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "raftyard_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                s.count
+            );
+            let _ = writeln!(
+                out,
+                "raftyard_http_request_duration_seconds_sum{{{l}}} {}",
+                s.sum
+            );
+            let _ = writeln!(
+                out,
+                "raftyard_http_request_duration_seconds_count{{{l}}} {}",
+                s.count
+            );
+        }
+        drop(m);
+        let rm = reg.meta.raft().metrics().borrow().clone();
+        let gauges = [
+            (
+                "raftyard_raft_term",
+                "Current Raft term.",
+                rm.current_term as f64,
+            ),
+            (
+                "raftyard_raft_last_log_index",
+                "Last Raft log index.",
+                rm.last_log_index.unwrap_or(0) as f64,
+            ),
+            (
+                "raftyard_raft_applied_index",
+                "Last applied Raft log index.",
+                rm.last_applied.map(|l| l.index).unwrap_or(0) as f64,
+            ),
+            (
+                "raftyard_raft_leader",
+                "Id of the current leader (0: none).",
+                rm.current_leader.unwrap_or(0) as f64,
+            ),
+            (
+                "raftyard_raft_is_leader",
+                "1 if this node is the leader.",
+                (rm.current_leader == Some(reg.meta.id())) as u8 as f64,
+            ),
+            (
+                "raftyard_open_uploads",
+                "Open upload sessions on this node.",
+                reg.blobs.open_uploads() as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let mut r = Response::new(full(out));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    }
+}
