@@ -36,11 +36,22 @@ pub(crate) struct Session {
 
 impl Session {
     pub fn new(id: String, repo: RepoName, path: PathBuf, file: File, hasher: Hasher) -> Self {
-        Session { id, repo, path, writer: Some((file, hasher)), size: 0, last_active: Instant::now() }
+        Session {
+            id,
+            repo,
+            path,
+            writer: Some((file, hasher)),
+            size: 0,
+            last_active: Instant::now(),
+        }
     }
 
     pub fn status(&self) -> UploadStatus {
-        UploadStatus { id: self.id.clone(), repo: self.repo.clone(), size: self.size }
+        UploadStatus {
+            id: self.id.clone(),
+            repo: self.repo.clone(),
+            size: self.size,
+        }
     }
 
     pub fn take_writer(&mut self) -> Result<(File, Hasher)> {
@@ -66,11 +77,7 @@ impl Drop for Session {
 /// Streams `body` into `file`, hashing every byte exactly once, on a blocking thread fed through
 /// a bounded channel (so network receive, hashing and writing overlap, and memory stays bounded).
 /// Returns the writer back with the number of bytes that reached both the file and the hash.
-pub(crate) async fn write_stream<S, E>(
-    file: File,
-    hasher: Hasher,
-    mut body: S,
-) -> (File, Hasher, u64, Result<()>)
+pub(crate) async fn write_stream<S, E>(file: File, hasher: Hasher, mut body: S) -> (File, Hasher, u64, Result<()>)
 where
     S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,

@@ -30,7 +30,11 @@ impl RaftNetworkFactory<TypeConfig> for NoNetwork {
 type Rpc<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, NodeAddr, E>>;
 
 impl RaftNetwork<TypeConfig> for NoClient {
-    async fn append_entries(&mut self, _: AppendEntriesRequest<TypeConfig>, _: RPCOption) -> Rpc<AppendEntriesResponse<NodeId>> {
+    async fn append_entries(
+        &mut self,
+        _: AppendEntriesRequest<TypeConfig>,
+        _: RPCOption,
+    ) -> Rpc<AppendEntriesResponse<NodeId>> {
         Err(RPCError::Unreachable(Unreachable::new(&NoPeers(self.0))))
     }
 

@@ -75,7 +75,10 @@ impl MetaNode {
     /// Opens storage under `cfg.dir` and starts Raft with the given network.
     pub async fn start<N: RaftNetworkFactory<TypeConfig>>(cfg: MetaNodeConfig, network: N) -> Result<Self, StartError> {
         std::fs::create_dir_all(&cfg.dir)?;
-        let db = sled::Config::new().path(&cfg.dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(&cfg.dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         let log = LogStore::open(&db)?;
         let sm = StateMachine::open(&db)?;
         let reader = sm.reader();
@@ -93,7 +96,12 @@ impl MetaNode {
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
             .await
             .map_err(raft_err)?;
-        let node = MetaNode { id: cfg.id, raft, reader, db };
+        let node = MetaNode {
+            id: cfg.id,
+            raft,
+            reader,
+            db,
+        };
         if cfg.bootstrap_single && !node.raft.is_initialized().await.map_err(raft_err)? {
             info!(id = cfg.id, "initialising a new cluster of one");
             let members = BTreeMap::from([(cfg.id, cfg.addr.clone())]);
@@ -150,7 +158,9 @@ impl MetaNode {
             }
             Ok(None) => Ok(()),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(ProposeError::NotLeader { leader: f.leader_id.zip(f.leader_node) })
+                Err(ProposeError::NotLeader {
+                    leader: f.leader_id.zip(f.leader_node),
+                })
             }
             Err(e) => Err(ProposeError::Unavailable(e.to_string())),
         }

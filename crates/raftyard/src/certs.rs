@@ -4,8 +4,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// Writes `ca.pem` (trust this), `cert.pem` (server chain) and `key.pem` into `out` for the
@@ -13,9 +12,7 @@ use rcgen::{
 pub fn self_signed(hosts: &[String], out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut ca_params = CertificateParams::default();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "raftyard CA");
+    ca_params.distinguished_name.push(DnType::CommonName, "raftyard CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -34,9 +31,7 @@ pub fn self_signed(hosts: &[String], out: &Path) -> anyhow::Result<()> {
         }
     }
     let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, names[0].clone());
+    params.distinguished_name.push(DnType::CommonName, names[0].clone());
     params.subject_alt_names = names
         .iter()
         .map(|h| match h.parse::<std::net::IpAddr>() {
@@ -44,14 +39,8 @@ pub fn self_signed(hosts: &[String], out: &Path) -> anyhow::Result<()> {
             Err(_) => Ok(SanType::DnsName(h.clone().try_into()?)),
         })
         .collect::<Result<_, rcgen::Error>>()?;
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2099, 1, 1);
     let key = KeyPair::generate()?;
@@ -59,11 +48,7 @@ pub fn self_signed(hosts: &[String], out: &Path) -> anyhow::Result<()> {
 
     write(out.join("ca.pem"), ca.pem(), 0o644)?;
     write(out.join("ca-key.pem"), ca_key.serialize_pem(), 0o600)?;
-    write(
-        out.join("cert.pem"),
-        format!("{}{}", cert.pem(), ca.pem()),
-        0o644,
-    )?;
+    write(out.join("cert.pem"), format!("{}{}", cert.pem(), ca.pem()), 0o644)?;
     write(out.join("key.pem"), key.serialize_pem(), 0o600)?;
     Ok(())
 }

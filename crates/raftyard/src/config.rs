@@ -106,10 +106,8 @@ impl Default for RaftSection {
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg: Config =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let cfg: Config = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -144,9 +142,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        assert!(
-            toml::from_str::<Config>("[registry]\nlisten = \"0.0.0.0:5000\"\nlisen = 1\n").is_err()
-        );
+        assert!(toml::from_str::<Config>("[registry]\nlisten = \"0.0.0.0:5000\"\nlisen = 1\n").is_err());
         assert!(toml::from_str::<Config>("[nod]\n").is_err());
     }
 

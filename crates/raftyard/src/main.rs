@@ -12,11 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "raftyard",
-    version,
-    about = "A container registry cluster on Raft"
-)]
+#[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -117,7 +113,5 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

@@ -75,20 +75,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupt received"),
         _ = term.recv() => info!("SIGTERM received"),
     }
 }
 
-pub async fn print_events(
-    node: &str,
-    mut since: u64,
-    follow: bool,
-    ca: Option<PathBuf>,
-) -> anyhow::Result<()> {
+pub async fn print_events(node: &str, mut since: u64, follow: bool, ca: Option<PathBuf>) -> anyhow::Result<()> {
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(90));
     if let Some(ca) = ca {
         let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
@@ -99,11 +93,7 @@ pub async fn print_events(
     loop {
         let wait = if follow { 30 } else { 0 };
         let url = format!("{base}/v2/_raftyard/events?since={since}&limit=1000&wait={wait}");
-        let resp = client
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
+        let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
         anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
         let text = resp.text().await?;
         let mut n = 0;

@@ -58,18 +58,12 @@ impl Endpoint {
     fn allows(&self, m: &Method) -> bool {
         let get_head = *m == Method::GET || *m == Method::HEAD;
         match self {
-            Endpoint::Base
-            | Endpoint::Catalog
-            | Endpoint::Events
-            | Endpoint::Health
-            | Endpoint::Metrics => get_head,
+            Endpoint::Base | Endpoint::Catalog | Endpoint::Events | Endpoint::Health | Endpoint::Metrics => get_head,
             Endpoint::Tags { .. } | Endpoint::Referrers { .. } => get_head,
             Endpoint::Manifest { .. } => get_head || *m == Method::PUT || *m == Method::DELETE,
             Endpoint::Blob { .. } => get_head || *m == Method::DELETE,
             Endpoint::UploadStart { .. } => *m == Method::POST,
-            Endpoint::Upload { .. } => {
-                get_head || *m == Method::PATCH || *m == Method::PUT || *m == Method::DELETE
-            }
+            Endpoint::Upload { .. } => get_head || *m == Method::PATCH || *m == Method::PUT || *m == Method::DELETE,
         }
     }
 }
@@ -116,9 +110,7 @@ fn parse_repo_path(rest: &str) -> Result<Endpoint, RegistryError> {
     for m in MARKERS {
         if let Some(i) = rest.rfind(m) {
             let tail = &rest[i + m.len()..];
-            if !tail.contains('/')
-                && best.is_none_or(|(j, _)| i > j || (i == j && m.len() > best.unwrap().1.len()))
-            {
+            if !tail.contains('/') && best.is_none_or(|(j, _)| i > j || (i == j && m.len() > best.unwrap().1.len())) {
                 best = Some((i, m));
             }
         }
@@ -133,10 +125,7 @@ fn parse_repo_path(rest: &str) -> Result<Endpoint, RegistryError> {
     }
     let name = name(n)?;
     Ok(match marker {
-        "/manifests/" if !tail.is_empty() => Endpoint::Manifest {
-            name,
-            reference: tail,
-        },
+        "/manifests/" if !tail.is_empty() => Endpoint::Manifest { name, reference: tail },
         "/blobs/uploads/" if tail.is_empty() => Endpoint::UploadStart { name },
         "/blobs/uploads/" => Endpoint::Upload { name, id: tail },
         "/blobs/" if !tail.is_empty() => Endpoint::Blob { name, digest: tail },
@@ -178,18 +167,9 @@ mod tests {
         assert_eq!(p(Method::GET, "/v2/").unwrap(), Endpoint::Base);
         assert_eq!(p(Method::GET, "/v2").unwrap(), Endpoint::Base);
         assert_eq!(p(Method::GET, "/v2/_catalog").unwrap(), Endpoint::Catalog);
-        assert_eq!(
-            p(Method::GET, "/v2/_raftyard/events").unwrap(),
-            Endpoint::Events
-        );
-        assert!(matches!(
-            p(Method::POST, "/v2/"),
-            Err(RegistryError::MethodNotAllowed)
-        ));
-        assert!(matches!(
-            p(Method::GET, "/v1/"),
-            Err(RegistryError::NotFound)
-        ));
+        assert_eq!(p(Method::GET, "/v2/_raftyard/events").unwrap(), Endpoint::Events);
+        assert!(matches!(p(Method::POST, "/v2/"), Err(RegistryError::MethodNotAllowed)));
+        assert!(matches!(p(Method::GET, "/v1/"), Err(RegistryError::NotFound)));
     }
 
     #[test]
@@ -229,9 +209,7 @@ mod tests {
         );
         assert_eq!(
             p(Method::GET, "/v2/a/tags/list/tags/list").unwrap(),
-            Endpoint::Tags {
-                name: n("a/tags/list")
-            }
+            Endpoint::Tags { name: n("a/tags/list") }
         );
     }
 
@@ -283,10 +261,7 @@ mod tests {
             p(Method::GET, "/v2/a/manifests/"),
             Err(RegistryError::NotFound)
         ));
-        assert!(matches!(
-            p(Method::GET, "/v2/a/nothing"),
-            Err(RegistryError::NotFound)
-        ));
+        assert!(matches!(p(Method::GET, "/v2/a/nothing"), Err(RegistryError::NotFound)));
     }
 
     #[test]

@@ -44,10 +44,7 @@ pub enum RegistryError {
     #[error("requested range not satisfiable")]
     BlobRange { size: u64 },
     #[error("tag {tag} changed concurrently (now {current:?})")]
-    TagConflict {
-        tag: String,
-        current: Option<Digest>,
-    },
+    TagConflict { tag: String, current: Option<Digest> },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("not found")]
@@ -65,9 +62,7 @@ impl RegistryError {
     pub fn status(&self) -> StatusCode {
         use RegistryError::*;
         match self {
-            BlobUnknown | BlobUploadUnknown | ManifestUnknown | NameUnknown | NotFound => {
-                StatusCode::NOT_FOUND
-            }
+            BlobUnknown | BlobUploadUnknown | ManifestUnknown | NameUnknown | NotFound => StatusCode::NOT_FOUND,
             BlobUploadInvalid(_)
             | DigestInvalid(_)
             | ManifestBlobUnknown(_)
@@ -123,17 +118,10 @@ impl RegistryError {
         let body = json!({"errors": [{"code": self.code(), "message": self.to_string(), "detail": self.detail()}]});
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let len = bytes.len();
-        let mut resp = Response::new(if head_only {
-            crate::body::empty()
-        } else {
-            full(bytes)
-        });
+        let mut resp = Response::new(if head_only { crate::body::empty() } else { full(bytes) });
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         match &self {
             RegistryError::UploadRange { location, size } => {
@@ -204,9 +192,7 @@ impl From<Rejection> for RegistryError {
 impl From<ManifestError> for RegistryError {
     fn from(e: ManifestError) -> Self {
         match e {
-            ManifestError::TooLarge(_) => {
-                RegistryError::ManifestTooLarge(raftyard_types::manifest::MAX_MANIFEST_BYTES)
-            }
+            ManifestError::TooLarge(_) => RegistryError::ManifestTooLarge(raftyard_types::manifest::MAX_MANIFEST_BYTES),
             e => RegistryError::ManifestInvalid(e.to_string()),
         }
     }

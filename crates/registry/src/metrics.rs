@@ -10,9 +10,7 @@ use http::{header, HeaderValue, Response};
 use crate::body::{full, Body};
 use crate::Registry;
 
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
-];
+const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
 #[derive(Default)]
 struct Series {
@@ -43,13 +41,15 @@ impl Metrics {
 
     pub fn render(&self, reg: &Registry) -> Response<Body> {
         let mut out = String::new();
-        out.push_str(
-            "# HELP raftyard_http_requests_total HTTP requests by route, method and status.\n",
-        );
+        out.push_str("# HELP raftyard_http_requests_total HTTP requests by route, method and status.\n");
         out.push_str("# TYPE raftyard_http_requests_total counter\n");
         let m = self.series.lock().unwrap();
         for ((route, method, status), s) in m.iter() {
-            let _ = writeln!(out, "raftyard_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}", s.count);
+            let _ = writeln!(
+                out,
+                "raftyard_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}",
+                s.count
+            );
         }
         out.push_str("# HELP raftyard_http_request_duration_seconds Request latency.\n");
         out.push_str("# TYPE raftyard_http_request_duration_seconds histogram\n");
@@ -67,25 +67,13 @@ impl Metrics {
                 "raftyard_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
                 s.count
             );
-            let _ = writeln!(
-                out,
-                "raftyard_http_request_duration_seconds_sum{{{l}}} {}",
-                s.sum
-            );
-            let _ = writeln!(
-                out,
-                "raftyard_http_request_duration_seconds_count{{{l}}} {}",
-                s.count
-            );
+            let _ = writeln!(out, "raftyard_http_request_duration_seconds_sum{{{l}}} {}", s.sum);
+            let _ = writeln!(out, "raftyard_http_request_duration_seconds_count{{{l}}} {}", s.count);
         }
         drop(m);
         let rm = reg.meta.raft().metrics().borrow().clone();
         let gauges = [
-            (
-                "raftyard_raft_term",
-                "Current Raft term.",
-                rm.current_term as f64,
-            ),
+            ("raftyard_raft_term", "Current Raft term.", rm.current_term as f64),
             (
                 "raftyard_raft_last_log_index",
                 "Last Raft log index.",

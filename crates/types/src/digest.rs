@@ -43,9 +43,7 @@ impl FromStr for Algorithm {
         match s {
             "sha256" => Ok(Algorithm::Sha256),
             "sha512" => Ok(Algorithm::Sha512),
-            other if is_valid_algorithm_grammar(other) => {
-                Err(DigestError::Unsupported(other.to_string()))
-            }
+            other if is_valid_algorithm_grammar(other) => Err(DigestError::Unsupported(other.to_string())),
             other => Err(DigestError::Malformed(other.to_string())),
         }
     }
@@ -98,9 +96,7 @@ fn is_valid_algorithm_grammar(s: &str) -> bool {
 
 impl Digest {
     pub fn new(algorithm: Algorithm, hex: String) -> Result<Self, DigestError> {
-        if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if hex.len() != algorithm.hex_len() || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(DigestError::Malformed(format!("{algorithm}:{hex}")));
         }
         Ok(Digest { algorithm, hex })
@@ -109,9 +105,7 @@ impl Digest {
     /// Parses `algorithm:encoded`. Grammatically valid digests with an unknown algorithm give
     /// [`DigestError::Unsupported`]; everything else invalid gives [`DigestError::Malformed`].
     pub fn parse(s: &str) -> Result<Self, DigestError> {
-        let (alg, enc) = s
-            .split_once(':')
-            .ok_or_else(|| DigestError::Malformed(s.to_string()))?;
+        let (alg, enc) = s.split_once(':').ok_or_else(|| DigestError::Malformed(s.to_string()))?;
         if enc.is_empty()
             || !enc
                 .bytes()

@@ -17,13 +17,27 @@ pub type NodeId = u64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// A finished upload or a mount makes a blob visible in a repository.
-    BlobLinked { repo: RepoName, digest: Digest, size: u64 },
+    BlobLinked {
+        repo: RepoName,
+        digest: Digest,
+        size: u64,
+    },
     /// A blob is removed from a repository (`DELETE /v2/<name>/blobs/<digest>`).
-    BlobUnlinked { repo: RepoName, digest: Digest },
+    BlobUnlinked {
+        repo: RepoName,
+        digest: Digest,
+    },
     /// A node holds a verified copy of the blob.
-    BlobPlaced { digest: Digest, size: u64, node: NodeId },
+    BlobPlaced {
+        digest: Digest,
+        size: u64,
+        node: NodeId,
+    },
     /// A node no longer holds the blob.
-    BlobDropped { digest: Digest, node: NodeId },
+    BlobDropped {
+        digest: Digest,
+        node: NodeId,
+    },
     /// A manifest is stored; its bytes travel inside the event.
     ManifestPut {
         repo: RepoName,
@@ -37,12 +51,26 @@ pub enum Event {
     },
     /// Points a tag at a manifest. With `expect`, only if the tag currently points at
     /// `expect` (`Some(None)`: only if the tag does not exist).
-    TagSet { repo: RepoName, tag: Tag, digest: Digest, expect: Option<Option<Digest>> },
-    TagDeleted { repo: RepoName, tag: Tag },
+    TagSet {
+        repo: RepoName,
+        tag: Tag,
+        digest: Digest,
+        expect: Option<Option<Digest>>,
+    },
+    TagDeleted {
+        repo: RepoName,
+        tag: Tag,
+    },
     /// Removes a manifest and every tag that points at it.
-    ManifestDeleted { repo: RepoName, digest: Digest },
+    ManifestDeleted {
+        repo: RepoName,
+        digest: Digest,
+    },
     /// The outcome of a garbage collection at an applied index.
-    BlobsSwept { digests: Vec<Digest>, as_of: u64 },
+    BlobsSwept {
+        digests: Vec<Digest>,
+        as_of: u64,
+    },
 }
 
 impl Event {
@@ -75,11 +103,24 @@ impl Event {
             Event::BlobDropped { digest, node } => {
                 json!({"type":"BlobDropped","digest":digest,"node":node})
             }
-            Event::ManifestPut { repo, digest, media_type, bytes, refs, subject, artifact_type } => {
+            Event::ManifestPut {
+                repo,
+                digest,
+                media_type,
+                bytes,
+                refs,
+                subject,
+                artifact_type,
+            } => {
                 json!({"type":"ManifestPut","repo":repo,"digest":digest,"mediaType":media_type,
                        "size":bytes.len(),"refs":refs,"subject":subject,"artifactType":artifact_type})
             }
-            Event::TagSet { repo, tag, digest, expect } => {
+            Event::TagSet {
+                repo,
+                tag,
+                digest,
+                expect,
+            } => {
                 json!({"type":"TagSet","repo":repo,"tag":tag,"digest":digest,"expect":expect})
             }
             Event::TagDeleted { repo, tag } => json!({"type":"TagDeleted","repo":repo,"tag":tag}),

@@ -86,8 +86,8 @@ fn is_foreign(d: &Descriptor) -> bool {
 }
 
 fn descriptor(v: &Value, what: &str) -> Result<Descriptor, ManifestError> {
-    let d: Descriptor = serde_json::from_value(v.clone())
-        .map_err(|e| ManifestError::Invalid(format!("{what}: {e}")))?;
+    let d: Descriptor =
+        serde_json::from_value(v.clone()).map_err(|e| ManifestError::Invalid(format!("{what}: {e}")))?;
     if d.media_type.is_empty() {
         return Err(ManifestError::Invalid(format!("{what}: empty mediaType")));
     }
@@ -107,8 +107,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
     if bytes.len() > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len()));
     }
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| ManifestError::NotJson(e.to_string()))?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::NotJson(e.to_string()))?;
     let obj = value
         .as_object()
         .ok_or_else(|| ManifestError::Invalid("manifest is not a JSON object".into()))?;
@@ -123,7 +122,9 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         }
     }
     if matches!(content_type, DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED)
-        || field_type.as_deref().is_some_and(|t| t == DOCKER_SCHEMA1 || t == DOCKER_SCHEMA1_SIGNED)
+        || field_type
+            .as_deref()
+            .is_some_and(|t| t == DOCKER_SCHEMA1 || t == DOCKER_SCHEMA1_SIGNED)
         || obj.get("schemaVersion").and_then(Value::as_i64) == Some(1)
     {
         return Err(ManifestError::Invalid(
@@ -140,10 +141,12 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         (None, ct) if is_known_manifest_type(ct) => ct.to_string(),
         (None, _) if obj.contains_key("manifests") => OCI_INDEX.to_string(),
         (None, _) if obj.contains_key("config") => OCI_MANIFEST.to_string(),
-        (None, ct) if !ct.is_empty() && ct != "application/octet-stream" && ct != "application/json" => {
-            ct.to_string()
+        (None, ct) if !ct.is_empty() && ct != "application/octet-stream" && ct != "application/json" => ct.to_string(),
+        _ => {
+            return Err(ManifestError::Invalid(
+                "cannot determine the manifest media type".into(),
+            ))
         }
-        _ => return Err(ManifestError::Invalid("cannot determine the manifest media type".into())),
     };
 
     let kind = match media_type.as_str() {
@@ -152,7 +155,9 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         _ if obj.contains_key("manifests") => ManifestKind::Index,
         _ if obj.contains_key("config") => ManifestKind::Image,
         other => {
-            return Err(ManifestError::Invalid(format!("unsupported manifest media type {other:?}")))
+            return Err(ManifestError::Invalid(format!(
+                "unsupported manifest media type {other:?}"
+            )))
         }
     };
 
@@ -211,7 +216,14 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
     };
     required.sort();
     required.dedup();
-    Ok(ParsedManifest { kind, media_type, required, subject, artifact_type, annotations })
+    Ok(ParsedManifest {
+        kind,
+        media_type,
+        required,
+        subject,
+        artifact_type,
+        annotations,
+    })
 }
 
 #[cfg(test)]
@@ -238,7 +250,10 @@ mod tests {
         assert_eq!(m.kind, ManifestKind::Image);
         assert_eq!(m.required.len(), 2);
         assert_eq!(m.subject, None);
-        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
+        assert_eq!(
+            m.artifact_type.as_deref(),
+            Some("application/vnd.oci.image.config.v1+json")
+        );
     }
 
     #[test]
@@ -284,7 +299,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_manifests() {
-        assert!(matches!(parse_manifest(b"not json", OCI_MANIFEST), Err(ManifestError::NotJson(_))));
+        assert!(matches!(
+            parse_manifest(b"not json", OCI_MANIFEST),
+            Err(ManifestError::NotJson(_))
+        ));
         assert!(parse_manifest(b"[]", OCI_MANIFEST).is_err());
         assert!(parse_manifest(br#"{"schemaVersion":1}"#, "").is_err());
         // mediaType mismatch with Content-Type
@@ -293,7 +311,10 @@ mod tests {
         let bad = image("").replace(&d(2), "sha256:1234");
         assert!(parse_manifest(bad.as_bytes(), OCI_MANIFEST).is_err());
         let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
-        assert!(matches!(parse_manifest(&big, OCI_MANIFEST), Err(ManifestError::TooLarge(_))));
+        assert!(matches!(
+            parse_manifest(&big, OCI_MANIFEST),
+            Err(ManifestError::TooLarge(_))
+        ));
     }
 
     #[test]

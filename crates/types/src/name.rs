@@ -103,9 +103,7 @@ pub struct Tag(String);
 impl Tag {
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let b = s.as_bytes();
-        let first_ok = b
-            .first()
-            .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
+        let first_ok = b.first().is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
         let rest_ok = b[1.min(b.len())..]
             .iter()
             .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
@@ -229,9 +227,7 @@ mod tests {
     fn references() {
         assert!(matches!(Reference::parse("v1"), Ok(Reference::Tag(_))));
         assert!(matches!(
-            Reference::parse(
-                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-            ),
+            Reference::parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
             Ok(Reference::Digest(_))
         ));
         assert!(matches!(

@@ -22,9 +22,7 @@ pub(crate) fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec
-        .split_once('-')
-        .ok_or(RegistryError::BlobRange { size })?;
+    let (a, b) = spec.split_once('-').ok_or(RegistryError::BlobRange { size })?;
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
         let suffix: u64 = b.parse().map_err(|_| RegistryError::BlobRange { size })?;
@@ -87,11 +85,7 @@ pub(crate) async fn get(
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, size),
     };
-    let mut resp = Response::new(if head {
-        empty()
-    } else {
-        file_range(file, start, len)
-    });
+    let mut resp = Response::new(if head { empty() } else { file_range(file, start, len) });
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -106,10 +100,7 @@ pub(crate) async fn get(
         HeaderValue::from_str(&format!("\"{digest}\"")).expect("valid header"),
     );
     h.insert("Docker-Content-Digest", d);
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("max-age=31536000"),
-    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=31536000"));
     if let Some((a, b)) = range {
         h.insert(
             header::CONTENT_RANGE,
@@ -130,10 +121,7 @@ pub(crate) async fn delete(reg: &Registry, name: &RepoName, digest: &str) -> Han
             digest: digest.clone(),
         }])
         .await?;
-    empty_response(
-        StatusCode::ACCEPTED,
-        &[("Docker-Content-Digest", digest.to_string())],
-    )
+    empty_response(StatusCode::ACCEPTED, &[("Docker-Content-Digest", digest.to_string())])
 }
 
 #[cfg(test)]

@@ -40,12 +40,7 @@ fn paginate(items: &mut Vec<String>, n: usize, path: &str) -> Option<HeaderValue
     HeaderValue::from_str(&format!("<{path}?n={n}&last={enc}>; rel=\"next\"")).ok()
 }
 
-pub(crate) async fn tags(
-    reg: &Registry,
-    name: &RepoName,
-    q: &[(String, String)],
-    head: bool,
-) -> HandlerResult {
+pub(crate) async fn tags(reg: &Registry, name: &RepoName, q: &[(String, String)], head: bool) -> HandlerResult {
     reg.meta.read_barrier().await?;
     let reader = reg.meta.reader();
     if !reader.repo_exists(name)? {
@@ -117,20 +112,15 @@ pub(crate) async fn referrers(
         }
         manifests.push(desc);
     }
-    let body = serde_json::to_vec(
-        &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}),
-    )
-    .expect("json");
+    let body =
+        serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})).expect("json");
     let len = body.len();
     let mut resp = Response::new(if head { empty() } else { full(body) });
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if filter.is_some() {
-        h.insert(
-            "OCI-Filters-Applied",
-            HeaderValue::from_static("artifactType"),
-        );
+        h.insert("OCI-Filters-Applied", HeaderValue::from_static("artifactType"));
     }
     Ok(resp)
 }
@@ -162,10 +152,8 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     }
     let len = out.len();
     let mut resp = Response::new(full(out));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     resp.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     Ok(resp)

@@ -2,7 +2,7 @@
 //! `DELETE` by tag or digest.
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use raftyard_raft::ManifestRecord;
 use raftyard_types::manifest::{bare_media_type, parse_manifest, MAX_MANIFEST_BYTES};
@@ -40,9 +40,7 @@ pub(crate) async fn resolve(
         Reference::Tag(t) => {
             reg.meta.read_barrier().await?;
             let d = reader.tag(name, t)?.ok_or(RegistryError::ManifestUnknown)?;
-            let rec = reader
-                .manifest(name, &d)?
-                .ok_or(RegistryError::ManifestUnknown)?;
+            let rec = reader.manifest(name, &d)?.ok_or(RegistryError::ManifestUnknown)?;
             Ok((d, rec))
         }
         Reference::Digest(d) => {
@@ -50,9 +48,7 @@ pub(crate) async fn resolve(
                 return Ok((d.clone(), rec));
             }
             reg.meta.read_barrier().await?;
-            let rec = reader
-                .manifest(name, d)?
-                .ok_or(RegistryError::ManifestUnknown)?;
+            let rec = reader.manifest(name, d)?.ok_or(RegistryError::ManifestUnknown)?;
             Ok((d.clone(), rec))
         }
     }
@@ -77,28 +73,17 @@ fn acceptable(headers: &HeaderMap, media_type: &str) -> bool {
     !any
 }
 
-pub(crate) async fn get(
-    reg: &Registry,
-    name: &RepoName,
-    r: &str,
-    headers: &HeaderMap,
-    head: bool,
-) -> HandlerResult {
+pub(crate) async fn get(reg: &Registry, name: &RepoName, r: &str, headers: &HeaderMap, head: bool) -> HandlerResult {
     let r = reference(r, false)?;
     let (digest, rec) = resolve(reg, name, &r).await?;
     if !acceptable(headers, &rec.media_type) {
         return Err(RegistryError::ManifestUnknown);
     }
     let etag = format!("\"{digest}\"");
-    if header_str(headers, header::IF_NONE_MATCH)
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
-    {
+    if header_str(headers, header::IF_NONE_MATCH).is_some_and(|v| v.split(',').any(|t| t.trim() == etag)) {
         return empty_response(
             StatusCode::NOT_MODIFIED,
-            &[
-                ("Docker-Content-Digest", digest.to_string()),
-                ("ETag", etag),
-            ],
+            &[("Docker-Content-Digest", digest.to_string()), ("ETag", etag)],
         );
     }
     let len = rec.bytes.len();
@@ -106,18 +91,14 @@ pub(crate) async fn get(
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_str(&rec.media_type)
-            .map_err(|e| RegistryError::Internal(e.to_string()))?,
+        HeaderValue::from_str(&rec.media_type).map_err(|e| RegistryError::Internal(e.to_string()))?,
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(
         "Docker-Content-Digest",
         HeaderValue::from_str(&digest.to_string()).expect("valid header"),
     );
-    h.insert(
-        header::ETAG,
-        HeaderValue::from_str(&etag).expect("valid header"),
-    );
+    h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("valid header"));
     Ok(resp)
 }
 
@@ -132,32 +113,16 @@ pub(crate) async fn put(
     let mut tags: Vec<Tag> = Vec::new();
     for (k, v) in q {
         if k == "tag" {
-            tags.push(
-                Tag::parse(v)
-                    .map_err(|_| RegistryError::ManifestInvalid(format!("invalid tag {v:?}")))?,
-            );
+            tags.push(Tag::parse(v).map_err(|_| RegistryError::ManifestInvalid(format!("invalid tag {v:?}")))?);
         }
     }
     if tags.len() > 100 {
         return Err(RegistryError::TooLarge);
     }
-    if content_length(req.headers())?.is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
-        return Err(RegistryError::ManifestTooLarge(MAX_MANIFEST_BYTES));
-    }
     let content_type = header_str(req.headers(), header::CONTENT_TYPE)
         .unwrap_or("")
         .to_string();
-    let bytes = Limited::new(req.into_body(), MAX_MANIFEST_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                RegistryError::ManifestTooLarge(MAX_MANIFEST_BYTES)
-            } else {
-                RegistryError::ManifestInvalid(format!("reading body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let bytes = read_manifest_body(req).await?;
     let parsed = parse_manifest(&bytes, &content_type)?;
     let digest = match &r {
         Reference::Digest(d) => {
@@ -200,12 +165,45 @@ pub(crate) async fn put(
         headers.push(("OCI-Subject", s.to_string()));
     }
     if matches!(r, Reference::Digest(_)) && !tags.is_empty() {
-        headers.push((
-            "OCI-Tag",
-            tags.iter().map(Tag::as_str).collect::<Vec<_>>().join(", "),
-        ));
+        headers.push(("OCI-Tag", tags.iter().map(Tag::as_str).collect::<Vec<_>>().join(", ")));
     }
     empty_response(StatusCode::CREATED, &headers)
+}
+
+/// Reads a manifest body of at most [`MAX_MANIFEST_BYTES`]. A larger body is read to its end
+/// (up to [`DRAIN_LIMIT`]) before the 413, so that the client sees the answer instead of a reset.
+async fn read_manifest_body(req: Request<Incoming>) -> Result<bytes::Bytes, RegistryError> {
+    let declared = content_length(req.headers())?;
+    let mut body = req.into_body();
+    if declared.is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
+        drain(&mut body).await;
+        return Err(RegistryError::ManifestTooLarge(MAX_MANIFEST_BYTES));
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| RegistryError::ManifestInvalid(format!("reading body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_MANIFEST_BYTES {
+                drain(&mut body).await;
+                return Err(RegistryError::ManifestTooLarge(MAX_MANIFEST_BYTES));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Most bytes read and discarded from an oversized request before answering it.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+async fn drain(body: &mut Incoming) {
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len());
+        if seen > DRAIN_LIMIT {
+            return;
+        }
+    }
 }
 
 pub(crate) async fn delete(reg: &Registry, name: RepoName, r: &str) -> HandlerResult {

@@ -55,12 +55,8 @@ pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body
         "Docker-Distribution-API-Version",
         HeaderValue::from_static("registry/2.0"),
     );
-    reg.metrics.observe(
-        route,
-        method.as_str(),
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
+    reg.metrics
+        .observe(route, method.as_str(), resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -71,11 +67,7 @@ async fn dispatch(reg: &Registry, ep: Endpoint, req: Request<Incoming>) -> Handl
     let q = parse_query(req.uri().query());
     let method = req.method().clone();
     match ep {
-        Endpoint::Base => Ok(json_response(
-            StatusCode::OK,
-            b"{}".to_vec(),
-            method == Method::HEAD,
-        )),
+        Endpoint::Base => Ok(json_response(StatusCode::OK, b"{}".to_vec(), method == Method::HEAD)),
         Endpoint::Health => discovery::health(reg).await,
         Endpoint::Metrics => Ok(reg.metrics.render(reg)),
         Endpoint::Catalog => discovery::catalog(reg, &q).await,
@@ -98,16 +90,7 @@ async fn dispatch(reg: &Registry, ep: Endpoint, req: Request<Incoming>) -> Handl
         Endpoint::Manifest { name, reference } => match method {
             Method::PUT => manifests::put(reg, name, &reference, &q, req).await,
             Method::DELETE => manifests::delete(reg, name, &reference).await,
-            _ => {
-                manifests::get(
-                    reg,
-                    &name,
-                    &reference,
-                    req.headers(),
-                    method == Method::HEAD,
-                )
-                .await
-            }
+            _ => manifests::get(reg, &name, &reference, req.headers(), method == Method::HEAD).await,
         },
     }
 }
@@ -116,12 +99,9 @@ pub(crate) fn json_response(status: StatusCode, bytes: Vec<u8>, head: bool) -> R
     let len = bytes.len();
     let mut r = Response::new(if head { empty() } else { full(bytes) });
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
     r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     r
 }
 
@@ -134,8 +114,7 @@ pub(crate) fn empty_response(status: StatusCode, headers: &[(&str, String)]) -> 
     for (k, v) in headers {
         let v = HeaderValue::from_str(v).map_err(|e| RegistryError::Internal(e.to_string()))?;
         h.append(
-            http::HeaderName::from_bytes(k.as_bytes())
-                .map_err(|e| RegistryError::Internal(e.to_string()))?,
+            http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| RegistryError::Internal(e.to_string()))?,
             v,
         );
     }
@@ -144,8 +123,7 @@ pub(crate) fn empty_response(status: StatusCode, headers: &[(&str, String)]) -> 
 
 /// `Range: 0-<last byte>` of an upload holding `size` bytes (`0-0` when empty, as clients expect).
 pub(crate) fn range_header(size: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("0-{}", size.saturating_sub(1)))
-        .expect("digits and '-' are valid in a header")
+    HeaderValue::from_str(&format!("0-{}", size.saturating_sub(1))).expect("digits and '-' are valid in a header")
 }
 
 pub(crate) fn query<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {

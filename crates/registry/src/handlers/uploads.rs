@@ -26,13 +26,7 @@ fn accepted(name: &RepoName, id: &str, size: u64, status: StatusCode) -> Handler
         status,
         &[
             ("Location", upload_location(name, id)),
-            (
-                "Range",
-                super::range_header(size)
-                    .to_str()
-                    .unwrap_or("0-0")
-                    .to_string(),
-            ),
+            ("Range", super::range_header(size).to_str().unwrap_or("0-0").to_string()),
             ("Docker-Upload-UUID", id.to_string()),
         ],
     )
@@ -49,12 +43,7 @@ fn created(name: &RepoName, digest: &Digest) -> HandlerResult {
 }
 
 /// Makes a blob that this node holds durably visible in `name`.
-async fn link(
-    reg: &Registry,
-    name: &RepoName,
-    digest: &Digest,
-    size: u64,
-) -> Result<(), RegistryError> {
+async fn link(reg: &Registry, name: &RepoName, digest: &Digest, size: u64) -> Result<(), RegistryError> {
     reg.meta
         .propose(vec![
             Event::BlobLinked {
@@ -190,12 +179,7 @@ async fn try_mount(
     created(name, digest).map(Some)
 }
 
-pub(crate) async fn patch(
-    reg: &Registry,
-    name: &RepoName,
-    id: &str,
-    req: Request<Incoming>,
-) -> HandlerResult {
+pub(crate) async fn patch(reg: &Registry, name: &RepoName, id: &str, req: Request<Incoming>) -> HandlerResult {
     let current = session_of(reg, name, id)?;
     let (start, len) = chunk_bounds(&req, name, id, current)?;
     let size = reg
@@ -214,10 +198,9 @@ pub(crate) async fn put(
     req: Request<Incoming>,
 ) -> HandlerResult {
     let current = session_of(reg, name, id)?;
-    let digest =
-        parse_digest(query(q, "digest").ok_or_else(|| {
-            RegistryError::DigestInvalid("the digest parameter is required".into())
-        })?)?;
+    let digest = parse_digest(
+        query(q, "digest").ok_or_else(|| RegistryError::DigestInvalid("the digest parameter is required".into()))?,
+    )?;
     let (start, len) = chunk_bounds(&req, name, id, current)?;
     let has_body = len != Some(0) && !http_body::Body::is_end_stream(req.body());
     if has_body {

@@ -1,0 +1,211 @@
+//! Test support: runs the real `raftyard` binary on a free loopback port and talks to it with
+//! an HTTP client.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// A running `raftyard serve` process. Killed (SIGKILL) on drop.
+pub struct Node {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Node {
+    pub fn start(data: &Path) -> Node {
+        Self::start_with(data, &[])
+    }
+
+    pub fn start_with(data: &Path, extra: &[&str]) -> Node {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut n = Node {
+            child: None,
+            addr,
+            data: data.to_path_buf(),
+            log: data.with_extension("log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        n.spawn();
+        n
+    }
+
+    /// Starts (again) the process on the same address and data directory.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
+            .args(["serve", "--listen", &self.addr, "--data-dir"])
+            .arg(&self.data)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn raftyard");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "raftyard exited with {st}; log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "raftyard did not start; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+}
+
+pub fn sha512(b: &[u8]) -> String {
+    format!("sha512:{}", hex::encode(sha2::Sha512::digest(b)))
+}
+
+/// Absolute URL for a `Location` header that may be relative.
+pub fn abs(node: &Node, loc: &str) -> String {
+    if loc.starts_with("http") {
+        loc.to_string()
+    } else {
+        node.url(loc)
+    }
+}
+
+/// Pushes a blob with POST + PUT; returns its digest.
+pub async fn push_blob(c: &reqwest::Client, n: &Node, repo: &str, data: &[u8]) -> String {
+    let d = sha256(data);
+    let r = c
+        .post(n.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "POST upload");
+    let loc = abs(n, r.headers()["location"].to_str().unwrap());
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{loc}{sep}digest={d}"))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "PUT upload: {}", r.text().await.unwrap());
+    d
+}
+
+/// An OCI image manifest for the given config and layers (digest, size).
+pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: serde_json::Value) -> Vec<u8> {
+    let mut m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
+        "layers": layers.iter().map(|(d, s)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s})).collect::<Vec<_>>(),
+    });
+    if let serde_json::Value::Object(e) = extra {
+        for (k, v) in e {
+            m[k] = v;
+        }
+    }
+    serde_json::to_vec(&m).unwrap()
+}
+
+pub async fn put_manifest(
+    c: &reqwest::Client,
+    n: &Node,
+    repo: &str,
+    reference: &str,
+    body: &[u8],
+    ct: &str,
+) -> reqwest::Response {
+    c.put(n.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("content-type", ct)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `errors[0].code` of an error response.
+pub async fn error_code(r: reqwest::Response) -> String {
+    let v: serde_json::Value = r.json().await.expect("JSON error body");
+    v["errors"][0]["code"].as_str().expect("code").to_string()
+}
+
+/// Pushes config + one layer + manifest under `tag`; returns the manifest digest.
+pub async fn push_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, seed: &[u8]) -> String {
+    let config = [b"{\"seed\":\"".as_slice(), seed, b"\"}"].concat();
+    let layer = [b"layer-".as_slice(), seed].concat();
+    let cd = push_blob(c, n, repo, &config).await;
+    let ld = push_blob(c, n, repo, &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], serde_json::json!({}));
+    let r = put_manifest(c, n, repo, tag, &m, OCI_MANIFEST).await;
+    assert_eq!(r.status(), 201, "manifest PUT: {}", r.text().await.unwrap());
+    sha256(&m)
+}
