@@ -120,6 +120,8 @@ pub async fn serve(
             }
         });
     }
+    // Close the socket now: new connections are refused while in-flight requests drain.
+    drop(listener);
     info!("registry stops accepting; draining in-flight requests");
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
         warn!("drain timed out; closing remaining connections");
