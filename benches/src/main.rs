@@ -1,1 +1,213 @@
-fn main() {}
+//! Side-by-side benchmark of raftyard against CNCF Distribution 2.8
+//! (Debian's `docker-registry` package).
+//!
+//! Both registries are started on loopback with their data directories in one
+//! temporary directory (default `<workspace>/target/bench-tmp`, see
+//! `--work-dir`), so they share a filesystem. The same workloads are then run
+//! against each registry in turn, over HTTP/1.1 with an async client:
+//!
+//! * **blob push, monolithic** — `POST /v2/<repo>/blobs/uploads/`, then one
+//!   `PUT <location>?digest=` streaming the whole blob (256 MiB by default).
+//! * **blob push, chunked** — `POST`, then `PATCH`es of 8 MiB with an
+//!   inclusive `Content-Range`, then an empty `PUT <location>?digest=`.
+//! * **blob pull** — `GET /v2/<repo>/blobs/<digest>`, body streamed and
+//!   discarded, byte count verified; one untimed warm-up pull first.
+//! * **manifest PUT / GET latency** — N distinct OCI image manifests PUT to
+//!   tags one after another, then each GET by tag; p50 and p99 per repetition.
+//! * **memory** — the server's `VmRSS`: the peak sampled every 50 ms during
+//!   the blob pushes, and the value after all workloads.
+//!
+//! Blob content is random, generated once before any timing; every pushed
+//! blob gets fresh leading bytes (and thus a fresh digest), so deduplication
+//! cannot short-circuit a push. Dirty pages are written back (`sync(2)`,
+//! untimed) before every timed repetition, so one registry's earlier writes
+//! are not flushed during another's measurement. Each workload is repeated `--reps` times and
+//! the table shows medians, with a ratio column oriented so that a value
+//! above 1 means raftyard did better (throughput: raftyard/docker-registry;
+//! latency and memory: docker-registry/raftyard).
+//!
+//! Run it from the workspace root after building raftyard:
+//!
+//! ```text
+//! cargo build --release -p raftyard
+//! cargo run --release -p raftyard-bench -- --raftyard target/release/raftyard
+//! ```
+//!
+//! `--only docker-registry` (or `--only raftyard`) measures one registry,
+//! `--json PATH` also writes the results as JSON, and `--blob-mib`,
+//! `--chunk-mib`, `--manifests` and `--reps` size the workloads. The servers
+//! are stopped when the run ends, fails or is interrupted.
+
+mod bulk;
+mod cli;
+mod client;
+mod report;
+mod server;
+mod workload;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::{Args, Target};
+use crate::client::{http_client, RegistryClient};
+use crate::report::{command_line, Report};
+use crate::server::Server;
+use crate::workload::{BlobSource, Plan};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let outcome = tokio::select! {
+        res = run(&args) => res,
+        sig = interrupted() => Err(anyhow!("interrupted by {sig}; stopping servers")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, naming the signal.
+async fn interrupted() -> &'static str {
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let command = command_line();
+    let targets = args.targets();
+    let request_timeout = Duration::from_secs(args.request_timeout_secs);
+    let transfer_timeout = Duration::from_secs(args.transfer_timeout_secs);
+
+    if targets.contains(&Target::DockerRegistry) && !args.docker_registry.exists() {
+        bail!(
+            "{} not found; install it with `apt-get install -y docker-registry`, pass \
+             --docker-registry PATH, or run with --only raftyard",
+            args.docker_registry.display()
+        );
+    }
+    let docker_registry_version = targets
+        .contains(&Target::DockerRegistry)
+        .then(|| server::docker_registry_version(&args.docker_registry))
+        .flatten();
+
+    // Declared before the servers so it is dropped (and deleted) after them.
+    let run_dir = RunDir::create(&args.work_dir(), args.keep_data)?;
+    eprintln!("run directory: {}", run_dir.path.display());
+
+    let mut servers = Vec::new();
+    for &target in &targets {
+        let dir = run_dir.path.join(target.name());
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let server = match target {
+            Target::Raftyard => Server::start_raftyard(&args.raftyard_bin(), &dir)?,
+            Target::DockerRegistry => Server::start_docker_registry(&args.docker_registry, &dir)?,
+        };
+        eprintln!("started {} (pid {}) at {}", target.name(), server.pid(), server.base);
+        servers.push(server);
+    }
+    let probe = http_client(request_timeout)?;
+    let startup_timeout = Duration::from_secs(args.startup_timeout_secs);
+    for server in &mut servers {
+        server.wait_ready(&probe, startup_timeout).await?;
+        eprintln!("{} is ready", server.target.name());
+    }
+
+    let generated = Instant::now();
+    let source = BlobSource::new(args.blob_bytes());
+    eprintln!(
+        "generated {} MiB of random blob data in {:.2?}",
+        args.blob_mib,
+        generated.elapsed()
+    );
+    let plan = Plan {
+        reps: args.reps,
+        chunk_bytes: args.chunk_bytes(),
+        manifests: args.manifests,
+        manifest_warmup: args.manifest_warmup,
+    };
+
+    let mut results = Vec::new();
+    for server in &mut servers {
+        let client = RegistryClient::new(server.base.clone(), request_timeout, transfer_timeout)?;
+        let measured = workload::run_all(server, &client, &source, &plan)
+            .await
+            .map_err(|err| {
+                err.context(format!(
+                    "benchmarking {} failed; last lines of {}:\n{}",
+                    server.target.name(),
+                    server.log_path.display(),
+                    server.log_tail(20)
+                ))
+            })?;
+        results.push(measured);
+    }
+    drop(servers);
+
+    let report = Report {
+        args,
+        command,
+        docker_registry_version,
+        results,
+    };
+    println!("{}", report.render());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// A per-run directory under the work dir, removed on drop unless kept.
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl RunDir {
+    fn create(work_dir: &Path, keep: bool) -> Result<Self> {
+        fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+        let work_dir = work_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", work_dir.display()))?;
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let path = work_dir.join(format!("run-{stamp}-{}", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RunDir { path, keep })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept run directory {}", self.path.display());
+        } else if let Err(err) = fs::remove_dir_all(&self.path) {
+            eprintln!("warning: cannot remove {}: {err}", self.path.display());
+        }
+    }
+}

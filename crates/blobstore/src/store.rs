@@ -189,7 +189,6 @@ impl BlobStore {
                 hasher.finish()
             } else {
                 // The client hashed with another algorithm than the session announced.
-                drop(hasher);
                 hash_file(&path, expected.algorithm())?
             };
             if actual != expected {

@@ -6,6 +6,9 @@
 //! never speaks HTTP; the network between nodes is supplied from outside through openraft's
 //! [`openraft::RaftNetworkFactory`] ([`network::NoNetwork`] for a cluster of one).
 
+// openraft's StorageError is large by design; every storage method returns it.
+#![allow(clippy::result_large_err)]
+
 pub mod keys;
 pub mod log_store;
 pub mod network;

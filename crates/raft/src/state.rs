@@ -45,6 +45,8 @@ struct StoredSnapshot {
 }
 
 type Membership = StoredMembership<NodeId, NodeAddr>;
+/// Key/value pairs of the state tree.
+type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("in-memory values always encode")
@@ -82,7 +84,7 @@ impl<'a> Tx<'a> {
     fn del(&mut self, k: Vec<u8>) {
         self.writes.insert(k, None);
     }
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, sled::Error> {
+    fn scan(&self, prefix: &[u8]) -> Result<Pairs, sled::Error> {
         let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv?;

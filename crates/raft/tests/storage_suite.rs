@@ -1,4 +1,5 @@
 //! openraft's own storage test suite against the sled log store and state machine.
+#![allow(clippy::result_large_err)]
 
 use openraft::testing::{StoreBuilder, Suite};
 use raftyard_raft::log_store::LogStore;

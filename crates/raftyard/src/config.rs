@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Identity and storage of this node.
@@ -61,16 +61,6 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Take a state snapshot (allowing log compaction) every this many entries.
     pub snapshot_every: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeSection::default(),
-            registry: RegistrySection::default(),
-            raft: RaftSection::default(),
-        }
-    }
 }
 
 impl Default for NodeSection {

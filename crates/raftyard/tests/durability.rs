@@ -11,7 +11,7 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use sha2::Digest as _;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Acked {
     /// (repo, digest) of blobs answered 201.
     blobs: Vec<(String, String)>,
@@ -177,7 +177,7 @@ async fn kill_dash_nine_during_uploads_loses_nothing_acknowledged() {
         }
         let files = check_no_partial_blobs(&data);
         node.spawn();
-        let a = acked.lock().unwrap();
+        let a = acked.lock().unwrap().clone();
         eprintln!(
             "cycle {cycle}: {} blobs and {} manifests acknowledged so far; {files} blob files",
             a.blobs.len(),

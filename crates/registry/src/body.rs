@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -22,8 +23,26 @@ pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
+/// A byte range of a blob file to send as a response body. Handlers attach it as a response
+/// extension (with an empty body) so that each transport sends it its own way: the plain
+/// HTTP/1.1 fast path with `sendfile(2)`, hyper connections as a stream ([`materialize`]).
+#[derive(Clone)]
+pub struct FileRange {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Turns a [`FileRange`] extension into a streamed body.
+pub fn materialize(mut resp: http::Response<Body>) -> http::Response<Body> {
+    if let Some(r) = resp.extensions_mut().remove::<FileRange>() {
+        *resp.body_mut() = file_range(r.file, r.offset, r.len);
+    }
+    resp
+}
+
 /// Streams `len` bytes of `file` from `offset`.
-pub fn file_range(file: File, offset: u64, len: u64) -> Body {
+pub fn file_range(file: Arc<File>, offset: u64, len: u64) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         let mut pos = offset;

@@ -10,6 +10,7 @@
 pub mod body;
 pub mod endpoint;
 pub mod error;
+mod fastpath;
 mod handlers;
 pub mod metrics;
 pub mod server;

@@ -15,12 +15,16 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::Registry;
+use crate::{fastpath, Registry};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Deadline for a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for a client to send request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle keep-alive connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long shutdown waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -68,6 +72,9 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new()).max_header_list_size(64 * 1024);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Fast-path connections are tracked here; hyper connections by `graceful`.
+    let stop = CancellationToken::new();
+    let fast = TaskTracker::new();
     tokio::pin!(shutdown);
     info!(addr = %listener.local_addr()?, tls = tls.is_some(), "registry listening");
     loop {
@@ -88,17 +95,24 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+        let stop = stop.clone();
+        fast.spawn(async move {
+            let svc = {
                 let reg = reg.clone();
-                async move { Ok::<_, std::convert::Infallible>(crate::handle(reg, req).await) }
-            });
+                service_fn(move |req| {
+                    let reg = reg.clone();
+                    async move { Ok::<_, std::convert::Infallible>(crate::handle(reg, req).await) }
+                })
+            };
             let res = match tls {
-                None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned())
-                        .await
-                }
+                None => match fastpath::serve(&reg, stream, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &stop).await {
+                    fastpath::Outcome::Done => return,
+                    fastpath::Outcome::HandOff(io) => {
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(*io), svc).into_owned())
+                            .await
+                    }
+                },
                 Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
                         watcher
@@ -123,7 +137,13 @@ pub async fn serve(
     // Close the socket now: new connections are refused while in-flight requests drain.
     drop(listener);
     info!("registry stops accepting; draining in-flight requests");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    stop.cancel();
+    fast.close();
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        tokio::join!(graceful.shutdown(), fast.wait());
+    })
+    .await;
+    if drained.is_err() {
         warn!("drain timed out; closing remaining connections");
     }
     Ok(())

@@ -4,7 +4,9 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use raftyard_types::{Digest, Event, RepoName};
 
 use super::{empty_response, header_str, HandlerResult};
-use crate::body::{empty, file_range};
+use std::sync::Arc;
+
+use crate::body::{empty, FileRange};
 use crate::error::RegistryError;
 use crate::Registry;
 
@@ -85,7 +87,14 @@ pub(crate) async fn get(
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, size),
     };
-    let mut resp = Response::new(if head { empty() } else { file_range(file, start, len) });
+    let mut resp = Response::new(empty());
+    if !head {
+        resp.extensions_mut().insert(FileRange {
+            file: Arc::new(file),
+            offset: start,
+            len,
+        });
+    }
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));

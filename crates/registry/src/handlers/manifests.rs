@@ -3,12 +3,11 @@
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use raftyard_raft::ManifestRecord;
 use raftyard_types::manifest::{bare_media_type, parse_manifest, MAX_MANIFEST_BYTES};
 use raftyard_types::{Algorithm, Digest, Event, Reference, RepoName, Tag};
 
-use super::{content_length, empty_response, header_str, HandlerResult};
+use super::{content_length, empty_response, header_str, HandlerResult, ReqBody};
 use crate::body::{empty, full};
 use crate::error::RegistryError;
 use crate::Registry;
@@ -102,12 +101,12 @@ pub(crate) async fn get(reg: &Registry, name: &RepoName, r: &str, headers: &Head
     Ok(resp)
 }
 
-pub(crate) async fn put(
+pub(crate) async fn put<B: ReqBody>(
     reg: &Registry,
     name: RepoName,
     r: &str,
     q: &[(String, String)],
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> HandlerResult {
     let r = reference(r, true)?;
     let mut tags: Vec<Tag> = Vec::new();
@@ -172,7 +171,7 @@ pub(crate) async fn put(
 
 /// Reads a manifest body of at most [`MAX_MANIFEST_BYTES`]. A larger body is read to its end
 /// (up to [`DRAIN_LIMIT`]) before the 413, so that the client sees the answer instead of a reset.
-async fn read_manifest_body(req: Request<Incoming>) -> Result<bytes::Bytes, RegistryError> {
+async fn read_manifest_body<B: ReqBody>(req: Request<B>) -> Result<bytes::Bytes, RegistryError> {
     let declared = content_length(req.headers())?;
     let mut body = req.into_body();
     if declared.is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
@@ -196,7 +195,7 @@ async fn read_manifest_body(req: Request<Incoming>) -> Result<bytes::Bytes, Regi
 /// Most bytes read and discarded from an oversized request before answering it.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
-async fn drain(body: &mut Incoming) {
+async fn drain<B: ReqBody>(body: &mut B) {
     let mut seen = 0usize;
     while let Some(Ok(frame)) = body.frame().await {
         seen += frame.data_ref().map_or(0, |d| d.len());

@@ -7,10 +7,11 @@ mod manifests;
 mod uploads;
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::time::Instant;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tracing::{debug, info_span, Instrument};
 
 use crate::body::{empty, full, Body};
@@ -23,8 +24,19 @@ pub(crate) type HandlerResult = Result<Response<Body>, RegistryError>;
 /// Longest query string accepted.
 const MAX_QUERY: usize = 8 * 1024;
 
-/// Serves one request.
-pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body> {
+/// A request body the handlers can consume: hyper's, or an empty one from the HTTP/1.1 fast
+/// path.
+pub trait ReqBody: http_body::Body<Data = Bytes, Error: std::fmt::Display + Send> + Send + Unpin + 'static {}
+impl<T> ReqBody for T where T: http_body::Body<Data = Bytes, Error: std::fmt::Display + Send> + Send + Unpin + 'static {}
+
+/// Serves one request for a hyper connection: blob bodies are streamed.
+pub async fn handle(reg: Arc<Registry>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    crate::body::materialize(respond(&reg, req).await)
+}
+
+/// Serves one request. A blob body is left as a [`crate::body::FileRange`] response extension
+/// for the transport to send.
+pub async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let head = method == Method::HEAD;
@@ -34,7 +46,7 @@ pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body
     let span = info_span!("request", %method, path = %path, route);
     let result = async {
         match ep {
-            Ok(ep) => dispatch(&reg, ep, req).await,
+            Ok(ep) => dispatch(reg, ep, req).await,
             Err(e) => Err(e),
         }
     }
@@ -60,7 +72,7 @@ pub async fn handle(reg: Arc<Registry>, req: Request<Incoming>) -> Response<Body
     resp
 }
 
-async fn dispatch(reg: &Registry, ep: Endpoint, req: Request<Incoming>) -> HandlerResult {
+async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> HandlerResult {
     if req.uri().query().is_some_and(|q| q.len() > MAX_QUERY) {
         return Err(RegistryError::TooLarge);
     }
@@ -130,7 +142,7 @@ pub(crate) fn query<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str>
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-pub(crate) fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str> {
+pub(crate) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 

@@ -4,12 +4,11 @@
 use futures::TryStreamExt;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyDataStream;
-use hyper::body::Incoming;
 use raftyard_blobstore::BlobError;
 use raftyard_types::{Algorithm, Digest, Event, RepoName};
 
 use super::blobs::parse_digest;
-use super::{content_length, empty_response, header_str, query, HandlerResult};
+use super::{content_length, empty_response, header_str, query, HandlerResult, ReqBody};
 use crate::error::RegistryError;
 use crate::Registry;
 
@@ -61,9 +60,9 @@ async fn link(reg: &Registry, name: &RepoName, digest: &Digest, size: u64) -> Re
     Ok(())
 }
 
-fn body_stream(
-    req: Request<Incoming>,
-) -> impl futures::Stream<Item = Result<bytes::Bytes, hyper::Error>> + Send + Unpin {
+fn body_stream<B: ReqBody>(
+    req: Request<B>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, B::Error>> + Send + Unpin {
     BodyDataStream::new(req.into_body()).into_stream()
 }
 
@@ -78,8 +77,8 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
 }
 
 /// Checks a chunk's `Content-Range` against the session; returns the expected start and length.
-fn chunk_bounds(
-    req: &Request<Incoming>,
+fn chunk_bounds<B: ReqBody>(
+    req: &Request<B>,
     name: &RepoName,
     id: &str,
     current: u64,
@@ -121,11 +120,11 @@ fn fix_range(e: BlobError, name: &RepoName, id: &str) -> RegistryError {
     }
 }
 
-pub(crate) async fn start(
+pub(crate) async fn start<B: ReqBody>(
     reg: &Registry,
     name: RepoName,
     q: &[(String, String)],
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> HandlerResult {
     if let Some(mount) = query(q, "mount") {
         if let Ok(digest) = Digest::parse(mount) {
@@ -179,7 +178,7 @@ async fn try_mount(
     created(name, digest).map(Some)
 }
 
-pub(crate) async fn patch(reg: &Registry, name: &RepoName, id: &str, req: Request<Incoming>) -> HandlerResult {
+pub(crate) async fn patch<B: ReqBody>(reg: &Registry, name: &RepoName, id: &str, req: Request<B>) -> HandlerResult {
     let current = session_of(reg, name, id)?;
     let (start, len) = chunk_bounds(&req, name, id, current)?;
     let size = reg
@@ -190,12 +189,12 @@ pub(crate) async fn patch(reg: &Registry, name: &RepoName, id: &str, req: Reques
     accepted(name, id, size, StatusCode::ACCEPTED)
 }
 
-pub(crate) async fn put(
+pub(crate) async fn put<B: ReqBody>(
     reg: &Registry,
     name: &RepoName,
     id: &str,
     q: &[(String, String)],
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> HandlerResult {
     let current = session_of(reg, name, id)?;
     let digest = parse_digest(

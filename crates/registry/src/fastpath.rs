@@ -1,0 +1,283 @@
+//! The plain-HTTP/1.1 fast path: bodiless requests (every pull, most of a push's control
+//! requests) are parsed here and answered through the same handlers, and blob bodies are sent
+//! with `sendfile(2)` straight from the page cache to the socket, without copies through user
+//! space. The first request that carries a body (or anything unusual: HTTP/1.0, HTTP/2,
+//! `Expect`, `Upgrade`, an oversized or malformed head) hands the connection, with the bytes
+//! already read, to hyper for the rest of its life.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::body::{Body, FileRange};
+use crate::Registry;
+
+/// Longest request head handled here; longer ones go to hyper (which refuses them).
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
+/// Bytes handed to one `sendfile` call (bounds how long one call can block on disk reads).
+const SENDFILE_CHUNK: usize = 8 << 20;
+
+/// How the fast path ended.
+pub(crate) enum Outcome {
+    /// The connection is finished (closed by the client, `Connection: close`, an error, shutdown).
+    Done,
+    /// Continue with hyper on this stream, replaying `buffered` first.
+    HandOff(Box<Prefixed<TcpStream>>),
+}
+
+/// A parsed request the fast path answers itself.
+struct Simple {
+    req: Request<Empty<Bytes>>,
+    head_len: usize,
+    close: bool,
+}
+
+#[allow(clippy::large_enum_variant)] // lives for one parse; boxing would cost an allocation per request
+enum Parse {
+    Partial,
+    Simple(Simple),
+    HandOff,
+}
+
+fn parse(buf: &[u8]) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
+    let head_len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parse::Partial,
+        _ => return Parse::HandOff,
+    };
+    if r.version != Some(1) {
+        return Parse::HandOff;
+    }
+    let (Some(method), Some(path)) = (r.method, r.path) else {
+        return Parse::HandOff;
+    };
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .version(http::Version::HTTP_11);
+    let mut close = false;
+    for h in r.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+            || (name.eq_ignore_ascii_case("content-length") && h.value.iter().any(|&b| b != b'0' && b != b' '))
+        {
+            return Parse::HandOff;
+        }
+        if name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close") {
+            close = true;
+        }
+        builder = builder.header(name, h.value);
+    }
+    match builder.body(Empty::new()) {
+        Ok(req) => Parse::Simple(Simple { req, head_len, close }),
+        Err(_) => Parse::HandOff,
+    }
+}
+
+/// Serves requests on `stream` until it closes or needs hyper.
+pub(crate) async fn serve(
+    reg: &Registry,
+    mut stream: TcpStream,
+    first_timeout: Duration,
+    idle_timeout: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Outcome {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut timeout = first_timeout;
+    loop {
+        // Read a complete head.
+        let simple = loop {
+            if !buf.is_empty() {
+                match parse(&buf) {
+                    Parse::Simple(s) => break s,
+                    Parse::HandOff => return Outcome::HandOff(Box::new(Prefixed::new(buf.freeze(), stream))),
+                    Parse::Partial => {}
+                }
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout(timeout, stream.read_buf(&mut buf)) => r,
+                _ = shutdown.cancelled(), if buf.is_empty() => return Outcome::Done,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Outcome::Done,
+                Ok(Ok(_)) => {}
+            }
+        };
+        buf.advance(simple.head_len);
+        let head = simple.req.method() == http::Method::HEAD;
+        let resp = crate::handlers::respond(reg, simple.req).await;
+        if write_response(&mut stream, resp, head).await.is_err() || simple.close || shutdown.is_cancelled() {
+            return Outcome::Done;
+        }
+        timeout = idle_timeout;
+    }
+}
+
+async fn write_response(stream: &mut TcpStream, mut resp: Response<Body>, head: bool) -> io::Result<()> {
+    let file = resp.extensions_mut().remove::<FileRange>();
+    let body = if head || file.is_some() {
+        Bytes::new()
+    } else {
+        resp.body_mut().collect().await.map_err(io::Error::other)?.to_bytes()
+    };
+    let mut out = Vec::with_capacity(256);
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let has_len = resp.headers().contains_key(http::header::CONTENT_LENGTH);
+    for (k, v) in resp.headers() {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_len && status != http::StatusCode::NO_CONTENT && status != http::StatusCode::NOT_MODIFIED {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head {
+        out.extend_from_slice(&body);
+    }
+    stream.write_all(&out).await?;
+    if let Some(f) = file {
+        send_file(stream, &f).await?;
+    }
+    Ok(())
+}
+
+/// Sends the range with `sendfile(2)`, waiting for socket writability between calls.
+async fn send_file(stream: &TcpStream, f: &FileRange) -> io::Result<()> {
+    let sock = stream.as_raw_fd();
+    let fd = f.file.as_raw_fd();
+    let mut off = f.offset as libc::off_t;
+    let mut left = f.len as usize;
+    while left > 0 {
+        stream.writable().await?;
+        let r = stream.try_io(Interest::WRITABLE, || {
+            let n = left.min(SENDFILE_CHUNK);
+            // SAFETY: both descriptors are open for the duration of the call; `off` is a valid
+            // pointer to an off_t that the kernel advances.
+            let r = unsafe { libc::sendfile(sock, fd, &mut off, n) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
+            }
+        });
+        match r {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shorter than expected",
+                ))
+            }
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A stream that first yields bytes already read from it.
+pub(crate) struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, b)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bodiless_requests_and_hands_off_the_rest() {
+        let head = b"GET /v2/a/blobs/sha256:x HTTP/1.1\r\nHost: h\r\nRange: bytes=0-1\r\n\r\n";
+        match parse(&[head.as_slice(), b"GET /next"].concat()) {
+            Parse::Simple(s) => {
+                assert_eq!(s.req.uri().path(), "/v2/a/blobs/sha256:x");
+                assert_eq!(s.req.headers()["range"], "bytes=0-1");
+                assert_eq!(s.head_len, head.len());
+                assert!(!s.close);
+            }
+            _ => panic!("expected a simple request"),
+        }
+        assert!(matches!(parse(b"GET /v2/ HTTP/1.1\r\nHost"), Parse::Partial));
+        assert!(matches!(
+            parse(b"GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            Parse::Simple(Simple { close: true, .. })
+        ));
+        assert!(matches!(
+            parse(b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"),
+            Parse::HandOff
+        ));
+        assert!(matches!(
+            parse(b"PUT /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            Parse::Simple(_)
+        ));
+        assert!(matches!(
+            parse(b"PATCH /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Parse::HandOff
+        ));
+        assert!(matches!(parse(b"GET / HTTP/1.0\r\n\r\n"), Parse::HandOff));
+        assert!(matches!(parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Parse::HandOff));
+        assert!(matches!(parse(b"\x16\x03\x01 garbage"), Parse::HandOff));
+        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert!(matches!(parse(huge.as_bytes()), Parse::HandOff));
+    }
+}
