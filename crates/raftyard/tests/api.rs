@@ -928,3 +928,66 @@ async fn tls_with_generated_certificates() {
         0o600
     );
 }
+
+/// Raw HTTP/1.1 on one connection: pipelined bodiless requests are answered in order by the
+/// fast path, a request with a body hands the connection over to hyper mid-stream, and the
+/// connection keeps working afterwards.
+#[tokio::test]
+async fn one_connection_pipelined_then_handed_off() {
+    use std::io::{Read, Write};
+    let e = env();
+    let data = b"pipelined blob".to_vec();
+    let d = push_blob(&e.c, &e.n, "pipe", &data).await;
+    let mut s = std::net::TcpStream::connect(&e.n.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET /v2/pipe/blobs/{d} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-8\r\n\r\n\
+         POST /v2/pipe/blobs/uploads/?digest={d2} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+         HEAD /v2/pipe/blobs/{d} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        d2 = sha256(b"hello")
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let statuses: Vec<&str> = text.match_indices("HTTP/1.1 ").map(|(i, _)| &text[i..i + 12]).collect();
+    assert_eq!(statuses.len(), 4, "{text}");
+    assert!(statuses[0].starts_with("HTTP/1.1 200"));
+    assert!(statuses[1].starts_with("HTTP/1.1 206"));
+    assert!(
+        text.contains("\r\n\r\npipelinedHTTP/1.1 201"),
+        "range body, then the next response: {text}"
+    );
+    assert!(statuses[2].starts_with("HTTP/1.1 201"));
+    assert!(statuses[3].starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        e.c.get(e.n.url(&format!("/v2/pipe/blobs/{}", sha256(b"hello"))))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// HTTP/2 with prior knowledge (h2c) is served too.
+#[tokio::test]
+async fn http2_prior_knowledge() {
+    let e = env();
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = c.get(e.n.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let data = b"over h2".to_vec();
+    let d = sha256(&data);
+    let r = c
+        .post(e.n.url(&format!("/v2/h2/blobs/uploads/?digest={d}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c.get(e.n.url(&format!("/v2/h2/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
+}
