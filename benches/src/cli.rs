@@ -14,7 +14,8 @@ pub enum Target {
 }
 
 impl Target {
-    /// Both targets, in the order they are measured.
+    /// Both targets, in the order they run odd-numbered repetitions (even-numbered
+    /// repetitions run them in reverse).
     pub const ALL: [Target; 2] = [Target::Raftyard, Target::DockerRegistry];
 
     /// Stable name used in the table, the JSON output and log lines.
@@ -42,8 +43,9 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "TARGET")]
     pub only: Option<Target>,
 
-    /// Timed repetitions of every workload; medians are reported.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Timed repetitions of every workload, each run against both registries
+    /// back to back in alternating order; medians are reported.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub reps: u32,
 
     /// Size of the blob pushed and pulled, in MiB.

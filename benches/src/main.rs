@@ -3,28 +3,43 @@
 //!
 //! Both registries are started on loopback with their data directories in one
 //! temporary directory (default `<workspace>/target/bench-tmp`, see
-//! `--work-dir`), so they share a filesystem. The same workloads are then run
-//! against each registry in turn, over HTTP/1.1 with an async client:
+//! `--work-dir`), so they share a filesystem, and both keep running until the
+//! benchmark ends. The same workloads are run against each, over HTTP/1.1:
 //!
 //! * **blob push, monolithic** — `POST /v2/<repo>/blobs/uploads/`, then one
 //!   `PUT <location>?digest=` streaming the whole blob (256 MiB by default).
 //! * **blob push, chunked** — `POST`, then `PATCH`es of 8 MiB with an
 //!   inclusive `Content-Range`, then an empty `PUT <location>?digest=`.
 //! * **blob pull** — `GET /v2/<repo>/blobs/<digest>`, body streamed and
-//!   discarded, byte count verified; one untimed warm-up pull first.
+//!   discarded, byte count verified; one untimed warm-up pull per registry first.
 //! * **manifest PUT / GET latency** — N distinct OCI image manifests PUT to
-//!   tags one after another, then each GET by tag; p50 and p99 per repetition.
+//!   tags one after another, then each GET by tag; p50 and p99 per repetition,
+//!   after untimed warm-up PUT+GET pairs per registry.
 //! * **memory** — the server's `VmRSS`: the peak sampled every 50 ms during
-//!   the blob pushes, and the value after all workloads.
+//!   that server's blob pushes, and the value after all workloads.
+//!
+//! Disk and CPU throughput on a shared machine drift over minutes, so running
+//! every workload against one registry and then against the other would let
+//! that drift bias the comparison. Instead, each workload is repeated
+//! `--reps` times (default 5) and every repetition runs once against each
+//! registry, back to back, alternating which goes first (ABBA: repetition 1
+//! raftyard first, repetition 2 docker-registry first, …). The two halves of
+//! a repetition thus see nearly the same conditions, and neither registry is
+//! systematically first.
 //!
 //! Blob content is random, generated once before any timing; every pushed
 //! blob gets fresh leading bytes (and thus a fresh digest), so deduplication
 //! cannot short-circuit a push. Dirty pages are written back (`sync(2)`,
 //! untimed) before every timed repetition, so one registry's earlier writes
-//! are not flushed during another's measurement. Each workload is repeated `--reps` times and
-//! the table shows medians, with a ratio column oriented so that a value
-//! above 1 means raftyard did better (throughput: raftyard/docker-registry;
-//! latency and memory: docker-registry/raftyard).
+//! are not flushed during another's measurement.
+//!
+//! The table shows, per metric, each registry's median over repetitions, the
+//! ratio of those medians, and the median of the per-repetition ratios (each
+//! computed from the two halves of one repetition, so it is the figure least
+//! affected by drift). Ratios are oriented so that a value above 1 means
+//! raftyard did better (throughput: raftyard/docker-registry; latency and
+//! memory: docker-registry/raftyard). RSS is one value per registry, so it has
+//! no per-repetition ratio.
 //!
 //! Run it from the workspace root after building raftyard:
 //!
@@ -33,10 +48,10 @@
 //! cargo run --release -p raftyard-bench -- --raftyard target/release/raftyard
 //! ```
 //!
-//! `--only docker-registry` (or `--only raftyard`) measures one registry,
-//! `--json PATH` also writes the results as JSON, and `--blob-mib`,
-//! `--chunk-mib`, `--manifests` and `--reps` size the workloads. The servers
-//! are stopped when the run ends, fails or is interrupted.
+//! `--only docker-registry` (or `--only raftyard`) measures one registry
+//! (and prints no ratios), `--json PATH` also writes the results as JSON, and
+//! `--blob-mib`, `--chunk-mib`, `--manifests` and `--reps` size the workloads.
+//! The servers are stopped when the run ends, fails or is interrupted.
 
 mod bulk;
 mod cli;
@@ -55,10 +70,10 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{Args, Target};
-use crate::client::{http_client, RegistryClient};
+use crate::client::http_client;
 use crate::report::{command_line, Report};
 use crate::server::Server;
-use crate::workload::{BlobSource, Plan};
+use crate::workload::{BlobSource, Plan, Subject};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -148,22 +163,12 @@ async fn run(args: &Args) -> Result<()> {
         manifest_warmup: args.manifest_warmup,
     };
 
-    let mut results = Vec::new();
-    for server in &mut servers {
-        let client = RegistryClient::new(server.base.clone(), request_timeout, transfer_timeout)?;
-        let measured = workload::run_all(server, &client, &source, &plan)
-            .await
-            .map_err(|err| {
-                err.context(format!(
-                    "benchmarking {} failed; last lines of {}:\n{}",
-                    server.target.name(),
-                    server.log_path.display(),
-                    server.log_tail(20)
-                ))
-            })?;
-        results.push(measured);
-    }
-    drop(servers);
+    let mut subjects = servers
+        .into_iter()
+        .map(|server| Subject::new(server, request_timeout, transfer_timeout))
+        .collect::<Result<Vec<_>>>()?;
+    workload::run_all(&mut subjects, &source, &plan).await?;
+    let results = subjects.into_iter().map(Subject::into_results).collect();
 
     let report = Report {
         args,

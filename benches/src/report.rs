@@ -5,7 +5,9 @@ use serde_json::{json, Value};
 use crate::cli::{Args, Target};
 
 /// Measurements of one registry. Per-repetition vectors hold one sample per
-/// timed repetition; the table shows their medians.
+/// timed repetition, in repetition order, so the n-th samples of the two
+/// registries come from the same interleaved repetition; the table shows
+/// their medians.
 #[derive(Debug)]
 pub struct TargetResults {
     pub name: &'static str,
@@ -50,6 +52,8 @@ struct Metric {
     unit: &'static str,
     better: Better,
     decimals: usize,
+    /// Whether the samples are per repetition, and so pair up into per-repetition ratios.
+    per_rep: bool,
     samples: fn(&TargetResults) -> Vec<f64>,
 }
 
@@ -64,6 +68,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "MB/s",
             better: Better::Higher,
             decimals: 1,
+            per_rep: true,
             samples: |r| r.push_monolithic_mbps.clone(),
         },
         Metric {
@@ -72,6 +77,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "MB/s",
             better: Better::Higher,
             decimals: 1,
+            per_rep: true,
             samples: |r| r.push_chunked_mbps.clone(),
         },
         Metric {
@@ -80,6 +86,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "MB/s",
             better: Better::Higher,
             decimals: 1,
+            per_rep: true,
             samples: |r| r.pull_mbps.clone(),
         },
         Metric {
@@ -88,6 +95,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "ms",
             better: Better::Lower,
             decimals: 3,
+            per_rep: true,
             samples: |r| r.manifest_put_p50_ms.clone(),
         },
         Metric {
@@ -96,6 +104,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "ms",
             better: Better::Lower,
             decimals: 3,
+            per_rep: true,
             samples: |r| r.manifest_put_p99_ms.clone(),
         },
         Metric {
@@ -104,6 +113,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "ms",
             better: Better::Lower,
             decimals: 3,
+            per_rep: true,
             samples: |r| r.manifest_get_p50_ms.clone(),
         },
         Metric {
@@ -112,6 +122,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "ms",
             better: Better::Lower,
             decimals: 3,
+            per_rep: true,
             samples: |r| r.manifest_get_p99_ms.clone(),
         },
         Metric {
@@ -120,6 +131,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "MiB",
             better: Better::Lower,
             decimals: 1,
+            per_rep: false,
             samples: |r| mib(r.rss_peak_push_kib),
         },
         Metric {
@@ -128,6 +140,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
             unit: "MiB",
             better: Better::Lower,
             decimals: 1,
+            per_rep: false,
             samples: |r| mib(r.rss_after_kib),
         },
     ]
@@ -169,6 +182,48 @@ fn ratio(better: Better, raftyard: Option<f64>, docker: Option<f64>) -> Option<f
     value.is_finite().then_some(value)
 }
 
+/// How the two registries compare on one metric.
+struct Comparison {
+    /// Ratio of the two registries' medians.
+    of_medians: Option<f64>,
+    /// Ratios of the two registries' samples within each repetition (empty
+    /// when the metric is not per repetition).
+    per_rep: Vec<f64>,
+}
+
+impl Comparison {
+    fn new(m: &Metric, raftyard: &TargetResults, docker: &TargetResults) -> Self {
+        let (r, d) = ((m.samples)(raftyard), (m.samples)(docker));
+        let per_rep = if m.per_rep {
+            per_rep_ratios(m.better, &r, &d)
+        } else {
+            Vec::new()
+        };
+        Comparison {
+            of_medians: ratio(m.better, median(&r), median(&d)),
+            per_rep,
+        }
+    }
+
+    fn median_per_rep(&self) -> Option<f64> {
+        median(&self.per_rep)
+    }
+}
+
+/// The ratio of the n-th raftyard sample to the n-th docker-registry sample,
+/// for every repetition that has a finite ratio.
+fn per_rep_ratios(better: Better, raftyard: &[f64], docker: &[f64]) -> Vec<f64> {
+    raftyard
+        .iter()
+        .zip(docker)
+        .filter_map(|(&r, &d)| ratio(better, Some(r), Some(d)))
+        .collect()
+}
+
+/// How ratios are oriented, for the printed report and the JSON output.
+const RATIO_DIRECTION: &str = "raftyard/docker-registry for throughput, docker-registry/raftyard for latency \
+                               and RSS; >1 means raftyard is better";
+
 pub struct Report<'a> {
     pub args: &'a Args,
     pub command: String,
@@ -191,7 +246,8 @@ impl Report<'_> {
         header.extend(self.results.iter().map(|r| r.name.to_string()));
         let both = self.both();
         if both.is_some() {
-            header.push("ratio (>1 = raftyard better)".to_string());
+            header.push("ratio of medians".to_string());
+            header.push("median of per-rep ratios".to_string());
         }
         let mut rows = vec![header];
         for m in metrics(self.args) {
@@ -200,36 +256,13 @@ impl Report<'_> {
                 row.push(fmt(median(&(m.samples)(r)), m.decimals, ""));
             }
             if let Some((raftyard, docker)) = both {
-                let q = ratio(m.better, median(&(m.samples)(raftyard)), median(&(m.samples)(docker)));
-                row.push(fmt(q, 2, "x"));
+                let c = Comparison::new(&m, raftyard, docker);
+                row.push(fmt(c.of_medians, 2, "x"));
+                row.push(fmt(c.median_per_rep(), 2, "x"));
             }
             rows.push(row);
         }
-
-        let columns = rows[0].len();
-        let widths: Vec<usize> = (0..columns)
-            .map(|c| rows.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for (i, row) in rows.iter().enumerate() {
-            let cells: Vec<String> = row
-                .iter()
-                .enumerate()
-                .map(|(c, cell)| {
-                    if c == 0 {
-                        format!("{cell:<w$}", w = widths[c])
-                    } else {
-                        format!("{cell:>w$}", w = widths[c])
-                    }
-                })
-                .collect();
-            out.push_str(&format!("| {} |\n", cells.join(" | ")));
-            if i == 0 {
-                let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-                out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
-            }
-        }
-        out
+        layout(&rows)
     }
 
     /// Human-readable report: context lines and the table.
@@ -246,8 +279,13 @@ impl Report<'_> {
         }
         if self.both().is_some() {
             out.push_str(
-                "ratio: raftyard/docker-registry for throughput, docker-registry/raftyard for \
-                 latency and RSS; >1 means raftyard is better\n",
+                "order: each rep runs both registries back to back, raftyard first in odd reps, \
+                 docker-registry first in even reps\n",
+            );
+            out.push_str(&format!("ratio: {RATIO_DIRECTION}\n"));
+            out.push_str(
+                "per-rep ratio: computed within each rep from its two back-to-back runs; \
+                 RSS is one value per registry, so it has none\n",
             );
         }
         out.push('\n');
@@ -273,8 +311,15 @@ impl Report<'_> {
         let mut ratios = serde_json::Map::new();
         if let Some((raftyard, docker)) = self.both() {
             for m in &metrics {
-                let q = ratio(m.better, median(&(m.samples)(raftyard)), median(&(m.samples)(docker)));
-                ratios.insert(m.key.to_string(), json!(q));
+                let c = Comparison::new(m, raftyard, docker);
+                ratios.insert(
+                    m.key.to_string(),
+                    json!({
+                        "ratio_of_medians": c.of_medians,
+                        "median_of_per_rep_ratios": c.median_per_rep(),
+                        "per_rep_ratios": c.per_rep,
+                    }),
+                );
             }
         }
         json!({
@@ -287,12 +332,42 @@ impl Report<'_> {
                 "manifest_warmup": a.manifest_warmup,
             },
             "docker_registry_version": self.docker_registry_version,
-            "ratio_direction": "raftyard/docker-registry for throughput, docker-registry/raftyard \
-                                for latency and RSS; >1 means raftyard is better",
+            "order": "each rep runs both registries back to back; raftyard first in odd reps, \
+                      docker-registry first in even reps",
+            "ratio_direction": RATIO_DIRECTION,
             "results": targets,
             "ratios": ratios,
         })
     }
+}
+
+/// Lays out `rows` (the first is the header) as a Markdown-style table,
+/// the first column left-aligned and the others right-aligned.
+fn layout(rows: &[Vec<String>]) -> String {
+    let columns = rows[0].len();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                if c == 0 {
+                    format!("{cell:<w$}", w = widths[c])
+                } else {
+                    format!("{cell:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(&format!("| {} |\n", cells.join(" | ")));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+        }
+    }
+    out
 }
 
 fn fmt(value: Option<f64>, decimals: usize, suffix: &str) -> String {
@@ -345,5 +420,13 @@ mod tests {
         assert_eq!(ratio(Better::Higher, Some(200.0), Some(100.0)), Some(2.0));
         assert_eq!(ratio(Better::Lower, Some(1.0), Some(2.0)), Some(2.0));
         assert_eq!(ratio(Better::Lower, Some(0.0), Some(2.0)), None);
+    }
+
+    #[test]
+    fn per_rep_ratios_pair_samples_by_rep() {
+        let raftyard = [200.0, 90.0, 300.0];
+        let docker = [100.0, 30.0, 300.0];
+        assert_eq!(per_rep_ratios(Better::Higher, &raftyard, &docker), vec![2.0, 3.0, 1.0]);
+        assert_eq!(per_rep_ratios(Better::Lower, &[1.0, 0.0], &[2.0, 5.0]), vec![2.0]);
     }
 }

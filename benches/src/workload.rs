@@ -1,5 +1,7 @@
-//! The workloads, run identically against each registry.
+//! The workloads, run identically against each registry, with the timed
+//! repetitions of the registries interleaved.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,92 +61,120 @@ impl BlobSource {
     }
 }
 
-/// Runs every workload against one server and collects the measurements.
-pub async fn run_all(
-    server: &mut Server,
-    client: &RegistryClient,
-    source: &BlobSource,
-    plan: &Plan,
-) -> Result<TargetResults> {
-    let name = server.target.name();
-    let pid = server.pid();
-    let mut results = TargetResults::new(name);
-
-    let sampler = RssSampler::start(pid);
-    let pushed = push_blobs(name, client, source, plan, &mut results).await;
-    results.rss_peak_push_kib = Some(sampler.stop().await);
-    let last_digest = pushed?;
-    server.ensure_running()?;
-
-    pull_blobs(name, client, &last_digest, source.len(), plan, &mut results).await?;
-    server.ensure_running()?;
-
-    manifests(name, client, plan, &mut results).await?;
-    server.ensure_running()?;
-
-    results.rss_after_kib = rss_kib(pid);
-    Ok(results)
+/// One registry under test: its server, a client for it, and what it has measured so far.
+pub struct Subject {
+    server: Server,
+    client: RegistryClient,
+    results: TargetResults,
+    /// Digest of the last blob pushed monolithically; the pull workload reads it.
+    pull_digest: Option<String>,
+    /// Source of manifests, available once the blobs they reference are pushed.
+    manifest_template: Option<ManifestTemplate>,
 }
 
-/// Monolithic then chunked pushes; returns the digest of the last monolithic blob.
-async fn push_blobs(
-    name: &str,
-    client: &RegistryClient,
-    source: &BlobSource,
-    plan: &Plan,
-    results: &mut TargetResults,
-) -> Result<String> {
-    let mut last_digest = String::new();
-    for rep in 1..=plan.reps {
+impl Subject {
+    pub fn new(server: Server, request_timeout: Duration, transfer_timeout: Duration) -> Result<Self> {
+        let client = RegistryClient::new(server.base.clone(), request_timeout, transfer_timeout)?;
+        Ok(Subject {
+            results: TargetResults::new(server.target.name()),
+            server,
+            client,
+            pull_digest: None,
+            manifest_template: None,
+        })
+    }
+
+    /// Stops the server and returns the measurements.
+    pub fn into_results(self) -> TargetResults {
+        self.results
+    }
+
+    fn name(&self) -> &'static str {
+        self.server.target.name()
+    }
+
+    /// Adds the server's log tail to a failed step, then checks the server is still running.
+    fn check(&mut self, outcome: Result<()>) -> Result<()> {
+        outcome.map_err(|err| {
+            err.context(format!(
+                "benchmarking {} failed; last lines of {}:\n{}",
+                self.name(),
+                self.server.log_path.display(),
+                self.server.log_tail(20)
+            ))
+        })?;
+        self.server.ensure_running()
+    }
+
+    async fn timed_rep(&mut self, workload: Workload, rep: u32, source: &BlobSource, plan: &Plan) -> Result<()> {
+        match workload {
+            Workload::PushMonolithic => self.push_monolithic_rep(rep, source, plan).await,
+            Workload::PushChunked => self.push_chunked_rep(rep, source, plan).await,
+            Workload::Pull => self.pull_rep(rep, source.len() as u64, plan).await,
+            Workload::Manifests => self.manifests_rep(rep, plan).await,
+        }
+    }
+
+    async fn push_monolithic_rep(&mut self, rep: u32, source: &BlobSource, plan: &Plan) -> Result<()> {
+        let name = self.name();
         let (data, digest) = source.fresh();
         flush_page_cache().await;
-        let started = Instant::now();
-        client
-            .push_blob_monolithic(REPO_MONOLITHIC, &data, &digest)
+        let push = self.client.push_blob_monolithic(REPO_MONOLITHIC, &data, &digest);
+        let elapsed = timed_with_rss_peak(self.server.pid(), &mut self.results.rss_peak_push_kib, push)
             .await
             .with_context(|| format!("{name}: monolithic push, rep {rep}"))?;
-        let mbps = mb_per_s(data.len() as u64, started.elapsed());
+        let mbps = mb_per_s(data.len() as u64, elapsed);
         eprintln!("[{name}] blob push monolithic rep {rep}/{}: {mbps:.1} MB/s", plan.reps);
-        results.push_monolithic_mbps.push(mbps);
-        last_digest = digest;
+        self.results.push_monolithic_mbps.push(mbps);
+        self.pull_digest = Some(digest);
+        Ok(())
     }
-    for rep in 1..=plan.reps {
+
+    async fn push_chunked_rep(&mut self, rep: u32, source: &BlobSource, plan: &Plan) -> Result<()> {
+        let name = self.name();
         let (data, digest) = source.fresh();
         flush_page_cache().await;
-        let started = Instant::now();
-        client
-            .push_blob_chunked(REPO_CHUNKED, &data, &digest, plan.chunk_bytes)
+        let push = self
+            .client
+            .push_blob_chunked(REPO_CHUNKED, &data, &digest, plan.chunk_bytes);
+        let elapsed = timed_with_rss_peak(self.server.pid(), &mut self.results.rss_peak_push_kib, push)
             .await
             .with_context(|| format!("{name}: chunked push, rep {rep}"))?;
-        let mbps = mb_per_s(data.len() as u64, started.elapsed());
+        let mbps = mb_per_s(data.len() as u64, elapsed);
         eprintln!("[{name}] blob push chunked rep {rep}/{}: {mbps:.1} MB/s", plan.reps);
-        results.push_chunked_mbps.push(mbps);
+        self.results.push_chunked_mbps.push(mbps);
+        Ok(())
     }
-    Ok(last_digest)
-}
 
-/// One untimed warm-up pull, then timed pulls of the same blob.
-async fn pull_blobs(
-    name: &str,
-    client: &RegistryClient,
-    digest: &str,
-    expected_len: usize,
-    plan: &Plan,
-    results: &mut TargetResults,
-) -> Result<()> {
-    let expected = expected_len as u64;
-    let got = client
-        .pull_blob(REPO_MONOLITHIC, digest)
-        .await
-        .with_context(|| format!("{name}: warm-up pull"))?;
-    if got != expected {
-        bail!("{name}: warm-up pull of {digest} returned {got} bytes, expected {expected}");
+    fn pull_digest(&self) -> Result<String> {
+        self.pull_digest
+            .clone()
+            .with_context(|| format!("{}: no monolithic blob was pushed to pull", self.name()))
     }
-    for rep in 1..=plan.reps {
+
+    /// One untimed pull of the blob the timed pulls read.
+    async fn warm_up_pull(&mut self, expected: u64) -> Result<()> {
+        let name = self.name();
+        let digest = self.pull_digest()?;
+        let got = self
+            .client
+            .pull_blob(REPO_MONOLITHIC, &digest)
+            .await
+            .with_context(|| format!("{name}: warm-up pull"))?;
+        if got != expected {
+            bail!("{name}: warm-up pull of {digest} returned {got} bytes, expected {expected}");
+        }
+        Ok(())
+    }
+
+    async fn pull_rep(&mut self, rep: u32, expected: u64, plan: &Plan) -> Result<()> {
+        let name = self.name();
+        let digest = self.pull_digest()?;
         flush_page_cache().await;
         let started = Instant::now();
-        let got = client
-            .pull_blob(REPO_MONOLITHIC, digest)
+        let got = self
+            .client
+            .pull_blob(REPO_MONOLITHIC, &digest)
             .await
             .with_context(|| format!("{name}: pull, rep {rep}"))?;
         let elapsed = started.elapsed();
@@ -153,14 +183,128 @@ async fn pull_blobs(
         }
         let mbps = mb_per_s(got, elapsed);
         eprintln!("[{name}] blob pull rep {rep}/{}: {mbps:.1} MB/s", plan.reps);
-        results.pull_mbps.push(mbps);
+        self.results.pull_mbps.push(mbps);
+        Ok(())
+    }
+
+    /// Pushes the config and layer blobs the manifests reference, then runs
+    /// the untimed warm-up PUT+GET pairs.
+    async fn prepare_manifests(&mut self, plan: &Plan) -> Result<()> {
+        let name = self.name();
+        let template = push_manifest_blobs(name, &self.client).await?;
+        for i in 0..plan.manifest_warmup {
+            let tag = format!("warmup-{i}");
+            self.client
+                .put_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST, template.render(&tag))
+                .await
+                .with_context(|| format!("{name}: warm-up manifest PUT {tag}"))?;
+            self.client
+                .get_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST)
+                .await
+                .with_context(|| format!("{name}: warm-up manifest GET {tag}"))?;
+        }
+        self.manifest_template = Some(template);
+        Ok(())
+    }
+
+    async fn manifests_rep(&mut self, rep: u32, plan: &Plan) -> Result<()> {
+        let name = self.name();
+        let template = self
+            .manifest_template
+            .as_ref()
+            .with_context(|| format!("{name}: manifest blobs were not pushed"))?;
+        flush_page_cache().await;
+        let (put_ms, get_ms) = manifest_latencies(name, &self.client, template, rep, plan.manifests).await?;
+        let (put50, put99) = (percentile(&put_ms, 50.0), percentile(&put_ms, 99.0));
+        let (get50, get99) = (percentile(&get_ms, 50.0), percentile(&get_ms, 99.0));
+        eprintln!(
+            "[{name}] manifests rep {rep}/{}: PUT p50 {put50:.2} ms p99 {put99:.2} ms, GET p50 {get50:.2} ms p99 {get99:.2} ms",
+            plan.reps
+        );
+        self.results.manifest_put_p50_ms.push(put50);
+        self.results.manifest_put_p99_ms.push(put99);
+        self.results.manifest_get_p50_ms.push(get50);
+        self.results.manifest_get_p99_ms.push(get99);
+        Ok(())
+    }
+
+    fn record_rss_after(&mut self) {
+        self.results.rss_after_kib = rss_kib(self.server.pid());
+    }
+}
+
+/// A workload whose repetitions are timed and interleaved across registries.
+#[derive(Clone, Copy)]
+enum Workload {
+    PushMonolithic,
+    PushChunked,
+    Pull,
+    Manifests,
+}
+
+/// Runs every workload against every subject. Each workload's repetitions
+/// are interleaved (see [`rep_order`]); untimed warm-ups run per subject
+/// before the workload they warm up.
+pub async fn run_all(subjects: &mut [Subject], source: &BlobSource, plan: &Plan) -> Result<()> {
+    interleave(subjects, Workload::PushMonolithic, source, plan).await?;
+    interleave(subjects, Workload::PushChunked, source, plan).await?;
+    for subject in subjects.iter_mut() {
+        let outcome = subject.warm_up_pull(source.len() as u64).await;
+        subject.check(outcome)?;
+    }
+    interleave(subjects, Workload::Pull, source, plan).await?;
+    for subject in subjects.iter_mut() {
+        let outcome = subject.prepare_manifests(plan).await;
+        subject.check(outcome)?;
+    }
+    interleave(subjects, Workload::Manifests, source, plan).await?;
+    for subject in subjects.iter_mut() {
+        subject.record_rss_after();
     }
     Ok(())
 }
 
-/// Pushes a config and a layer blob once, then per repetition PUTs
-/// `plan.manifests` distinct OCI manifests to tags and GETs each back by tag.
-async fn manifests(name: &str, client: &RegistryClient, plan: &Plan, results: &mut TargetResults) -> Result<()> {
+/// Runs repetition 1, 2, … of `workload` on every subject, in [`rep_order`].
+async fn interleave(subjects: &mut [Subject], workload: Workload, source: &BlobSource, plan: &Plan) -> Result<()> {
+    for rep in 1..=plan.reps {
+        for i in rep_order(rep, subjects.len()) {
+            let subject = &mut subjects[i];
+            let outcome = subject.timed_rep(workload, rep, source, plan).await;
+            subject.check(outcome)?;
+        }
+    }
+    Ok(())
+}
+
+/// Indices of the subjects in the order they run repetition `rep` (1-based):
+/// as given for odd repetitions, reversed for even ones (ABBA), so that
+/// neither registry is systematically measured first.
+fn rep_order(rep: u32, count: usize) -> Vec<usize> {
+    if rep % 2 == 1 {
+        (0..count).collect()
+    } else {
+        (0..count).rev().collect()
+    }
+}
+
+/// Awaits `push` and returns how long it took, sampling the RSS of `pid`
+/// meanwhile and raising `peak` to the highest value seen.
+async fn timed_with_rss_peak(
+    pid: u32,
+    peak: &mut Option<u64>,
+    push: impl Future<Output = Result<()>>,
+) -> Result<Duration> {
+    let sampler = RssSampler::start(pid);
+    let started = Instant::now();
+    let outcome = push.await;
+    let elapsed = started.elapsed();
+    *peak = (*peak).max(Some(sampler.stop().await));
+    outcome.map(|()| elapsed)
+}
+
+/// Pushes a random layer blob and a config blob referencing it; returns the
+/// template for manifests that reference both.
+async fn push_manifest_blobs(name: &str, client: &RegistryClient) -> Result<ManifestTemplate> {
     let mut layer = vec![0u8; 4096];
     rand::thread_rng().fill_bytes(&mut layer);
     let layer = Bytes::from(layer);
@@ -178,65 +322,49 @@ async fn manifests(name: &str, client: &RegistryClient, plan: &Plan, results: &m
             .await
             .with_context(|| format!("{name}: pushing manifest {what} blob"))?;
     }
-    let template = ManifestTemplate {
+    Ok(ManifestTemplate {
         nonce: rand::thread_rng().next_u64(),
         config: (config_digest, config.len()),
         layer: (layer_digest, layer.len()),
-    };
+    })
+}
 
-    for i in 0..plan.manifest_warmup {
-        let tag = format!("warmup-{i}");
+/// PUTs `count` distinct manifests to tags one after another, then GETs each
+/// back by tag and verifies it; returns the PUT and GET latencies in ms.
+async fn manifest_latencies(
+    name: &str,
+    client: &RegistryClient,
+    template: &ManifestTemplate,
+    rep: u32,
+    count: u32,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut put_ms = Vec::with_capacity(count as usize);
+    let mut tags = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let tag = format!("r{rep}-{i:06}");
         let body = template.render(&tag);
-        client
+        let started = Instant::now();
+        let digest = client
             .put_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST, body)
             .await
-            .with_context(|| format!("{name}: warm-up manifest PUT {tag}"))?;
-        client
-            .get_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST)
+            .with_context(|| format!("{name}: manifest PUT {tag}"))?;
+        put_ms.push(millis(started.elapsed()));
+        tags.push((tag, digest));
+    }
+    let mut get_ms = Vec::with_capacity(tags.len());
+    for (tag, digest) in &tags {
+        let started = Instant::now();
+        let body = client
+            .get_manifest(REPO_MANIFESTS, tag, OCI_MANIFEST)
             .await
-            .with_context(|| format!("{name}: warm-up manifest GET {tag}"))?;
-    }
-
-    for rep in 1..=plan.reps {
-        flush_page_cache().await;
-        let mut put_ms = Vec::with_capacity(plan.manifests as usize);
-        let mut tags = Vec::with_capacity(plan.manifests as usize);
-        for i in 0..plan.manifests {
-            let tag = format!("r{rep}-{i:06}");
-            let body = template.render(&tag);
-            let started = Instant::now();
-            let digest = client
-                .put_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST, body)
-                .await
-                .with_context(|| format!("{name}: manifest PUT {tag}"))?;
-            put_ms.push(millis(started.elapsed()));
-            tags.push((tag, digest));
+            .with_context(|| format!("{name}: manifest GET {tag}"))?;
+        get_ms.push(millis(started.elapsed()));
+        let got = sha256_digest(&body);
+        if &got != digest {
+            bail!("{name}: manifest GET {tag} returned content {got}, expected {digest}");
         }
-        let mut get_ms = Vec::with_capacity(tags.len());
-        for (tag, digest) in &tags {
-            let started = Instant::now();
-            let body = client
-                .get_manifest(REPO_MANIFESTS, tag, OCI_MANIFEST)
-                .await
-                .with_context(|| format!("{name}: manifest GET {tag}"))?;
-            get_ms.push(millis(started.elapsed()));
-            let got = sha256_digest(&body);
-            if &got != digest {
-                bail!("{name}: manifest GET {tag} returned content {got}, expected {digest}");
-            }
-        }
-        let (put50, put99) = (percentile(&put_ms, 50.0), percentile(&put_ms, 99.0));
-        let (get50, get99) = (percentile(&get_ms, 50.0), percentile(&get_ms, 99.0));
-        eprintln!(
-            "[{name}] manifests rep {rep}/{}: PUT p50 {put50:.2} ms p99 {put99:.2} ms, GET p50 {get50:.2} ms p99 {get99:.2} ms",
-            plan.reps
-        );
-        results.manifest_put_p50_ms.push(put50);
-        results.manifest_put_p99_ms.push(put99);
-        results.manifest_get_p50_ms.push(get50);
-        results.manifest_get_p99_ms.push(get99);
     }
-    Ok(())
+    Ok((put_ms, get_ms))
 }
 
 /// Produces distinct, valid OCI image manifests that differ only in an annotation.
@@ -306,4 +434,19 @@ fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
 
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rep_order_alternates_abba() {
+        assert_eq!(rep_order(1, 2), vec![0, 1]);
+        assert_eq!(rep_order(2, 2), vec![1, 0]);
+        assert_eq!(rep_order(3, 2), vec![0, 1]);
+        assert_eq!(rep_order(4, 2), vec![1, 0]);
+        assert_eq!(rep_order(1, 1), vec![0]);
+        assert_eq!(rep_order(2, 1), vec![0]);
+    }
 }
