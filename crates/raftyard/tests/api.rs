@@ -12,6 +12,21 @@ struct Env {
     c: reqwest::Client,
 }
 
+impl Env {
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.c.get(self.n.url(path)).send().await.unwrap()
+    }
+    async fn head(&self, path: &str) -> reqwest::Response {
+        self.c.head(self.n.url(path)).send().await.unwrap()
+    }
+    async fn delete(&self, path: &str) -> reqwest::Response {
+        self.c.delete(self.n.url(path)).send().await.unwrap()
+    }
+    async fn post(&self, path: &str) -> reqwest::Response {
+        self.c.post(self.n.url(path)).send().await.unwrap()
+    }
+}
+
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(&dir.path().join("data"));
@@ -25,12 +40,12 @@ fn env() -> Env {
 #[tokio::test]
 async fn base_endpoint() {
     let e = env();
-    let r = e.c.get(e.n.url("/v2/")).send().await.unwrap();
+    let r = e.get("/v2/").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
-    let r = e.c.head(e.n.url("/v2/")).send().await.unwrap();
+    let r = e.head("/v2/").await;
     assert_eq!(r.status(), 200);
-    let r = e.c.get(e.n.url("/v3/")).send().await.unwrap();
+    let r = e.get("/v3/").await;
     assert_eq!(r.status(), 404);
 }
 
@@ -39,11 +54,11 @@ async fn blob_pull_head_range_and_errors() {
     let e = env();
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
     let d = push_blob(&e.c, &e.n, "a/b", &data).await;
-    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).send().await.unwrap();
+    let r = e.get(&format!("/v2/a/b/blobs/{d}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
-    let r = e.c.head(e.n.url(&format!("/v2/a/b/blobs/{d}"))).send().await.unwrap();
+    let r = e.head(&format!("/v2/a/b/blobs/{d}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "100000");
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
@@ -75,20 +90,12 @@ async fn blob_pull_head_range_and_errors() {
     assert_eq!(r.headers()["content-range"], "bytes */100000");
     // unknown blob, blob of another repo, malformed and unsupported digests
     let unknown = sha256(b"nope");
-    let r =
-        e.c.get(e.n.url(&format!("/v2/a/b/blobs/{unknown}")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.get(&format!("/v2/a/b/blobs/{unknown}")).await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
-    let r = e.c.get(e.n.url(&format!("/v2/other/blobs/{d}"))).send().await.unwrap();
+    let r = e.get(&format!("/v2/other/blobs/{d}")).await;
     assert_eq!(r.status(), 404);
-    let r =
-        e.c.head(e.n.url(&format!("/v2/a/b/blobs/{unknown}")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.head(&format!("/v2/a/b/blobs/{unknown}")).await;
     assert_eq!(r.status(), 404);
     for bad in [
         "sha256:abc",
@@ -96,7 +103,7 @@ async fn blob_pull_head_range_and_errors() {
         "nodigest",
         "md5:d41d8cd98f00b204e9800998ecf8427e",
     ] {
-        let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{bad}"))).send().await.unwrap();
+        let r = e.get(&format!("/v2/a/b/blobs/{bad}")).await;
         assert_eq!(r.status(), 400, "{bad}");
         assert_eq!(error_code(r).await, "DIGEST_INVALID");
     }
@@ -126,10 +133,10 @@ async fn monolithic_single_post_and_digest_mismatch() {
             .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    let r = e.c.head(e.n.url(&format!("/v2/r/blobs/{wrong}"))).send().await.unwrap();
+    let r = e.head(&format!("/v2/r/blobs/{wrong}")).await;
     assert_eq!(r.status(), 404);
     // POST then PUT with a wrong digest
-    let r = e.c.post(e.n.url("/v2/r/blobs/uploads/")).send().await.unwrap();
+    let r = e.post("/v2/r/blobs/uploads/").await;
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
     let r =
         e.c.put(format!("{loc}?digest={wrong}"))
@@ -140,7 +147,7 @@ async fn monolithic_single_post_and_digest_mismatch() {
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // PUT without digest
-    let r = e.c.post(e.n.url("/v2/r/blobs/uploads/")).send().await.unwrap();
+    let r = e.post("/v2/r/blobs/uploads/").await;
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
     let r = e.c.put(&loc).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
@@ -220,14 +227,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
             .await
             .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let got =
-        e.c.get(e.n.url(&format!("/v2/chunky/blobs/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+    let got = e.get(&format!("/v2/chunky/blobs/{d}")).await.bytes().await.unwrap();
     assert_eq!(got.as_ref(), data.as_slice());
     // the session is gone
     let r = e.c.get(&loc).send().await.unwrap();
@@ -238,7 +238,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
 #[tokio::test]
 async fn cancel_upload_and_unknown_sessions() {
     let e = env();
-    let r = e.c.post(e.n.url("/v2/c/blobs/uploads/")).send().await.unwrap();
+    let r = e.post("/v2/c/blobs/uploads/").await;
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
     let r = e.c.patch(&loc).body(vec![1u8; 100]).send().await.unwrap();
     assert_eq!(r.status(), 202);
@@ -258,7 +258,7 @@ async fn cancel_upload_and_unknown_sessions() {
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // a session used through another repository is unknown there
-    let r = e.c.post(e.n.url("/v2/c/blobs/uploads/")).send().await.unwrap();
+    let r = e.post("/v2/c/blobs/uploads/").await;
     let loc = r.headers()["location"].to_str().unwrap().replace("/v2/c/", "/v2/d/");
     let r = e.c.get(e.n.url(&loc)).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -270,11 +270,7 @@ async fn sha512_blobs_and_manifests() {
     let data = b"sha512 content".to_vec();
     let d = sha512(&data);
     // session announced as sha512
-    let r =
-        e.c.post(e.n.url("/v2/s/blobs/uploads/?digest-algorithm=sha512"))
-            .send()
-            .await
-            .unwrap();
+    let r = e.post("/v2/s/blobs/uploads/?digest-algorithm=sha512").await;
     assert_eq!(r.status(), 202);
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
     let r =
@@ -284,7 +280,7 @@ async fn sha512_blobs_and_manifests() {
             .await
             .unwrap();
     assert_eq!(r.status(), 201);
-    let r = e.c.get(e.n.url(&format!("/v2/s/blobs/{d}"))).send().await.unwrap();
+    let r = e.get(&format!("/v2/s/blobs/{d}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
@@ -301,7 +297,7 @@ async fn sha512_blobs_and_manifests() {
     // session without digest-algorithm, finished with sha512
     let data3 = b"third".to_vec();
     let d3 = sha512(&data3);
-    let r = e.c.post(e.n.url("/v2/s/blobs/uploads/")).send().await.unwrap();
+    let r = e.post("/v2/s/blobs/uploads/").await;
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
     let r =
         e.c.put(format!("{loc}?digest={d3}"))
@@ -311,11 +307,7 @@ async fn sha512_blobs_and_manifests() {
             .unwrap();
     assert_eq!(r.status(), 201);
     // unsupported algorithm
-    let r =
-        e.c.post(e.n.url("/v2/s/blobs/uploads/?digest-algorithm=md5"))
-            .send()
-            .await
-            .unwrap();
+    let r = e.post("/v2/s/blobs/uploads/?digest-algorithm=md5").await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // a manifest referencing sha512 blobs, pushed by its sha512 digest
@@ -324,7 +316,7 @@ async fn sha512_blobs_and_manifests() {
     let r = put_manifest(&e.c, &e.n, "s", &md, &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     assert_eq!(r.headers()["docker-content-digest"], md.as_str());
-    let r = e.c.get(e.n.url(&format!("/v2/s/manifests/{md}"))).send().await.unwrap();
+    let r = e.get(&format!("/v2/s/manifests/{md}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().as_ref(), m.as_slice());
 }
@@ -334,43 +326,22 @@ async fn cross_repository_mounts() {
     let e = env();
     let data = b"mount me".to_vec();
     let d = push_blob(&e.c, &e.n, "src/repo", &data).await;
-    let r =
-        e.c.post(e.n.url(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src/repo")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src/repo")).await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/dst/blobs/{d}").as_str());
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
-    assert_eq!(
-        e.c.get(e.n.url(&format!("/v2/dst/blobs/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(e.get(&format!("/v2/dst/blobs/{d}")).await.status(), 200);
     // without from
-    let r =
-        e.c.post(e.n.url(&format!("/v2/dst2/blobs/uploads/?mount={d}")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.post(&format!("/v2/dst2/blobs/uploads/?mount={d}")).await;
     assert_eq!(r.status(), 201);
     // from a repository that does not have it: an ordinary session instead
-    let r =
-        e.c.post(e.n.url(&format!("/v2/dst3/blobs/uploads/?mount={d}&from=nothere")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.post(&format!("/v2/dst3/blobs/uploads/?mount={d}&from=nothere")).await;
     assert_eq!(r.status(), 202);
     assert!(r.headers().contains_key("location"));
     let unknown = sha256(b"unknown");
-    let r =
-        e.c.post(e.n.url(&format!("/v2/dst3/blobs/uploads/?mount={unknown}&from=src/repo")))
-            .send()
-            .await
-            .unwrap();
+    let r = e
+        .post(&format!("/v2/dst3/blobs/uploads/?mount={unknown}&from=src/repo"))
+        .await;
     assert_eq!(r.status(), 202);
 }
 
@@ -402,11 +373,7 @@ async fn manifests_push_pull_negotiate_and_validate() {
         assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
         assert_eq!(r.headers()["docker-content-digest"], md.as_str());
         assert_eq!(r.bytes().await.unwrap().as_ref(), m.as_slice(), "byte-exact");
-        let r =
-            e.c.head(e.n.url(&format!("/v2/m/manifests/{reference}")))
-                .send()
-                .await
-                .unwrap();
+        let r = e.head(&format!("/v2/m/manifests/{reference}")).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-length"], m.len().to_string().as_str());
     }
@@ -419,12 +386,12 @@ async fn manifests_push_pull_negotiate_and_validate() {
             .unwrap();
     assert_eq!(r.status(), 404);
     // unknown manifest, invalid tag, malformed digest, unknown repository
-    let r = e.c.get(e.n.url("/v2/m/manifests/nope")).send().await.unwrap();
+    let r = e.get("/v2/m/manifests/nope").await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
-    let r = e.c.get(e.n.url("/v2/m/manifests/sha256:1234")).send().await.unwrap();
+    let r = e.get("/v2/m/manifests/sha256:1234").await;
     assert_eq!(r.status(), 400);
-    let r = e.c.get(e.n.url("/v2/nothere/manifests/v1")).send().await.unwrap();
+    let r = e.get("/v2/nothere/manifests/v1").await;
     assert_eq!(r.status(), 404);
     // missing blob
     let missing = sha256(b"missing");
@@ -523,7 +490,7 @@ async fn index_tags_by_query_and_tag_listing() {
         .flat_map(|v| v.to_str().unwrap().split(", ").map(String::from).collect::<Vec<_>>())
         .collect();
     assert_eq!(tags, vec!["1.0.0", "1.0", "latest"]);
-    let r = e.c.get(e.n.url("/v2/idx/manifests/latest")).send().await.unwrap();
+    let r = e.get("/v2/idx/manifests/latest").await;
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     // an index referencing an unknown manifest
     let bad = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha256(b"q"), "size": 1}]})).unwrap();
@@ -561,7 +528,7 @@ async fn index_tags_by_query_and_tag_listing() {
     assert_eq!(v["tags"], json!([]));
     let v: serde_json::Value = list("?last=amd64").await.json().await.unwrap();
     assert_eq!(v["tags"], json!(["arm64", "latest"]));
-    let r = e.c.get(e.n.url("/v2/unknown/tags/list")).send().await.unwrap();
+    let r = e.get("/v2/unknown/tags/list").await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 }
@@ -595,11 +562,7 @@ async fn referrers_api_with_subject_and_filter() {
     );
     let r = put_manifest(&e.c, &e.n, "ref", &sha256(&early), &early, OCI_MANIFEST).await;
     assert_eq!(r.status(), 201);
-    let r =
-        e.c.get(e.n.url(&format!("/v2/ref/referrers/{subject}")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.get(&format!("/v2/ref/referrers/{subject}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     let v: serde_json::Value = r.json().await.unwrap();
@@ -623,11 +586,7 @@ async fn referrers_api_with_subject_and_filter() {
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
     assert_eq!(v["manifests"][0]["digest"], sha256(&sig).as_str());
     // artifactType falls back to the config media type
-    let r =
-        e.c.get(e.n.url(&format!("/v2/ref/referrers/{ghost}")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.get(&format!("/v2/ref/referrers/{ghost}")).await;
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(
         v["manifests"][0]["artifactType"],
@@ -643,7 +602,7 @@ async fn referrers_api_with_subject_and_filter() {
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["manifests"], json!([]));
     }
-    let r = e.c.get(e.n.url("/v2/ref/referrers/sha256:bad")).send().await.unwrap();
+    let r = e.get("/v2/ref/referrers/sha256:bad").await;
     assert_eq!(r.status(), 400);
     // deleting a referrer removes it from the list
     let r =
@@ -652,14 +611,12 @@ async fn referrers_api_with_subject_and_filter() {
             .await
             .unwrap();
     assert_eq!(r.status(), 202);
-    let v: serde_json::Value =
-        e.c.get(e.n.url(&format!("/v2/ref/referrers/{subject}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let v: serde_json::Value = e
+        .get(&format!("/v2/ref/referrers/{subject}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
 }
 
@@ -672,134 +629,58 @@ async fn deletes_of_tags_manifests_and_blobs() {
         &e.n,
         "del",
         "t2",
-        &e.c.get(e.n.url("/v2/del/manifests/t1"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
+        &e.get("/v2/del/manifests/t1").await.bytes().await.unwrap(),
         OCI_MANIFEST,
     )
     .await;
     assert_eq!(r.status(), 201);
     // delete a tag
-    let r = e.c.delete(e.n.url("/v2/del/manifests/t1")).send().await.unwrap();
+    let r = e.delete("/v2/del/manifests/t1").await;
     assert_eq!(r.status(), 202);
-    assert_eq!(
-        e.c.get(e.n.url("/v2/del/manifests/t1")).send().await.unwrap().status(),
-        404
-    );
-    assert_eq!(
-        e.c.get(e.n.url("/v2/del/manifests/t2")).send().await.unwrap().status(),
-        200
-    );
-    assert_eq!(
-        e.c.delete(e.n.url("/v2/del/manifests/t1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(e.get("/v2/del/manifests/t1").await.status(), 404);
+    assert_eq!(e.get("/v2/del/manifests/t2").await.status(), 200);
+    assert_eq!(e.delete("/v2/del/manifests/t1").await.status(), 404);
     // delete the manifest: digest and remaining tags are gone
-    let r =
-        e.c.delete(e.n.url(&format!("/v2/del/manifests/{md}")))
-            .send()
-            .await
-            .unwrap();
+    let r = e.delete(&format!("/v2/del/manifests/{md}")).await;
     assert_eq!(r.status(), 202);
-    assert_eq!(
-        e.c.get(e.n.url(&format!("/v2/del/manifests/{md}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        e.c.get(e.n.url("/v2/del/manifests/t2")).send().await.unwrap().status(),
-        404
-    );
-    let r =
-        e.c.delete(e.n.url(&format!("/v2/del/manifests/{md}")))
-            .send()
-            .await
-            .unwrap();
+    assert_eq!(e.get(&format!("/v2/del/manifests/{md}")).await.status(), 404);
+    assert_eq!(e.get("/v2/del/manifests/t2").await.status(), 404);
+    let r = e.delete(&format!("/v2/del/manifests/{md}")).await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     // blobs
     let d = push_blob(&e.c, &e.n, "del", b"blob").await;
-    assert_eq!(
-        e.c.delete(e.n.url(&format!("/v2/del/blobs/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        202
-    );
-    assert_eq!(
-        e.c.get(e.n.url(&format!("/v2/del/blobs/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    let r = e.c.delete(e.n.url(&format!("/v2/del/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(e.delete(&format!("/v2/del/blobs/{d}")).await.status(), 202);
+    assert_eq!(e.get(&format!("/v2/del/blobs/{d}")).await.status(), 404);
+    let r = e.delete(&format!("/v2/del/blobs/{d}")).await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
-    assert_eq!(
-        e.c.delete(e.n.url("/v2/del/blobs/sha256:zz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        400
-    );
+    assert_eq!(e.delete("/v2/del/blobs/sha256:zz").await.status(), 400);
 }
 
 #[tokio::test]
 async fn names_catalog_and_methods() {
     let e = env();
     for name in ["UPPER", "a//b", "-a", "a..b", &"x".repeat(256)] {
-        let r = e.c.get(e.n.url(&format!("/v2/{name}/tags/list"))).send().await.unwrap();
+        let r = e.get(&format!("/v2/{name}/tags/list")).await;
         assert_eq!(r.status(), 400, "{name}");
         assert_eq!(error_code(r).await, "NAME_INVALID");
-        let r =
-            e.c.post(e.n.url(&format!("/v2/{name}/blobs/uploads/")))
-                .send()
-                .await
-                .unwrap();
+        let r = e.post(&format!("/v2/{name}/blobs/uploads/")).await;
         assert_eq!(r.status(), 400);
     }
     for repo in ["b/x", "a", "c", "b"] {
         push_blob(&e.c, &e.n, repo, repo.as_bytes()).await;
     }
-    let v: serde_json::Value =
-        e.c.get(e.n.url("/v2/_catalog"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let v: serde_json::Value = e.get("/v2/_catalog").await.json().await.unwrap();
     assert_eq!(v, json!({"repositories": ["a", "b", "b/x", "c"]}));
-    let r = e.c.get(e.n.url("/v2/_catalog?n=2")).send().await.unwrap();
+    let r = e.get("/v2/_catalog?n=2").await;
     assert_eq!(r.headers()["link"], "</v2/_catalog?n=2&last=b>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], json!(["a", "b"]));
-    let v: serde_json::Value =
-        e.c.get(e.n.url("/v2/_catalog?n=2&last=b"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let v: serde_json::Value = e.get("/v2/_catalog?n=2&last=b").await.json().await.unwrap();
     assert_eq!(v["repositories"], json!(["b/x", "c"]));
     // methods
-    let r = e.c.post(e.n.url("/v2/a/manifests/x")).send().await.unwrap();
+    let r = e.post("/v2/a/manifests/x").await;
     assert_eq!(r.status(), 405);
     assert_eq!(error_code(r).await, "UNSUPPORTED");
 }
@@ -808,15 +689,8 @@ async fn names_catalog_and_methods() {
 async fn event_journal_over_http_and_cli() {
     let e = env();
     let md = push_image(&e.c, &e.n, "ev", "v1", b"e").await;
-    e.c.delete(e.n.url("/v2/ev/manifests/v1")).send().await.unwrap();
-    let text =
-        e.c.get(e.n.url("/v2/_raftyard/events?since=0"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    e.delete("/v2/ev/manifests/v1").await;
+    let text = e.get("/v2/_raftyard/events?since=0").await.text().await.unwrap();
     let entries: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let kinds: Vec<String> = entries
         .iter()
@@ -848,14 +722,12 @@ async fn event_journal_over_http_and_cli() {
     assert_eq!(put["events"][1]["tag"], "v1");
     // resumable by index
     let last = entries.last().unwrap()["index"].as_u64().unwrap();
-    let text =
-        e.c.get(e.n.url(&format!("/v2/_raftyard/events?since={last}")))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let text = e
+        .get(&format!("/v2/_raftyard/events?since={last}"))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert_eq!(text.lines().count(), 1);
     let text =
         e.c.get(e.n.url(&format!("/v2/_raftyard/events?since={}", last + 1)))
