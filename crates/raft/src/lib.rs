@@ -21,7 +21,7 @@ use raftyard_types::event::VersionedCommand;
 use raftyard_types::Outcome;
 use serde::{Deserialize, Serialize};
 
-pub use node::{MetaNode, MetaNodeConfig, ProposeError, StartError};
+pub use node::{LeaderLink, MetaNode, MetaNodeConfig, ProposeError, StartError};
 pub use state::{ManifestRecord, StateReader};
 
 pub use raftyard_types::event::NodeId;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::RaftNetworkFactory;
 use raftyard_types::event::VersionedCommand;
-use raftyard_types::{Command, Event, Rejection};
+use raftyard_types::{Command, Event, Outcome, Rejection};
 use tracing::info;
 
 use crate::log_store::LogStore;
@@ -24,8 +24,9 @@ pub struct MetaNodeConfig {
     pub dir: PathBuf,
     /// This node's addresses, as recorded in the membership.
     pub addr: NodeAddr,
-    /// Initialise a new cluster with this node as its only voter if it has no state yet.
-    pub bootstrap_single: bool,
+    /// Initialise a new cluster with these voters if this node has no Raft state yet. Exactly
+    /// one node of a new cluster is given the list; the others join when it contacts them.
+    pub initial_members: Option<BTreeMap<NodeId, NodeAddr>>,
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -38,8 +39,8 @@ impl MetaNodeConfig {
         MetaNodeConfig {
             id,
             dir,
+            initial_members: Some(BTreeMap::from([(id, addr.clone())])),
             addr,
-            bootstrap_single: true,
             heartbeat_ms: 50,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
@@ -62,6 +63,20 @@ pub enum ProposeError {
     Unavailable(String),
 }
 
+/// How a follower reaches the leader: forwards proposals and asks for read indexes. The
+/// cluster crate implements it over the peer protocol; a node without peers has none.
+#[async_trait::async_trait]
+pub trait LeaderLink: Send + Sync + 'static {
+    /// Proposes `cmd` on `leader`; returns the log index at which it applied there and its outcome.
+    async fn propose(&self, leader: &NodeAddr, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError>;
+    /// Asks `leader` for an index that makes a local read linearizable once applied.
+    async fn read_index(&self, leader: &NodeAddr) -> Result<u64, ProposeError>;
+}
+
+/// How long a proposal or read barrier keeps trying while no leader is known or the leader
+/// changes under it.
+const LEADER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// One member of the metadata Raft group.
 #[derive(Clone)]
 pub struct MetaNode {
@@ -69,11 +84,16 @@ pub struct MetaNode {
     raft: Raft,
     reader: StateReader,
     db: sled::Db,
+    link: Option<Arc<dyn LeaderLink>>,
 }
 
 impl MetaNode {
     /// Opens storage under `cfg.dir` and starts Raft with the given network.
-    pub async fn start<N: RaftNetworkFactory<TypeConfig>>(cfg: MetaNodeConfig, network: N) -> Result<Self, StartError> {
+    pub async fn start<N: RaftNetworkFactory<TypeConfig>>(
+        cfg: MetaNodeConfig,
+        network: N,
+        link: Option<Arc<dyn LeaderLink>>,
+    ) -> Result<Self, StartError> {
         std::fs::create_dir_all(&cfg.dir)?;
         let db = sled::Config::new()
             .path(&cfg.dir)
@@ -101,11 +121,13 @@ impl MetaNode {
             raft,
             reader,
             db,
+            link,
         };
-        if cfg.bootstrap_single && !node.raft.is_initialized().await.map_err(raft_err)? {
-            info!(id = cfg.id, "initialising a new cluster of one");
-            let members = BTreeMap::from([(cfg.id, cfg.addr.clone())]);
-            node.raft.initialize(members).await.map_err(raft_err)?;
+        if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
+            if !node.raft.is_initialized().await.map_err(raft_err)? {
+                info!(id = cfg.id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
+                node.raft.initialize(members).await.map_err(raft_err)?;
+            }
         }
         Ok(node)
     }
@@ -122,6 +144,16 @@ impl MetaNode {
         &self.reader
     }
 
+    /// Members of the current membership: id, addresses, and whether it votes.
+    pub fn members(&self) -> Vec<(NodeId, NodeAddr, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        m.membership()
+            .nodes()
+            .map(|(id, a)| (*id, a.clone(), voters.contains(id)))
+            .collect()
+    }
+
     /// Waits until some node is leader (and this node knows it), up to `timeout`.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
         let mut rx = self.raft.metrics();
@@ -132,15 +164,36 @@ impl MetaNode {
         }
     }
 
-    /// Proposes events as one atomic command; returns once committed and applied on this node.
+    /// Proposes events as one atomic command; returns once it is committed by a majority and
+    /// applied on this node. A follower forwards to the leader.
     pub async fn propose(&self, events: Vec<Event>) -> Result<(), ProposeError> {
         let cmd = VersionedCommand::V1(Command::new(events));
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => {
-                // client_write returns after apply on the leader; make it visible to readers too.
-                self.reader.wait_applied(resp.log_id.index).await;
-                resp.data.map_err(ProposeError::Rejected)
+        let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
+        loop {
+            let r = match self.propose_local(cmd.clone()).await {
+                Err(ProposeError::NotLeader {
+                    leader: Some((_, addr)),
+                }) if self.link.is_some() => self.link.as_ref().expect("checked").propose(&addr, cmd.clone()).await,
+                r => r,
+            };
+            match r {
+                Ok((index, outcome)) => {
+                    self.wait_applied_until(index, deadline).await?;
+                    return outcome.map_err(ProposeError::Rejected);
+                }
+                // Not proposed anywhere yet: safe to try again once a leader is known.
+                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Proposes on this node, which must be the leader. Returns the applied index and outcome.
+    pub async fn propose_local(&self, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok((resp.log_id.index, resp.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
                 leader: f.leader_id.zip(f.leader_node),
             }),
@@ -151,12 +204,28 @@ impl MetaNode {
     /// Linearizable read barrier: after it returns, this node's state includes every write
     /// acknowledged before the call.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(Some(log_id)) => {
-                self.reader.wait_applied(log_id.index).await;
-                Ok(())
+        let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
+        loop {
+            let r = match self.read_index_local().await {
+                Err(ProposeError::NotLeader {
+                    leader: Some((_, addr)),
+                }) if self.link.is_some() => self.link.as_ref().expect("checked").read_index(&addr).await,
+                r => r,
+            };
+            match r {
+                Ok(index) => return self.wait_applied_until(index, deadline).await,
+                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
             }
-            Ok(None) => Ok(()),
+        }
+    }
+
+    /// The read index of this node, which must be the leader.
+    pub async fn read_index_local(&self) -> Result<u64, ProposeError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(ProposeError::NotLeader {
                     leader: f.leader_id.zip(f.leader_node),
@@ -164,6 +233,12 @@ impl MetaNode {
             }
             Err(e) => Err(ProposeError::Unavailable(e.to_string())),
         }
+    }
+
+    async fn wait_applied_until(&self, index: u64, deadline: tokio::time::Instant) -> Result<(), ProposeError> {
+        tokio::time::timeout_at(deadline, self.reader.wait_applied(index))
+            .await
+            .map_err(|_| ProposeError::Unavailable(format!("log index {index} not applied here in time")))
     }
 
     /// Stops Raft and flushes storage.

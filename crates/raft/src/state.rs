@@ -351,6 +351,19 @@ impl StateReader {
         Ok(out)
     }
 
+    /// Every blob the registry knows, with its placement.
+    pub fn blobs(&self) -> std::io::Result<Vec<(Digest, BlobInfo)>> {
+        let prefix = keys::blob("");
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(io)?;
+            if let (Ok(d), Some(info)) = (Digest::parse(keys::suffix(&k, &prefix)), dec::<BlobInfo>(&v)) {
+                out.push((d, info));
+            }
+        }
+        Ok(out)
+    }
+
     /// Digests of the manifests in `repo` whose subject is `subject`.
     pub fn referrers(&self, repo: &RepoName, subject: &Digest) -> std::io::Result<Vec<Digest>> {
         let prefix = keys::referrers_of(repo.as_str(), &subject.to_string());

@@ -17,6 +17,40 @@ pub struct Config {
     pub registry: RegistrySection,
     /// Raft timing.
     pub raft: RaftSection,
+    /// Peers, the peer port and replication.
+    pub cluster: ClusterSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Address of the peer (gRPC) port: Raft, forwarding and blob streams between nodes.
+    /// Port 0 picks a free port (single nodes and tests).
+    pub listen: SocketAddr,
+    /// Address other nodes use to reach this peer port. Default: `listen` (as bound).
+    pub advertise_peer: Option<String>,
+    /// Address clients and peers use for this node's registry API. Default: `registry.listen`.
+    pub advertise_registry: Option<String>,
+    /// The voters of a new cluster, this node included. The member with the lowest id
+    /// initialises the cluster; the others wait to be contacted. Empty: a cluster of one.
+    /// A node added later with `raftyard cluster add` leaves this empty and sets `join`.
+    pub members: Vec<Member>,
+    /// Start without initialising anything and wait to be added to an existing cluster.
+    pub join: bool,
+    /// Nodes (this one included) that must hold a new blob durably before an upload is
+    /// acknowledged. 0: a majority of the voters.
+    pub blob_write_quorum: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// Raft node id.
+    pub id: u64,
+    /// Its peer port address.
+    pub peer: String,
+    /// Its registry API address.
+    pub registry: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +117,19 @@ impl Default for RegistrySection {
     }
 }
 
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            listen: "127.0.0.1:5100".parse().expect("valid address"),
+            advertise_peer: None,
+            advertise_registry: None,
+            members: Vec::new(),
+            join: false,
+            blob_write_quorum: 0,
+        }
+    }
+}
+
 impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
@@ -110,6 +157,24 @@ impl Config {
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
             "raft timeouts must satisfy heartbeat < election_timeout_min < election_timeout_max"
         );
+        self.validate_cluster()
+    }
+
+    /// Checks that only make sense for a cluster.
+    fn validate_cluster(&self) -> anyhow::Result<()> {
+        let c = &self.cluster;
+        if !c.members.is_empty() {
+            anyhow::ensure!(!c.join, "cluster.join and cluster.members exclude each other");
+            anyhow::ensure!(
+                c.members.iter().any(|m| m.id == self.node.id),
+                "cluster.members must include this node (id {})",
+                self.node.id
+            );
+            let mut ids: Vec<u64> = c.members.iter().map(|m| m.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            anyhow::ensure!(ids.len() == c.members.len(), "cluster.members has duplicate ids");
+        }
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The `raftyard` binary: command line, configuration, wiring of the crates into a running
 //! node, and graceful shutdown. No registry, storage or consensus logic lives here.
 
+mod admin;
 mod certs;
 mod config;
 mod node;
@@ -32,6 +33,14 @@ enum Cmd {
         /// Override `node.data_dir`.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Override `cluster.listen` (the peer port).
+        #[arg(long)]
+        peer_listen: Option<std::net::SocketAddr>,
+    },
+    /// Inspect and change the membership of a cluster.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
     },
     /// Print the event journal of a node as JSON lines.
     Events {
@@ -52,6 +61,46 @@ enum Cmd {
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Leader, term, members and roles, log/commit/applied index and missing blobs per node.
+    Status {
+        /// Peer address (host:port) of any member.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        node: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node (started with `cluster.join = true`): learner, catch up, then voter.
+    Add {
+        /// Peer address of any member.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        node: String,
+        /// Id of the new node.
+        #[arg(long)]
+        id: u64,
+        /// Peer address of the new node.
+        #[arg(long)]
+        peer: String,
+        /// Registry address of the new node.
+        #[arg(long)]
+        registry: String,
+        /// Keep it a learner (never a voter).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a node from the membership.
+    Remove {
+        /// Peer address of any member.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        node: String,
+        /// Id of the node to remove.
+        #[arg(long)]
+        id: u64,
     },
 }
 
@@ -82,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             config,
             listen,
             data_dir,
+            peer_listen,
         } => {
             let mut cfg = match &config {
                 Some(p) => Config::load(p)?,
@@ -93,6 +143,9 @@ fn main() -> anyhow::Result<()> {
             if let Some(d) = data_dir {
                 cfg.node.data_dir = d;
             }
+            if let Some(p) = peer_listen {
+                cfg.cluster.listen = p;
+            }
             cfg.validate()?;
             runtime()?.block_on(node::serve(cfg))
         }
@@ -102,6 +155,19 @@ fn main() -> anyhow::Result<()> {
             follow,
             ca,
         } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
+        Cmd::Cluster { cmd } => runtime()?.block_on(async {
+            match cmd {
+                ClusterCmd::Status { node, json } => admin::status(&node, json).await,
+                ClusterCmd::Add {
+                    node,
+                    id,
+                    peer,
+                    registry,
+                    learner,
+                } => admin::add(&node, id, peer, registry, learner).await,
+                ClusterCmd::Remove { node, id } => admin::remove(&node, id).await,
+            }
+        }),
         Cmd::Certs {
             cmd: CertsCmd::SelfSigned { hosts, out },
         } => {

@@ -1,17 +1,49 @@
-//! Wiring: opens the blob store and the metadata node, serves the registry, shuts down.
+//! Wiring: opens the blob store and the metadata node, serves the peer port and the registry,
+//! shuts everything down in order.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
-use raftyard_raft::network::NoNetwork;
+use raftyard_cluster::{BlobPeers, GrpcLeaderLink, PeerNetwork, PeerServices, Peers};
 use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{Registry, RegistryConfig, TlsFiles};
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::Config;
+
+/// Who initialises a new cluster: a lone node itself; in a configured cluster only the member
+/// with the lowest id; a joining node never.
+fn initial_members(cfg: &Config, me: &NodeAddr) -> Option<BTreeMap<u64, NodeAddr>> {
+    let c = &cfg.cluster;
+    if c.join {
+        return None;
+    }
+    if c.members.is_empty() {
+        return Some(BTreeMap::from([(cfg.node.id, me.clone())]));
+    }
+    let lowest = c.members.iter().map(|m| m.id).min()?;
+    (lowest == cfg.node.id).then(|| {
+        c.members
+            .iter()
+            .map(|m| {
+                let addr = if m.id == cfg.node.id {
+                    me.clone()
+                } else {
+                    NodeAddr {
+                        peer: m.peer.clone(),
+                        registry: m.registry.clone(),
+                    }
+                };
+                (m.id, addr)
+            })
+            .collect()
+    })
+}
 
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let data = cfg.node.data_dir.clone();
@@ -24,24 +56,61 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         })
         .context("opening the blob store")?,
     );
-    let mut meta_cfg = MetaNodeConfig::new(
-        cfg.node.id,
-        data.join("meta"),
-        NodeAddr {
-            peer: String::new(),
-            registry: cfg.registry.listen.to_string(),
-        },
-    );
+
+    let peer_listener = tokio::net::TcpListener::bind(cfg.cluster.listen)
+        .await
+        .with_context(|| format!("binding the peer port {}", cfg.cluster.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.registry.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.registry.listen))?;
+    let me = NodeAddr {
+        peer: cfg
+            .cluster
+            .advertise_peer
+            .clone()
+            .unwrap_or(peer_listener.local_addr()?.to_string()),
+        registry: cfg
+            .cluster
+            .advertise_registry
+            .clone()
+            .unwrap_or(listener.local_addr()?.to_string()),
+    };
+
+    let mut meta_cfg = MetaNodeConfig::new(cfg.node.id, data.join("meta"), me.clone());
+    meta_cfg.initial_members = initial_members(&cfg, &me);
     meta_cfg.heartbeat_ms = cfg.raft.heartbeat_ms;
     meta_cfg.election_timeout_min_ms = cfg.raft.election_timeout_min_ms;
     meta_cfg.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;
-    let meta = MetaNode::start(meta_cfg, NoNetwork)
+    let peers = Arc::new(Peers::new());
+    let link = Arc::new(GrpcLeaderLink::new(peers.clone()));
+    let meta = MetaNode::start(meta_cfg, PeerNetwork::new(peers.clone()), Some(link))
         .await
         .context("starting the metadata node")?;
-    meta.wait_for_leader(Duration::from_secs(10))
-        .await
-        .context("no Raft leader was elected")?;
+
+    let stop = CancellationToken::new();
+    let peer_server = tokio::spawn(raftyard_cluster::serve(
+        PeerServices {
+            meta: meta.clone(),
+            blobs: blobs.clone(),
+        },
+        peer_listener,
+        stop.clone().cancelled_owned(),
+    ));
+    let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join;
+    if lone {
+        meta.wait_for_leader(Duration::from_secs(10))
+            .await
+            .context("no Raft leader was elected")?;
+    } else {
+        let m = meta.clone();
+        tokio::spawn(async move {
+            match m.wait_for_leader(Duration::from_secs(3600)).await {
+                Some(l) => info!(leader = l, "cluster has a leader"),
+                None => warn!("no leader known after an hour"),
+            }
+        });
+    }
 
     let tls = match &cfg.registry.tls {
         Some(t) => Some(
@@ -53,22 +122,33 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(cfg.registry.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.registry.listen))?;
     let reg = Registry::new(
-        blobs,
+        blobs.clone(),
         meta.clone(),
+        BlobPeers::new(peers, blobs),
         RegistryConfig {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),
+            blob_write_quorum: cfg.cluster.blob_write_quorum,
         },
     );
     let upkeep = reg.spawn_upkeep();
     let scheme = if tls.is_some() { "https" } else { "http" };
-    info!(node = cfg.node.id, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
-    raftyard_registry::serve(reg, listener, tls, shutdown_signal()).await?;
+    info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal.cancel();
+    });
+    raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await?;
     upkeep.abort();
+    stop.cancel();
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer_server)
+        .await
+        .map(|r| r.unwrap_or(Ok(())))
+    {
+        warn!(error = %e, "peer port stopped with an error");
+    }
     meta.shutdown().await;
     info!("stopped");
     Ok(())

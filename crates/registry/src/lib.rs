@@ -13,12 +13,14 @@ pub mod error;
 mod fastpath;
 mod handlers;
 pub mod metrics;
+mod placement;
 pub mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use raftyard_blobstore::BlobStore;
+use raftyard_cluster::BlobPeers;
 use raftyard_raft::MetaNode;
 
 pub use error::RegistryError;
@@ -32,6 +34,9 @@ pub struct RegistryConfig {
     pub delete_enabled: bool,
     /// Upload sessions idle for longer are discarded.
     pub upload_idle_timeout: Duration,
+    /// Nodes (this one included) that must hold a new blob durably before its upload is
+    /// acknowledged. 0: a majority of the voters.
+    pub blob_write_quorum: usize,
 }
 
 impl Default for RegistryConfig {
@@ -39,6 +44,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             delete_enabled: true,
             upload_idle_timeout: Duration::from_secs(3600),
+            blob_write_quorum: 0,
         }
     }
 }
@@ -47,15 +53,17 @@ impl Default for RegistryConfig {
 pub struct Registry {
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) meta: MetaNode,
+    pub(crate) peers: BlobPeers,
     pub(crate) cfg: RegistryConfig,
     pub(crate) metrics: metrics::Metrics,
 }
 
 impl Registry {
-    pub fn new(blobs: Arc<BlobStore>, meta: MetaNode, cfg: RegistryConfig) -> Arc<Self> {
+    pub fn new(blobs: Arc<BlobStore>, meta: MetaNode, peers: BlobPeers, cfg: RegistryConfig) -> Arc<Self> {
         Arc::new(Registry {
             blobs,
             meta,
+            peers,
             cfg,
             metrics: metrics::Metrics::default(),
         })

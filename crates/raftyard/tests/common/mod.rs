@@ -51,7 +51,14 @@ impl Node {
             .open(&self.log)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
-            .args(["serve", "--listen", &self.addr, "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &self.addr,
+                "--peer-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&self.data)
             .args(&self.extra)
             .env("RUST_LOG", "info")

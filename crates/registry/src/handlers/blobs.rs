@@ -72,16 +72,8 @@ pub(crate) async fn get(
     if linked_size(reg, name, &digest).await?.is_none() {
         return Err(RegistryError::BlobUnknown);
     }
-    let (file, size) = match reg.blobs.open_blob(&digest) {
-        Ok(f) => f,
-        Err(raftyard_blobstore::BlobError::BlobUnknown) => {
-            // Metadata says it exists but this node has no copy (replication is the cluster's job).
-            return Err(RegistryError::Unavailable(format!(
-                "blob {digest} is not held by this node"
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    reg.ensure_local(name, &digest).await?;
+    let (file, size) = reg.blobs.open_blob(&digest)?;
     let range = parse_range(header_str(headers, header::RANGE), size)?;
     let (status, start, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),

@@ -5,7 +5,7 @@ use futures::TryStreamExt;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyDataStream;
 use raftyard_blobstore::BlobError;
-use raftyard_types::{Algorithm, Digest, Event, RepoName};
+use raftyard_types::{Algorithm, Digest, RepoName};
 
 use super::blobs::parse_digest;
 use super::{content_length, empty_response, header_str, query, HandlerResult, ReqBody};
@@ -39,25 +39,6 @@ fn created(name: &RepoName, digest: &Digest) -> HandlerResult {
             ("Docker-Content-Digest", digest.to_string()),
         ],
     )
-}
-
-/// Makes a blob that this node holds durably visible in `name`.
-async fn link(reg: &Registry, name: &RepoName, digest: &Digest, size: u64) -> Result<(), RegistryError> {
-    reg.meta
-        .propose(vec![
-            Event::BlobLinked {
-                repo: name.clone(),
-                digest: digest.clone(),
-                size,
-            },
-            Event::BlobPlaced {
-                digest: digest.clone(),
-                size,
-                node: reg.meta.id(),
-            },
-        ])
-        .await?;
-    Ok(())
 }
 
 fn body_stream<B: ReqBody>(
@@ -143,7 +124,7 @@ pub(crate) async fn start<B: ReqBody>(
             .blobs
             .put_stream(name.clone(), &digest, len, body_stream(req))
             .await?;
-        link(reg, &name, &digest, size).await?;
+        reg.commit_new_blob(&name, &digest, size).await?;
         return created(&name, &digest);
     }
     let algorithm = match query(q, "digest-algorithm") {
@@ -174,7 +155,7 @@ async fn try_mount(
     if reg.blobs.stat(digest) != Some(size) {
         return Ok(None);
     }
-    link(reg, name, digest, size).await?;
+    reg.link_existing(name, digest, size).await?;
     created(name, digest).map(Some)
 }
 
@@ -209,7 +190,7 @@ pub(crate) async fn put<B: ReqBody>(
             .map_err(|e| fix_range(e, name, id))?;
     }
     let (_, size) = reg.blobs.finish(id, &digest).await?;
-    link(reg, name, &digest, size).await?;
+    reg.commit_new_blob(name, &digest, size).await?;
     created(name, &digest)
 }
 

@@ -1,0 +1,131 @@
+//! Membership and status over the peer port: what `raftyard cluster status|add|remove` use.
+
+use std::collections::BTreeSet;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ChangeMembers;
+use raftyard_raft::{NodeAddr, NodeId, ProposeError};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::codec;
+use crate::pb;
+use crate::service::PeerServices;
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            codec::propose_error_to_status(ProposeError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node),
+            })
+        }
+        e => Status::unavailable(e.to_string()),
+    }
+}
+
+impl PeerServices {
+    /// This node's view of the cluster.
+    pub fn status(&self) -> pb::StatusReply {
+        let m = self.meta.raft().metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let matched = |id: &NodeId| -> u64 {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id).cloned().flatten())
+                .map(|l| l.index)
+                .unwrap_or(0)
+        };
+        let members: Vec<pb::MemberStatus> = membership
+            .nodes()
+            .map(|(id, addr)| pb::MemberStatus {
+                id: *id,
+                peer: addr.peer.clone(),
+                registry: addr.registry.clone(),
+                role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                matched: matched(id),
+            })
+            .collect();
+        // The commit index is what a majority of voters has (known on the leader only).
+        let committed = if m.replication.is_some() {
+            let mut v: Vec<u64> = voters.iter().map(matched).collect();
+            v.sort_unstable();
+            v.get((v.len().saturating_sub(1)) / 2).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        let blobs_missing = self
+            .meta
+            .reader()
+            .blobs()
+            .map(|all| all.iter().filter(|(d, _)| self.blobs.stat(d).is_none()).count() as u64)
+            .unwrap_or(0);
+        pb::StatusReply {
+            node: m.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed,
+            applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            blobs_missing,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for PeerServices {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(PeerServices::status(self)))
+    }
+
+    async fn add_member(&self, req: Request<pb::Member>) -> Result<Response<pb::AdminReply>, Status> {
+        let m = req.into_inner();
+        let addr = NodeAddr {
+            peer: m.peer.clone(),
+            registry: m.registry.clone(),
+        };
+        info!(id = m.id, peer = %m.peer, "adding a learner");
+        // Blocks until the learner has caught up with the log (or a snapshot).
+        self.meta
+            .raft()
+            .add_learner(m.id, addr, true)
+            .await
+            .map_err(write_error)?;
+        if m.learner_only {
+            return Ok(Response::new(pb::AdminReply {
+                message: format!("node {} added as a learner", m.id),
+            }));
+        }
+        info!(id = m.id, "promoting to voter");
+        self.meta
+            .raft()
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.id])), false)
+            .await
+            .map_err(write_error)?;
+        Ok(Response::new(pb::AdminReply {
+            message: format!("node {} added as a voter", m.id),
+        }))
+    }
+
+    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::AdminReply>, Status> {
+        let id = req.into_inner().id;
+        let m = self.meta.raft().metrics().borrow().clone();
+        let is_voter = m.membership_config.membership().voter_ids().any(|v| v == id);
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        info!(id, is_voter, "removing a member");
+        self.meta
+            .raft()
+            .change_membership(change, false)
+            .await
+            .map_err(write_error)?;
+        Ok(Response::new(pb::AdminReply {
+            message: format!("node {id} removed"),
+        }))
+    }
+}

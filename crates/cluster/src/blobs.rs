@@ -1,0 +1,183 @@
+//! Blob bytes between nodes: fetching a blob this node lacks from a node that holds it, and
+//! pushing a blob to peers before an upload is acknowledged. Streams in chunks with
+//! backpressure; the receiving side verifies the digest before the blob becomes visible.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use raftyard_blobstore::BlobStore;
+use raftyard_raft::NodeId;
+use raftyard_types::{Digest, RepoName};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, warn};
+
+use crate::pb::blobs_client::BlobsClient;
+use crate::pb::{put_blob_part, BlobChunk, GetBlobRequest, PutBlobHeader, PutBlobPart};
+use crate::peers::Peers;
+
+/// Size of one chunk on the wire.
+pub const CHUNK: usize = 1 << 20;
+/// Chunks in flight per stream.
+const DEPTH: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerBlobError {
+    #[error("no peer could provide blob {0}")]
+    NoSource(Digest),
+    #[error("peer {peer}: {msg}")]
+    Peer { peer: String, msg: String },
+    #[error("local store: {0}")]
+    Store(#[from] raftyard_blobstore::BlobError),
+}
+
+/// Reads `[offset, offset+len)` of a file in chunks on a blocking thread into a bounded channel.
+pub fn read_chunks(file: std::fs::File, offset: u64, len: u64) -> mpsc::Receiver<std::io::Result<Bytes>> {
+    let (tx, rx) = mpsc::channel(DEPTH);
+    tokio::task::spawn_blocking(move || {
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let mut buf = vec![0u8; ((end - pos) as usize).min(CHUNK)];
+            let r = match file.read_at(&mut buf, pos) {
+                Ok(0) => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "blob shorter than expected",
+                )),
+                Ok(n) => {
+                    buf.truncate(n);
+                    pos += n as u64;
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) => Err(e),
+            };
+            let stop = r.is_err();
+            if tx.blocking_send(r).is_err() || stop {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Blob transfers with peers for one node.
+#[derive(Clone)]
+pub struct BlobPeers {
+    peers: Arc<Peers>,
+    store: Arc<BlobStore>,
+}
+
+impl BlobPeers {
+    pub fn new(peers: Arc<Peers>, store: Arc<BlobStore>) -> Self {
+        BlobPeers { peers, store }
+    }
+
+    /// Fetches `digest` into the local store from the first of `sources` (peer addresses) that
+    /// delivers it completely and correctly. Returns its size.
+    pub async fn fetch(&self, repo: &RepoName, digest: &Digest, sources: &[String]) -> Result<u64, PeerBlobError> {
+        for addr in sources {
+            match self.fetch_from(repo, digest, addr).await {
+                Ok(size) => return Ok(size),
+                Err(e) => warn!(%digest, peer = %addr, error = %e, "fetching blob from peer failed"),
+            }
+        }
+        Err(PeerBlobError::NoSource(digest.clone()))
+    }
+
+    async fn fetch_from(&self, repo: &RepoName, digest: &Digest, addr: &str) -> Result<u64, PeerBlobError> {
+        let perr = |msg: String| PeerBlobError::Peer {
+            peer: addr.to_string(),
+            msg,
+        };
+        let ch = self.peers.channel(addr).map_err(|e| perr(e.to_string()))?;
+        let stream = BlobsClient::new(ch)
+            .get(GetBlobRequest {
+                digest: digest.to_string(),
+                offset: 0,
+            })
+            .await
+            .map_err(|s| perr(s.message().to_string()))?
+            .into_inner();
+        let body = stream.map(|r| r.map(|c: BlobChunk| c.data).map_err(|s| s.message().to_string()));
+        let size = self
+            .store
+            .put_stream(repo.clone(), digest, None, Box::pin(body))
+            .await?;
+        debug!(%digest, peer = %addr, size, "blob fetched from peer");
+        Ok(size)
+    }
+
+    /// Sends the local copy of `digest` to `targets` in parallel and returns the ids of the
+    /// first `needed` that stored it durably (waiting for all of them if fewer succeed). The
+    /// transfers that are still running go on in the background.
+    pub async fn replicate(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        targets: Vec<(NodeId, String)>,
+        needed: usize,
+    ) -> Vec<NodeId> {
+        let mut running = futures::stream::FuturesUnordered::new();
+        for (id, addr) in targets {
+            let this = self.clone();
+            let (repo, digest) = (repo.clone(), digest.clone());
+            running.push(tokio::spawn(async move {
+                let r = this.push_to(&repo, &digest, &addr).await;
+                if let Err(e) = &r {
+                    warn!(%digest, peer = %addr, error = %e, "replicating blob to peer failed");
+                }
+                (id, r.is_ok())
+            }));
+        }
+        let mut done = Vec::new();
+        while done.len() < needed {
+            match running.next().await {
+                Some(Ok((id, true))) => done.push(id),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        done
+    }
+
+    async fn push_to(&self, repo: &RepoName, digest: &Digest, addr: &str) -> Result<(), PeerBlobError> {
+        let perr = |msg: String| PeerBlobError::Peer {
+            peer: addr.to_string(),
+            msg,
+        };
+        let (file, size) = self.store.open_blob(digest)?;
+        let mut chunks = read_chunks(file, 0, size);
+        let (tx, rx) = mpsc::channel::<PutBlobPart>(DEPTH);
+        let header = PutBlobPart {
+            part: Some(put_blob_part::Part::Header(PutBlobHeader {
+                digest: digest.to_string(),
+                size,
+                repo: repo.to_string(),
+            })),
+        };
+        tokio::spawn(async move {
+            if tx.send(header).await.is_err() {
+                return;
+            }
+            while let Some(Ok(data)) = chunks.recv().await {
+                let part = PutBlobPart {
+                    part: Some(put_blob_part::Part::Data(data)),
+                };
+                if tx.send(part).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let ch = self.peers.channel(addr).map_err(|e| perr(e.to_string()))?;
+        let reply = BlobsClient::new(ch)
+            .put(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| perr(s.message().to_string()))?;
+        let got = reply.into_inner().size;
+        if got != size {
+            return Err(perr(format!("stored {got} bytes of {size}")));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! Conversions between domain values and the wire: bincode payloads inside protobuf messages,
+//! and errors to and from tonic statuses. The only place that knows both sides.
+
+use raftyard_raft::{NodeAddr, NodeId, ProposeError};
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::{Code, Status};
+
+/// Metadata key carrying the leader's id and addresses on a `FailedPrecondition` (not leader).
+const LEADER_HINT: &str = "x-raftyard-leader";
+
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
+    bincode::serialize(v).map_err(|e| Status::internal(format!("encoding: {e}")))
+}
+
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
+    bincode::deserialize(b).map_err(|e| Status::invalid_argument(format!("decoding: {e}")))
+}
+
+/// A proposal error as a status for the forwarding follower.
+pub fn propose_error_to_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::NotLeader { leader } => {
+            let mut s = Status::failed_precondition("not the leader");
+            if let Some((id, addr)) = leader {
+                if let Ok(v) = format!("{id} {} {}", addr.peer, addr.registry).parse() {
+                    s.metadata_mut().insert(LEADER_HINT, v);
+                }
+            }
+            s
+        }
+        ProposeError::Unavailable(m) => Status::unavailable(m),
+        ProposeError::Rejected(r) => Status::internal(format!("unexpected rejection: {r}")),
+    }
+}
+
+/// A status from the leader (or the transport) as a proposal error.
+pub fn status_to_propose_error(s: Status) -> ProposeError {
+    match s.code() {
+        Code::FailedPrecondition => {
+            let leader = s
+                .metadata()
+                .get(LEADER_HINT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    let mut it = v.split(' ');
+                    let id: NodeId = it.next()?.parse().ok()?;
+                    Some((
+                        id,
+                        NodeAddr {
+                            peer: it.next()?.to_string(),
+                            registry: it.next()?.to_string(),
+                        },
+                    ))
+                });
+            ProposeError::NotLeader { leader }
+        }
+        _ => ProposeError::Unavailable(format!("peer: {}", s.message())),
+    }
+}

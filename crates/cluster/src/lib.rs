@@ -1,0 +1,30 @@
+//! The peer side of a raftyard node: everything nodes of one cluster say to each other on the
+//! peer port (`proto/raftyard_peer.proto`).
+//!
+//! Owns the tonic services and clients: the openraft network ([`network`]), forwarding of
+//! proposals and read indexes to the leader ([`link`]), blob streaming between nodes
+//! ([`blobs`]), and membership/status ([`admin`]). Protobuf stays at this edge: conversions
+//! live in [`codec`], and the other crates never see prost types. It does not serve the
+//! registry API; the registry crate uses it.
+
+// tonic's Status is the error of every service method; boxing it everywhere buys nothing.
+#![allow(clippy::result_large_err)]
+
+pub mod admin;
+pub mod blobs;
+pub mod codec;
+pub mod link;
+pub mod network;
+pub mod peers;
+pub mod service;
+
+/// Generated protobuf and tonic code.
+pub mod pb {
+    tonic::include_proto!("raftyard.peer.v1");
+}
+
+pub use blobs::BlobPeers;
+pub use link::GrpcLeaderLink;
+pub use network::PeerNetwork;
+pub use peers::Peers;
+pub use service::{serve, PeerServices};

@@ -1,0 +1,71 @@
+//! [`raftyard_raft::LeaderLink`] over the peer protocol: how a follower forwards proposals and
+//! asks for read indexes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftyard_raft::{LeaderLink, NodeAddr, ProposeError};
+use raftyard_types::event::VersionedCommand;
+use raftyard_types::{Outcome, Rejection};
+
+use crate::codec;
+use crate::pb::meta_client::MetaClient;
+use crate::pb::{ProposeRequest, ReadIndexRequest};
+use crate::peers::{Peers, MAX_MESSAGE};
+
+/// Deadline of a forwarded proposal (commit on a majority and apply on the leader).
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct GrpcLeaderLink {
+    peers: Arc<Peers>,
+}
+
+impl GrpcLeaderLink {
+    pub fn new(peers: Arc<Peers>) -> Self {
+        GrpcLeaderLink { peers }
+    }
+
+    fn client(&self, leader: &NodeAddr) -> Result<MetaClient<tonic::transport::Channel>, ProposeError> {
+        let ch = self
+            .peers
+            .channel(&leader.peer)
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        Ok(MetaClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaderLink for GrpcLeaderLink {
+    async fn propose(&self, leader: &NodeAddr, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError> {
+        let command = codec::encode(&cmd).map_err(codec::status_to_propose_error)?;
+        let mut req = tonic::Request::new(ProposeRequest {
+            command: command.into(),
+        });
+        req.set_timeout(PROPOSE_TIMEOUT);
+        let reply = self
+            .client(leader)?
+            .propose(req)
+            .await
+            .map_err(codec::status_to_propose_error)?
+            .into_inner();
+        let outcome = if reply.rejection.is_empty() {
+            Ok(())
+        } else {
+            Err(codec::decode::<Rejection>(&reply.rejection).map_err(codec::status_to_propose_error)?)
+        };
+        Ok((reply.index, outcome))
+    }
+
+    async fn read_index(&self, leader: &NodeAddr) -> Result<u64, ProposeError> {
+        let mut req = tonic::Request::new(ReadIndexRequest {});
+        req.set_timeout(crate::peers::CALL_TIMEOUT);
+        let reply = self
+            .client(leader)?
+            .read_index(req)
+            .await
+            .map_err(codec::status_to_propose_error)?;
+        Ok(reply.into_inner().index)
+    }
+}

@@ -1,0 +1,45 @@
+//! Connections to other nodes: one lazily connected tonic channel per peer address, shared by
+//! every service client.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest peer message (a Raft append or a snapshot chunk). Blob bytes travel in much smaller
+/// chunks.
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Deadline of unary peer calls that do not carry bulk data.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Channels to peers by address.
+#[derive(Default)]
+pub struct Peers {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Peers {
+    pub fn new() -> Self {
+        Peers::default()
+    }
+
+    /// A channel to `addr` (`host:port`), connected on first use and reconnected by tonic
+    /// after failures.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut map = self.channels.lock().unwrap();
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+}

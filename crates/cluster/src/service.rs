@@ -1,0 +1,168 @@
+//! The peer port's services: Raft, Meta (forwarded proposals, read index), Blobs and Admin.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use raftyard_blobstore::BlobStore;
+use raftyard_raft::MetaNode;
+use raftyard_types::{Digest, RepoName};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::info;
+
+use crate::codec;
+use crate::pb::{self, put_blob_part};
+use crate::peers::MAX_MESSAGE;
+
+/// What the peer services act on.
+#[derive(Clone)]
+pub struct PeerServices {
+    pub meta: MetaNode,
+    pub blobs: Arc<BlobStore>,
+}
+
+/// Serves the peer protocol on `listener` until `shutdown` completes.
+pub async fn serve(
+    services: PeerServices,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    info!(addr = ?listener.local_addr().ok(), "peer port listening");
+    let s = services;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            pb::raft_server::RaftServer::new(s.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            pb::meta_server::MetaServer::new(s.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(pb::blobs_server::BlobsServer::new(s.clone()))
+        .add_service(pb::admin_server::AdminServer::new(s))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+fn raft_reply<T: serde::Serialize>(r: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    Ok(Response::new(pb::RaftMessage {
+        data: codec::encode(r)?.into(),
+    }))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for PeerServices {
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = codec::decode(&req.into_inner().data)?;
+        raft_reply(&self.meta.raft().append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = codec::decode(&req.into_inner().data)?;
+        raft_reply(&self.meta.raft().vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = codec::decode(&req.into_inner().data)?;
+        raft_reply(&self.meta.raft().install_snapshot(rpc).await)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::meta_server::Meta for PeerServices {
+    async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        let cmd = codec::decode(&req.into_inner().command)?;
+        let (index, outcome) = self
+            .meta
+            .propose_local(cmd)
+            .await
+            .map_err(codec::propose_error_to_status)?;
+        let rejection = match outcome {
+            Ok(()) => Bytes::new(),
+            Err(r) => codec::encode(&r)?.into(),
+        };
+        Ok(Response::new(pb::ProposeReply { index, rejection }))
+    }
+
+    async fn read_index(&self, _: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        let index = self
+            .meta
+            .read_index_local()
+            .await
+            .map_err(codec::propose_error_to_status)?;
+        Ok(Response::new(pb::ReadIndexReply { index }))
+    }
+}
+
+fn digest(s: &str) -> Result<Digest, Status> {
+    Digest::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl pb::blobs_server::Blobs for PeerServices {
+    type GetStream = ReceiverStream<Result<pb::BlobChunk, Status>>;
+
+    async fn get(&self, req: Request<pb::GetBlobRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let req = req.into_inner();
+        let d = digest(&req.digest)?;
+        let (file, size) = self.blobs.open_blob(&d).map_err(|e| Status::not_found(e.to_string()))?;
+        let offset = req.offset.min(size);
+        let mut chunks = crate::blobs::read_chunks(file, offset, size - offset);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(c) = chunks.recv().await {
+                let item = c
+                    .map(|data| pb::BlobChunk { data })
+                    .map_err(|e| Status::internal(e.to_string()));
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn has(&self, req: Request<pb::HasBlobRequest>) -> Result<Response<pb::HasBlobReply>, Status> {
+        let d = digest(&req.into_inner().digest)?;
+        let size = self.blobs.stat(&d);
+        Ok(Response::new(pb::HasBlobReply {
+            present: size.is_some(),
+            size: size.unwrap_or(0),
+        }))
+    }
+
+    async fn put(&self, req: Request<Streaming<pb::PutBlobPart>>) -> Result<Response<pb::PutBlobReply>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::PutBlobPart {
+                part: Some(put_blob_part::Part::Header(h)),
+            })) => h,
+            _ => return Err(Status::invalid_argument("a blob push starts with its header")),
+        };
+        let d = digest(&header.digest)?;
+        let repo = RepoName::parse(&header.repo).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.blobs.stat(&d) == Some(header.size) {
+            // Content addressing: the same digest is the same bytes.
+            return Ok(Response::new(pb::PutBlobReply { size: header.size }));
+        }
+        let body = stream.map(|p| match p {
+            Ok(pb::PutBlobPart {
+                part: Some(put_blob_part::Part::Data(b)),
+            }) => Ok(b),
+            Ok(_) => Err("unexpected part in a blob push".to_string()),
+            Err(s) => Err(s.message().to_string()),
+        });
+        let size = self
+            .blobs
+            .put_stream(repo, &d, Some(header.size), Box::pin(body))
+            .await
+            .map_err(|e| Status::aborted(e.to_string()))?;
+        Ok(Response::new(pb::PutBlobReply { size }))
+    }
+}
