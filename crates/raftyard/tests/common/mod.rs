@@ -16,6 +16,8 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub struct Node {
     pub child: Option<Child>,
     pub addr: String,
+    /// Peer port address; port 0 lets the node pick one.
+    pub peer: String,
     pub data: PathBuf,
     pub log: PathBuf,
     extra: Vec<String>,
@@ -35,6 +37,7 @@ impl Node {
         let mut n = Node {
             child: None,
             addr,
+            peer: "127.0.0.1:0".into(),
             data: data.to_path_buf(),
             log: data.with_extension("log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -56,7 +59,7 @@ impl Node {
                 "--listen",
                 &self.addr,
                 "--peer-listen",
-                "127.0.0.1:0",
+                &self.peer,
                 "--data-dir",
             ])
             .arg(&self.data)
@@ -68,6 +71,48 @@ impl Node {
             .expect("spawn raftyard");
         self.child = Some(child);
         self.wait_ready();
+    }
+
+    /// A member of a cluster: fixed registry and peer addresses, a config file with the
+    /// initial members (or `join = true`).
+    pub fn start_member(
+        dir: &Path,
+        id: u64,
+        addr: &str,
+        peer: &str,
+        members: &[(u64, String, String)],
+        join: bool,
+    ) -> Node {
+        let cfg = dir.join(format!("node{id}.toml"));
+        let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n[cluster]\njoin = {join}\n");
+        for (mid, mpeer, mreg) in members {
+            text.push_str(&format!(
+                "[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"
+            ));
+        }
+        std::fs::write(&cfg, text).unwrap();
+        let data = dir.join(format!("node{id}"));
+        let mut n = Node {
+            child: None,
+            addr: addr.to_string(),
+            peer: peer.to_string(),
+            data: data.clone(),
+            log: data.with_extension("log"),
+            extra: vec!["--config".into(), cfg.to_string_lossy().into_owned()],
+        };
+        n.spawn();
+        n
+    }
+
+    /// This node's `/v2/_raftyard/health` answer, if it answers.
+    pub async fn health(&self) -> Option<serde_json::Value> {
+        let r = client()
+            .get(self.url("/v2/_raftyard/health"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
     }
 
     pub fn url(&self, path: &str) -> String {

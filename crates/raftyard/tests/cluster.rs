@@ -1,0 +1,264 @@
+//! A real three-node cluster of `raftyard` processes on loopback: push to a follower, pull from
+//! another node, `kill -9` of the leader under traffic, restart and catch-up, membership
+//! changes through `raftyard cluster`.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start(n: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<(u64, String, String)> = (1..=n)
+            .map(|id| {
+                (
+                    id,
+                    format!("127.0.0.1:{}", free_port()),
+                    format!("127.0.0.1:{}", free_port()),
+                )
+            })
+            .collect();
+        // start in reverse so that the initialising node (lowest id) comes up last
+        let mut nodes: Vec<Node> = members
+            .iter()
+            .rev()
+            .map(|(id, peer, reg)| Node::start_member(dir.path(), *id, reg, peer, &members, false))
+            .collect();
+        nodes.reverse();
+        Cluster { _dir: dir, nodes }
+    }
+
+    /// Index (0-based) of the node every live node agrees is the leader.
+    async fn leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                seen.push(n.health().await.and_then(|h| h["leader"].as_u64()));
+            }
+            if let Some(Some(l)) = seen.first() {
+                if seen.iter().all(|s| *s == Some(*l)) && self.nodes[*l as usize - 1].child.is_some() {
+                    return *l as usize - 1;
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+                    .collect();
+                panic!("no agreed leader: {seen:?}\n{}", logs.join("\n-----\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftyard"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "raftyard {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn pull_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, digest: &str) {
+    let r = c
+        .get(n.url(&format!("/v2/{repo}/manifests/{tag}")))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "manifest {repo}:{tag} on {}", n.addr);
+    assert_eq!(r.headers()["docker-content-digest"], digest);
+    let m: serde_json::Value = r.json().await.unwrap();
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string()),
+    );
+    for b in blobs {
+        let r = c.get(n.url(&format!("/v2/{repo}/blobs/{b}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "blob {b} on {}", n.addr);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), b);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
+    let mut cl = Cluster::start(3);
+    let c = client();
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    eprintln!("leader is node {}", leader + 1);
+    let f1 = (leader + 1) % 3;
+    let f2 = (leader + 2) % 3;
+
+    // push through a follower, read through the other follower at once
+    let mut pushed = Vec::new();
+    for i in 0..5 {
+        let tag = format!("v{i}");
+        let d = push_image(&c, &cl.nodes[f1], "team/app", &tag, format!("seed-{i}").as_bytes()).await;
+        pull_image(&c, &cl.nodes[f2], "team/app", &tag, &d).await;
+        pushed.push((tag, d));
+    }
+    let tags: serde_json::Value = c
+        .get(cl.nodes[leader].url("/v2/team/app/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["tags"].as_array().unwrap().len(), 5);
+
+    // status from the CLI
+    let st: serde_json::Value =
+        serde_json::from_str(&cli(&["cluster", "status", "--node", &cl.nodes[f2].peer, "--json"])).unwrap();
+    assert_eq!(st["leader"], (leader + 1) as u64);
+    let members = st["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(
+        members.iter().all(|m| m["reachable"] == true && m["role"] == "voter"),
+        "{st}"
+    );
+
+    // kill -9 the leader while a writer pushes through a follower; measure the gap
+    let writer_node = cl.nodes[f1].url("");
+    let writer = tokio::spawn(async move {
+        let c = client();
+        let mut acked = Vec::new();
+        let mut failures_since = None::<Instant>;
+        let mut longest_gap = Duration::ZERO;
+        let start = Instant::now();
+        let mut i = 0;
+        while start.elapsed() < Duration::from_secs(8) {
+            let data = format!("during-failover-{i}").into_bytes();
+            let d = sha256(&data);
+            let ok = c
+                .post(format!("{writer_node}/v2/failover/blobs/uploads/?digest={d}"))
+                .body(data)
+                .timeout(Duration::from_secs(15))
+                .send()
+                .await
+                .map(|r| r.status() == 201)
+                .unwrap_or(false);
+            if ok {
+                if let Some(t) = failures_since.take() {
+                    longest_gap = longest_gap.max(t.elapsed());
+                }
+                acked.push(d);
+            } else if failures_since.is_none() {
+                failures_since = Some(Instant::now());
+            }
+            i += 1;
+        }
+        (acked, longest_gap)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = Instant::now();
+    cl.nodes[leader].kill9();
+    eprintln!("killed leader node {}", leader + 1);
+    let new_leader = cl.leader(Duration::from_secs(10)).await;
+    let election = killed_at.elapsed();
+    assert_ne!(new_leader, leader);
+    // a push right after the election
+    let d = push_image(&c, &cl.nodes[f2], "team/app", "after", b"after-failover").await;
+    let write_gap = killed_at.elapsed();
+    eprintln!(
+        "new leader node {} after {election:?}; first push acknowledged {write_gap:?} after the kill",
+        new_leader + 1
+    );
+    assert!(
+        write_gap < Duration::from_secs(5),
+        "writes resumed only after {write_gap:?}"
+    );
+    let (acked, longest_gap) = writer.await.unwrap();
+    eprintln!(
+        "writer: {} blobs acknowledged, longest unavailability {longest_gap:?}",
+        acked.len()
+    );
+    assert!(!acked.is_empty());
+
+    // every acknowledged write is on both survivors
+    for n in [f1, f2] {
+        for (tag, digest) in &pushed {
+            pull_image(&c, &cl.nodes[n], "team/app", tag, digest).await;
+        }
+        pull_image(&c, &cl.nodes[n], "team/app", "after", &d).await;
+        for b in &acked {
+            let r = c
+                .get(cl.nodes[n].url(&format!("/v2/failover/blobs/{b}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "acknowledged blob {b} missing on node {}", n + 1);
+        }
+    }
+
+    // the killed node restarts and catches up
+    cl.nodes[leader].spawn();
+    let target = cl.nodes[new_leader].health().await.unwrap()["applied"]
+        .as_u64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let applied = cl.nodes[leader]
+            .health()
+            .await
+            .and_then(|h| h["applied"].as_u64())
+            .unwrap_or(0);
+        if applied >= target {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted node stuck at {applied} < {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pull_image(&c, &cl.nodes[leader], "team/app", "after", &d).await;
+
+    // a fourth node joins as a learner, catches up, becomes a voter; then it is removed
+    let dir4 = tempfile::tempdir().unwrap();
+    let (p4, r4) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let n4 = Node::start_member(dir4.path(), 4, &r4, &p4, &[], true);
+    let out = cli(&[
+        "cluster",
+        "add",
+        "--node",
+        &cl.nodes[f1].peer,
+        "--id",
+        "4",
+        "--peer",
+        &p4,
+        "--registry",
+        &r4,
+    ]);
+    assert!(out.contains("voter"), "{out}");
+    pull_image(&c, &n4, "team/app", "v0", &pushed[0].1).await;
+    let st: serde_json::Value = serde_json::from_str(&cli(&["cluster", "status", "--node", &p4, "--json"])).unwrap();
+    assert_eq!(st["members"].as_array().unwrap().len(), 4);
+    cli(&["cluster", "remove", "--node", &cl.nodes[f2].peer, "--id", "4"]);
+    let st: serde_json::Value =
+        serde_json::from_str(&cli(&["cluster", "status", "--node", &cl.nodes[f2].peer, "--json"])).unwrap();
+    assert_eq!(st["members"].as_array().unwrap().len(), 3, "{st}");
+}
