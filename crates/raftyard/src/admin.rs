@@ -73,7 +73,7 @@ pub async fn status(node: &str, as_json: bool) -> anyhow::Result<()> {
         let n = |k: &str| r[k].as_u64().map(|v| v.to_string()).unwrap_or_else(|| "-".into());
         println!(
             "{:<4} {:<8} {:<10} {:<22} {:<22} {:>9} {:>9} {:>9} {:>8}",
-            r["id"],
+            r["id"].as_u64().unwrap_or(0),
             r["role"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or("unreachable"),
             r["peer"].as_str().unwrap_or(""),
