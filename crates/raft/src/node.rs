@@ -32,6 +32,9 @@ pub struct MetaNodeConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and allow log purge) after this many applied entries.
     pub snapshot_every: u64,
+    /// Log entries kept behind the latest snapshot, so that a lagging follower can catch up
+    /// from the log instead of a snapshot.
+    pub keep_logs: u64,
 }
 
 impl MetaNodeConfig {
@@ -45,6 +48,7 @@ impl MetaNodeConfig {
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
             snapshot_every: 5000,
+            keep_logs: 1000,
         }
     }
 }
@@ -108,7 +112,7 @@ impl MetaNode {
             election_timeout_min: cfg.election_timeout_min_ms,
             election_timeout_max: cfg.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            max_in_snapshot_log_to_keep: cfg.keep_logs,
             ..Default::default()
         }
         .validate()

@@ -95,6 +95,8 @@ pub struct RaftSection {
     pub election_timeout_max_ms: u64,
     /// Take a state snapshot (allowing log compaction) every this many entries.
     pub snapshot_every: u64,
+    /// Log entries kept behind the latest snapshot for lagging followers.
+    pub keep_logs: u64,
 }
 
 impl Default for NodeSection {
@@ -137,6 +139,7 @@ impl Default for RaftSection {
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
             snapshot_every: 5000,
+            keep_logs: 1000,
         }
     }
 }

@@ -82,6 +82,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     meta_cfg.election_timeout_min_ms = cfg.raft.election_timeout_min_ms;
     meta_cfg.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;
+    meta_cfg.keep_logs = cfg.raft.keep_logs;
     let peers = Arc::new(Peers::new());
     let link = Arc::new(GrpcLeaderLink::new(peers.clone()));
     let meta = MetaNode::start(meta_cfg, PeerNetwork::new(peers.clone()), Some(link))

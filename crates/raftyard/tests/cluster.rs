@@ -16,6 +16,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: u64) -> Cluster {
+        Self::start_with(n, "")
+    }
+
+    fn start_with(n: u64, raft_extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<(u64, String, String)> = (1..=n)
             .map(|id| {
@@ -30,7 +34,7 @@ impl Cluster {
         let mut nodes: Vec<Node> = members
             .iter()
             .rev()
-            .map(|(id, peer, reg)| Node::start_member(dir.path(), *id, reg, peer, &members, false))
+            .map(|(id, peer, reg)| Node::start_member_with(dir.path(), *id, reg, peer, &members, false, raft_extra))
             .collect();
         nodes.reverse();
         Cluster { _dir: dir, nodes }
@@ -261,4 +265,69 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
     let st: serde_json::Value =
         serde_json::from_str(&cli(&["cluster", "status", "--node", &cl.nodes[f2].peer, "--json"])).unwrap();
     assert_eq!(st["members"].as_array().unwrap().len(), 3, "{st}");
+}
+
+/// A follower that was down while the log moved past what the leader keeps catches up from a
+/// snapshot (manifests, tags, journal), then fetches the blobs it lacks from its peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_follower_catches_up_from_a_snapshot() {
+    let mut cl = Cluster::start_with(3, "snapshot_every = 20\nkeep_logs = 0");
+    let c = client();
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let lagging = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    push_image(&c, &cl.nodes[leader], "snap/app", "before", b"before").await;
+    let applied_at_stop = cl.nodes[lagging].health().await.unwrap()["applied"].as_u64().unwrap();
+    cl.nodes[lagging].kill9();
+    eprintln!("node {} stopped at applied index {applied_at_stop}", lagging + 1);
+    let mut pushed = Vec::new();
+    for i in 0..30 {
+        let tag = format!("t{i}");
+        pushed.push((
+            tag.clone(),
+            push_image(&c, &cl.nodes[other], "snap/app", &tag, format!("s{i}").as_bytes()).await,
+        ));
+    }
+    // the leader has taken a snapshot and purged the log behind it
+    let h = cl.nodes[leader].health().await.unwrap();
+    eprintln!("leader health: {h}");
+    let purged = h["purged"].as_u64().unwrap_or(0);
+    assert!(purged > applied_at_stop, "the leader still has the log the lagging node needs (purged {purged})");
+    cl.nodes[lagging].spawn();
+    let target = h["applied"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied = cl.nodes[lagging]
+            .health()
+            .await
+            .and_then(|h| h["applied"].as_u64())
+            .unwrap_or(0);
+        if applied >= target {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lagging node stuck at {applied} < {target}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&cl.nodes[lagging].log).unwrap();
+    assert!(
+        log.contains("install") || log.contains("snapshot"),
+        "expected a snapshot install in the log"
+    );
+    for (tag, d) in &pushed {
+        pull_image(&c, &cl.nodes[lagging], "snap/app", tag, d).await;
+    }
+    // the journal came with the snapshot
+    let text = c
+        .get(cl.nodes[lagging].url("/v2/_raftyard/events?since=0&limit=10000"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines().count() >= 60,
+        "journal on the caught-up node: {} entries",
+        text.lines().count()
+    );
 }

@@ -83,8 +83,21 @@ impl Node {
         members: &[(u64, String, String)],
         join: bool,
     ) -> Node {
+        Self::start_member_with(dir, id, addr, peer, members, join, "")
+    }
+
+    /// [`Node::start_member`] with extra `[raft]` settings (TOML lines).
+    pub fn start_member_with(
+        dir: &Path,
+        id: u64,
+        addr: &str,
+        peer: &str,
+        members: &[(u64, String, String)],
+        join: bool,
+        raft_extra: &str,
+    ) -> Node {
         let cfg = dir.join(format!("node{id}.toml"));
-        let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n[cluster]\njoin = {join}\n");
+        let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
         for (mid, mpeer, mreg) in members {
             text.push_str(&format!(
                 "[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"

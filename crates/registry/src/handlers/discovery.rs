@@ -168,6 +168,8 @@ pub(crate) async fn health(reg: &Registry) -> HandlerResult {
         "leader": m.current_leader,
         "last_log_index": m.last_log_index,
         "applied": m.last_applied.map(|l| l.index),
+        "snapshot": m.snapshot.map(|l| l.index),
+        "purged": m.purged.map(|l| l.index),
         "open_uploads": reg.blobs.open_uploads(),
     });
     Ok(json_response(
