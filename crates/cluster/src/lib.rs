@@ -3,9 +3,10 @@
 //!
 //! Owns the tonic services and clients: the openraft network ([`network`]), forwarding of
 //! proposals and read indexes to the leader ([`link`]), blob streaming between nodes
-//! ([`blobs`]), and membership/status ([`admin`]). Protobuf stays at this edge: conversions
-//! live in [`codec`], and the other crates never see prost types. It does not serve the
-//! registry API; the registry crate uses it.
+//! ([`blobs`]), the repair worker that converges blob holdings ([`repair`]), and
+//! membership/status ([`admin`]). Protobuf stays at this edge: conversions live in
+//! [`codec`], and the other crates never see prost types. It does not serve the registry
+//! API; the registry crate uses it.
 
 // tonic's Status is the error of every service method; boxing it everywhere buys nothing.
 #![allow(clippy::result_large_err)]
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod link;
 pub mod network;
 pub mod peers;
+pub mod repair;
 pub mod service;
 
 /// Generated protobuf and tonic code.
@@ -27,4 +29,5 @@ pub use blobs::BlobPeers;
 pub use link::GrpcLeaderLink;
 pub use network::PeerNetwork;
 pub use peers::Peers;
+pub use repair::RepairWorker;
 pub use service::{serve, PeerServices};

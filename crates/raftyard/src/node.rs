@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
-use raftyard_cluster::{BlobPeers, GrpcLeaderLink, PeerNetwork, PeerServices, Peers};
+use raftyard_cluster::{BlobPeers, GrpcLeaderLink, PeerNetwork, PeerServices, Peers, RepairWorker};
 use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{Registry, RegistryConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
@@ -123,10 +123,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let blob_peers = BlobPeers::new(peers, blobs.clone());
+    let repair = RepairWorker::new(meta.clone(), blobs.clone(), blob_peers.clone()).spawn(stop.clone());
     let reg = Registry::new(
         blobs.clone(),
         meta.clone(),
-        BlobPeers::new(peers, blobs),
+        blob_peers,
         RegistryConfig {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),
@@ -144,6 +146,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await?;
     upkeep.abort();
     stop.cancel();
+    let _ = repair.await;
     if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer_server)
         .await
         .map(|r| r.unwrap_or(Ok(())))

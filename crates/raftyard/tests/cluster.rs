@@ -292,7 +292,10 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
     let h = cl.nodes[leader].health().await.unwrap();
     eprintln!("leader health: {h}");
     let purged = h["purged"].as_u64().unwrap_or(0);
-    assert!(purged > applied_at_stop, "the leader still has the log the lagging node needs (purged {purged})");
+    assert!(
+        purged > applied_at_stop,
+        "the leader still has the log the lagging node needs (purged {purged})"
+    );
     cl.nodes[lagging].spawn();
     let target = h["applied"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -313,6 +316,33 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
         log.contains("install") || log.contains("snapshot"),
         "expected a snapshot install in the log"
     );
+    // the repair worker fetches the blobs it missed, without any read asking for them
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st: serde_json::Value = serde_json::from_str(&cli(&[
+            "cluster",
+            "status",
+            "--node",
+            &cl.nodes[lagging].peer,
+            "--json",
+        ]))
+        .unwrap();
+        let me = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == (lagging + 1) as u64)
+            .unwrap()
+            .clone();
+        if me["blobs_missing"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blobs still missing on the lagging node: {me}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for (tag, d) in &pushed {
         pull_image(&c, &cl.nodes[lagging], "snap/app", tag, d).await;
     }
