@@ -26,10 +26,7 @@ pub struct BulkResponse {
 
 impl BulkResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -78,35 +75,24 @@ fn read_response(s: &mut TcpStream, head_only: bool) -> Result<BulkResponse> {
         let mut hs = [httparse::EMPTY_HEADER; 64];
         let mut r = httparse::Response::new(&mut hs);
         if let httparse::Status::Complete(len) = r.parse(&buf[..filled]).context("parsing response head")? {
-            let headers: Vec<(String, String)> = r
-                .headers
-                .iter()
-                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
-                .collect();
+            let headers: Vec<(String, String)> =
+                r.headers.iter().map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned())).collect();
             break (r.code.unwrap_or(0), headers, len);
         }
         if filled == buf.len() {
             bail!("response head too large");
         }
     };
-    let content_length: Option<u64> = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok());
-    let mut resp = BulkResponse {
-        status,
-        headers,
-        body: Vec::new(),
-        body_len: 0,
-    };
+    let content_length: Option<u64> =
+        headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok());
+    let mut resp = BulkResponse { status, headers, body: Vec::new(), body_len: 0 };
     if head_only || status == 204 || status == 304 {
         return Ok(resp);
     }
     let already = (filled - head_len) as u64;
     let keep_small = |resp: &mut BulkResponse, bytes: &[u8]| {
         if resp.body.len() < 64 * 1024 {
-            resp.body
-                .extend_from_slice(&bytes[..bytes.len().min(64 * 1024 - resp.body.len())]);
+            resp.body.extend_from_slice(&bytes[..bytes.len().min(64 * 1024 - resp.body.len())]);
         }
     };
     keep_small(&mut resp, &buf[head_len..filled]);

@@ -100,15 +100,11 @@ impl Args {
     }
 
     pub fn raftyard_bin(&self) -> PathBuf {
-        self.raftyard
-            .clone()
-            .unwrap_or_else(|| workspace_root().join("target/release/raftyard"))
+        self.raftyard.clone().unwrap_or_else(|| workspace_root().join("target/release/raftyard"))
     }
 
     pub fn work_dir(&self) -> PathBuf {
-        self.work_dir
-            .clone()
-            .unwrap_or_else(|| workspace_root().join("target/bench-tmp"))
+        self.work_dir.clone().unwrap_or_else(|| workspace_root().join("target/bench-tmp"))
     }
 
     pub fn blob_bytes(&self) -> usize {

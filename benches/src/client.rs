@@ -26,12 +26,7 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(base: Url, request_timeout: Duration, transfer_timeout: Duration) -> Result<Self> {
-        Ok(RegistryClient {
-            http: http_client(request_timeout)?,
-            base,
-            request_timeout,
-            transfer_timeout,
-        })
+        Ok(RegistryClient { http: http_client(request_timeout)?, base, request_timeout, transfer_timeout })
     }
 
     /// Monolithic push: `POST` an upload, then a single `PUT ?digest=` carrying
@@ -39,14 +34,8 @@ impl RegistryClient {
     pub async fn push_blob_monolithic(&self, repo: &str, data: &Bytes, digest: &str) -> Result<()> {
         let location = self.start_upload(repo).await?;
         let url = with_digest(location, digest);
-        let resp = self
-            .bulk(
-                "PUT",
-                url,
-                vec![("Content-Type", "application/octet-stream".into())],
-                data.clone(),
-            )
-            .await?;
+        let resp =
+            self.bulk("PUT", url, vec![("Content-Type", "application/octet-stream".into())], data.clone()).await?;
         expect_status(&resp, 201, "monolithic blob PUT")?;
         check_bulk_digest(&resp, digest)
     }
@@ -63,17 +52,10 @@ impl RegistryClient {
                 ("Content-Range", format!("{}-{}", start, end - 1)),
             ];
             let what = format!("blob PATCH bytes {}-{}", start, end - 1);
-            let resp = self
-                .bulk("PATCH", location.clone(), headers, data.slice(start..end))
-                .await?;
+            let resp = self.bulk("PATCH", location.clone(), headers, data.slice(start..end)).await?;
             expect_status(&resp, 202, &what)?;
-            let loc = resp
-                .header("location")
-                .ok_or_else(|| anyhow!("{what}: no Location header"))?;
-            location = self
-                .base
-                .join(loc)
-                .with_context(|| format!("{what}: bad Location {loc:?}"))?;
+            let loc = resp.header("location").ok_or_else(|| anyhow!("{what}: no Location header"))?;
+            location = self.base.join(loc).with_context(|| format!("{what}: bad Location {loc:?}"))?;
             start = end;
         }
         let req = self
@@ -113,12 +95,7 @@ impl RegistryClient {
     pub async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: Bytes) -> Result<String> {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
         let expected = sha256_digest(&body);
-        let req = self
-            .http
-            .put(url)
-            .timeout(self.request_timeout)
-            .header(CONTENT_TYPE, media_type)
-            .body(body);
+        let req = self.http.put(url).timeout(self.request_timeout).header(CONTENT_TYPE, media_type).body(body);
         let resp = send(req, "manifest PUT").await?;
         check_digest_header(&resp, &expected)?;
         Ok(expected)
@@ -134,12 +111,7 @@ impl RegistryClient {
 
     async fn start_upload(&self, repo: &str) -> Result<Url> {
         let url = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
-        let req = self
-            .http
-            .post(url)
-            .timeout(self.request_timeout)
-            .header(CONTENT_LENGTH, 0)
-            .body(Bytes::new());
+        let req = self.http.post(url).timeout(self.request_timeout).header(CONTENT_LENGTH, 0).body(Bytes::new());
         let resp = send(req, "blob upload POST").await?;
         self.location(&resp, "blob upload POST")
     }
@@ -149,12 +121,8 @@ impl RegistryClient {
             .headers()
             .get(LOCATION)
             .ok_or_else(|| anyhow!("{what}: response {} has no Location header", resp.status()))?;
-        let value = value
-            .to_str()
-            .with_context(|| format!("{what}: Location header is not ASCII"))?;
-        self.base
-            .join(value)
-            .with_context(|| format!("{what}: cannot resolve Location {value:?}"))
+        let value = value.to_str().with_context(|| format!("{what}: Location header is not ASCII"))?;
+        self.base.join(value).with_context(|| format!("{what}: cannot resolve Location {value:?}"))
     }
 
     fn url(&self, path: &str) -> Result<Url> {

@@ -151,11 +151,7 @@ async fn run(args: &Args) -> Result<()> {
 
     let generated = Instant::now();
     let source = BlobSource::new(args.blob_bytes());
-    eprintln!(
-        "generated {} MiB of random blob data in {:.2?}",
-        args.blob_mib,
-        generated.elapsed()
-    );
+    eprintln!("generated {} MiB of random blob data in {:.2?}", args.blob_mib, generated.elapsed());
     let plan = Plan {
         reps: args.reps,
         chunk_bytes: args.chunk_bytes(),
@@ -170,12 +166,7 @@ async fn run(args: &Args) -> Result<()> {
     workload::run_all(&mut subjects, &source, &plan).await?;
     let results = subjects.into_iter().map(Subject::into_results).collect();
 
-    let report = Report {
-        args,
-        command,
-        docker_registry_version,
-        results,
-    };
+    let report = Report { args, command, docker_registry_version, results };
     println!("{}", report.render());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report.to_json())?;
@@ -194,13 +185,8 @@ struct RunDir {
 impl RunDir {
     fn create(work_dir: &Path, keep: bool) -> Result<Self> {
         fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
-        let work_dir = work_dir
-            .canonicalize()
-            .with_context(|| format!("resolving {}", work_dir.display()))?;
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let work_dir = work_dir.canonicalize().with_context(|| format!("resolving {}", work_dir.display()))?;
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let path = work_dir.join(format!("run-{stamp}-{}", std::process::id()));
         fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(RunDir { path, keep })

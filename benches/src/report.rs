@@ -154,11 +154,7 @@ pub fn median(samples: &[f64]) -> Option<f64> {
     let mut sorted = samples.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
-    Some(if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    })
+    Some(if sorted.len() % 2 == 1 { sorted[mid] } else { (sorted[mid - 1] + sorted[mid]) / 2.0 })
 }
 
 /// Nearest-rank percentile (`p` in 0..=100); 0 for no samples.
@@ -194,15 +190,8 @@ struct Comparison {
 impl Comparison {
     fn new(m: &Metric, raftyard: &TargetResults, docker: &TargetResults) -> Self {
         let (r, d) = ((m.samples)(raftyard), (m.samples)(docker));
-        let per_rep = if m.per_rep {
-            per_rep_ratios(m.better, &r, &d)
-        } else {
-            Vec::new()
-        };
-        Comparison {
-            of_medians: ratio(m.better, median(&r), median(&d)),
-            per_rep,
-        }
+        let per_rep = if m.per_rep { per_rep_ratios(m.better, &r, &d) } else { Vec::new() };
+        Comparison { of_medians: ratio(m.better, median(&r), median(&d)), per_rep }
     }
 
     fn median_per_rep(&self) -> Option<f64> {
@@ -213,11 +202,7 @@ impl Comparison {
 /// The ratio of the n-th raftyard sample to the n-th docker-registry sample,
 /// for every repetition that has a finite ratio.
 fn per_rep_ratios(better: Better, raftyard: &[f64], docker: &[f64]) -> Vec<f64> {
-    raftyard
-        .iter()
-        .zip(docker)
-        .filter_map(|(&r, &d)| ratio(better, Some(r), Some(d)))
-        .collect()
+    raftyard.iter().zip(docker).filter_map(|(&r, &d)| ratio(better, Some(r), Some(d))).collect()
 }
 
 /// How ratios are oriented, for the printed report and the JSON output.
@@ -345,21 +330,22 @@ impl Report<'_> {
 /// the first column left-aligned and the others right-aligned.
 fn layout(rows: &[Vec<String>]) -> String {
     let columns = rows[0].len();
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..columns).map(|c| rows.iter().map(|row| row[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for (i, row) in rows.iter().enumerate() {
         let cells: Vec<String> = row
             .iter()
             .enumerate()
-            .map(|(c, cell)| {
-                if c == 0 {
-                    format!("{cell:<w$}", w = widths[c])
-                } else {
-                    format!("{cell:>w$}", w = widths[c])
-                }
-            })
+            .map(
+                |(c, cell)| {
+                    if c == 0 {
+                        format!("{cell:<w$}", w = widths[c])
+                    } else {
+                        format!("{cell:>w$}", w = widths[c])
+                    }
+                },
+            )
             .collect();
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
         if i == 0 {
@@ -381,10 +367,7 @@ fn fmt(value: Option<f64>, decimals: usize, suffix: &str) -> String {
 pub fn command_line() -> String {
     std::env::args()
         .map(|arg| {
-            let plain = !arg.is_empty()
-                && arg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+            let plain = !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
             if plain {
                 arg
             } else {

@@ -34,11 +34,7 @@ impl Server {
         fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let port = free_port()?;
         let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(&data_dir);
+        cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(&data_dir);
         spawn(Target::Raftyard, cmd, bin, dir, port)
     }
 
@@ -104,11 +100,7 @@ impl Server {
             Ok(text) if text.trim().is_empty() => "  (log is empty)".to_string(),
             Ok(text) => {
                 let all: Vec<&str> = text.lines().collect();
-                all[all.len().saturating_sub(lines)..]
-                    .iter()
-                    .map(|l| format!("  {l}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                all[all.len().saturating_sub(lines)..].iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
             }
             Err(err) => format!("  (cannot read log: {err})"),
         }
@@ -182,12 +174,7 @@ fn spawn(target: Target, mut cmd: Command, bin: &Path, dir: &Path, port: u16) ->
         )
     })?;
     let base = Url::parse(&format!("http://127.0.0.1:{port}/"))?;
-    Ok(Server {
-        target,
-        base,
-        log_path,
-        child,
-    })
+    Ok(Server { target, base, log_path, child })
 }
 
 /// Picks a currently free loopback port.
@@ -247,8 +234,5 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 pub fn docker_registry_version(bin: &Path) -> Option<String> {
     let out = Command::new(bin).arg("--version").stdin(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .next()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
+    text.lines().next().map(|l| l.trim().to_string()).filter(|l| !l.is_empty())
 }

@@ -134,9 +134,7 @@ impl Subject {
         let name = self.name();
         let (data, digest) = source.fresh();
         flush_page_cache().await;
-        let push = self
-            .client
-            .push_blob_chunked(REPO_CHUNKED, &data, &digest, plan.chunk_bytes);
+        let push = self.client.push_blob_chunked(REPO_CHUNKED, &data, &digest, plan.chunk_bytes);
         let elapsed = timed_with_rss_peak(self.server.pid(), &mut self.results.rss_peak_push_kib, push)
             .await
             .with_context(|| format!("{name}: chunked push, rep {rep}"))?;
@@ -147,20 +145,15 @@ impl Subject {
     }
 
     fn pull_digest(&self) -> Result<String> {
-        self.pull_digest
-            .clone()
-            .with_context(|| format!("{}: no monolithic blob was pushed to pull", self.name()))
+        self.pull_digest.clone().with_context(|| format!("{}: no monolithic blob was pushed to pull", self.name()))
     }
 
     /// One untimed pull of the blob the timed pulls read.
     async fn warm_up_pull(&mut self, expected: u64) -> Result<()> {
         let name = self.name();
         let digest = self.pull_digest()?;
-        let got = self
-            .client
-            .pull_blob(REPO_MONOLITHIC, &digest)
-            .await
-            .with_context(|| format!("{name}: warm-up pull"))?;
+        let got =
+            self.client.pull_blob(REPO_MONOLITHIC, &digest).await.with_context(|| format!("{name}: warm-up pull"))?;
         if got != expected {
             bail!("{name}: warm-up pull of {digest} returned {got} bytes, expected {expected}");
         }
@@ -209,10 +202,8 @@ impl Subject {
 
     async fn manifests_rep(&mut self, rep: u32, plan: &Plan) -> Result<()> {
         let name = self.name();
-        let template = self
-            .manifest_template
-            .as_ref()
-            .with_context(|| format!("{name}: manifest blobs were not pushed"))?;
+        let template =
+            self.manifest_template.as_ref().with_context(|| format!("{name}: manifest blobs were not pushed"))?;
         flush_page_cache().await;
         let (put_ms, get_ms) = manifest_latencies(name, &self.client, template, rep, plan.manifests).await?;
         let (put50, put99) = (percentile(&put_ms, 50.0), percentile(&put_ms, 99.0));

@@ -5,10 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = proto_dir.join("raftyard_peer.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&proto_dir])?;
-    tonic_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .bytes(["."])
-        .compile_fds(fds)?;
+    tonic_build::configure().build_client(true).build_server(true).bytes(["."]).compile_fds(fds)?;
     Ok(())
 }

@@ -61,12 +61,7 @@ impl BlobStore {
             fsync_dir(&blobs)?;
             fsync_dir(&cfg.root)?;
         }
-        Ok(BlobStore {
-            cfg,
-            blobs,
-            uploads,
-            sessions: Mutex::new(HashMap::new()),
-        })
+        Ok(BlobStore { cfg, blobs, uploads, sessions: Mutex::new(HashMap::new()) })
     }
 
     pub fn root(&self) -> &Path {
@@ -111,21 +106,13 @@ impl BlobStore {
         let path = self.uploads.join(&id);
         let file = File::options().create_new(true).write(true).open(&path)?;
         let session = Session::new(id.clone(), repo, path, file, algorithm.hasher());
-        self.sessions
-            .lock()
-            .unwrap()
-            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        self.sessions.lock().unwrap().insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
         debug!(upload = %id, "upload started");
         Ok(id)
     }
 
     fn session(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<Session>>> {
-        self.sessions
-            .lock()
-            .unwrap()
-            .get(id)
-            .cloned()
-            .ok_or(BlobError::UploadUnknown)
+        self.sessions.lock().unwrap().get(id).cloned().ok_or(BlobError::UploadUnknown)
     }
 
     fn lock(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<Session>> {
@@ -160,10 +147,7 @@ impl BlobStore {
         result?;
         if let Some(len) = len {
             if written != len {
-                return Err(BlobError::SizeInvalid {
-                    expected: len,
-                    actual: written,
-                });
+                return Err(BlobError::SizeInvalid { expected: len, actual: written });
             }
         }
         debug!(upload = %id, from = before, to = s.size, "chunk appended");
@@ -244,11 +228,7 @@ impl BlobStore {
         let ids: Vec<String> = {
             let map = self.sessions.lock().unwrap();
             map.iter()
-                .filter(|(_, s)| {
-                    s.try_lock()
-                        .map(|s| now.duration_since(s.last_active) > max_idle)
-                        .unwrap_or(false)
-                })
+                .filter(|(_, s)| s.try_lock().map(|s| now.duration_since(s.last_active) > max_idle).unwrap_or(false))
                 .map(|(id, _)| id.clone())
                 .collect()
         };

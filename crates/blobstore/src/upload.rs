@@ -49,22 +49,11 @@ pub(crate) struct Session {
 
 impl Session {
     pub fn new(id: String, repo: RepoName, path: PathBuf, file: File, hasher: Hasher) -> Self {
-        Session {
-            id,
-            repo,
-            path,
-            writer: Some((file, hasher)),
-            size: 0,
-            last_active: Instant::now(),
-        }
+        Session { id, repo, path, writer: Some((file, hasher)), size: 0, last_active: Instant::now() }
     }
 
     pub fn status(&self) -> UploadStatus {
-        UploadStatus {
-            id: self.id.clone(),
-            repo: self.repo.clone(),
-            size: self.size,
-        }
+        UploadStatus { id: self.id.clone(), repo: self.repo.clone(), size: self.size }
     }
 
     pub fn take_writer(&mut self) -> Result<(File, Hasher)> {

@@ -6,12 +6,7 @@ use raftyard_blobstore::{BlobError, BlobStore, BlobStoreConfig};
 use raftyard_types::{Algorithm, Digest, RepoName};
 
 fn store(dir: &std::path::Path) -> BlobStore {
-    BlobStore::open(BlobStoreConfig {
-        root: dir.to_path_buf(),
-        owner: "n1".into(),
-        fsync: true,
-    })
-    .unwrap()
+    BlobStore::open(BlobStoreConfig { root: dir.to_path_buf(), owner: "n1".into(), fsync: true }).unwrap()
 }
 
 fn body(chunks: Vec<Vec<u8>>) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send {
@@ -30,20 +25,12 @@ async fn chunked_upload_verifies_and_commits() {
     let digest = Digest::sha256(&data);
     let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
     assert!(id.starts_with("n1-"));
-    let n = s
-        .append(&id, Some(0), Some(1_000_000), body(vec![data[..1_000_000].to_vec()]))
-        .await
-        .unwrap();
+    let n = s.append(&id, Some(0), Some(1_000_000), body(vec![data[..1_000_000].to_vec()])).await.unwrap();
     assert_eq!(n, 1_000_000);
     // out-of-order chunk is refused and changes nothing
-    let e = s
-        .append(&id, Some(5), None, body(vec![vec![1, 2, 3]]))
-        .await
-        .unwrap_err();
+    let e = s.append(&id, Some(5), None, body(vec![vec![1, 2, 3]])).await.unwrap_err();
     assert!(matches!(e, BlobError::RangeInvalid { size: 1_000_000 }));
-    s.append(&id, Some(1_000_000), None, body(vec![data[1_000_000..].to_vec()]))
-        .await
-        .unwrap();
+    s.append(&id, Some(1_000_000), None, body(vec![data[1_000_000..].to_vec()])).await.unwrap();
     assert_eq!(s.upload_status(&id).unwrap().size, 3_000_000);
     assert!(s.stat(&digest).is_none(), "nothing visible before finish");
     let (r, size) = s.finish(&id, &digest).await.unwrap();
@@ -57,10 +44,7 @@ async fn wrong_digest_is_rejected_and_nothing_visible() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let wrong = Digest::sha256(b"something else");
-    let e = s
-        .put_stream(repo(), &wrong, None, body(vec![b"hello".to_vec()]))
-        .await
-        .unwrap_err();
+    let e = s.put_stream(repo(), &wrong, None, body(vec![b"hello".to_vec()])).await.unwrap_err();
     assert!(matches!(e, BlobError::DigestInvalid { .. }));
     assert!(s.stat(&wrong).is_none());
     assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
@@ -71,9 +55,7 @@ async fn sha512_and_algorithm_switch() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let d512 = Digest::of(Algorithm::Sha512, b"payload");
-    s.put_stream(repo(), &d512, Some(7), body(vec![b"pay".to_vec(), b"load".to_vec()]))
-        .await
-        .unwrap();
+    s.put_stream(repo(), &d512, Some(7), body(vec![b"pay".to_vec(), b"load".to_vec()])).await.unwrap();
     assert_eq!(s.stat(&d512), Some(7));
     // session hashed sha256 but client finishes with sha512: verified by re-hashing
     let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
@@ -88,10 +70,7 @@ async fn size_mismatch_and_body_error_keep_consistent_offset() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
-    let failing = stream::iter(vec![
-        Ok(Bytes::from_static(b"abc")),
-        Err(std::io::Error::other("client went away")),
-    ]);
+    let failing = stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(std::io::Error::other("client went away"))]);
     let e = s.append(&id, Some(0), None, failing).await.unwrap_err();
     assert!(matches!(e, BlobError::Body(_)));
     assert_eq!(s.upload_status(&id).unwrap().size, 3, "received prefix is kept");
@@ -105,13 +84,9 @@ async fn reopening_discards_sessions_but_keeps_blobs() {
     let d = Digest::sha256(b"kept");
     let id = {
         let s = store(dir.path());
-        s.put_stream(repo(), &d, None, body(vec![b"kept".to_vec()]))
-            .await
-            .unwrap();
+        s.put_stream(repo(), &d, None, body(vec![b"kept".to_vec()])).await.unwrap();
         let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
-        s.append(&id, None, None, body(vec![b"partial".to_vec()]))
-            .await
-            .unwrap();
+        s.append(&id, None, None, body(vec![b"partial".to_vec()])).await.unwrap();
         std::mem::forget(s); // simulate a crash: no destructors run
         id
     };

@@ -15,9 +15,7 @@ use crate::service::PeerServices;
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeAddr>>) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            codec::propose_error_to_status(ProposeError::NotLeader {
-                leader: f.leader_id.zip(f.leader_node),
-            })
+            codec::propose_error_to_status(ProposeError::NotLeader { leader: f.leader_id.zip(f.leader_node) })
         }
         e => Status::unavailable(e.to_string()),
     }
@@ -30,11 +28,7 @@ impl PeerServices {
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let matched = |id: &NodeId| -> u64 {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(id).cloned().flatten())
-                .map(|l| l.index)
-                .unwrap_or(0)
+            m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index).unwrap_or(0)
         };
         let members: Vec<pb::MemberStatus> = membership
             .nodes()
@@ -82,21 +76,12 @@ impl pb::admin_server::Admin for PeerServices {
 
     async fn add_member(&self, req: Request<pb::Member>) -> Result<Response<pb::AdminReply>, Status> {
         let m = req.into_inner();
-        let addr = NodeAddr {
-            peer: m.peer.clone(),
-            registry: m.registry.clone(),
-        };
+        let addr = NodeAddr { peer: m.peer.clone(), registry: m.registry.clone() };
         info!(id = m.id, peer = %m.peer, "adding a learner");
         // Blocks until the learner has caught up with the log (or a snapshot).
-        self.meta
-            .raft()
-            .add_learner(m.id, addr, true)
-            .await
-            .map_err(write_error)?;
+        self.meta.raft().add_learner(m.id, addr, true).await.map_err(write_error)?;
         if m.learner_only {
-            return Ok(Response::new(pb::AdminReply {
-                message: format!("node {} added as a learner", m.id),
-            }));
+            return Ok(Response::new(pb::AdminReply { message: format!("node {} added as a learner", m.id) }));
         }
         info!(id = m.id, "promoting to voter");
         self.meta
@@ -104,9 +89,7 @@ impl pb::admin_server::Admin for PeerServices {
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.id])), false)
             .await
             .map_err(write_error)?;
-        Ok(Response::new(pb::AdminReply {
-            message: format!("node {} added as a voter", m.id),
-        }))
+        Ok(Response::new(pb::AdminReply { message: format!("node {} added as a voter", m.id) }))
     }
 
     async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::AdminReply>, Status> {
@@ -119,13 +102,7 @@ impl pb::admin_server::Admin for PeerServices {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         info!(id, is_voter, "removing a member");
-        self.meta
-            .raft()
-            .change_membership(change, false)
-            .await
-            .map_err(write_error)?;
-        Ok(Response::new(pb::AdminReply {
-            message: format!("node {id} removed"),
-        }))
+        self.meta.raft().change_membership(change, false).await.map_err(write_error)?;
+        Ok(Response::new(pb::AdminReply { message: format!("node {id} removed") }))
     }
 }

@@ -41,10 +41,7 @@ pub fn read_chunks(file: std::fs::File, offset: u64, len: u64) -> mpsc::Receiver
         while pos < end {
             let mut buf = vec![0u8; ((end - pos) as usize).min(CHUNK)];
             let r = match file.read_at(&mut buf, pos) {
-                Ok(0) => Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "blob shorter than expected",
-                )),
+                Ok(0) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob shorter than expected")),
                 Ok(n) => {
                     buf.truncate(n);
                     pos += n as u64;
@@ -73,6 +70,11 @@ impl BlobPeers {
         BlobPeers { peers, store }
     }
 
+    /// The connections to peers.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
     /// Fetches `digest` into the local store from the first of `sources` (peer addresses) that
     /// delivers it completely and correctly. Returns its size.
     pub async fn fetch(&self, repo: &RepoName, digest: &Digest, sources: &[String]) -> Result<u64, PeerBlobError> {
@@ -86,24 +88,15 @@ impl BlobPeers {
     }
 
     async fn fetch_from(&self, repo: &RepoName, digest: &Digest, addr: &str) -> Result<u64, PeerBlobError> {
-        let perr = |msg: String| PeerBlobError::Peer {
-            peer: addr.to_string(),
-            msg,
-        };
+        let perr = |msg: String| PeerBlobError::Peer { peer: addr.to_string(), msg };
         let ch = self.peers.channel(addr).map_err(|e| perr(e.to_string()))?;
         let stream = BlobsClient::new(ch)
-            .get(GetBlobRequest {
-                digest: digest.to_string(),
-                offset: 0,
-            })
+            .get(GetBlobRequest { digest: digest.to_string(), offset: 0 })
             .await
             .map_err(|s| perr(s.message().to_string()))?
             .into_inner();
         let body = stream.map(|r| r.map(|c: BlobChunk| c.data).map_err(|s| s.message().to_string()));
-        let size = self
-            .store
-            .put_stream(repo.clone(), digest, None, Box::pin(body))
-            .await?;
+        let size = self.store.put_stream(repo.clone(), digest, None, Box::pin(body)).await?;
         debug!(%digest, peer = %addr, size, "blob fetched from peer");
         Ok(size)
     }
@@ -142,10 +135,7 @@ impl BlobPeers {
     }
 
     async fn push_to(&self, repo: &RepoName, digest: &Digest, addr: &str) -> Result<(), PeerBlobError> {
-        let perr = |msg: String| PeerBlobError::Peer {
-            peer: addr.to_string(),
-            msg,
-        };
+        let perr = |msg: String| PeerBlobError::Peer { peer: addr.to_string(), msg };
         let (file, size) = self.store.open_blob(digest)?;
         let mut chunks = read_chunks(file, 0, size);
         let (tx, rx) = mpsc::channel::<PutBlobPart>(DEPTH);
@@ -161,19 +151,15 @@ impl BlobPeers {
                 return;
             }
             while let Some(Ok(data)) = chunks.recv().await {
-                let part = PutBlobPart {
-                    part: Some(put_blob_part::Part::Data(data)),
-                };
+                let part = PutBlobPart { part: Some(put_blob_part::Part::Data(data)) };
                 if tx.send(part).await.is_err() {
                     return;
                 }
             }
         });
         let ch = self.peers.channel(addr).map_err(|e| perr(e.to_string()))?;
-        let reply = BlobsClient::new(ch)
-            .put(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| perr(s.message().to_string()))?;
+        let reply =
+            BlobsClient::new(ch).put(ReceiverStream::new(rx)).await.map_err(|s| perr(s.message().to_string()))?;
         let got = reply.into_inner().size;
         if got != size {
             return Err(perr(format!("stored {got} bytes of {size}")));

@@ -37,21 +37,11 @@ pub fn propose_error_to_status(e: ProposeError) -> Status {
 pub fn status_to_propose_error(s: Status) -> ProposeError {
     match s.code() {
         Code::FailedPrecondition => {
-            let leader = s
-                .metadata()
-                .get(LEADER_HINT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    let mut it = v.split(' ');
-                    let id: NodeId = it.next()?.parse().ok()?;
-                    Some((
-                        id,
-                        NodeAddr {
-                            peer: it.next()?.to_string(),
-                            registry: it.next()?.to_string(),
-                        },
-                    ))
-                });
+            let leader = s.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).and_then(|v| {
+                let mut it = v.split(' ');
+                let id: NodeId = it.next()?.parse().ok()?;
+                Some((id, NodeAddr { peer: it.next()?.to_string(), registry: it.next()?.to_string() }))
+            });
             ProposeError::NotLeader { leader }
         }
         _ => ProposeError::Unavailable(format!("peer: {}", s.message())),

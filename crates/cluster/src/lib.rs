@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod blobs;
 pub mod codec;
+pub mod forward;
 pub mod link;
 pub mod network;
 pub mod peers;
@@ -26,6 +27,7 @@ pub mod pb {
 }
 
 pub use blobs::BlobPeers;
+pub use forward::{forward, HttpBody, LocalHttp, LocalHttpSlot};
 pub use link::GrpcLeaderLink;
 pub use network::PeerNetwork;
 pub use peers::Peers;

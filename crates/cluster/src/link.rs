@@ -26,13 +26,8 @@ impl GrpcLeaderLink {
     }
 
     fn client(&self, leader: &NodeAddr) -> Result<MetaClient<tonic::transport::Channel>, ProposeError> {
-        let ch = self
-            .peers
-            .channel(&leader.peer)
-            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        Ok(MetaClient::new(ch)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
+        let ch = self.peers.channel(&leader.peer).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        Ok(MetaClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
     }
 }
 
@@ -40,16 +35,9 @@ impl GrpcLeaderLink {
 impl LeaderLink for GrpcLeaderLink {
     async fn propose(&self, leader: &NodeAddr, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError> {
         let command = codec::encode(&cmd).map_err(codec::status_to_propose_error)?;
-        let mut req = tonic::Request::new(ProposeRequest {
-            command: command.into(),
-        });
+        let mut req = tonic::Request::new(ProposeRequest { command: command.into() });
         req.set_timeout(PROPOSE_TIMEOUT);
-        let reply = self
-            .client(leader)?
-            .propose(req)
-            .await
-            .map_err(codec::status_to_propose_error)?
-            .into_inner();
+        let reply = self.client(leader)?.propose(req).await.map_err(codec::status_to_propose_error)?.into_inner();
         let outcome = if reply.rejection.is_empty() {
             Ok(())
         } else {
@@ -61,11 +49,7 @@ impl LeaderLink for GrpcLeaderLink {
     async fn read_index(&self, leader: &NodeAddr) -> Result<u64, ProposeError> {
         let mut req = tonic::Request::new(ReadIndexRequest {});
         req.set_timeout(crate::peers::CALL_TIMEOUT);
-        let reply = self
-            .client(leader)?
-            .read_index(req)
-            .await
-            .map_err(codec::status_to_propose_error)?;
+        let reply = self.client(leader)?.read_index(req).await.map_err(codec::status_to_propose_error)?;
         Ok(reply.into_inner().index)
     }
 }

@@ -42,11 +42,7 @@ pub struct PeerRaft {
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerRaft;
     async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> PeerRaft {
-        PeerRaft {
-            target,
-            addr: node.peer.clone(),
-            peers: self.peers.clone(),
-        }
+        PeerRaft { target, addr: node.peer.clone(), peers: self.peers.clone() }
     }
 }
 
@@ -62,11 +58,7 @@ type Rpc<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, NodeAddr, E>>;
 
 impl PeerRaft {
     fn err(&self, msg: impl ToString) -> PeerCallError {
-        PeerCallError {
-            target: self.target,
-            addr: self.addr.clone(),
-            msg: msg.to_string(),
-        }
+        PeerCallError { target: self.target, addr: self.addr.clone(), msg: msg.to_string() }
     }
 
     async fn call<Req, Resp, E>(&self, which: Which, req: &Req, option: &RPCOption) -> Rpc<Resp, E>
@@ -76,13 +68,10 @@ impl PeerRaft {
         E: std::error::Error + DeserializeOwned,
     {
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&self.err(e))))?;
-        let channel = self
-            .peers
-            .channel(&self.addr)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&self.err(e))))?;
-        let mut client = RaftClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let channel =
+            self.peers.channel(&self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&self.err(e))))?;
+        let mut client =
+            RaftClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
         let mut request = tonic::Request::new(RaftMessage { data: data.into() });
         request.set_timeout(option.hard_ttl());
         let reply = match which {
@@ -116,9 +105,7 @@ impl RaftNetwork<TypeConfig> for PeerRaft {
         if n > 1 {
             let size = bincode::serialized_size(&rpc).unwrap_or(0) as usize;
             if size > MAX_APPEND_BYTES {
-                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(
-                    (n / 2).max(1),
-                )));
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint((n / 2).max(1))));
             }
         }
         self.call(Which::Append, &rpc, &option).await

@@ -34,12 +34,7 @@ pub struct RepairWorker {
 
 impl RepairWorker {
     pub fn new(meta: MetaNode, store: Arc<BlobStore>, peers: BlobPeers) -> Self {
-        RepairWorker {
-            meta,
-            store,
-            peers,
-            failed: HashMap::new(),
-        }
+        RepairWorker { meta, store, peers, failed: HashMap::new() }
     }
 
     /// Runs until `stop` is cancelled.
@@ -110,11 +105,7 @@ impl RepairWorker {
                 Ok(size) => {
                     self.failed.remove(&d);
                     worked = true;
-                    let placed = Event::BlobPlaced {
-                        digest: d.clone(),
-                        size,
-                        node: self.meta.id(),
-                    };
+                    let placed = Event::BlobPlaced { digest: d.clone(), size, node: self.meta.id() };
                     if let Err(e) = self.meta.propose(vec![placed]).await {
                         warn!(digest = %d, error = %e, "blob repaired but its placement not recorded");
                     } else {
@@ -122,11 +113,7 @@ impl RepairWorker {
                     }
                 }
                 Err(e) => {
-                    let backoff = self
-                        .failed
-                        .get(&d)
-                        .map(|(_, b)| (*b * 2).min(BACKOFF_MAX))
-                        .unwrap_or(BACKOFF_MIN);
+                    let backoff = self.failed.get(&d).map(|(_, b)| (*b * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
                     debug!(digest = %d, error = %e, ?backoff, "blob repair failed");
                     self.failed.insert(d, (Instant::now() + backoff, backoff));
                 }

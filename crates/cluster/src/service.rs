@@ -22,6 +22,8 @@ use crate::peers::MAX_MESSAGE;
 pub struct PeerServices {
     pub meta: MetaNode,
     pub blobs: Arc<BlobStore>,
+    /// The local registry, for requests forwarded to this node's upload sessions.
+    pub local: crate::forward::LocalHttpSlot,
 }
 
 /// Serves the peer protocol on `listener` until `shutdown` completes.
@@ -45,15 +47,14 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(pb::blobs_server::BlobsServer::new(s.clone()))
+        .add_service(pb::uploads_server::UploadsServer::new(s.clone()))
         .add_service(pb::admin_server::AdminServer::new(s))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }
 
 fn raft_reply<T: serde::Serialize>(r: &T) -> Result<Response<pb::RaftMessage>, Status> {
-    Ok(Response::new(pb::RaftMessage {
-        data: codec::encode(r)?.into(),
-    }))
+    Ok(Response::new(pb::RaftMessage { data: codec::encode(r)?.into() }))
 }
 
 #[tonic::async_trait]
@@ -78,11 +79,7 @@ impl pb::raft_server::Raft for PeerServices {
 impl pb::meta_server::Meta for PeerServices {
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
         let cmd = codec::decode(&req.into_inner().command)?;
-        let (index, outcome) = self
-            .meta
-            .propose_local(cmd)
-            .await
-            .map_err(codec::propose_error_to_status)?;
+        let (index, outcome) = self.meta.propose_local(cmd).await.map_err(codec::propose_error_to_status)?;
         let rejection = match outcome {
             Ok(()) => Bytes::new(),
             Err(r) => codec::encode(&r)?.into(),
@@ -91,11 +88,7 @@ impl pb::meta_server::Meta for PeerServices {
     }
 
     async fn read_index(&self, _: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
-        let index = self
-            .meta
-            .read_index_local()
-            .await
-            .map_err(codec::propose_error_to_status)?;
+        let index = self.meta.read_index_local().await.map_err(codec::propose_error_to_status)?;
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
 }
@@ -117,9 +110,7 @@ impl pb::blobs_server::Blobs for PeerServices {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(c) = chunks.recv().await {
-                let item = c
-                    .map(|data| pb::BlobChunk { data })
-                    .map_err(|e| Status::internal(e.to_string()));
+                let item = c.map(|data| pb::BlobChunk { data }).map_err(|e| Status::internal(e.to_string()));
                 if tx.send(item).await.is_err() {
                     return;
                 }
@@ -131,18 +122,13 @@ impl pb::blobs_server::Blobs for PeerServices {
     async fn has(&self, req: Request<pb::HasBlobRequest>) -> Result<Response<pb::HasBlobReply>, Status> {
         let d = digest(&req.into_inner().digest)?;
         let size = self.blobs.stat(&d);
-        Ok(Response::new(pb::HasBlobReply {
-            present: size.is_some(),
-            size: size.unwrap_or(0),
-        }))
+        Ok(Response::new(pb::HasBlobReply { present: size.is_some(), size: size.unwrap_or(0) }))
     }
 
     async fn put(&self, req: Request<Streaming<pb::PutBlobPart>>) -> Result<Response<pb::PutBlobReply>, Status> {
         let mut stream = req.into_inner();
         let header = match stream.next().await {
-            Some(Ok(pb::PutBlobPart {
-                part: Some(put_blob_part::Part::Header(h)),
-            })) => h,
+            Some(Ok(pb::PutBlobPart { part: Some(put_blob_part::Part::Header(h)) })) => h,
             _ => return Err(Status::invalid_argument("a blob push starts with its header")),
         };
         let d = digest(&header.digest)?;
@@ -152,9 +138,7 @@ impl pb::blobs_server::Blobs for PeerServices {
             return Ok(Response::new(pb::PutBlobReply { size: header.size }));
         }
         let body = stream.map(|p| match p {
-            Ok(pb::PutBlobPart {
-                part: Some(put_blob_part::Part::Data(b)),
-            }) => Ok(b),
+            Ok(pb::PutBlobPart { part: Some(put_blob_part::Part::Data(b)) }) => Ok(b),
             Ok(_) => Err("unexpected part in a blob push".to_string()),
             Err(s) => Err(s.message().to_string()),
         });
@@ -164,5 +148,14 @@ impl pb::blobs_server::Blobs for PeerServices {
             .await
             .map_err(|e| Status::aborted(e.to_string()))?;
         Ok(Response::new(pb::PutBlobReply { size }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::uploads_server::Uploads for PeerServices {
+    type ForwardStream = ReceiverStream<Result<pb::HttpPart, Status>>;
+
+    async fn forward(&self, req: Request<Streaming<pb::HttpPart>>) -> Result<Response<Self::ForwardStream>, Status> {
+        crate::forward::serve_forwarded(&self.local, req.into_inner()).await.map(Response::new)
     }
 }

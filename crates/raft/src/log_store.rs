@@ -27,11 +27,7 @@ fn idx_key(i: u64) -> [u8; 8] {
 
 impl LogStore {
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(LogStore {
-            db: db.clone(),
-            log: db.open_tree("log")?,
-            raft: db.open_tree("raft")?,
-        })
+        Ok(LogStore { db: db.clone(), log: db.open_tree("log")?, raft: db.open_tree("raft")? })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -39,15 +35,9 @@ impl LogStore {
         key: &[u8],
         subject: ErrorSubject<NodeId>,
     ) -> Result<Option<T>, StorageError> {
-        match self
-            .raft
-            .get(key)
-            .map_err(|e| storage_err(subject.clone(), ErrorVerb::Read, e))?
-        {
+        match self.raft.get(key).map_err(|e| storage_err(subject.clone(), ErrorVerb::Read, e))? {
             None => Ok(None),
-            Some(v) => bincode::deserialize(&v)
-                .map(Some)
-                .map_err(|e| storage_err(subject, ErrorVerb::Read, e)),
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(|e| storage_err(subject, ErrorVerb::Read, e)),
         }
     }
 
@@ -58,17 +48,12 @@ impl LogStore {
         subject: ErrorSubject<NodeId>,
     ) -> Result<(), StorageError> {
         let bytes = bincode::serialize(v).map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
-        self.raft
-            .insert(key, bytes)
-            .map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
+        self.raft.insert(key, bytes).map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
         Ok(())
     }
 
     async fn flush(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
+        self.db.flush_async().await.map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
         Ok(())
     }
 
@@ -77,11 +62,7 @@ impl LogStore {
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId>, StorageError> {
-        match self
-            .log
-            .last()
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))?
-        {
+        match self.log.last().map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))? {
             None => Ok(None),
             Some((_, v)) => Ok(Some(*Self::decode(&v)?.get_log_id())),
         }
@@ -118,10 +99,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta(LAST_PURGED, ErrorSubject::Logs)?;
         let last = self.last_entry_id()?.or(last_purged);
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -143,9 +121,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .get_meta::<Option<LogId>>(COMMITTED, ErrorSubject::Store)?
-            .flatten())
+        Ok(self.get_meta::<Option<LogId>>(COMMITTED, ErrorSubject::Store)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -159,9 +135,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|err| storage_err(ErrorSubject::Log(*e.get_log_id()), ErrorVerb::Write, err))?;
             batch.insert(&idx_key(e.get_log_id().index), bytes);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // Entries are readable now; acknowledge durability only after the flush.
         let res = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
         callback.log_io_completed(res);
@@ -174,9 +148,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
             batch.remove(k);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         self.flush(ErrorSubject::Logs).await
     }
 
@@ -189,9 +161,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
             batch.remove(k);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         Ok(())
     }
 }

@@ -99,10 +99,7 @@ impl MetaNode {
         link: Option<Arc<dyn LeaderLink>>,
     ) -> Result<Self, StartError> {
         std::fs::create_dir_all(&cfg.dir)?;
-        let db = sled::Config::new()
-            .path(&cfg.dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = sled::Config::new().path(&cfg.dir).mode(sled::Mode::HighThroughput).open()?;
         let log = LogStore::open(&db)?;
         let sm = StateMachine::open(&db)?;
         let reader = sm.reader();
@@ -117,16 +114,8 @@ impl MetaNode {
         }
         .validate()
         .map_err(raft_err)?;
-        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm)
-            .await
-            .map_err(raft_err)?;
-        let node = MetaNode {
-            id: cfg.id,
-            raft,
-            reader,
-            db,
-            link,
-        };
+        let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
+        let node = MetaNode { id: cfg.id, raft, reader, db, link };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
                 info!(id = cfg.id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
@@ -152,10 +141,7 @@ impl MetaNode {
     pub fn members(&self) -> Vec<(NodeId, NodeAddr, bool)> {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let voters: std::collections::BTreeSet<NodeId> = m.membership().voter_ids().collect();
-        m.membership()
-            .nodes()
-            .map(|(id, a)| (*id, a.clone(), voters.contains(id)))
-            .collect()
+        m.membership().nodes().map(|(id, a)| (*id, a.clone(), voters.contains(id))).collect()
     }
 
     /// Waits until some node is leader (and this node knows it), up to `timeout`.
@@ -175,9 +161,9 @@ impl MetaNode {
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let r = match self.propose_local(cmd.clone()).await {
-                Err(ProposeError::NotLeader {
-                    leader: Some((_, addr)),
-                }) if self.link.is_some() => self.link.as_ref().expect("checked").propose(&addr, cmd.clone()).await,
+                Err(ProposeError::NotLeader { leader: Some((_, addr)) }) if self.link.is_some() => {
+                    self.link.as_ref().expect("checked").propose(&addr, cmd.clone()).await
+                }
                 r => r,
             };
             match r {
@@ -198,9 +184,9 @@ impl MetaNode {
     pub async fn propose_local(&self, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                leader: f.leader_id.zip(f.leader_node),
-            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader { leader: f.leader_id.zip(f.leader_node) })
+            }
             Err(e) => Err(ProposeError::Unavailable(e.to_string())),
         }
     }
@@ -211,9 +197,9 @@ impl MetaNode {
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let r = match self.read_index_local().await {
-                Err(ProposeError::NotLeader {
-                    leader: Some((_, addr)),
-                }) if self.link.is_some() => self.link.as_ref().expect("checked").read_index(&addr).await,
+                Err(ProposeError::NotLeader { leader: Some((_, addr)) }) if self.link.is_some() => {
+                    self.link.as_ref().expect("checked").read_index(&addr).await
+                }
                 r => r,
             };
             match r {
@@ -231,9 +217,7 @@ impl MetaNode {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(ProposeError::NotLeader {
-                    leader: f.leader_id.zip(f.leader_node),
-                })
+                Err(ProposeError::NotLeader { leader: f.leader_id.zip(f.leader_node) })
             }
             Err(e) => Err(ProposeError::Unavailable(e.to_string())),
         }

@@ -64,10 +64,7 @@ struct Tx<'a> {
 
 impl<'a> Tx<'a> {
     fn new(tree: &'a sled::Tree) -> Self {
-        Tx {
-            tree,
-            writes: BTreeMap::new(),
-        }
+        Tx { tree, writes: BTreeMap::new() }
     }
     fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
         match self.writes.get(k) {
@@ -117,20 +114,11 @@ impl<'a> Tx<'a> {
 fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejection>, sled::Error> {
     match ev {
         Event::BlobLinked { repo, digest, size } => {
-            tx.put(
-                keys::link(repo.as_str(), &digest.to_string()),
-                size.to_be_bytes().to_vec(),
-            );
+            tx.put(keys::link(repo.as_str(), &digest.to_string()), size.to_be_bytes().to_vec());
             tx.put(keys::repo(repo.as_str()), vec![]);
             let bk = keys::blob(&digest.to_string());
             if !tx.has(&bk)? {
-                tx.put(
-                    bk,
-                    enc(&BlobInfo {
-                        size: *size,
-                        holders: vec![],
-                    }),
-                );
+                tx.put(bk, enc(&BlobInfo { size: *size, holders: vec![] }));
             }
         }
         Event::BlobUnlinked { repo, digest } => {
@@ -157,15 +145,7 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 tx.put(bk, enc(&info));
             }
         }
-        Event::ManifestPut {
-            repo,
-            digest,
-            media_type,
-            bytes,
-            refs,
-            subject,
-            artifact_type,
-        } => {
+        Event::ManifestPut { repo, digest, media_type, bytes, refs, subject, artifact_type } => {
             let r = repo.as_str();
             let mut missing = Vec::new();
             for d in refs {
@@ -191,26 +171,16 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 tx.put(keys::referrer(r, &s.to_string(), &ds), vec![]);
             }
         }
-        Event::TagSet {
-            repo,
-            tag,
-            digest,
-            expect,
-        } => {
+        Event::TagSet { repo, tag, digest, expect } => {
             let r = repo.as_str();
             if !tx.has(&keys::manifest(r, &digest.to_string()))? {
                 return Ok(Err(Rejection::ManifestUnknown));
             }
             let tk = keys::tag(r, tag.as_str());
             if let Some(expect) = expect {
-                let current = tx
-                    .get(&tk)?
-                    .and_then(|v| Digest::parse(std::str::from_utf8(&v).ok()?).ok());
+                let current = tx.get(&tk)?.and_then(|v| Digest::parse(std::str::from_utf8(&v).ok()?).ok());
                 if &current != expect {
-                    return Ok(Err(Rejection::TagConflict {
-                        tag: tag.clone(),
-                        current,
-                    }));
+                    return Ok(Err(Rejection::TagConflict { tag: tag.clone(), current }));
                 }
             }
             tx.put(tk, digest.to_string().into_bytes());
@@ -281,19 +251,11 @@ impl StateReader {
 
     /// Any repository linking this blob (for mounts without `from`).
     pub fn blob_info(&self, digest: &Digest) -> std::io::Result<Option<BlobInfo>> {
-        Ok(self
-            .tree
-            .get(keys::blob(&digest.to_string()))
-            .map_err(io)?
-            .and_then(|v| dec(&v)))
+        Ok(self.tree.get(keys::blob(&digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
     }
 
     pub fn manifest(&self, repo: &RepoName, digest: &Digest) -> std::io::Result<Option<ManifestRecord>> {
-        Ok(self
-            .tree
-            .get(keys::manifest(repo.as_str(), &digest.to_string()))
-            .map_err(io)?
-            .and_then(|v| dec(&v)))
+        Ok(self.tree.get(keys::manifest(repo.as_str(), &digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
     }
 
     pub fn tag(&self, repo: &RepoName, tag: &Tag) -> std::io::Result<Option<Digest>> {
@@ -407,30 +369,17 @@ impl StateMachine {
         let snap = db.open_tree("snapshot")?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
-        Ok(StateMachine {
-            db: db.clone(),
-            state,
-            snap,
-            applied_tx: Arc::new(tx),
-        })
+        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx) })
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader {
-            tree: self.state.clone(),
-            applied: self.applied_tx.subscribe(),
-        }
+        StateReader { tree: self.state.clone(), applied: self.applied_tx.subscribe() }
     }
 
     fn read_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
         let err = |e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
         let applied = self.state.get(keys::APPLIED).map_err(err)?.and_then(|v| dec(&v));
-        let membership = self
-            .state
-            .get(keys::MEMBERSHIP)
-            .map_err(err)?
-            .and_then(|v| dec(&v))
-            .unwrap_or_default();
+        let membership = self.state.get(keys::MEMBERSHIP).map_err(err)?.and_then(|v| dec(&v)).unwrap_or_default();
         Ok((applied, membership))
     }
 
@@ -440,10 +389,7 @@ impl StateMachine {
         let outcome = match &entry.payload {
             EntryPayload::Blank => None,
             EntryPayload::Membership(m) => {
-                tx.put(
-                    keys::MEMBERSHIP.to_vec(),
-                    enc(&Membership::new(Some(log_id), m.clone())),
-                );
+                tx.put(keys::MEMBERSHIP.to_vec(), enc(&Membership::new(Some(log_id), m.clone())));
                 None
             }
             EntryPayload::Normal(cmd) => {
@@ -456,11 +402,7 @@ impl StateMachine {
                     }
                 }
                 if outcome.is_ok() {
-                    let je = JournalEntry {
-                        index: log_id.index,
-                        time_ms: cmd.time_ms,
-                        events: cmd.events,
-                    };
+                    let je = JournalEntry { index: log_id.index, time_ms: cmd.time_ms, events: cmd.events };
                     tx.put(keys::journal(log_id.index), enc(&VersionedJournalEntry::V1(je)));
                 } else {
                     // All or nothing: drop the partial writes of a rejected command.
@@ -475,10 +417,7 @@ impl StateMachine {
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        let v = self
-            .snap
-            .get(b"current")
-            .map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let v = self.snap.get(b"current").map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         Ok(v.and_then(|v| dec(&v)))
     }
 }
@@ -512,20 +451,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         // Copy the state now, while no entry is being applied: the snapshot is consistent.
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = self
-            .state
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .map(|(k, v)| (k.to_vec(), v.to_vec()))
-            .collect();
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> =
+            self.state.iter().filter_map(|kv| kv.ok()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
         let (applied, membership) = self.read_applied().unwrap_or((None, Membership::default()));
-        SnapshotBuilder {
-            db: self.db.clone(),
-            snap: self.snap.clone(),
-            pairs,
-            applied,
-            membership,
-        }
+        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), pairs, applied, membership }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -554,22 +483,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
         self.state.apply_batch(batch).map_err(werr)?;
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
         self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
         self.db.flush_async().await.map_err(werr)?;
-        self.applied_tx
-            .send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.load_snapshot()?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(self.load_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
 
@@ -589,22 +511,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
             None => format!("0-0-{}", data.len()),
         };
-        let meta = SnapshotMeta {
-            last_log_id: self.applied,
-            last_membership: self.membership.clone(),
-            snapshot_id,
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
+        let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
         let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
         // The state machine is flushed too, so logs purged after this snapshot are never needed.
         self.db.flush_async().await.map_err(werr)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }

@@ -24,10 +24,7 @@ impl Fixture {
     async fn apply(&mut self, events: Vec<Event>) -> Result<(), Rejection> {
         let entry = Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), self.next),
-            payload: EntryPayload::Normal(VersionedCommand::V1(Command {
-                time_ms: 1000 + self.next,
-                events,
-            })),
+            payload: EntryPayload::Normal(VersionedCommand::V1(Command { time_ms: 1000 + self.next, events })),
         };
         self.next += 1;
         self.sm.apply([entry]).await.unwrap().remove(0)
@@ -58,13 +55,7 @@ fn manifest(r: &str, digest: Digest, refs: Vec<Digest>, subject: Option<Digest>)
 #[tokio::test]
 async fn manifest_needs_its_blobs_in_the_same_repo() {
     let mut f = Fixture::new();
-    f.apply(vec![Event::BlobLinked {
-        repo: repo("a"),
-        digest: d(1),
-        size: 1,
-    }])
-    .await
-    .unwrap();
+    f.apply(vec![Event::BlobLinked { repo: repo("a"), digest: d(1), size: 1 }]).await.unwrap();
     // referenced blob linked in another repo only: rejected, nothing applied
     let r = f.apply(vec![manifest("b", d(10), vec![d(1)], None)]).await;
     assert_eq!(r, Err(Rejection::ManifestBlobUnknown(vec![d(1)])));
@@ -81,109 +72,46 @@ async fn command_is_all_or_nothing() {
     let mut f = Fixture::new();
     let r = f
         .apply(vec![
-            Event::BlobLinked {
-                repo: repo("a"),
-                digest: d(1),
-                size: 1,
-            },
+            Event::BlobLinked { repo: repo("a"), digest: d(1), size: 1 },
             manifest("a", d(10), vec![d(2)], None),
         ])
         .await;
     assert!(r.is_err());
     let reader = f.sm.reader();
-    assert_eq!(
-        reader.blob_link(&repo("a"), &d(1)).unwrap(),
-        None,
-        "first event rolled back"
-    );
-    assert!(
-        reader.journal(0, 10).unwrap().is_empty(),
-        "rejected commands are not journaled"
-    );
+    assert_eq!(reader.blob_link(&repo("a"), &d(1)).unwrap(), None, "first event rolled back");
+    assert!(reader.journal(0, 10).unwrap().is_empty(), "rejected commands are not journaled");
 }
 
 #[tokio::test]
 async fn tags_cas_delete_and_listing() {
     let mut f = Fixture::new();
-    f.apply(vec![
-        manifest("a", d(10), vec![], None),
-        manifest("a", d(11), vec![], None),
-    ])
-    .await
-    .unwrap();
+    f.apply(vec![manifest("a", d(10), vec![], None), manifest("a", d(11), vec![], None)]).await.unwrap();
     for t in ["v2", "v10", "latest", "V1"] {
-        f.apply(vec![Event::TagSet {
-            repo: repo("a"),
-            tag: tag(t),
-            digest: d(10),
-            expect: None,
-        }])
-        .await
-        .unwrap();
+        f.apply(vec![Event::TagSet { repo: repo("a"), tag: tag(t), digest: d(10), expect: None }]).await.unwrap();
     }
     let reader = f.sm.reader();
-    assert_eq!(
-        reader.tags(&repo("a"), None, 100).unwrap(),
-        vec!["V1", "latest", "v10", "v2"]
-    );
+    assert_eq!(reader.tags(&repo("a"), None, 100).unwrap(), vec!["V1", "latest", "v10", "v2"]);
     assert_eq!(reader.tags(&repo("a"), Some("latest"), 1).unwrap(), vec!["v10"]);
     // compare-and-set
     let r = f
-        .apply(vec![Event::TagSet {
-            repo: repo("a"),
-            tag: tag("v2"),
-            digest: d(11),
-            expect: Some(Some(d(11))),
-        }])
+        .apply(vec![Event::TagSet { repo: repo("a"), tag: tag("v2"), digest: d(11), expect: Some(Some(d(11))) }])
         .await;
-    assert_eq!(
-        r,
-        Err(Rejection::TagConflict {
-            tag: tag("v2"),
-            current: Some(d(10))
-        })
-    );
-    f.apply(vec![Event::TagSet {
-        repo: repo("a"),
-        tag: tag("v2"),
-        digest: d(11),
-        expect: Some(Some(d(10))),
-    }])
-    .await
-    .unwrap();
+    assert_eq!(r, Err(Rejection::TagConflict { tag: tag("v2"), current: Some(d(10)) }));
+    f.apply(vec![Event::TagSet { repo: repo("a"), tag: tag("v2"), digest: d(11), expect: Some(Some(d(10))) }])
+        .await
+        .unwrap();
     assert_eq!(reader.tag(&repo("a"), &tag("v2")).unwrap(), Some(d(11)));
     // tag on unknown manifest
-    let r = f
-        .apply(vec![Event::TagSet {
-            repo: repo("a"),
-            tag: tag("x"),
-            digest: d(99),
-            expect: None,
-        }])
-        .await;
+    let r = f.apply(vec![Event::TagSet { repo: repo("a"), tag: tag("x"), digest: d(99), expect: None }]).await;
     assert_eq!(r, Err(Rejection::ManifestUnknown));
     // deleting a manifest removes the tags that point at it
-    f.apply(vec![Event::ManifestDeleted {
-        repo: repo("a"),
-        digest: d(10),
-    }])
-    .await
-    .unwrap();
+    f.apply(vec![Event::ManifestDeleted { repo: repo("a"), digest: d(10) }]).await.unwrap();
     assert_eq!(reader.tags(&repo("a"), None, 100).unwrap(), vec!["v2"]);
     assert_eq!(
-        f.apply(vec![Event::TagDeleted {
-            repo: repo("a"),
-            tag: tag("latest")
-        }])
-        .await,
+        f.apply(vec![Event::TagDeleted { repo: repo("a"), tag: tag("latest") }]).await,
         Err(Rejection::ManifestUnknown)
     );
-    f.apply(vec![Event::TagDeleted {
-        repo: repo("a"),
-        tag: tag("v2"),
-    }])
-    .await
-    .unwrap();
+    f.apply(vec![Event::TagDeleted { repo: repo("a"), tag: tag("v2") }]).await.unwrap();
     assert!(reader.tags(&repo("a"), None, 100).unwrap().is_empty());
 }
 
@@ -196,18 +124,9 @@ async fn referrers_index_and_journal() {
     let reader = f.sm.reader();
     assert_eq!(
         reader.referrers(&repo("a"), &d(10)).unwrap(),
-        vec![d(20), d(21)]
-            .into_iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>()
+        vec![d(20), d(21)].into_iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>()
     );
-    f.apply(vec![Event::ManifestDeleted {
-        repo: repo("a"),
-        digest: d(20),
-    }])
-    .await
-    .unwrap();
+    f.apply(vec![Event::ManifestDeleted { repo: repo("a"), digest: d(20) }]).await.unwrap();
     assert_eq!(reader.referrers(&repo("a"), &d(10)).unwrap(), vec![d(21)]);
     let j = reader.journal(2, 10).unwrap();
     assert_eq!(j.iter().map(|e| e.index).collect::<Vec<_>>(), vec![2, 3, 4]);
@@ -220,40 +139,19 @@ async fn referrers_index_and_journal() {
 async fn unlink_and_placement() {
     let mut f = Fixture::new();
     f.apply(vec![
-        Event::BlobLinked {
-            repo: repo("a"),
-            digest: d(1),
-            size: 5,
-        },
-        Event::BlobPlaced {
-            digest: d(1),
-            size: 5,
-            node: 2,
-        },
-        Event::BlobPlaced {
-            digest: d(1),
-            size: 5,
-            node: 1,
-        },
+        Event::BlobLinked { repo: repo("a"), digest: d(1), size: 5 },
+        Event::BlobPlaced { digest: d(1), size: 5, node: 2 },
+        Event::BlobPlaced { digest: d(1), size: 5, node: 1 },
     ])
     .await
     .unwrap();
     let reader = f.sm.reader();
     assert_eq!(reader.blob_info(&d(1)).unwrap().unwrap().holders, vec![1, 2]);
     assert_eq!(reader.blob_link(&repo("a"), &d(1)).unwrap(), Some(5));
-    f.apply(vec![Event::BlobUnlinked {
-        repo: repo("a"),
-        digest: d(1),
-    }])
-    .await
-    .unwrap();
+    f.apply(vec![Event::BlobUnlinked { repo: repo("a"), digest: d(1) }]).await.unwrap();
     assert_eq!(reader.blob_link(&repo("a"), &d(1)).unwrap(), None);
     assert_eq!(
-        f.apply(vec![Event::BlobUnlinked {
-            repo: repo("a"),
-            digest: d(1)
-        }])
-        .await,
+        f.apply(vec![Event::BlobUnlinked { repo: repo("a"), digest: d(1) }]).await,
         Err(Rejection::BlobUnknown(d(1)))
     );
 }

@@ -26,11 +26,7 @@ async fn status_of(addr: &str) -> anyhow::Result<StatusReply> {
 async fn leader_peer(addr: &str) -> anyhow::Result<String> {
     let s = status_of(addr).await?;
     anyhow::ensure!(s.leader != 0, "node {} knows no leader right now", s.node);
-    let m = s
-        .members
-        .iter()
-        .find(|m| m.id == s.leader)
-        .context("the leader is not in the membership")?;
+    let m = s.members.iter().find(|m| m.id == s.leader).context("the leader is not in the membership")?;
     Ok(m.peer.clone())
 }
 
@@ -58,11 +54,7 @@ pub async fn status(node: &str, as_json: bool) -> anyhow::Result<()> {
     }
     println!(
         "leader: {}   term: {}",
-        if view.leader == 0 {
-            "none".into()
-        } else {
-            view.leader.to_string()
-        },
+        if view.leader == 0 { "none".into() } else { view.leader.to_string() },
         view.term
     );
     println!(
@@ -92,12 +84,7 @@ pub async fn add(node: &str, id: u64, peer: String, registry: String, learner: b
     let leader = leader_peer(node).await?;
     let reply = client(&leader)
         .await?
-        .add_member(Member {
-            id,
-            peer,
-            registry,
-            learner_only: learner,
-        })
+        .add_member(Member { id, peer, registry, learner_only: learner })
         .await
         .context("adding the member")?;
     println!("{}", reply.into_inner().message);
@@ -106,11 +93,8 @@ pub async fn add(node: &str, id: u64, peer: String, registry: String, learner: b
 
 pub async fn remove(node: &str, id: u64) -> anyhow::Result<()> {
     let leader = leader_peer(node).await?;
-    let reply = client(&leader)
-        .await?
-        .remove_member(RemoveMemberRequest { id })
-        .await
-        .context("removing the member")?;
+    let reply =
+        client(&leader).await?.remove_member(RemoveMemberRequest { id }).await.context("removing the member")?;
     println!("{}", reply.into_inner().message);
     Ok(())
 }

@@ -14,11 +14,8 @@ pub fn self_signed(hosts: &[String], out: &Path) -> anyhow::Result<()> {
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name.push(DnType::CommonName, "raftyard CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     ca_params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     ca_params.not_after = rcgen::date_time_ymd(2099, 1, 1);
     let ca_key = KeyPair::generate()?;

@@ -101,10 +101,7 @@ pub struct RaftSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        NodeSection {
-            id: 1,
-            data_dir: PathBuf::from("./raftyard-data"),
-        }
+        NodeSection { id: 1, data_dir: PathBuf::from("./raftyard-data") }
     }
 }
 

@@ -127,12 +127,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.cmd {
-        Cmd::Serve {
-            config,
-            listen,
-            data_dir,
-            peer_listen,
-        } => {
+        Cmd::Serve { config, listen, data_dir, peer_listen } => {
             let mut cfg = match &config {
                 Some(p) => Config::load(p)?,
                 None => Config::default(),
@@ -149,28 +144,17 @@ fn main() -> anyhow::Result<()> {
             cfg.validate()?;
             runtime()?.block_on(node::serve(cfg))
         }
-        Cmd::Events {
-            node,
-            since,
-            follow,
-            ca,
-        } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
+        Cmd::Events { node, since, follow, ca } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
         Cmd::Cluster { cmd } => runtime()?.block_on(async {
             match cmd {
                 ClusterCmd::Status { node, json } => admin::status(&node, json).await,
-                ClusterCmd::Add {
-                    node,
-                    id,
-                    peer,
-                    registry,
-                    learner,
-                } => admin::add(&node, id, peer, registry, learner).await,
+                ClusterCmd::Add { node, id, peer, registry, learner } => {
+                    admin::add(&node, id, peer, registry, learner).await
+                }
                 ClusterCmd::Remove { node, id } => admin::remove(&node, id).await,
             }
         }),
-        Cmd::Certs {
-            cmd: CertsCmd::SelfSigned { hosts, out },
-        } => {
+        Cmd::Certs { cmd: CertsCmd::SelfSigned { hosts, out } } => {
             certs::self_signed(&hosts, &out)?;
             println!("wrote {0}/ca.pem, {0}/cert.pem, {0}/key.pem", out.display());
             Ok(())

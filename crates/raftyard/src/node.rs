@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
-use raftyard_cluster::{BlobPeers, GrpcLeaderLink, PeerNetwork, PeerServices, Peers, RepairWorker};
+use raftyard_cluster::{BlobPeers, GrpcLeaderLink, LocalHttpSlot, PeerNetwork, PeerServices, Peers, RepairWorker};
 use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
-use raftyard_registry::{Registry, RegistryConfig, TlsFiles};
+use raftyard_registry::{LocalRegistry, Registry, RegistryConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -34,10 +34,7 @@ fn initial_members(cfg: &Config, me: &NodeAddr) -> Option<BTreeMap<u64, NodeAddr
                 let addr = if m.id == cfg.node.id {
                     me.clone()
                 } else {
-                    NodeAddr {
-                        peer: m.peer.clone(),
-                        registry: m.registry.clone(),
-                    }
+                    NodeAddr { peer: m.peer.clone(), registry: m.registry.clone() }
                 };
                 (m.id, addr)
             })
@@ -49,12 +46,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let data = cfg.node.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let blobs = Arc::new(
-        BlobStore::open(BlobStoreConfig {
-            root: data.clone(),
-            owner: format!("n{}", cfg.node.id),
-            fsync: true,
-        })
-        .context("opening the blob store")?,
+        BlobStore::open(BlobStoreConfig { root: data.clone(), owner: format!("n{}", cfg.node.id), fsync: true })
+            .context("opening the blob store")?,
     );
 
     let peer_listener = tokio::net::TcpListener::bind(cfg.cluster.listen)
@@ -64,16 +57,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.registry.listen))?;
     let me = NodeAddr {
-        peer: cfg
-            .cluster
-            .advertise_peer
-            .clone()
-            .unwrap_or(peer_listener.local_addr()?.to_string()),
-        registry: cfg
-            .cluster
-            .advertise_registry
-            .clone()
-            .unwrap_or(listener.local_addr()?.to_string()),
+        peer: cfg.cluster.advertise_peer.clone().unwrap_or(peer_listener.local_addr()?.to_string()),
+        registry: cfg.cluster.advertise_registry.clone().unwrap_or(listener.local_addr()?.to_string()),
     };
 
     let mut meta_cfg = MetaNodeConfig::new(cfg.node.id, data.join("meta"), me.clone());
@@ -90,19 +75,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("starting the metadata node")?;
 
     let stop = CancellationToken::new();
+    let local_registry: LocalHttpSlot = Arc::new(OnceLock::new());
     let peer_server = tokio::spawn(raftyard_cluster::serve(
-        PeerServices {
-            meta: meta.clone(),
-            blobs: blobs.clone(),
-        },
+        PeerServices { meta: meta.clone(), blobs: blobs.clone(), local: local_registry.clone() },
         peer_listener,
         stop.clone().cancelled_owned(),
     ));
     let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join;
     if lone {
-        meta.wait_for_leader(Duration::from_secs(10))
-            .await
-            .context("no Raft leader was elected")?;
+        meta.wait_for_leader(Duration::from_secs(10)).await.context("no Raft leader was elected")?;
     } else {
         let m = meta.clone();
         tokio::spawn(async move {
@@ -114,13 +95,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 
     let tls = match &cfg.registry.tls {
-        Some(t) => Some(
-            TlsFiles {
-                cert: t.cert.clone(),
-                key: t.key.clone(),
-            }
-            .acceptor()?,
-        ),
+        Some(t) => Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone() }.acceptor()?),
         None => None,
     };
     let blob_peers = BlobPeers::new(peers, blobs.clone());
@@ -135,6 +110,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             blob_write_quorum: cfg.cluster.blob_write_quorum,
         },
     );
+    let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
@@ -147,10 +123,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     upkeep.abort();
     stop.cancel();
     let _ = repair.await;
-    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer_server)
-        .await
-        .map(|r| r.unwrap_or(Ok(())))
-    {
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(()))) {
         warn!(error = %e, "peer port stopped with an error");
     }
     meta.shutdown().await;

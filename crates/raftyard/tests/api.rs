@@ -30,11 +30,7 @@ impl Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(&dir.path().join("data"));
-    Env {
-        _dir: dir,
-        n,
-        c: client(),
-    }
+    Env { _dir: dir, n, c: client() }
 }
 
 #[tokio::test]
@@ -63,29 +59,14 @@ async fn blob_pull_head_range_and_errors() {
     assert_eq!(r.headers()["content-length"], "100000");
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     // ranges
-    let r =
-        e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}")))
-            .header("range", "bytes=10-19")
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=10-19").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
-    let r =
-        e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}")))
-            .header("range", "bytes=-5")
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=-5").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[99_995..]);
-    let r =
-        e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}")))
-            .header("range", "bytes=100000-")
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=100000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */100000");
     // unknown blob, blob of another repo, malformed and unsupported digests
@@ -97,12 +78,7 @@ async fn blob_pull_head_range_and_errors() {
     assert_eq!(r.status(), 404);
     let r = e.head(&format!("/v2/a/b/blobs/{unknown}")).await;
     assert_eq!(r.status(), 404);
-    for bad in [
-        "sha256:abc",
-        "sha256:ZZ",
-        "nodigest",
-        "md5:d41d8cd98f00b204e9800998ecf8427e",
-    ] {
+    for bad in ["sha256:abc", "sha256:ZZ", "nodigest", "md5:d41d8cd98f00b204e9800998ecf8427e"] {
         let r = e.get(&format!("/v2/a/b/blobs/{bad}")).await;
         assert_eq!(r.status(), 400, "{bad}");
         assert_eq!(error_code(r).await, "DIGEST_INVALID");
@@ -114,23 +90,13 @@ async fn monolithic_single_post_and_digest_mismatch() {
     let e = env();
     let data = b"single post blob".to_vec();
     let d = sha256(&data);
-    let r =
-        e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={d}")))
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/r/blobs/{d}").as_str());
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     // wrong digest: 400 DIGEST_INVALID, nothing stored
     let wrong = sha256(b"other");
-    let r =
-        e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={wrong}")))
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={wrong}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let r = e.head(&format!("/v2/r/blobs/{wrong}")).await;
@@ -138,12 +104,7 @@ async fn monolithic_single_post_and_digest_mismatch() {
     // POST then PUT with a wrong digest
     let r = e.post("/v2/r/blobs/uploads/").await;
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
-    let r =
-        e.c.put(format!("{loc}?digest={wrong}"))
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.put(format!("{loc}?digest={wrong}")).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // PUT without digest
@@ -153,12 +114,7 @@ async fn monolithic_single_post_and_digest_mismatch() {
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // Content-Length that disagrees with the body is refused by HTTP itself or as SIZE_INVALID
-    let r =
-        e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={d}&x=1")))
-            .body(Vec::new())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={d}&x=1"))).body(Vec::new()).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
 
@@ -167,12 +123,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
     let e = env();
     let data: Vec<u8> = (0..30_000u32).map(|i| (i * 31 % 256) as u8).collect();
     let d = sha256(&data);
-    let r =
-        e.c.post(e.n.url("/v2/chunky/blobs/uploads/"))
-            .header("content-length", "0")
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.post(e.n.url("/v2/chunky/blobs/uploads/")).header("content-length", "0").send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert!(r.headers().contains_key("docker-upload-uuid"));
     let mut loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
@@ -194,13 +145,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
             let (a, b) = cr.split_once('-').unwrap();
             (a.parse().unwrap(), b.parse().unwrap())
         };
-        let r =
-            e.c.patch(&loc)
-                .header("content-range", cr)
-                .body(data[a..=b].to_vec())
-                .send()
-                .await
-                .unwrap();
+        let r = e.c.patch(&loc).header("content-range", cr).body(data[a..=b].to_vec()).send().await.unwrap();
         assert_eq!(r.status(), 416, "{cr}");
         assert_eq!(r.headers()["range"], "0-9999");
     }
@@ -210,12 +155,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
     assert_eq!(r.headers()["range"], "0-9999");
     assert!(r.headers().contains_key("location"));
     // second chunk streamed without Content-Range
-    let r =
-        e.c.patch(&loc)
-            .body(data[10_000..20_000].to_vec())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.patch(&loc).body(data[10_000..20_000].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["range"], "0-19999");
     // last chunk in the closing PUT
@@ -249,12 +189,7 @@ async fn cancel_upload_and_unknown_sessions() {
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     let r = e.c.delete(&loc).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r =
-        e.c.patch(e.n.url("/v2/c/blobs/uploads/n1-doesnotexist"))
-            .body(vec![1u8])
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.patch(e.n.url("/v2/c/blobs/uploads/n1-doesnotexist")).body(vec![1u8]).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // a session used through another repository is unknown there
@@ -273,12 +208,7 @@ async fn sha512_blobs_and_manifests() {
     let r = e.post("/v2/s/blobs/uploads/?digest-algorithm=sha512").await;
     assert_eq!(r.status(), 202);
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
-    let r =
-        e.c.put(format!("{loc}?digest={d}"))
-            .body(data.clone())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.put(format!("{loc}?digest={d}")).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let r = e.get(&format!("/v2/s/blobs/{d}")).await;
     assert_eq!(r.status(), 200);
@@ -287,24 +217,14 @@ async fn sha512_blobs_and_manifests() {
     // single POST with a sha512 digest
     let data2 = b"second sha512".to_vec();
     let d2 = sha512(&data2);
-    let r =
-        e.c.post(e.n.url(&format!("/v2/s/blobs/uploads/?digest={d2}")))
-            .body(data2.clone())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.post(e.n.url(&format!("/v2/s/blobs/uploads/?digest={d2}"))).body(data2.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     // session without digest-algorithm, finished with sha512
     let data3 = b"third".to_vec();
     let d3 = sha512(&data3);
     let r = e.post("/v2/s/blobs/uploads/").await;
     let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
-    let r =
-        e.c.put(format!("{loc}?digest={d3}"))
-            .body(data3.clone())
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.put(format!("{loc}?digest={d3}")).body(data3.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     // unsupported algorithm
     let r = e.post("/v2/s/blobs/uploads/?digest-algorithm=md5").await;
@@ -339,9 +259,7 @@ async fn cross_repository_mounts() {
     assert_eq!(r.status(), 202);
     assert!(r.headers().contains_key("location"));
     let unknown = sha256(b"unknown");
-    let r = e
-        .post(&format!("/v2/dst3/blobs/uploads/?mount={unknown}&from=src/repo"))
-        .await;
+    let r = e.post(&format!("/v2/dst3/blobs/uploads/?mount={unknown}&from=src/repo")).await;
     assert_eq!(r.status(), 202);
 }
 
@@ -378,12 +296,7 @@ async fn manifests_push_pull_negotiate_and_validate() {
         assert_eq!(r.headers()["content-length"], m.len().to_string().as_str());
     }
     // Accept that excludes the type
-    let r =
-        e.c.get(e.n.url("/v2/m/manifests/v1"))
-            .header("accept", OCI_INDEX)
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.get(e.n.url("/v2/m/manifests/v1")).header("accept", OCI_INDEX).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // unknown manifest, invalid tag, malformed digest, unknown repository
     let r = e.get("/v2/m/manifests/nope").await;
@@ -422,11 +335,7 @@ async fn manifests_push_pull_negotiate_and_validate() {
     let r = put_manifest(&e.c, &e.n, "m", "-bad", &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 400);
     // over 4 MiB: 413
-    let huge = image_manifest(
-        (&cd, cfg.len()),
-        &[],
-        json!({"annotations": {"pad": "x".repeat(4 * 1024 * 1024)}}),
-    );
+    let huge = image_manifest((&cd, cfg.len()), &[], json!({"annotations": {"pad": "x".repeat(4 * 1024 * 1024)}}));
     let r = put_manifest(&e.c, &e.n, "m", "huge", &huge, OCI_MANIFEST).await;
     assert_eq!(r.status(), 413);
     // Docker schema 2 with a foreign layer that is not in the registry
@@ -439,15 +348,7 @@ async fn manifests_push_pull_negotiate_and_validate() {
             {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": ld, "size": layer.len()}
         ]
     })).unwrap();
-    let r = put_manifest(
-        &e.c,
-        &e.n,
-        "m",
-        "docker",
-        &dm,
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
-    .await;
+    let r = put_manifest(&e.c, &e.n, "m", "docker", &dm, "application/vnd.docker.distribution.manifest.v2+json").await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let r =
         e.c.get(e.n.url("/v2/m/manifests/docker"))
@@ -455,10 +356,7 @@ async fn manifests_push_pull_negotiate_and_validate() {
             .send()
             .await
             .unwrap();
-    assert_eq!(
-        r.headers()["content-type"],
-        "application/vnd.docker.distribution.manifest.v2+json"
-    );
+    assert_eq!(r.headers()["content-type"], "application/vnd.docker.distribution.manifest.v2+json");
 }
 
 #[tokio::test]
@@ -505,15 +403,9 @@ async fn index_tags_by_query_and_tag_listing() {
     let r = list("").await;
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(
-        v,
-        json!({"name": "idx", "tags": ["1.0", "1.0.0", "amd64", "arm64", "latest"]})
-    );
+    assert_eq!(v, json!({"name": "idx", "tags": ["1.0", "1.0.0", "amd64", "arm64", "latest"]}));
     let r = list("?n=2").await;
-    assert_eq!(
-        r.headers()["link"],
-        "</v2/idx/tags/list?n=2&last=1%2E0%2E0>; rel=\"next\""
-    );
+    assert_eq!(r.headers()["link"], "</v2/idx/tags/list?n=2&last=1%2E0%2E0>; rel=\"next\"");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], json!(["1.0", "1.0.0"]));
     let v: serde_json::Value = list("?n=2&last=1.0.0").await.json().await.unwrap();
@@ -575,12 +467,10 @@ async fn referrers_api_with_subject_and_filter() {
     assert_eq!(sbom_desc["size"], sbom.len());
     // filter
     let r =
-        e.c.get(e.n.url(&format!(
-            "/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig"
-        )))
-        .send()
-        .await
-        .unwrap();
+        e.c.get(e.n.url(&format!("/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig")))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
@@ -588,15 +478,9 @@ async fn referrers_api_with_subject_and_filter() {
     // artifactType falls back to the config media type
     let r = e.get(&format!("/v2/ref/referrers/{ghost}")).await;
     let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(
-        v["manifests"][0]["artifactType"],
-        "application/vnd.oci.image.config.v1+json"
-    );
+    assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.oci.image.config.v1+json");
     // unknown subject and unknown repository: empty index, never 404
-    for url in [
-        format!("/v2/ref/referrers/{}", sha256(b"none")),
-        format!("/v2/none/referrers/{subject}"),
-    ] {
+    for url in [format!("/v2/ref/referrers/{}", sha256(b"none")), format!("/v2/none/referrers/{subject}")] {
         let r = e.c.get(e.n.url(&url)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let v: serde_json::Value = r.json().await.unwrap();
@@ -605,18 +489,9 @@ async fn referrers_api_with_subject_and_filter() {
     let r = e.get("/v2/ref/referrers/sha256:bad").await;
     assert_eq!(r.status(), 400);
     // deleting a referrer removes it from the list
-    let r =
-        e.c.delete(e.n.url(&format!("/v2/ref/manifests/{}", sha256(&sig))))
-            .send()
-            .await
-            .unwrap();
+    let r = e.c.delete(e.n.url(&format!("/v2/ref/manifests/{}", sha256(&sig)))).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let v: serde_json::Value = e
-        .get(&format!("/v2/ref/referrers/{subject}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: serde_json::Value = e.get(&format!("/v2/ref/referrers/{subject}")).await.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
 }
 
@@ -694,40 +569,18 @@ async fn event_journal_over_http_and_cli() {
     let entries: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let kinds: Vec<String> = entries
         .iter()
-        .flat_map(|e| {
-            e["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v["type"].as_str().unwrap().to_string())
-        })
+        .flat_map(|e| e["events"].as_array().unwrap().iter().map(|v| v["type"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(
         kinds,
-        vec![
-            "BlobLinked",
-            "BlobPlaced",
-            "BlobLinked",
-            "BlobPlaced",
-            "ManifestPut",
-            "TagSet",
-            "TagDeleted"
-        ]
+        vec!["BlobLinked", "BlobPlaced", "BlobLinked", "BlobPlaced", "ManifestPut", "TagSet", "TagDeleted"]
     );
-    let put = entries
-        .iter()
-        .find(|e| e["events"][0]["type"] == "ManifestPut")
-        .unwrap();
+    let put = entries.iter().find(|e| e["events"][0]["type"] == "ManifestPut").unwrap();
     assert_eq!(put["events"][0]["digest"], md.as_str());
     assert_eq!(put["events"][1]["tag"], "v1");
     // resumable by index
     let last = entries.last().unwrap()["index"].as_u64().unwrap();
-    let text = e
-        .get(&format!("/v2/_raftyard/events?since={last}"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = e.get(&format!("/v2/_raftyard/events?since={last}")).await.text().await.unwrap();
     assert_eq!(text.lines().count(), 1);
     let text =
         e.c.get(e.n.url(&format!("/v2/_raftyard/events?since={}", last + 1)))
@@ -744,10 +597,7 @@ async fn event_journal_over_http_and_cli() {
     let poll = tokio::spawn(async move { c.get(url).send().await.unwrap().text().await.unwrap() });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     push_blob(&e.c, &e.n, "ev", b"later").await;
-    let got = tokio::time::timeout(std::time::Duration::from_secs(5), poll)
-        .await
-        .unwrap()
-        .unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), poll).await.unwrap().unwrap();
     assert!(got.contains("BlobLinked"), "{got}");
     // the CLI prints the same journal
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftyard"))
@@ -773,11 +623,7 @@ async fn tls_with_generated_certificates() {
     let cfg = dir.path().join("node.toml");
     std::fs::write(
         &cfg,
-        format!(
-            "[registry.tls]\ncert = {:?}\nkey = {:?}\n",
-            certs.join("cert.pem"),
-            certs.join("key.pem")
-        ),
+        format!("[registry.tls]\ncert = {:?}\nkey = {:?}\n", certs.join("cert.pem"), certs.join("key.pem")),
     )
     .unwrap();
     let n = Node::start_with(&dir.path().join("data"), &["--config", cfg.to_str().unwrap()]);
@@ -787,18 +633,10 @@ async fn tls_with_generated_certificates() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
     // plain HTTP on the TLS port does not get a registry answer
-    assert!(client()
-        .get(n.url("/v2/"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true));
+    assert!(client().get(n.url("/v2/")).send().await.map(|r| r.status() != 200).unwrap_or(true));
     // key file is private
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(certs.join("key.pem")).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(certs.join("key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
 }
 
 /// Raw HTTP/1.1 on one connection: pipelined bodiless requests are answered in order by the
@@ -827,20 +665,10 @@ async fn one_connection_pipelined_then_handed_off() {
     assert_eq!(statuses.len(), 4, "{text}");
     assert!(statuses[0].starts_with("HTTP/1.1 200"));
     assert!(statuses[1].starts_with("HTTP/1.1 206"));
-    assert!(
-        text.contains("\r\n\r\npipelinedHTTP/1.1 201"),
-        "range body, then the next response: {text}"
-    );
+    assert!(text.contains("\r\n\r\npipelinedHTTP/1.1 201"), "range body, then the next response: {text}");
     assert!(statuses[2].starts_with("HTTP/1.1 201"));
     assert!(statuses[3].starts_with("HTTP/1.1 200"));
-    assert_eq!(
-        e.c.get(e.n.url(&format!("/v2/pipe/blobs/{}", sha256(b"hello"))))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(e.c.get(e.n.url(&format!("/v2/pipe/blobs/{}", sha256(b"hello")))).send().await.unwrap().status(), 200);
 }
 
 /// HTTP/2 with prior knowledge (h2c) is served too.
@@ -853,12 +681,7 @@ async fn http2_prior_knowledge() {
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     let data = b"over h2".to_vec();
     let d = sha256(&data);
-    let r = c
-        .post(e.n.url(&format!("/v2/h2/blobs/uploads/?digest={d}")))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(e.n.url(&format!("/v2/h2/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let r = c.get(e.n.url(&format!("/v2/h2/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());

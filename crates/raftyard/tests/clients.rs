@@ -89,12 +89,7 @@ async fn skopeo_pushes_and_pulls_a_multi_platform_image() {
     // the registry answers the same digest
     let inspect = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &dest]));
     assert_eq!(sha256(inspect.as_bytes()), index);
-    let r = client()
-        .head(node.url("/v2/skopeo/app/manifests/v1"))
-        .header("accept", OCI_INDEX)
-        .send()
-        .await
-        .unwrap();
+    let r = client().head(node.url("/v2/skopeo/app/manifests/v1")).header("accept", OCI_INDEX).send().await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], index.as_str());
     // pull back everything, digest for digest
     let back = dir.path().join("back");
@@ -137,11 +132,8 @@ async fn docker_pushes_and_pulls_an_imported_image() {
     let image = format!("{}/docker/imported:t{}", node.addr, std::process::id());
     run(Command::new("docker").args(["import"]).arg(&tar).arg(&image));
     let push = run(Command::new("docker").args(["push", &image]));
-    let pushed_digest = push
-        .split_whitespace()
-        .find(|w| w.starts_with("sha256:"))
-        .expect("digest in docker push output")
-        .to_string();
+    let pushed_digest =
+        push.split_whitespace().find(|w| w.starts_with("sha256:")).expect("digest in docker push output").to_string();
     run(Command::new("docker").args(["rmi", &image]));
     let pull = run(Command::new("docker").args(["pull", &image]));
     assert!(pull.contains(&pushed_digest), "pulled digest differs:\n{pull}");

@@ -22,13 +22,7 @@ impl Cluster {
     fn start_with(n: u64, raft_extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<(u64, String, String)> = (1..=n)
-            .map(|id| {
-                (
-                    id,
-                    format!("127.0.0.1:{}", free_port()),
-                    format!("127.0.0.1:{}", free_port()),
-                )
-            })
+            .map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())))
             .collect();
         // start in reverse so that the initialising node (lowest id) comes up last
         let mut nodes: Vec<Node> = members
@@ -54,11 +48,8 @@ impl Cluster {
                 }
             }
             if Instant::now() > deadline {
-                let logs: Vec<String> = self
-                    .nodes
-                    .iter()
-                    .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
-                    .collect();
+                let logs: Vec<String> =
+                    self.nodes.iter().map(|n| std::fs::read_to_string(&n.log).unwrap_or_default()).collect();
                 panic!("no agreed leader: {seen:?}\n{}", logs.join("\n-----\n"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -67,36 +58,18 @@ impl Cluster {
 }
 
 fn cli(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_raftyard"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "raftyard {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
+    assert!(out.status.success(), "raftyard {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 async fn pull_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, digest: &str) {
-    let r = c
-        .get(n.url(&format!("/v2/{repo}/manifests/{tag}")))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(n.url(&format!("/v2/{repo}/manifests/{tag}"))).header("accept", OCI_MANIFEST).send().await.unwrap();
     assert_eq!(r.status(), 200, "manifest {repo}:{tag} on {}", n.addr);
     assert_eq!(r.headers()["docker-content-digest"], digest);
     let m: serde_json::Value = r.json().await.unwrap();
     let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-    blobs.extend(
-        m["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string()),
-    );
+    blobs.extend(m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()));
     for b in blobs {
         let r = c.get(n.url(&format!("/v2/{repo}/blobs/{b}"))).send().await.unwrap();
         assert_eq!(r.status(), 200, "blob {b} on {}", n.addr);
@@ -121,14 +94,8 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
         pull_image(&c, &cl.nodes[f2], "team/app", &tag, &d).await;
         pushed.push((tag, d));
     }
-    let tags: serde_json::Value = c
-        .get(cl.nodes[leader].url("/v2/team/app/tags/list"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags: serde_json::Value =
+        c.get(cl.nodes[leader].url("/v2/team/app/tags/list")).send().await.unwrap().json().await.unwrap();
     assert_eq!(tags["tags"].as_array().unwrap().len(), 5);
 
     // status from the CLI
@@ -137,10 +104,7 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
     assert_eq!(st["leader"], (leader + 1) as u64);
     let members = st["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
-    assert!(
-        members.iter().all(|m| m["reachable"] == true && m["role"] == "voter"),
-        "{st}"
-    );
+    assert!(members.iter().all(|m| m["reachable"] == true && m["role"] == "voter"), "{st}");
 
     // kill -9 the leader while a writer pushes through a follower; measure the gap
     let writer_node = cl.nodes[f1].url("");
@@ -188,15 +152,9 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
         "new leader node {} after {election:?}; first push acknowledged {write_gap:?} after the kill",
         new_leader + 1
     );
-    assert!(
-        write_gap < Duration::from_secs(5),
-        "writes resumed only after {write_gap:?}"
-    );
+    assert!(write_gap < Duration::from_secs(5), "writes resumed only after {write_gap:?}");
     let (acked, longest_gap) = writer.await.unwrap();
-    eprintln!(
-        "writer: {} blobs acknowledged, longest unavailability {longest_gap:?}",
-        acked.len()
-    );
+    eprintln!("writer: {} blobs acknowledged, longest unavailability {longest_gap:?}", acked.len());
     assert!(!acked.is_empty());
 
     // every acknowledged write is on both survivors
@@ -206,57 +164,30 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
         }
         pull_image(&c, &cl.nodes[n], "team/app", "after", &d).await;
         for b in &acked {
-            let r = c
-                .get(cl.nodes[n].url(&format!("/v2/failover/blobs/{b}")))
-                .send()
-                .await
-                .unwrap();
+            let r = c.get(cl.nodes[n].url(&format!("/v2/failover/blobs/{b}"))).send().await.unwrap();
             assert_eq!(r.status(), 200, "acknowledged blob {b} missing on node {}", n + 1);
         }
     }
 
     // the killed node restarts and catches up
     cl.nodes[leader].spawn();
-    let target = cl.nodes[new_leader].health().await.unwrap()["applied"]
-        .as_u64()
-        .unwrap();
+    let target = cl.nodes[new_leader].health().await.unwrap()["applied"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let applied = cl.nodes[leader]
-            .health()
-            .await
-            .and_then(|h| h["applied"].as_u64())
-            .unwrap_or(0);
+        let applied = cl.nodes[leader].health().await.and_then(|h| h["applied"].as_u64()).unwrap_or(0);
         if applied >= target {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "restarted node stuck at {applied} < {target}"
-        );
+        assert!(Instant::now() < deadline, "restarted node stuck at {applied} < {target}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pull_image(&c, &cl.nodes[leader], "team/app", "after", &d).await;
 
     // a fourth node joins as a learner, catches up, becomes a voter; then it is removed
     let dir4 = tempfile::tempdir().unwrap();
-    let (p4, r4) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
+    let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let n4 = Node::start_member(dir4.path(), 4, &r4, &p4, &[], true);
-    let out = cli(&[
-        "cluster",
-        "add",
-        "--node",
-        &cl.nodes[f1].peer,
-        "--id",
-        "4",
-        "--peer",
-        &p4,
-        "--registry",
-        &r4,
-    ]);
+    let out = cli(&["cluster", "add", "--node", &cl.nodes[f1].peer, "--id", "4", "--peer", &p4, "--registry", &r4]);
     assert!(out.contains("voter"), "{out}");
     pull_image(&c, &n4, "team/app", "v0", &pushed[0].1).await;
     let st: serde_json::Value = serde_json::from_str(&cli(&["cluster", "status", "--node", &p4, "--json"])).unwrap();
@@ -283,28 +214,19 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
     let mut pushed = Vec::new();
     for i in 0..30 {
         let tag = format!("t{i}");
-        pushed.push((
-            tag.clone(),
-            push_image(&c, &cl.nodes[other], "snap/app", &tag, format!("s{i}").as_bytes()).await,
-        ));
+        pushed
+            .push((tag.clone(), push_image(&c, &cl.nodes[other], "snap/app", &tag, format!("s{i}").as_bytes()).await));
     }
     // the leader has taken a snapshot and purged the log behind it
     let h = cl.nodes[leader].health().await.unwrap();
     eprintln!("leader health: {h}");
     let purged = h["purged"].as_u64().unwrap_or(0);
-    assert!(
-        purged > applied_at_stop,
-        "the leader still has the log the lagging node needs (purged {purged})"
-    );
+    assert!(purged > applied_at_stop, "the leader still has the log the lagging node needs (purged {purged})");
     cl.nodes[lagging].spawn();
     let target = h["applied"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let applied = cl.nodes[lagging]
-            .health()
-            .await
-            .and_then(|h| h["applied"].as_u64())
-            .unwrap_or(0);
+        let applied = cl.nodes[lagging].health().await.and_then(|h| h["applied"].as_u64()).unwrap_or(0);
         if applied >= target {
             break;
         }
@@ -312,35 +234,17 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = std::fs::read_to_string(&cl.nodes[lagging].log).unwrap();
-    assert!(
-        log.contains("install") || log.contains("snapshot"),
-        "expected a snapshot install in the log"
-    );
+    assert!(log.contains("install") || log.contains("snapshot"), "expected a snapshot install in the log");
     // the repair worker fetches the blobs it missed, without any read asking for them
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let st: serde_json::Value = serde_json::from_str(&cli(&[
-            "cluster",
-            "status",
-            "--node",
-            &cl.nodes[lagging].peer,
-            "--json",
-        ]))
-        .unwrap();
-        let me = st["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["id"] == (lagging + 1) as u64)
-            .unwrap()
-            .clone();
+        let st: serde_json::Value =
+            serde_json::from_str(&cli(&["cluster", "status", "--node", &cl.nodes[lagging].peer, "--json"])).unwrap();
+        let me = st["members"].as_array().unwrap().iter().find(|m| m["id"] == (lagging + 1) as u64).unwrap().clone();
         if me["blobs_missing"] == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "blobs still missing on the lagging node: {me}"
-        );
+        assert!(Instant::now() < deadline, "blobs still missing on the lagging node: {me}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for (tag, d) in &pushed {
@@ -355,9 +259,52 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
         .text()
         .await
         .unwrap();
-    assert!(
-        text.lines().count() >= 60,
-        "journal on the caught-up node: {} entries",
-        text.lines().count()
-    );
+    assert!(text.lines().count() >= 60, "journal on the caught-up node: {} entries", text.lines().count());
+}
+
+/// One upload whose requests land on three different nodes (as through a load balancer): the
+/// session lives on the node that started it, and the others stream the requests to it. When
+/// the owner is gone, the session is unknown everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upload_requests_on_other_nodes_are_streamed_to_the_owner() {
+    let mut cl = Cluster::start(3);
+    let c = client();
+    cl.leader(Duration::from_secs(20)).await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+    let d = sha256(&data);
+    let r = c.post(cl.nodes[0].url("/v2/lb/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    // first chunk through node 2, status through node 3, second chunk through node 3, close through node 2
+    let r = c
+        .patch(cl.nodes[1].url(&loc))
+        .header("content-range", "0-999999")
+        .body(data[..1_000_000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    assert_eq!(r.headers()["range"], "0-999999");
+    let r = c.get(cl.nodes[2].url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["range"], "0-999999");
+    // an out-of-order chunk through a non-owner gets the owner's 416
+    let r = c.patch(cl.nodes[2].url(&loc)).header("content-range", "5-10").body(vec![0u8; 6]).send().await.unwrap();
+    assert_eq!(r.status(), 416);
+    let r = c.patch(cl.nodes[2].url(&loc)).body(data[1_000_000..2_000_000].to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = c.put(cl.nodes[1].url(&format!("{loc}?digest={d}"))).body(data[2_000_000..].to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    for n in &cl.nodes {
+        let r = c.get(n.url(&format!("/v2/lb/app/blobs/{d}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), d);
+    }
+    // the owner dies: its sessions are unknown on the other nodes
+    let r = c.post(cl.nodes[0].url("/v2/lb/app/blobs/uploads/")).send().await.unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    cl.nodes[0].kill9();
+    let r = c.patch(cl.nodes[1].url(&loc)).body(vec![1u8; 10]).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
 }

@@ -46,12 +46,7 @@ async fn writer(n_url: String, id: usize, cycle: usize, seed: u64, acked: Arc<Mu
                 1 => {
                     let r = c.post(format!("{n_url}/v2/{repo}/blobs/uploads/")).send().await.ok()?;
                     let loc = r.headers().get("location")?.to_str().ok()?.to_string();
-                    let r = c
-                        .put(format!("{n_url}{loc}?digest={d}"))
-                        .body(data.clone())
-                        .send()
-                        .await
-                        .ok()?;
+                    let r = c.put(format!("{n_url}{loc}?digest={d}")).body(data.clone()).send().await.ok()?;
                     (r.status() == 201).then_some(())
                 }
                 _ => {
@@ -73,12 +68,8 @@ async fn writer(n_url: String, id: usize, cycle: usize, seed: u64, acked: Arc<Mu
                             loc = r.headers().get("location")?.to_str().ok()?.to_string();
                         }
                     }
-                    let r = c
-                        .put(format!("{n_url}{loc}?digest={d}"))
-                        .body(data[2 * third..].to_vec())
-                        .send()
-                        .await
-                        .ok()?;
+                    let r =
+                        c.put(format!("{n_url}{loc}?digest={d}")).body(data[2 * third..].to_vec()).send().await.ok()?;
                     (r.status() == 201).then_some(())
                 }
             }
@@ -92,11 +83,7 @@ async fn writer(n_url: String, id: usize, cycle: usize, seed: u64, acked: Arc<Mu
         if mine.len() >= 2 && i % 2 == 1 {
             let (cd, cs) = &mine[mine.len() - 2];
             let (ld, ls) = &mine[mine.len() - 1];
-            let m = image_manifest(
-                (cd, *cs),
-                &[(ld, *ls)],
-                serde_json::json!({"annotations": {"i": i.to_string()}}),
-            );
+            let m = image_manifest((cd, *cs), &[(ld, *ls)], serde_json::json!({"annotations": {"i": i.to_string()}}));
             let tag = format!("c{cycle}-{i}");
             let r = c
                 .put(format!("{n_url}/v2/{repo}/manifests/{tag}"))
@@ -125,11 +112,7 @@ fn check_no_partial_blobs(data: &std::path::Path) -> usize {
                     "sha256" => hex::encode(sha2::Sha256::digest(&bytes)),
                     _ => hex::encode(sha2::Sha512::digest(&bytes)),
                 };
-                assert_eq!(
-                    hex,
-                    f.file_name().to_string_lossy(),
-                    "blob file content does not match its digest"
-                );
+                assert_eq!(hex, f.file_name().to_string_lossy(), "blob file content does not match its digest");
                 n += 1;
             }
         }
@@ -146,11 +129,7 @@ async fn verify(n: &Node, acked: &Acked) {
         assert_eq!(&sha256(&body), d, "acknowledged blob {repo}@{d} corrupt");
     }
     for (repo, tag, d, bytes) in &acked.manifests {
-        let r = c
-            .get(n.url(&format!("/v2/{repo}/manifests/{tag}")))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(n.url(&format!("/v2/{repo}/manifests/{tag}"))).send().await.unwrap();
         assert_eq!(r.status(), 200, "acknowledged tag {repo}:{tag} lost");
         assert_eq!(r.headers()["docker-content-digest"], d.as_str());
         assert_eq!(r.bytes().await.unwrap().as_ref(), bytes.as_slice());
@@ -165,9 +144,8 @@ async fn kill_dash_nine_during_uploads_loses_nothing_acknowledged() {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     for cycle in 0..4 {
-        let writers: Vec<_> = (0..4)
-            .map(|w| tokio::spawn(writer(node.url(""), w, cycle, rng.gen(), acked.clone())))
-            .collect();
+        let writers: Vec<_> =
+            (0..4).map(|w| tokio::spawn(writer(node.url(""), w, cycle, rng.gen(), acked.clone()))).collect();
         let delay = rng.gen_range(400..1500);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         eprintln!("cycle {cycle}: kill -9 after {delay} ms");
@@ -186,10 +164,7 @@ async fn kill_dash_nine_during_uploads_loses_nothing_acknowledged() {
         verify(&node, &a).await;
     }
     let a = acked.lock().unwrap();
-    assert!(
-        a.blobs.len() > 20 && !a.manifests.is_empty(),
-        "the load did not get going"
-    );
+    assert!(a.blobs.len() > 20 && !a.manifests.is_empty(), "the load did not get going");
     // nothing from the interrupted sessions survives
     assert_eq!(std::fs::read_dir(data.join("uploads")).unwrap().count(), 0);
 }
@@ -203,24 +178,21 @@ async fn sigterm_finishes_in_flight_upload() {
     let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i % 199) as u8).collect();
     let d = sha256(&payload);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|x| (x, rx))
-    }));
+    let body =
+        reqwest::Body::wrap_stream(futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+        ));
     let url = node.url(&format!("/v2/drain/blobs/uploads/?digest={d}"));
     let len = payload.len().to_string();
     let req = tokio::spawn(async move { c.post(url).header("content-length", len).body(body).send().await });
-    tx.send(Ok(bytes::Bytes::copy_from_slice(&payload[..1_000_000])))
-        .await
-        .unwrap();
+    tx.send(Ok(bytes::Bytes::copy_from_slice(&payload[..1_000_000]))).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = node.pid();
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     tokio::time::sleep(Duration::from_millis(300)).await;
     // new connections are refused while the upload drains
-    assert!(
-        std::net::TcpStream::connect(&node.addr).is_err(),
-        "listener still open after SIGTERM"
-    );
+    assert!(std::net::TcpStream::connect(&node.addr).is_err(), "listener still open after SIGTERM");
     for chunk in payload[1_000_000..].chunks(1_000_000) {
         tx.send(Ok(bytes::Bytes::copy_from_slice(chunk))).await.unwrap();
     }
@@ -231,11 +203,7 @@ async fn sigterm_finishes_in_flight_upload() {
     node.child = None;
     assert!(status.success(), "clean exit after SIGTERM: {status}");
     node.spawn();
-    let got = client()
-        .get(node.url(&format!("/v2/drain/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let got = client().get(node.url(&format!("/v2/drain/blobs/{d}"))).send().await.unwrap();
     assert_eq!(got.status(), 200);
     assert_eq!(sha256(&got.bytes().await.unwrap()), d);
 }

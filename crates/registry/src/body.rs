@@ -51,10 +51,7 @@ pub fn file_range(file: Arc<File>, offset: u64, len: u64) -> Body {
             let n = ((end - pos) as usize).min(READ_CHUNK);
             let mut buf = BytesMut::zeroed(n);
             let r = match file.read_at(&mut buf, pos) {
-                Ok(0) => Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "blob file shorter than expected",
-                )),
+                Ok(0) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "blob file shorter than expected")),
                 Ok(k) => {
                     buf.truncate(k);
                     pos += k as u64;

@@ -72,9 +72,7 @@ const MARKERS: [&str; 4] = ["/manifests/", "/blobs/uploads/", "/blobs/", "/refer
 
 /// Parses the method and path (without query) of a request.
 pub fn parse_endpoint(method: &Method, raw_path: &str) -> Result<Endpoint, RegistryError> {
-    let decoded = percent_decode_str(raw_path)
-        .decode_utf8()
-        .map_err(|_| RegistryError::NotFound)?;
+    let decoded = percent_decode_str(raw_path).decode_utf8().map_err(|_| RegistryError::NotFound)?;
     let path: &str = &decoded;
     let ep = if path == "/metrics" {
         Endpoint::Metrics
@@ -141,11 +139,7 @@ pub fn parse_query(query: Option<&str>) -> Vec<(String, String)> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let dec = |s: &str| {
-                percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
+            let dec = |s: &str| percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
             (dec(k), dec(v))
         })
         .collect()
@@ -176,91 +170,49 @@ mod tests {
     fn names_with_slashes_and_marker_words() {
         assert_eq!(
             p(Method::GET, "/v2/a/b/c/manifests/latest").unwrap(),
-            Endpoint::Manifest {
-                name: n("a/b/c"),
-                reference: "latest".into()
-            }
+            Endpoint::Manifest { name: n("a/b/c"), reference: "latest".into() }
         );
         // a repository called "manifests" or "blobs"
         assert_eq!(
             p(Method::GET, "/v2/x/manifests/manifests/v1").unwrap(),
-            Endpoint::Manifest {
-                name: n("x/manifests"),
-                reference: "v1".into()
-            }
+            Endpoint::Manifest { name: n("x/manifests"), reference: "v1".into() }
         );
         assert_eq!(
             p(Method::GET, "/v2/blobs/blobs/sha256:abc").unwrap(),
-            Endpoint::Blob {
-                name: n("blobs"),
-                digest: "sha256:abc".into()
-            }
+            Endpoint::Blob { name: n("blobs"), digest: "sha256:abc".into() }
         );
         assert_eq!(
             p(Method::GET, "/v2/a/manifests/x/blobs/sha256:abc").unwrap(),
-            Endpoint::Blob {
-                name: n("a/manifests/x"),
-                digest: "sha256:abc".into()
-            }
+            Endpoint::Blob { name: n("a/manifests/x"), digest: "sha256:abc".into() }
         );
-        assert_eq!(
-            p(Method::GET, "/v2/a/tags/list").unwrap(),
-            Endpoint::Tags { name: n("a") }
-        );
-        assert_eq!(
-            p(Method::GET, "/v2/a/tags/list/tags/list").unwrap(),
-            Endpoint::Tags { name: n("a/tags/list") }
-        );
+        assert_eq!(p(Method::GET, "/v2/a/tags/list").unwrap(), Endpoint::Tags { name: n("a") });
+        assert_eq!(p(Method::GET, "/v2/a/tags/list/tags/list").unwrap(), Endpoint::Tags { name: n("a/tags/list") });
     }
 
     #[test]
     fn uploads() {
-        assert_eq!(
-            p(Method::POST, "/v2/a/b/blobs/uploads/").unwrap(),
-            Endpoint::UploadStart { name: n("a/b") }
-        );
+        assert_eq!(p(Method::POST, "/v2/a/b/blobs/uploads/").unwrap(), Endpoint::UploadStart { name: n("a/b") });
         assert_eq!(
             p(Method::PATCH, "/v2/a/b/blobs/uploads/n1-abc").unwrap(),
-            Endpoint::Upload {
-                name: n("a/b"),
-                id: "n1-abc".into()
-            }
+            Endpoint::Upload { name: n("a/b"), id: "n1-abc".into() }
         );
-        assert!(matches!(
-            p(Method::GET, "/v2/a/blobs/uploads/"),
-            Err(RegistryError::MethodNotAllowed)
-        ));
-        assert!(matches!(
-            p(Method::POST, "/v2/a/blobs/sha256:x"),
-            Err(RegistryError::MethodNotAllowed)
-        ));
+        assert!(matches!(p(Method::GET, "/v2/a/blobs/uploads/"), Err(RegistryError::MethodNotAllowed)));
+        assert!(matches!(p(Method::POST, "/v2/a/blobs/sha256:x"), Err(RegistryError::MethodNotAllowed)));
     }
 
     #[test]
     fn referrers_and_percent_encoding() {
         assert_eq!(
             p(Method::GET, "/v2/a/referrers/sha256%3Aabc").unwrap(),
-            Endpoint::Referrers {
-                name: n("a"),
-                digest: "sha256:abc".into()
-            }
+            Endpoint::Referrers { name: n("a"), digest: "sha256:abc".into() }
         );
     }
 
     #[test]
     fn invalid_names() {
-        assert!(matches!(
-            p(Method::GET, "/v2/A/manifests/x"),
-            Err(RegistryError::NameInvalid(_))
-        ));
-        assert!(matches!(
-            p(Method::GET, "/v2/a//b/manifests/x"),
-            Err(RegistryError::NameInvalid(_))
-        ));
-        assert!(matches!(
-            p(Method::GET, "/v2/a/manifests/"),
-            Err(RegistryError::NotFound)
-        ));
+        assert!(matches!(p(Method::GET, "/v2/A/manifests/x"), Err(RegistryError::NameInvalid(_))));
+        assert!(matches!(p(Method::GET, "/v2/a//b/manifests/x"), Err(RegistryError::NameInvalid(_))));
+        assert!(matches!(p(Method::GET, "/v2/a/manifests/"), Err(RegistryError::NotFound)));
         assert!(matches!(p(Method::GET, "/v2/a/nothing"), Err(RegistryError::NotFound)));
     }
 

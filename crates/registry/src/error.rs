@@ -152,10 +152,7 @@ impl From<BlobError> for RegistryError {
                 RegistryError::BlobUploadInvalid("another request is writing to this upload".into())
             }
             // The handler turns this into UploadRange, which needs the location.
-            BlobError::RangeInvalid { size } => RegistryError::UploadRange {
-                location: String::new(),
-                size,
-            },
+            BlobError::RangeInvalid { size } => RegistryError::UploadRange { location: String::new(), size },
             e @ BlobError::DigestInvalid { .. } => RegistryError::DigestInvalid(e.to_string()),
             e @ BlobError::SizeInvalid { .. } => RegistryError::SizeInvalid(e.to_string()),
             BlobError::BlobUnknown => RegistryError::BlobUnknown,
@@ -181,10 +178,7 @@ impl From<Rejection> for RegistryError {
             Rejection::BlobUnknown(_) => RegistryError::BlobUnknown,
             Rejection::ManifestBlobUnknown(d) => RegistryError::ManifestBlobUnknown(d),
             Rejection::ManifestUnknown => RegistryError::ManifestUnknown,
-            Rejection::TagConflict { tag, current } => RegistryError::TagConflict {
-                tag: tag.to_string(),
-                current,
-            },
+            Rejection::TagConflict { tag, current } => RegistryError::TagConflict { tag: tag.to_string(), current },
         }
     }
 }

@@ -62,10 +62,7 @@ fn parse(buf: &[u8]) -> Parse {
     let (Some(method), Some(path)) = (r.method, r.path) else {
         return Parse::HandOff;
     };
-    let mut builder = Request::builder()
-        .method(method)
-        .uri(path)
-        .version(http::Version::HTTP_11);
+    let mut builder = Request::builder().method(method).uri(path).version(http::Version::HTTP_11);
     let mut close = false;
     for h in r.headers.iter() {
         let name = h.name;
@@ -181,12 +178,7 @@ async fn send_file(stream: &TcpStream, f: &FileRange) -> io::Result<()> {
             }
         });
         match r {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file shorter than expected",
-                ))
-            }
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file shorter than expected")),
             Ok(n) => left -= n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -262,18 +254,9 @@ mod tests {
             parse(b"GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n"),
             Parse::Simple(Simple { close: true, .. })
         ));
-        assert!(matches!(
-            parse(b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"),
-            Parse::HandOff
-        ));
-        assert!(matches!(
-            parse(b"PUT /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
-            Parse::Simple(_)
-        ));
-        assert!(matches!(
-            parse(b"PATCH /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Parse::HandOff
-        ));
+        assert!(matches!(parse(b"PUT /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"), Parse::HandOff));
+        assert!(matches!(parse(b"PUT /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n"), Parse::Simple(_)));
+        assert!(matches!(parse(b"PATCH /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Parse::HandOff));
         assert!(matches!(parse(b"GET / HTTP/1.0\r\n\r\n"), Parse::HandOff));
         assert!(matches!(parse(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Parse::HandOff));
         assert!(matches!(parse(b"\x16\x03\x01 garbage"), Parse::HandOff));

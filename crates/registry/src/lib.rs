@@ -41,11 +41,7 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig {
-            delete_enabled: true,
-            upload_idle_timeout: Duration::from_secs(3600),
-            blob_write_quorum: 0,
-        }
+        RegistryConfig { delete_enabled: true, upload_idle_timeout: Duration::from_secs(3600), blob_write_quorum: 0 }
     }
 }
 
@@ -58,15 +54,22 @@ pub struct Registry {
     pub(crate) metrics: metrics::Metrics,
 }
 
+/// This node's registry answering requests other nodes forward to its upload sessions.
+pub struct LocalRegistry(pub Arc<Registry>);
+
+#[async_trait::async_trait]
+impl raftyard_cluster::LocalHttp for LocalRegistry {
+    async fn serve(
+        &self,
+        req: http::Request<raftyard_cluster::HttpBody>,
+    ) -> http::Response<raftyard_cluster::HttpBody> {
+        body::materialize(handlers::respond(&self.0, req).await)
+    }
+}
+
 impl Registry {
     pub fn new(blobs: Arc<BlobStore>, meta: MetaNode, peers: BlobPeers, cfg: RegistryConfig) -> Arc<Self> {
-        Arc::new(Registry {
-            blobs,
-            meta,
-            peers,
-            cfg,
-            metrics: metrics::Metrics::default(),
-        })
+        Arc::new(Registry { blobs, meta, peers, cfg, metrics: metrics::Metrics::default() })
     }
 
     pub fn meta(&self) -> &MetaNode {

@@ -56,17 +56,10 @@ impl Metrics {
         for ((route, method, status), s) in m.iter() {
             let l = format!("route=\"{route}\",method=\"{method}\",status=\"{status}\"");
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "raftyard_http_request_duration_seconds_bucket{{{l},le=\"{b}\"}} {}",
-                    s.buckets[i]
-                );
+                let _ =
+                    writeln!(out, "raftyard_http_request_duration_seconds_bucket{{{l},le=\"{b}\"}} {}", s.buckets[i]);
             }
-            let _ = writeln!(
-                out,
-                "raftyard_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
-                s.count
-            );
+            let _ = writeln!(out, "raftyard_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}", s.count);
             let _ = writeln!(out, "raftyard_http_request_duration_seconds_sum{{{l}}} {}", s.sum);
             let _ = writeln!(out, "raftyard_http_request_duration_seconds_count{{{l}}} {}", s.count);
         }
@@ -74,40 +67,25 @@ impl Metrics {
         let rm = reg.meta.raft().metrics().borrow().clone();
         let gauges = [
             ("raftyard_raft_term", "Current Raft term.", rm.current_term as f64),
-            (
-                "raftyard_raft_last_log_index",
-                "Last Raft log index.",
-                rm.last_log_index.unwrap_or(0) as f64,
-            ),
+            ("raftyard_raft_last_log_index", "Last Raft log index.", rm.last_log_index.unwrap_or(0) as f64),
             (
                 "raftyard_raft_applied_index",
                 "Last applied Raft log index.",
                 rm.last_applied.map(|l| l.index).unwrap_or(0) as f64,
             ),
-            (
-                "raftyard_raft_leader",
-                "Id of the current leader (0: none).",
-                rm.current_leader.unwrap_or(0) as f64,
-            ),
+            ("raftyard_raft_leader", "Id of the current leader (0: none).", rm.current_leader.unwrap_or(0) as f64),
             (
                 "raftyard_raft_is_leader",
                 "1 if this node is the leader.",
                 (rm.current_leader == Some(reg.meta.id())) as u8 as f64,
             ),
-            (
-                "raftyard_open_uploads",
-                "Open upload sessions on this node.",
-                reg.blobs.open_uploads() as f64,
-            ),
+            ("raftyard_open_uploads", "Open upload sessions on this node.", reg.blobs.open_uploads() as f64),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         let mut r = Response::new(full(out));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
         r
     }
 }

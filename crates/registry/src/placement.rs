@@ -28,11 +28,8 @@ impl Registry {
         let members = self.meta.members();
         let voters = members.iter().filter(|(_, _, v)| *v).count().max(1);
         let needed = self.write_quorum(voters).saturating_sub(1);
-        let targets: Vec<_> = members
-            .into_iter()
-            .filter(|(id, _, _)| *id != me)
-            .map(|(id, a, _)| (id, a.peer))
-            .collect();
+        let targets: Vec<_> =
+            members.into_iter().filter(|(id, _, _)| *id != me).map(|(id, a, _)| (id, a.peer)).collect();
         let mut holders = vec![me];
         if !targets.is_empty() {
             holders.extend(self.peers.replicate(repo, digest, targets, needed).await);
@@ -44,29 +41,15 @@ impl Registry {
                 )));
             }
         }
-        let mut events = vec![Event::BlobLinked {
-            repo: repo.clone(),
-            digest: digest.clone(),
-            size,
-        }];
-        events.extend(holders.into_iter().map(|node| Event::BlobPlaced {
-            digest: digest.clone(),
-            size,
-            node,
-        }));
+        let mut events = vec![Event::BlobLinked { repo: repo.clone(), digest: digest.clone(), size }];
+        events.extend(holders.into_iter().map(|node| Event::BlobPlaced { digest: digest.clone(), size, node }));
         self.meta.propose(events).await?;
         Ok(())
     }
 
     /// Links a blob the registry already holds into another repository (a mount).
     pub(crate) async fn link_existing(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), RegistryError> {
-        self.meta
-            .propose(vec![Event::BlobLinked {
-                repo: repo.clone(),
-                digest: digest.clone(),
-                size,
-            }])
-            .await?;
+        self.meta.propose(vec![Event::BlobLinked { repo: repo.clone(), digest: digest.clone(), size }]).await?;
         Ok(())
     }
 
@@ -88,19 +71,10 @@ impl Registry {
         for (_, addr, _) in members.iter().filter(|(id, _, _)| !holders.contains(id) && *id != me) {
             sources.push(addr.peer.clone());
         }
-        let size = self
-            .peers
-            .fetch(repo, digest, &sources)
-            .await
-            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let size =
+            self.peers.fetch(repo, digest, &sources).await.map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         info!(%digest, size, "blob fetched from a peer");
-        self.meta
-            .propose(vec![Event::BlobPlaced {
-                digest: digest.clone(),
-                size,
-                node: me,
-            }])
-            .await?;
+        self.meta.propose(vec![Event::BlobPlaced { digest: digest.clone(), size, node: me }]).await?;
         Ok(())
     }
 }

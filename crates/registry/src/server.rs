@@ -64,11 +64,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(1 << 20);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(1 << 20);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(64 * 1024);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -108,17 +104,11 @@ pub async fn serve(
                 None => match fastpath::serve(&reg, stream, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &stop).await {
                     fastpath::Outcome::Done => return,
                     fastpath::Outcome::HandOff(io) => {
-                        watcher
-                            .watch(builder.serve_connection(TokioIo::new(*io), svc).into_owned())
-                            .await
+                        watcher.watch(builder.serve_connection(TokioIo::new(*io), svc).into_owned()).await
                     }
                 },
                 Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        watcher
-                            .watch(builder.serve_connection(TokioIo::new(s), svc).into_owned())
-                            .await
-                    }
+                    Ok(Ok(s)) => watcher.watch(builder.serve_connection(TokioIo::new(s), svc).into_owned()).await,
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake failed");
                         return;

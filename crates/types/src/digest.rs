@@ -106,11 +106,7 @@ impl Digest {
     /// [`DigestError::Unsupported`]; everything else invalid gives [`DigestError::Malformed`].
     pub fn parse(s: &str) -> Result<Self, DigestError> {
         let (alg, enc) = s.split_once(':').ok_or_else(|| DigestError::Malformed(s.to_string()))?;
-        if enc.is_empty()
-            || !enc
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'))
-        {
+        if enc.is_empty() || !enc.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-')) {
             return Err(DigestError::Malformed(s.to_string()));
         }
         let algorithm: Algorithm = alg.parse().map_err(|e| match e {
@@ -244,19 +240,13 @@ mod tests {
             "sha512:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b8/5",
         ] {
-            assert!(
-                matches!(Digest::parse(bad), Err(DigestError::Malformed(_))),
-                "{bad:?} should be malformed"
-            );
+            assert!(matches!(Digest::parse(bad), Err(DigestError::Malformed(_))), "{bad:?} should be malformed");
         }
     }
 
     #[test]
     fn unknown_algorithm_is_unsupported_not_malformed() {
-        assert!(matches!(
-            Digest::parse("md5:d41d8cd98f00b204e9800998ecf8427e"),
-            Err(DigestError::Unsupported(_))
-        ));
+        assert!(matches!(Digest::parse("md5:d41d8cd98f00b204e9800998ecf8427e"), Err(DigestError::Unsupported(_))));
         assert!(matches!(
             Digest::parse("multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8"),
             Err(DigestError::Unsupported(_))

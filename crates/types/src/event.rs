@@ -103,24 +103,11 @@ impl Event {
             Event::BlobDropped { digest, node } => {
                 json!({"type":"BlobDropped","digest":digest,"node":node})
             }
-            Event::ManifestPut {
-                repo,
-                digest,
-                media_type,
-                bytes,
-                refs,
-                subject,
-                artifact_type,
-            } => {
+            Event::ManifestPut { repo, digest, media_type, bytes, refs, subject, artifact_type } => {
                 json!({"type":"ManifestPut","repo":repo,"digest":digest,"mediaType":media_type,
                        "size":bytes.len(),"refs":refs,"subject":subject,"artifactType":artifact_type})
             }
-            Event::TagSet {
-                repo,
-                tag,
-                digest,
-                expect,
-            } => {
+            Event::TagSet { repo, tag, digest, expect } => {
                 json!({"type":"TagSet","repo":repo,"tag":tag,"digest":digest,"expect":expect})
             }
             Event::TagDeleted { repo, tag } => json!({"type":"TagDeleted","repo":repo,"tag":tag}),

@@ -108,9 +108,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         return Err(ManifestError::TooLarge(bytes.len()));
     }
     let value: Value = serde_json::from_slice(bytes).map_err(|e| ManifestError::NotJson(e.to_string()))?;
-    let obj = value
-        .as_object()
-        .ok_or_else(|| ManifestError::Invalid("manifest is not a JSON object".into()))?;
+    let obj = value.as_object().ok_or_else(|| ManifestError::Invalid("manifest is not a JSON object".into()))?;
 
     let content_type = bare_media_type(content_type);
     let field_type = string_field(obj, "mediaType")?;
@@ -122,14 +120,10 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         }
     }
     if matches!(content_type, DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED)
-        || field_type
-            .as_deref()
-            .is_some_and(|t| t == DOCKER_SCHEMA1 || t == DOCKER_SCHEMA1_SIGNED)
+        || field_type.as_deref().is_some_and(|t| t == DOCKER_SCHEMA1 || t == DOCKER_SCHEMA1_SIGNED)
         || obj.get("schemaVersion").and_then(Value::as_i64) == Some(1)
     {
-        return Err(ManifestError::Invalid(
-            "Docker image manifest schema 1 is deprecated and not accepted".into(),
-        ));
+        return Err(ManifestError::Invalid("Docker image manifest schema 1 is deprecated and not accepted".into()));
     }
     match obj.get("schemaVersion").and_then(Value::as_i64) {
         Some(2) => {}
@@ -142,11 +136,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         (None, _) if obj.contains_key("manifests") => OCI_INDEX.to_string(),
         (None, _) if obj.contains_key("config") => OCI_MANIFEST.to_string(),
         (None, ct) if !ct.is_empty() && ct != "application/octet-stream" && ct != "application/json" => ct.to_string(),
-        _ => {
-            return Err(ManifestError::Invalid(
-                "cannot determine the manifest media type".into(),
-            ))
-        }
+        _ => return Err(ManifestError::Invalid("cannot determine the manifest media type".into())),
     };
 
     let kind = match media_type.as_str() {
@@ -154,20 +144,15 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         OCI_MANIFEST | DOCKER_MANIFEST => ManifestKind::Image,
         _ if obj.contains_key("manifests") => ManifestKind::Index,
         _ if obj.contains_key("config") => ManifestKind::Image,
-        other => {
-            return Err(ManifestError::Invalid(format!(
-                "unsupported manifest media type {other:?}"
-            )))
-        }
+        other => return Err(ManifestError::Invalid(format!("unsupported manifest media type {other:?}"))),
     };
 
     let mut required = Vec::new();
     let mut config_media_type = None;
     match kind {
         ManifestKind::Image => {
-            let config = obj
-                .get("config")
-                .ok_or_else(|| ManifestError::Invalid("image manifest without config".into()))?;
+            let config =
+                obj.get("config").ok_or_else(|| ManifestError::Invalid("image manifest without config".into()))?;
             let config = descriptor(config, "config")?;
             config_media_type = Some(config.media_type.clone());
             required.push(config.digest);
@@ -201,12 +186,10 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
         None | Some(Value::Null) => None,
         Some(s) => Some(descriptor(s, "subject")?.digest),
     };
-    let artifact_type = string_field(obj, "artifactType")?
-        .filter(|s| !s.is_empty())
-        .or(match kind {
-            ManifestKind::Image => config_media_type,
-            ManifestKind::Index => None,
-        });
+    let artifact_type = string_field(obj, "artifactType")?.filter(|s| !s.is_empty()).or(match kind {
+        ManifestKind::Image => config_media_type,
+        ManifestKind::Index => None,
+    });
     let annotations = match obj.get("annotations") {
         None | Some(Value::Null) => None,
         Some(a) => Some(
@@ -216,14 +199,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: &str) -> Result<ParsedManifest
     };
     required.sort();
     required.dedup();
-    Ok(ParsedManifest {
-        kind,
-        media_type,
-        required,
-        subject,
-        artifact_type,
-        annotations,
-    })
+    Ok(ParsedManifest { kind, media_type, required, subject, artifact_type, annotations })
 }
 
 #[cfg(test)]
@@ -250,10 +226,7 @@ mod tests {
         assert_eq!(m.kind, ManifestKind::Image);
         assert_eq!(m.required.len(), 2);
         assert_eq!(m.subject, None);
-        assert_eq!(
-            m.artifact_type.as_deref(),
-            Some("application/vnd.oci.image.config.v1+json")
-        );
+        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
     }
 
     #[test]
@@ -299,10 +272,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_manifests() {
-        assert!(matches!(
-            parse_manifest(b"not json", OCI_MANIFEST),
-            Err(ManifestError::NotJson(_))
-        ));
+        assert!(matches!(parse_manifest(b"not json", OCI_MANIFEST), Err(ManifestError::NotJson(_))));
         assert!(parse_manifest(b"[]", OCI_MANIFEST).is_err());
         assert!(parse_manifest(br#"{"schemaVersion":1}"#, "").is_err());
         // mediaType mismatch with Content-Type
@@ -311,10 +281,7 @@ mod tests {
         let bad = image("").replace(&d(2), "sha256:1234");
         assert!(parse_manifest(bad.as_bytes(), OCI_MANIFEST).is_err());
         let big = vec![b' '; MAX_MANIFEST_BYTES + 1];
-        assert!(matches!(
-            parse_manifest(&big, OCI_MANIFEST),
-            Err(ManifestError::TooLarge(_))
-        ));
+        assert!(matches!(parse_manifest(&big, OCI_MANIFEST), Err(ManifestError::TooLarge(_))));
     }
 
     #[test]

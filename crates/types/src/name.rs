@@ -104,9 +104,7 @@ impl Tag {
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let b = s.as_bytes();
         let first_ok = b.first().is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
-        let rest_ok = b[1.min(b.len())..]
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        let rest_ok = b[1.min(b.len())..].iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
         if !first_ok || !rest_ok || b.len() > MAX_TAG_LEN {
             return Err(NameError::InvalidTag(s.to_string()));
         }
@@ -175,14 +173,7 @@ mod tests {
 
     #[test]
     fn valid_names() {
-        for ok in [
-            "a",
-            "library/ubuntu",
-            "a.b_c__d-e--f/g0",
-            "my-org/team/app",
-            "0/1/2",
-            "foo---bar",
-        ] {
+        for ok in ["a", "library/ubuntu", "a.b_c__d-e--f/g0", "my-org/team/app", "0/1/2", "foo---bar"] {
             assert!(RepoName::parse(ok).is_ok(), "{ok}");
         }
     }
@@ -190,22 +181,9 @@ mod tests {
     #[test]
     fn invalid_names() {
         let long = "a".repeat(256);
-        for bad in [
-            "",
-            "A",
-            "a/",
-            "/a",
-            "a//b",
-            "a..b",
-            "a___b",
-            "-a",
-            "a-",
-            "a._b",
-            "a b",
-            "a/B",
-            "a:b",
-            long.as_str(),
-        ] {
+        for bad in
+            ["", "A", "a/", "/a", "a//b", "a..b", "a___b", "-a", "a-", "a._b", "a b", "a/B", "a:b", long.as_str()]
+        {
             assert!(RepoName::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -230,9 +208,6 @@ mod tests {
             Reference::parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
             Ok(Reference::Digest(_))
         ));
-        assert!(matches!(
-            Reference::parse("sha256:nothex"),
-            Err(NameError::Digest(DigestError::Malformed(_)))
-        ));
+        assert!(matches!(Reference::parse("sha256:nothex"), Err(NameError::Digest(DigestError::Malformed(_)))));
     }
 }

@@ -48,20 +48,9 @@ impl Node {
 
     /// Starts (again) the process on the same address and data directory.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
-            .args([
-                "serve",
-                "--listen",
-                &self.addr,
-                "--peer-listen",
-                &self.peer,
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", &self.addr, "--peer-listen", &self.peer, "--data-dir"])
             .arg(&self.data)
             .args(&self.extra)
             .env("RUST_LOG", "info")
@@ -99,9 +88,7 @@ impl Node {
         let cfg = dir.join(format!("node{id}.toml"));
         let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
         for (mid, mpeer, mreg) in members {
-            text.push_str(&format!(
-                "[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"
-            ));
+            text.push_str(&format!("[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"));
         }
         std::fs::write(&cfg, text).unwrap();
         let data = dir.join(format!("node{id}"));
@@ -119,12 +106,7 @@ impl Node {
 
     /// This node's `/v2/_raftyard/health` answer, if it answers.
     pub async fn health(&self) -> Option<serde_json::Value> {
-        let r = client()
-            .get(self.url("/v2/_raftyard/health"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
+        let r = client().get(self.url("/v2/_raftyard/health")).timeout(Duration::from_secs(2)).send().await.ok()?;
         r.json().await.ok()
     }
 
@@ -136,10 +118,7 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "raftyard exited with {st}; log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
+                panic!("raftyard exited with {st}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
             if std::net::TcpStream::connect(&self.addr).is_ok() {
                 return;
@@ -206,11 +185,7 @@ pub fn abs(node: &Node, loc: &str) -> String {
 /// Pushes a blob with POST + PUT; returns its digest.
 pub async fn push_blob(c: &reqwest::Client, n: &Node, repo: &str, data: &[u8]) -> String {
     let d = sha256(data);
-    let r = c
-        .post(n.url(&format!("/v2/{repo}/blobs/uploads/")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(n.url(&format!("/v2/{repo}/blobs/uploads/"))).send().await.unwrap();
     assert_eq!(r.status(), 202, "POST upload");
     let loc = abs(n, r.headers()["location"].to_str().unwrap());
     let sep = if loc.contains('?') { '&' } else { '?' };

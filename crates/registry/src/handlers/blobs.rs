@@ -81,32 +81,19 @@ pub(crate) async fn get(
     };
     let mut resp = Response::new(empty());
     if !head {
-        resp.extensions_mut().insert(FileRange {
-            file: Arc::new(file),
-            offset: start,
-            len,
-        });
+        resp.extensions_mut().insert(FileRange { file: Arc::new(file), offset: start, len });
     }
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let d = HeaderValue::from_str(&digest.to_string()).expect("digest is a valid header");
-    h.insert(
-        header::ETAG,
-        HeaderValue::from_str(&format!("\"{digest}\"")).expect("valid header"),
-    );
+    h.insert(header::ETAG, HeaderValue::from_str(&format!("\"{digest}\"")).expect("valid header"));
     h.insert("Docker-Content-Digest", d);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=31536000"));
     if let Some((a, b)) = range {
-        h.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("valid header"),
-        );
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("valid header"));
     }
     Ok(resp)
 }
@@ -116,12 +103,7 @@ pub(crate) async fn delete(reg: &Registry, name: &RepoName, digest: &str) -> Han
     if !reg.cfg.delete_enabled {
         return Err(RegistryError::Unsupported("deletion is disabled".into()));
     }
-    reg.meta
-        .propose(vec![Event::BlobUnlinked {
-            repo: name.clone(),
-            digest: digest.clone(),
-        }])
-        .await?;
+    reg.meta.propose(vec![Event::BlobUnlinked { repo: name.clone(), digest: digest.clone() }]).await?;
     empty_response(StatusCode::ACCEPTED, &[("Docker-Content-Digest", digest.to_string())])
 }
 

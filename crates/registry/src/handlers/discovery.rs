@@ -48,11 +48,7 @@ pub(crate) async fn tags(reg: &Registry, name: &RepoName, q: &[(String, String)]
     }
     let n = page_size(q)?;
     let last = query(q, "last").filter(|l| !l.is_empty());
-    let mut tags = if n == 0 {
-        vec![]
-    } else {
-        reader.tags(name, last, n + 1)?
-    };
+    let mut tags = if n == 0 { vec![] } else { reader.tags(name, last, n + 1)? };
     let link = paginate(&mut tags, n, &format!("/v2/{name}/tags/list"));
     let body = serde_json::to_vec(&json!({"name": name, "tags": tags})).expect("json");
     let mut resp = json_response(StatusCode::OK, body, head);
@@ -66,11 +62,7 @@ pub(crate) async fn catalog(reg: &Registry, q: &[(String, String)]) -> HandlerRe
     reg.meta.read_barrier().await?;
     let n = page_size(q)?;
     let last = query(q, "last").filter(|l| !l.is_empty());
-    let mut repos = if n == 0 {
-        vec![]
-    } else {
-        reg.meta.reader().repos(last, n + 1)?
-    };
+    let mut repos = if n == 0 { vec![] } else { reg.meta.reader().repos(last, n + 1)? };
     let link = paginate(&mut repos, n, "/v2/_catalog");
     let body = serde_json::to_vec(&json!({"repositories": repos})).expect("json");
     let mut resp = json_response(StatusCode::OK, body, false);
@@ -130,10 +122,9 @@ pub(crate) async fn referrers(
 /// Resume with `since` = last index + 1.
 pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerResult {
     let num = |k: &str, d: u64| -> Result<u64, RegistryError> {
-        query(q, k).filter(|v| !v.is_empty()).map_or(Ok(d), |v| {
-            v.parse()
-                .map_err(|_| RegistryError::Unsupported(format!("invalid {k}={v:?}")))
-        })
+        query(q, k)
+            .filter(|v| !v.is_empty())
+            .map_or(Ok(d), |v| v.parse().map_err(|_| RegistryError::Unsupported(format!("invalid {k}={v:?}"))))
     };
     let since = num("since", 0)?;
     let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
@@ -152,10 +143,8 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     }
     let len = out.len();
     let mut resp = Response::new(full(out));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     Ok(resp)
 }
 
@@ -172,9 +161,5 @@ pub(crate) async fn health(reg: &Registry) -> HandlerResult {
         "purged": m.purged.map(|l| l.index),
         "open_uploads": reg.blobs.open_uploads(),
     });
-    Ok(json_response(
-        StatusCode::OK,
-        serde_json::to_vec(&body).expect("json"),
-        false,
-    ))
+    Ok(json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"), false))
 }

@@ -93,10 +93,7 @@ pub(crate) async fn get(reg: &Registry, name: &RepoName, r: &str, headers: &Head
         HeaderValue::from_str(&rec.media_type).map_err(|e| RegistryError::Internal(e.to_string()))?,
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(
-        "Docker-Content-Digest",
-        HeaderValue::from_str(&digest.to_string()).expect("valid header"),
-    );
+    h.insert("Docker-Content-Digest", HeaderValue::from_str(&digest.to_string()).expect("valid header"));
     h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("valid header"));
     Ok(resp)
 }
@@ -118,18 +115,14 @@ pub(crate) async fn put<B: ReqBody>(
     if tags.len() > 100 {
         return Err(RegistryError::TooLarge);
     }
-    let content_type = header_str(req.headers(), header::CONTENT_TYPE)
-        .unwrap_or("")
-        .to_string();
+    let content_type = header_str(req.headers(), header::CONTENT_TYPE).unwrap_or("").to_string();
     let bytes = read_manifest_body(req).await?;
     let parsed = parse_manifest(&bytes, &content_type)?;
     let digest = match &r {
         Reference::Digest(d) => {
             let actual = Digest::of(d.algorithm(), &bytes);
             if &actual != d {
-                return Err(RegistryError::DigestInvalid(format!(
-                    "manifest digest is {actual}, not {d}"
-                )));
+                return Err(RegistryError::DigestInvalid(format!("manifest digest is {actual}, not {d}")));
             }
             actual
         }
@@ -148,18 +141,11 @@ pub(crate) async fn put<B: ReqBody>(
         artifact_type: parsed.artifact_type.clone(),
     }];
     for t in &tags {
-        events.push(Event::TagSet {
-            repo: name.clone(),
-            tag: t.clone(),
-            digest: digest.clone(),
-            expect: None,
-        });
+        events.push(Event::TagSet { repo: name.clone(), tag: t.clone(), digest: digest.clone(), expect: None });
     }
     reg.meta.propose(events).await?;
-    let mut headers = vec![
-        ("Location", format!("/v2/{name}/manifests/{digest}")),
-        ("Docker-Content-Digest", digest.to_string()),
-    ];
+    let mut headers =
+        vec![("Location", format!("/v2/{name}/manifests/{digest}")), ("Docker-Content-Digest", digest.to_string())];
     if let Some(s) = &parsed.subject {
         headers.push(("OCI-Subject", s.to_string()));
     }
@@ -225,10 +211,7 @@ mod tests {
     fn accept_negotiation() {
         let mut h = HeaderMap::new();
         assert!(acceptable(&h, "x/y"));
-        h.append(
-            header::ACCEPT,
-            HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json; q=0.9, a/b"),
-        );
+        h.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json; q=0.9, a/b"));
         assert!(acceptable(&h, "application/vnd.oci.image.manifest.v1+json"));
         assert!(acceptable(&h, "a/b"));
         assert!(!acceptable(&h, "application/vnd.oci.image.index.v1+json"));
@@ -239,17 +222,8 @@ mod tests {
     #[test]
     fn references() {
         assert!(matches!(reference("latest", false), Ok(Reference::Tag(_))));
-        assert!(matches!(
-            reference("bad tag!", false),
-            Err(RegistryError::ManifestUnknown)
-        ));
-        assert!(matches!(
-            reference("bad tag!", true),
-            Err(RegistryError::ManifestInvalid(_))
-        ));
-        assert!(matches!(
-            reference("sha256:123", false),
-            Err(RegistryError::DigestInvalid(_))
-        ));
+        assert!(matches!(reference("bad tag!", false), Err(RegistryError::ManifestUnknown)));
+        assert!(matches!(reference("bad tag!", true), Err(RegistryError::ManifestInvalid(_))));
+        assert!(matches!(reference("sha256:123", false), Err(RegistryError::DigestInvalid(_))));
     }
 }

@@ -36,7 +36,7 @@ pub async fn handle(reg: Arc<Registry>, req: Request<hyper::body::Incoming>) -> 
 
 /// Serves one request. A blob body is left as a [`crate::body::FileRange`] response extension
 /// for the transport to send.
-pub async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Response<Body> {
+pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let head = method == Method::HEAD;
@@ -63,12 +63,8 @@ pub async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Response<Bo
             e.into_response(head)
         }
     };
-    resp.headers_mut().insert(
-        "Docker-Distribution-API-Version",
-        HeaderValue::from_static("registry/2.0"),
-    );
-    reg.metrics
-        .observe(route, method.as_str(), resp.status().as_u16(), started.elapsed());
+    resp.headers_mut().insert("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"));
+    reg.metrics.observe(route, method.as_str(), resp.status().as_u16(), started.elapsed());
     resp
 }
 
@@ -93,6 +89,9 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> 
             _ => blobs::get(reg, &name, &digest, req.headers(), method == Method::HEAD).await,
         },
         Endpoint::UploadStart { name } => uploads::start(reg, name, &q, req).await,
+        Endpoint::Upload { id, .. } if uploads::owner(&id).is_some_and(|o| o != reg.meta.id()) => {
+            uploads::forward_to_owner(reg, &id, req).await
+        }
         Endpoint::Upload { name, id } => match method {
             Method::PATCH => uploads::patch(reg, &name, &id, req).await,
             Method::PUT => uploads::put(reg, &name, &id, &q, req).await,
@@ -111,8 +110,7 @@ pub(crate) fn json_response(status: StatusCode, bytes: Vec<u8>, head: bool) -> R
     let len = bytes.len();
     let mut r = Response::new(if head { empty() } else { full(bytes) });
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     r
 }
@@ -125,10 +123,7 @@ pub(crate) fn empty_response(status: StatusCode, headers: &[(&str, String)]) -> 
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
     for (k, v) in headers {
         let v = HeaderValue::from_str(v).map_err(|e| RegistryError::Internal(e.to_string()))?;
-        h.append(
-            http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| RegistryError::Internal(e.to_string()))?,
-            v,
-        );
+        h.append(http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| RegistryError::Internal(e.to_string()))?, v);
     }
     Ok(r)
 }
@@ -149,10 +144,8 @@ pub(crate) fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str
 pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>, RegistryError> {
     match header_str(h, header::CONTENT_LENGTH) {
         None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| RegistryError::SizeInvalid(format!("bad Content-Length {v:?}"))),
+        Some(v) => {
+            v.trim().parse().map(Some).map_err(|_| RegistryError::SizeInvalid(format!("bad Content-Length {v:?}")))
+        }
     }
 }

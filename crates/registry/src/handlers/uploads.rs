@@ -34,10 +34,7 @@ fn accepted(name: &RepoName, id: &str, size: u64, status: StatusCode) -> Handler
 fn created(name: &RepoName, digest: &Digest) -> HandlerResult {
     empty_response(
         StatusCode::CREATED,
-        &[
-            ("Location", blob_location(name, digest)),
-            ("Docker-Content-Digest", digest.to_string()),
-        ],
+        &[("Location", blob_location(name, digest)), ("Docker-Content-Digest", digest.to_string())],
     )
 }
 
@@ -68,10 +65,7 @@ fn chunk_bounds<B: ReqBody>(
     let Some(cr) = header_str(req.headers(), header::CONTENT_RANGE) else {
         return Ok((None, len));
     };
-    let range_err = || RegistryError::UploadRange {
-        location: upload_location(name, id),
-        size: current,
-    };
+    let range_err = || RegistryError::UploadRange { location: upload_location(name, id), size: current };
     let (a, b) = parse_content_range(cr).ok_or_else(range_err)?;
     if a != current {
         return Err(range_err());
@@ -81,6 +75,29 @@ fn chunk_bounds<B: ReqBody>(
         return Err(range_err());
     }
     Ok((Some(a), Some(chunk_len)))
+}
+
+/// The node that owns an upload session: ids are `n<node>-<random>`.
+pub(crate) fn owner(id: &str) -> Option<u64> {
+    id.strip_prefix('n')?.split_once('-')?.0.parse().ok()
+}
+
+/// Streams a request for another node's upload session to that node and relays its answer.
+/// If the owner is gone the session is gone with it: `BLOB_UPLOAD_UNKNOWN`, and the client
+/// starts over.
+pub(crate) async fn forward_to_owner<B: ReqBody>(reg: &Registry, id: &str, req: Request<B>) -> HandlerResult {
+    let owner = owner(id).ok_or(RegistryError::BlobUploadUnknown)?;
+    let peer = reg
+        .meta
+        .members()
+        .into_iter()
+        .find(|(n, _, _)| *n == owner)
+        .map(|(_, a, _)| a.peer)
+        .ok_or(RegistryError::BlobUploadUnknown)?;
+    raftyard_cluster::forward(reg.peers.peers(), &peer, req).await.map_err(|s| {
+        tracing::debug!(upload = %id, owner, error = %s, "forwarding to the session owner failed");
+        RegistryError::BlobUploadUnknown
+    })
 }
 
 fn session_of(reg: &Registry, name: &RepoName, id: &str) -> Result<u64, RegistryError> {
@@ -93,10 +110,7 @@ fn session_of(reg: &Registry, name: &RepoName, id: &str) -> Result<u64, Registry
 
 fn fix_range(e: BlobError, name: &RepoName, id: &str) -> RegistryError {
     match e {
-        BlobError::RangeInvalid { size } => RegistryError::UploadRange {
-            location: upload_location(name, id),
-            size,
-        },
+        BlobError::RangeInvalid { size } => RegistryError::UploadRange { location: upload_location(name, id), size },
         e => e.into(),
     }
 }
@@ -120,10 +134,7 @@ pub(crate) async fn start<B: ReqBody>(
     if let Some(d) = query(q, "digest") {
         let digest = parse_digest(d)?;
         let len = content_length(req.headers())?;
-        let size = reg
-            .blobs
-            .put_stream(name.clone(), &digest, len, body_stream(req))
-            .await?;
+        let size = reg.blobs.put_stream(name.clone(), &digest, len, body_stream(req)).await?;
         reg.commit_new_blob(&name, &digest, size).await?;
         return created(&name, &digest);
     }
@@ -162,11 +173,7 @@ async fn try_mount(
 pub(crate) async fn patch<B: ReqBody>(reg: &Registry, name: &RepoName, id: &str, req: Request<B>) -> HandlerResult {
     let current = session_of(reg, name, id)?;
     let (start, len) = chunk_bounds(&req, name, id, current)?;
-    let size = reg
-        .blobs
-        .append(id, start, len, body_stream(req))
-        .await
-        .map_err(|e| fix_range(e, name, id))?;
+    let size = reg.blobs.append(id, start, len, body_stream(req)).await.map_err(|e| fix_range(e, name, id))?;
     accepted(name, id, size, StatusCode::ACCEPTED)
 }
 
@@ -184,10 +191,7 @@ pub(crate) async fn put<B: ReqBody>(
     let (start, len) = chunk_bounds(&req, name, id, current)?;
     let has_body = len != Some(0) && !http_body::Body::is_end_stream(req.body());
     if has_body {
-        reg.blobs
-            .append(id, start, len, body_stream(req))
-            .await
-            .map_err(|e| fix_range(e, name, id))?;
+        reg.blobs.append(id, start, len, body_stream(req)).await.map_err(|e| fix_range(e, name, id))?;
     }
     let (_, size) = reg.blobs.finish(id, &digest).await?;
     reg.commit_new_blob(name, &digest, size).await?;
