@@ -19,6 +19,7 @@ pub mod link;
 pub mod network;
 pub mod peers;
 pub mod repair;
+pub mod replica;
 pub mod service;
 
 /// Generated protobuf and tonic code.
@@ -32,4 +33,5 @@ pub use link::GrpcLeaderLink;
 pub use network::PeerNetwork;
 pub use peers::Peers;
 pub use repair::RepairWorker;
+pub use replica::ReplicaSet;
 pub use service::{serve, PeerServices};

@@ -125,6 +125,11 @@ impl pb::blobs_server::Blobs for PeerServices {
         Ok(Response::new(pb::HasBlobReply { present: size.is_some(), size: size.unwrap_or(0) }))
     }
 
+    async fn replicate(&self, req: Request<Streaming<pb::ReplicaPart>>) -> Result<Response<pb::PutBlobReply>, Status> {
+        let size = self.receive_replica(req.into_inner()).await?;
+        Ok(Response::new(pb::PutBlobReply { size }))
+    }
+
     async fn put(&self, req: Request<Streaming<pb::PutBlobPart>>) -> Result<Response<pb::PutBlobReply>, Status> {
         let mut stream = req.into_inner();
         let header = match stream.next().await {
@@ -157,5 +162,64 @@ impl pb::uploads_server::Uploads for PeerServices {
 
     async fn forward(&self, req: Request<Streaming<pb::HttpPart>>) -> Result<Response<Self::ForwardStream>, Status> {
         crate::forward::serve_forwarded(&self.local, req.into_inner()).await.map(Response::new)
+    }
+}
+
+impl PeerServices {
+    /// Receives a replica of an upload in progress: bytes are hashed and written as they
+    /// arrive; the copy becomes visible only once `finish_digest` matches.
+    async fn receive_replica(&self, mut stream: Streaming<pb::ReplicaPart>) -> Result<u64, Status> {
+        use pb::replica_part::Part;
+        let start = match stream.next().await {
+            Some(Ok(pb::ReplicaPart { part: Some(Part::Start(s)) })) => s,
+            _ => return Err(Status::invalid_argument("a replica starts with its start part")),
+        };
+        let repo = RepoName::parse(&start.repo).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let alg = start
+            .algorithm
+            .parse()
+            .map_err(|e: raftyard_types::DigestError| Status::invalid_argument(e.to_string()))?;
+        let id = self.blobs.start_upload(repo, alg).map_err(|e| Status::internal(e.to_string()))?;
+        // Data parts feed one append; the finish part (or the end of the stream) ends it.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(4);
+        let reader = tokio::spawn(async move {
+            let mut finish = None;
+            while let Some(p) = stream.next().await {
+                match p {
+                    Ok(pb::ReplicaPart { part: Some(Part::Data(d)) }) => {
+                        if tx.send(Ok(d)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(pb::ReplicaPart { part: Some(Part::FinishDigest(d)) }) => {
+                        finish = Some(d);
+                        break;
+                    }
+                    Ok(_) => {
+                        let _ = tx.send(Err("unexpected part in a replica".into())).await;
+                        break;
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(s.message().to_string())).await;
+                        break;
+                    }
+                }
+            }
+            finish
+        });
+        let appended = self.blobs.append(&id, None, None, ReceiverStream::new(rx)).await;
+        let finish = reader.await.map_err(|e| Status::internal(e.to_string()))?;
+        let result = match (appended, finish) {
+            (Ok(_), Some(d)) => {
+                let d = digest(&d)?;
+                self.blobs.finish(&id, &d).await.map(|(_, size)| size).map_err(|e| Status::aborted(e.to_string()))
+            }
+            (Err(e), _) => Err(Status::aborted(e.to_string())),
+            (Ok(_), None) => Err(Status::aborted("replica ended before its digest")),
+        };
+        if result.is_err() {
+            self.blobs.cancel(&id);
+        }
+        result
     }
 }

@@ -94,6 +94,21 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
         pull_image(&c, &cl.nodes[f2], "team/app", &tag, &d).await;
         pushed.push((tag, d));
     }
+    // uploads were streamed to both peers while they arrived: every blob was committed with
+    // three placements at once
+    let journal = c.get(cl.nodes[f2].url("/v2/_raftyard/events?since=0")).send().await.unwrap().text().await.unwrap();
+    let mut linked = 0;
+    for line in journal.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        let events = e["events"].as_array().unwrap();
+        if events[0]["type"] == "BlobLinked" {
+            linked += 1;
+            let placed: Vec<u64> =
+                events.iter().filter(|v| v["type"] == "BlobPlaced").map(|v| v["node"].as_u64().unwrap()).collect();
+            assert_eq!(placed.len(), 3, "placements at commit: {e}");
+        }
+    }
+    assert_eq!(linked, 10);
     let tags: serde_json::Value =
         c.get(cl.nodes[leader].url("/v2/team/app/tags/list")).send().await.unwrap().json().await.unwrap();
     assert_eq!(tags["tags"].as_array().unwrap().len(), 5);

@@ -50,6 +50,8 @@ pub struct Registry {
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) meta: MetaNode,
     pub(crate) peers: BlobPeers,
+    /// Replication streams of the upload sessions in progress, by session id.
+    pub(crate) replicas: std::sync::Mutex<std::collections::HashMap<String, placement::Replicas>>,
     pub(crate) cfg: RegistryConfig,
     pub(crate) metrics: metrics::Metrics,
 }
@@ -69,7 +71,14 @@ impl raftyard_cluster::LocalHttp for LocalRegistry {
 
 impl Registry {
     pub fn new(blobs: Arc<BlobStore>, meta: MetaNode, peers: BlobPeers, cfg: RegistryConfig) -> Arc<Self> {
-        Arc::new(Registry { blobs, meta, peers, cfg, metrics: metrics::Metrics::default() })
+        Arc::new(Registry {
+            blobs,
+            meta,
+            peers,
+            replicas: Default::default(),
+            cfg,
+            metrics: metrics::Metrics::default(),
+        })
     }
 
     pub fn meta(&self) -> &MetaNode {
@@ -89,6 +98,7 @@ impl Registry {
                 tick.tick().await;
                 let Some(reg) = weak.upgrade() else { return };
                 reg.blobs.expire_uploads(reg.cfg.upload_idle_timeout);
+                reg.prune_replicas().await;
             }
         })
     }

@@ -1,11 +1,21 @@
-//! Where blob copies live: replicating a new blob to a write quorum before its upload is
-//! acknowledged, and fetching a blob this node lacks from a node that holds it.
+//! Where blob copies live: streaming an upload to peers while it arrives, making a new blob
+//! durable on a write quorum before its upload is acknowledged, and fetching a blob this node
+//! lacks from a node that holds it.
 
-use raftyard_types::{Digest, Event, RepoName};
-use tracing::info;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use raftyard_cluster::ReplicaSet;
+use raftyard_raft::NodeId;
+use raftyard_types::{Algorithm, Digest, Event, RepoName};
+use tracing::{debug, info};
 
 use crate::error::RegistryError;
 use crate::Registry;
+
+/// The replicas of one upload, shared by the requests of its session.
+pub(crate) type Replicas = Arc<tokio::sync::Mutex<ReplicaSet>>;
 
 impl Registry {
     /// Copies (this node's included) a new blob needs before its upload is acknowledged.
@@ -16,23 +26,85 @@ impl Registry {
         }
     }
 
-    /// Makes a blob that was just stored here durable on a write quorum of nodes, then commits
-    /// its link in `repo` and its placements.
+    /// The other members: where new blobs go.
+    fn targets(&self) -> Vec<(NodeId, String)> {
+        let me = self.meta.id();
+        self.meta.members().into_iter().filter(|(id, _, _)| *id != me).map(|(id, a, _)| (id, a.peer)).collect()
+    }
+
+    /// Starts streaming a new upload to the peers (none on a node without peers).
+    pub(crate) fn new_replicas(&self, repo: &RepoName, algorithm: Algorithm) -> Option<Replicas> {
+        let targets = self.targets();
+        if targets.is_empty() {
+            return None;
+        }
+        Some(Arc::new(tokio::sync::Mutex::new(ReplicaSet::open(self.peers.peers(), targets, repo, algorithm))))
+    }
+
+    /// Replicas of a session, opened when the session started.
+    pub(crate) fn open_session_replicas(&self, id: &str, repo: &RepoName, algorithm: Algorithm) {
+        if let Some(r) = self.new_replicas(repo, algorithm) {
+            self.replicas.lock().unwrap().insert(id.to_string(), r);
+        }
+    }
+
+    pub(crate) fn session_replicas(&self, id: &str) -> Option<Replicas> {
+        self.replicas.lock().unwrap().get(id).cloned()
+    }
+
+    /// Forgets a session's replicas; the peers discard what they received.
+    pub(crate) async fn abort_replicas(&self, id: &str) {
+        let r = self.replicas.lock().unwrap().remove(id);
+        if let Some(r) = r {
+            r.lock().await.take().abort();
+        }
+    }
+
+    /// Drops the replicas of sessions that no longer exist (expired).
+    pub(crate) async fn prune_replicas(&self) {
+        let gone: Vec<String> = {
+            let map = self.replicas.lock().unwrap();
+            map.keys()
+                .filter(|id| matches!(self.blobs.upload_status(id), Err(raftyard_blobstore::BlobError::UploadUnknown)))
+                .cloned()
+                .collect()
+        };
+        for id in gone {
+            self.abort_replicas(&id).await;
+        }
+    }
+
+    /// Ends the replication of an upload whose blob is now committed here; returns the peers
+    /// that hold a verified copy.
+    pub(crate) async fn finish_replicas(&self, replicas: Option<Replicas>, digest: &Digest) -> Vec<NodeId> {
+        match replicas {
+            Some(r) => {
+                let set = r.lock().await.take();
+                set.finish(digest).await
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Makes a blob that was just stored here durable on a write quorum of nodes — `acked`
+    /// already hold it from replication while receiving; others get a copy now if the quorum
+    /// needs them — then commits its link in `repo` and its placements.
     pub(crate) async fn commit_new_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
+        acked: Vec<NodeId>,
     ) -> Result<(), RegistryError> {
         let me = self.meta.id();
-        let members = self.meta.members();
-        let voters = members.iter().filter(|(_, _, v)| *v).count().max(1);
+        let voters = self.meta.members().iter().filter(|(_, _, v)| *v).count().max(1);
         let needed = self.write_quorum(voters).saturating_sub(1);
-        let targets: Vec<_> =
-            members.into_iter().filter(|(id, _, _)| *id != me).map(|(id, a, _)| (id, a.peer)).collect();
         let mut holders = vec![me];
-        if !targets.is_empty() {
-            holders.extend(self.peers.replicate(repo, digest, targets, needed).await);
+        holders.extend(acked);
+        if holders.len() <= needed {
+            let rest: Vec<_> = self.targets().into_iter().filter(|(id, _)| !holders.contains(id)).collect();
+            debug!(%digest, have = holders.len(), needed = needed + 1, "pushing the blob to reach the write quorum");
+            holders.extend(self.peers.replicate(repo, digest, rest, needed + 1 - holders.len()).await);
             if holders.len() <= needed {
                 return Err(RegistryError::Unavailable(format!(
                     "blob {digest} reached {} of the {} nodes the write quorum needs",
@@ -59,13 +131,11 @@ impl Registry {
             return Ok(());
         }
         let me = self.meta.id();
-        let info = self.meta.reader().blob_info(digest)?;
-        let holders: Vec<u64> = info.map(|i| i.holders).unwrap_or_default();
+        let holders: Vec<u64> = self.meta.reader().blob_info(digest)?.map(|i| i.holders).unwrap_or_default();
         let members = self.meta.members();
         // Holders first, then every other member (placements may lag behind).
         let mut sources: Vec<String> = Vec::new();
-        for (id, addr, _) in members.iter().filter(|(id, _, _)| holders.contains(id) && *id != me) {
-            let _ = id;
+        for (_, addr, _) in members.iter().filter(|(id, _, _)| holders.contains(id) && *id != me) {
             sources.push(addr.peer.clone());
         }
         for (_, addr, _) in members.iter().filter(|(id, _, _)| !holders.contains(id) && *id != me) {
@@ -77,4 +147,21 @@ impl Registry {
         self.meta.propose(vec![Event::BlobPlaced { digest: digest.clone(), size, node: me }]).await?;
         Ok(())
     }
+}
+
+/// Passes every chunk of `body` to `replicas` before the local store gets it.
+pub(crate) fn tee<S, E>(body: S, replicas: Option<Replicas>) -> impl Stream<Item = Result<Bytes, E>> + Send + Unpin
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: Send + 'static,
+{
+    Box::pin(body.then(move |item| {
+        let replicas = replicas.clone();
+        async move {
+            if let (Ok(b), Some(r)) = (&item, &replicas) {
+                r.lock().await.send(b).await;
+            }
+            item
+        }
+    }))
 }

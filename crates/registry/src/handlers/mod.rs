@@ -95,7 +95,7 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> 
         Endpoint::Upload { name, id } => match method {
             Method::PATCH => uploads::patch(reg, &name, &id, req).await,
             Method::PUT => uploads::put(reg, &name, &id, &q, req).await,
-            Method::DELETE => uploads::cancel(reg, &name, &id),
+            Method::DELETE => uploads::cancel(reg, &name, &id).await,
             _ => uploads::status(reg, &name, &id),
         },
         Endpoint::Manifest { name, reference } => match method {

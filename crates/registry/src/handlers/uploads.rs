@@ -10,6 +10,7 @@ use raftyard_types::{Algorithm, Digest, RepoName};
 use super::blobs::parse_digest;
 use super::{content_length, empty_response, header_str, query, HandlerResult, ReqBody};
 use crate::error::RegistryError;
+use crate::placement::tee;
 use crate::Registry;
 
 fn upload_location(name: &RepoName, id: &str) -> String {
@@ -129,13 +130,25 @@ pub(crate) async fn start<B: ReqBody>(
         }
         // Not mountable: the spec says to open an ordinary session instead.
         let id = reg.blobs.start_upload(name.clone(), Algorithm::Sha256)?;
+        reg.open_session_replicas(&id, &name, Algorithm::Sha256);
         return accepted(&name, &id, 0, StatusCode::ACCEPTED);
     }
     if let Some(d) = query(q, "digest") {
         let digest = parse_digest(d)?;
         let len = content_length(req.headers())?;
-        let size = reg.blobs.put_stream(name.clone(), &digest, len, body_stream(req)).await?;
-        reg.commit_new_blob(&name, &digest, size).await?;
+        let replicas = reg.new_replicas(&name, digest.algorithm());
+        let stored = reg.blobs.put_stream(name.clone(), &digest, len, tee(body_stream(req), replicas.clone())).await;
+        let size = match stored {
+            Ok(size) => size,
+            Err(e) => {
+                if let Some(r) = replicas {
+                    r.lock().await.take().abort();
+                }
+                return Err(e.into());
+            }
+        };
+        let acked = reg.finish_replicas(replicas, &digest).await;
+        reg.commit_new_blob(&name, &digest, size, acked).await?;
         return created(&name, &digest);
     }
     let algorithm = match query(q, "digest-algorithm") {
@@ -143,6 +156,7 @@ pub(crate) async fn start<B: ReqBody>(
         Some(a) => a.parse::<Algorithm>().map_err(RegistryError::from)?,
     };
     let id = reg.blobs.start_upload(name.clone(), algorithm)?;
+    reg.open_session_replicas(&id, &name, algorithm);
     accepted(&name, &id, 0, StatusCode::ACCEPTED)
 }
 
@@ -170,10 +184,29 @@ async fn try_mount(
     created(name, digest).map(Some)
 }
 
+/// Appends a request body to a session, passing the bytes on to the session's replicas as
+/// they arrive. A local storage failure leaves the replicas out of step: they are dropped
+/// (the write quorum is then reached by copying the finished blob).
+async fn append<B: ReqBody>(
+    reg: &Registry,
+    name: &RepoName,
+    id: &str,
+    start: Option<u64>,
+    len: Option<u64>,
+    req: Request<B>,
+) -> Result<u64, RegistryError> {
+    let replicas = reg.session_replicas(id);
+    let r = reg.blobs.append(id, start, len, tee(body_stream(req), replicas)).await;
+    if let Err(BlobError::Io(_)) = &r {
+        reg.abort_replicas(id).await;
+    }
+    r.map_err(|e| fix_range(e, name, id))
+}
+
 pub(crate) async fn patch<B: ReqBody>(reg: &Registry, name: &RepoName, id: &str, req: Request<B>) -> HandlerResult {
     let current = session_of(reg, name, id)?;
     let (start, len) = chunk_bounds(&req, name, id, current)?;
-    let size = reg.blobs.append(id, start, len, body_stream(req)).await.map_err(|e| fix_range(e, name, id))?;
+    let size = append(reg, name, id, start, len, req).await?;
     accepted(name, id, size, StatusCode::ACCEPTED)
 }
 
@@ -191,10 +224,18 @@ pub(crate) async fn put<B: ReqBody>(
     let (start, len) = chunk_bounds(&req, name, id, current)?;
     let has_body = len != Some(0) && !http_body::Body::is_end_stream(req.body());
     if has_body {
-        reg.blobs.append(id, start, len, body_stream(req)).await.map_err(|e| fix_range(e, name, id))?;
+        append(reg, name, id, start, len, req).await?;
     }
-    let (_, size) = reg.blobs.finish(id, &digest).await?;
-    reg.commit_new_blob(name, &digest, size).await?;
+    let size = match reg.blobs.finish(id, &digest).await {
+        Ok((_, size)) => size,
+        Err(e) => {
+            reg.abort_replicas(id).await;
+            return Err(e.into());
+        }
+    };
+    let replicas = reg.replicas.lock().unwrap().remove(id);
+    let acked = reg.finish_replicas(replicas, &digest).await;
+    reg.commit_new_blob(name, &digest, size, acked).await?;
     created(name, &digest)
 }
 
@@ -203,9 +244,10 @@ pub(crate) fn status(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult
     accepted(name, id, size, StatusCode::NO_CONTENT)
 }
 
-pub(crate) fn cancel(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
+pub(crate) async fn cancel(reg: &Registry, name: &RepoName, id: &str) -> HandlerResult {
     session_of(reg, name, id)?;
     reg.blobs.cancel(id);
+    reg.abort_replicas(id).await;
     empty_response(StatusCode::NO_CONTENT, &[])
 }
 
