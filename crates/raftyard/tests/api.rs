@@ -6,36 +6,84 @@ mod common;
 use common::*;
 use serde_json::json;
 
+/// What a test talks to: one node, or one follower of a three-node cluster.
 struct Env {
-    _dir: tempfile::TempDir,
-    n: Node,
+    _dir: Option<tempfile::TempDir>,
+    _cluster: Option<Cluster>,
+    node: Option<Node>,
+    target: usize,
     c: reqwest::Client,
 }
 
 impl Env {
     async fn get(&self, path: &str) -> reqwest::Response {
-        self.c.get(self.n.url(path)).send().await.unwrap()
+        self.c.get(self.n().url(path)).send().await.unwrap()
     }
     async fn head(&self, path: &str) -> reqwest::Response {
-        self.c.head(self.n.url(path)).send().await.unwrap()
+        self.c.head(self.n().url(path)).send().await.unwrap()
     }
     async fn delete(&self, path: &str) -> reqwest::Response {
-        self.c.delete(self.n.url(path)).send().await.unwrap()
+        self.c.delete(self.n().url(path)).send().await.unwrap()
     }
     async fn post(&self, path: &str) -> reqwest::Response {
-        self.c.post(self.n.url(path)).send().await.unwrap()
+        self.c.post(self.n().url(path)).send().await.unwrap()
     }
 }
 
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(&dir.path().join("data"));
-    Env { _dir: dir, n, c: client() }
+    Env { _dir: Some(dir), _cluster: None, node: Some(n), target: 0, c: client() }
 }
 
-#[tokio::test]
-async fn base_endpoint() {
-    let e = env();
+/// A three-node cluster; requests go to a follower.
+async fn follower_env() -> Env {
+    let cl = Cluster::start(3);
+    let leader = cl.leader(std::time::Duration::from_secs(20)).await;
+    Env { _dir: None, _cluster: Some(cl), node: None, target: (leader + 1) % 3, c: client() }
+}
+
+impl Env {
+    fn n(&self) -> &Node {
+        match (&self.node, &self._cluster) {
+            (Some(n), _) => n,
+            (None, Some(cl)) => &cl.nodes[self.target],
+            _ => unreachable!("an env has a node or a cluster"),
+        }
+    }
+}
+
+/// Runs each API test twice: against a single node, and against a follower of a three-node
+/// cluster (every write forwarded to the leader, every read through a read index).
+macro_rules! on_single_node_and_follower {
+    ($($name:ident),* $(,)?) => {
+        mod single_node {
+            $( #[tokio::test] async fn $name() { super::$name(super::env()).await } )*
+        }
+        mod on_a_follower {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name(super::follower_env().await).await } )*
+        }
+    };
+}
+
+on_single_node_and_follower!(
+    base_endpoint,
+    blob_pull_head_range_and_errors,
+    monolithic_single_post_and_digest_mismatch,
+    chunked_upload_with_status_out_of_order_and_final_chunk_in_put,
+    cancel_upload_and_unknown_sessions,
+    sha512_blobs_and_manifests,
+    cross_repository_mounts,
+    manifests_push_pull_negotiate_and_validate,
+    index_tags_by_query_and_tag_listing,
+    referrers_api_with_subject_and_filter,
+    deletes_of_tags_manifests_and_blobs,
+    names_catalog_and_methods,
+    one_connection_pipelined_then_handed_off,
+    http2_prior_knowledge,
+);
+
+async fn base_endpoint(e: Env) {
     let r = e.get("/v2/").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
@@ -45,11 +93,9 @@ async fn base_endpoint() {
     assert_eq!(r.status(), 404);
 }
 
-#[tokio::test]
-async fn blob_pull_head_range_and_errors() {
-    let e = env();
+async fn blob_pull_head_range_and_errors(e: Env) {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
-    let d = push_blob(&e.c, &e.n, "a/b", &data).await;
+    let d = push_blob(&e.c, e.n(), "a/b", &data).await;
     let r = e.get(&format!("/v2/a/b/blobs/{d}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
@@ -59,14 +105,14 @@ async fn blob_pull_head_range_and_errors() {
     assert_eq!(r.headers()["content-length"], "100000");
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     // ranges
-    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=10-19").send().await.unwrap();
+    let r = e.c.get(e.n().url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=10-19").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
-    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=-5").send().await.unwrap();
+    let r = e.c.get(e.n().url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=-5").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[99_995..]);
-    let r = e.c.get(e.n.url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=100000-").send().await.unwrap();
+    let r = e.c.get(e.n().url(&format!("/v2/a/b/blobs/{d}"))).header("range", "bytes=100000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */100000");
     // unknown blob, blob of another repo, malformed and unsupported digests
@@ -85,48 +131,45 @@ async fn blob_pull_head_range_and_errors() {
     }
 }
 
-#[tokio::test]
-async fn monolithic_single_post_and_digest_mismatch() {
-    let e = env();
+async fn monolithic_single_post_and_digest_mismatch(e: Env) {
     let data = b"single post blob".to_vec();
     let d = sha256(&data);
-    let r = e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
+    let r = e.c.post(e.n().url(&format!("/v2/r/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/r/blobs/{d}").as_str());
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     // wrong digest: 400 DIGEST_INVALID, nothing stored
     let wrong = sha256(b"other");
-    let r = e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={wrong}"))).body(data.clone()).send().await.unwrap();
+    let r =
+        e.c.post(e.n().url(&format!("/v2/r/blobs/uploads/?digest={wrong}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let r = e.head(&format!("/v2/r/blobs/{wrong}")).await;
     assert_eq!(r.status(), 404);
     // POST then PUT with a wrong digest
     let r = e.post("/v2/r/blobs/uploads/").await;
-    let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    let loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     let r = e.c.put(format!("{loc}?digest={wrong}")).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // PUT without digest
     let r = e.post("/v2/r/blobs/uploads/").await;
-    let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    let loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     let r = e.c.put(&loc).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // Content-Length that disagrees with the body is refused by HTTP itself or as SIZE_INVALID
-    let r = e.c.post(e.n.url(&format!("/v2/r/blobs/uploads/?digest={d}&x=1"))).body(Vec::new()).send().await.unwrap();
+    let r = e.c.post(e.n().url(&format!("/v2/r/blobs/uploads/?digest={d}&x=1"))).body(Vec::new()).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
 
-#[tokio::test]
-async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
-    let e = env();
+async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put(e: Env) {
     let data: Vec<u8> = (0..30_000u32).map(|i| (i * 31 % 256) as u8).collect();
     let d = sha256(&data);
-    let r = e.c.post(e.n.url("/v2/chunky/blobs/uploads/")).header("content-length", "0").send().await.unwrap();
+    let r = e.c.post(e.n().url("/v2/chunky/blobs/uploads/")).header("content-length", "0").send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert!(r.headers().contains_key("docker-upload-uuid"));
-    let mut loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    let mut loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     // first chunk 0-9999
     let r =
         e.c.patch(&loc)
@@ -138,7 +181,7 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
             .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["range"], "0-9999");
-    loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     // out of order (gap), overlapping, and retried chunks: 416, state unchanged
     for cr in ["10001-19999", "5000-14999", "0-9999"] {
         let (a, b): (usize, usize) = {
@@ -175,11 +218,9 @@ async fn chunked_upload_with_status_out_of_order_and_final_chunk_in_put() {
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
 }
 
-#[tokio::test]
-async fn cancel_upload_and_unknown_sessions() {
-    let e = env();
+async fn cancel_upload_and_unknown_sessions(e: Env) {
     let r = e.post("/v2/c/blobs/uploads/").await;
-    let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    let loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     let r = e.c.patch(&loc).body(vec![1u8; 100]).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let r = e.c.delete(&loc).send().await.unwrap();
@@ -189,25 +230,23 @@ async fn cancel_upload_and_unknown_sessions() {
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     let r = e.c.delete(&loc).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = e.c.patch(e.n.url("/v2/c/blobs/uploads/n1-doesnotexist")).body(vec![1u8]).send().await.unwrap();
+    let r = e.c.patch(e.n().url("/v2/c/blobs/uploads/n1-doesnotexist")).body(vec![1u8]).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // a session used through another repository is unknown there
     let r = e.post("/v2/c/blobs/uploads/").await;
     let loc = r.headers()["location"].to_str().unwrap().replace("/v2/c/", "/v2/d/");
-    let r = e.c.get(e.n.url(&loc)).send().await.unwrap();
+    let r = e.c.get(e.n().url(&loc)).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
-#[tokio::test]
-async fn sha512_blobs_and_manifests() {
-    let e = env();
+async fn sha512_blobs_and_manifests(e: Env) {
     let data = b"sha512 content".to_vec();
     let d = sha512(&data);
     // session announced as sha512
     let r = e.post("/v2/s/blobs/uploads/?digest-algorithm=sha512").await;
     assert_eq!(r.status(), 202);
-    let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    let loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     let r = e.c.put(format!("{loc}?digest={d}")).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let r = e.get(&format!("/v2/s/blobs/{d}")).await;
@@ -217,13 +256,13 @@ async fn sha512_blobs_and_manifests() {
     // single POST with a sha512 digest
     let data2 = b"second sha512".to_vec();
     let d2 = sha512(&data2);
-    let r = e.c.post(e.n.url(&format!("/v2/s/blobs/uploads/?digest={d2}"))).body(data2.clone()).send().await.unwrap();
+    let r = e.c.post(e.n().url(&format!("/v2/s/blobs/uploads/?digest={d2}"))).body(data2.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     // session without digest-algorithm, finished with sha512
     let data3 = b"third".to_vec();
     let d3 = sha512(&data3);
     let r = e.post("/v2/s/blobs/uploads/").await;
-    let loc = abs(&e.n, r.headers()["location"].to_str().unwrap());
+    let loc = abs(e.n(), r.headers()["location"].to_str().unwrap());
     let r = e.c.put(format!("{loc}?digest={d3}")).body(data3.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     // unsupported algorithm
@@ -233,7 +272,7 @@ async fn sha512_blobs_and_manifests() {
     // a manifest referencing sha512 blobs, pushed by its sha512 digest
     let m = image_manifest((&d, data.len()), &[(&d2, data2.len())], json!({}));
     let md = sha512(&m);
-    let r = put_manifest(&e.c, &e.n, "s", &md, &m, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "s", &md, &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     assert_eq!(r.headers()["docker-content-digest"], md.as_str());
     let r = e.get(&format!("/v2/s/manifests/{md}")).await;
@@ -241,11 +280,9 @@ async fn sha512_blobs_and_manifests() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), m.as_slice());
 }
 
-#[tokio::test]
-async fn cross_repository_mounts() {
-    let e = env();
+async fn cross_repository_mounts(e: Env) {
     let data = b"mount me".to_vec();
-    let d = push_blob(&e.c, &e.n, "src/repo", &data).await;
+    let d = push_blob(&e.c, e.n(), "src/repo", &data).await;
     let r = e.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src/repo")).await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/dst/blobs/{d}").as_str());
@@ -263,26 +300,24 @@ async fn cross_repository_mounts() {
     assert_eq!(r.status(), 202);
 }
 
-#[tokio::test]
-async fn manifests_push_pull_negotiate_and_validate() {
-    let e = env();
+async fn manifests_push_pull_negotiate_and_validate(e: Env) {
     let cfg = b"{}".to_vec();
     let layer = b"layer".to_vec();
-    let cd = push_blob(&e.c, &e.n, "m", &cfg).await;
-    let ld = push_blob(&e.c, &e.n, "m", &layer).await;
+    let cd = push_blob(&e.c, e.n(), "m", &cfg).await;
+    let ld = push_blob(&e.c, e.n(), "m", &layer).await;
     let m = image_manifest(
         (&cd, cfg.len()),
         &[(&ld, layer.len())],
         json!({"annotations": {"x": "y"}, "customField": {"k": [1, 2]}}),
     );
     let md = sha256(&m);
-    let r = put_manifest(&e.c, &e.n, "m", "v1", &m, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "m", "v1", &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/m/manifests/{md}").as_str());
     assert_eq!(r.headers()["docker-content-digest"], md.as_str());
     for reference in ["v1", md.as_str()] {
         let r =
-            e.c.get(e.n.url(&format!("/v2/m/manifests/{reference}")))
+            e.c.get(e.n().url(&format!("/v2/m/manifests/{reference}")))
                 .header("accept", OCI_MANIFEST)
                 .send()
                 .await
@@ -296,7 +331,7 @@ async fn manifests_push_pull_negotiate_and_validate() {
         assert_eq!(r.headers()["content-length"], m.len().to_string().as_str());
     }
     // Accept that excludes the type
-    let r = e.c.get(e.n.url("/v2/m/manifests/v1")).header("accept", OCI_INDEX).send().await.unwrap();
+    let r = e.c.get(e.n().url("/v2/m/manifests/v1")).header("accept", OCI_INDEX).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // unknown manifest, invalid tag, malformed digest, unknown repository
     let r = e.get("/v2/m/manifests/nope").await;
@@ -309,13 +344,13 @@ async fn manifests_push_pull_negotiate_and_validate() {
     // missing blob
     let missing = sha256(b"missing");
     let bad = image_manifest((&cd, cfg.len()), &[(&missing, 7)], json!({}));
-    let r = put_manifest(&e.c, &e.n, "m", "v2", &bad, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "m", "v2", &bad, OCI_MANIFEST).await;
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "MANIFEST_BLOB_UNKNOWN");
     assert_eq!(body["errors"][0]["detail"]["digests"][0], missing.as_str());
     // blobs of another repository do not count
-    let r = put_manifest(&e.c, &e.n, "other", "v1", &m, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "other", "v1", &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 400);
     // invalid manifests
     for (body, ct) in [
@@ -323,20 +358,20 @@ async fn manifests_push_pull_negotiate_and_validate() {
         (b"{\"schemaVersion\":1}".to_vec(), OCI_MANIFEST),
         (m.clone(), OCI_INDEX),
     ] {
-        let r = put_manifest(&e.c, &e.n, "m", "bad", &body, ct).await;
+        let r = put_manifest(&e.c, e.n(), "m", "bad", &body, ct).await;
         assert_eq!(r.status(), 400);
         assert_eq!(error_code(r).await, "MANIFEST_INVALID");
     }
     // digest in URL that does not match the body
-    let r = put_manifest(&e.c, &e.n, "m", &sha256(b"x"), &m, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "m", &sha256(b"x"), &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // invalid tag on PUT
-    let r = put_manifest(&e.c, &e.n, "m", "-bad", &m, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "m", "-bad", &m, OCI_MANIFEST).await;
     assert_eq!(r.status(), 400);
     // over 4 MiB: 413
     let huge = image_manifest((&cd, cfg.len()), &[], json!({"annotations": {"pad": "x".repeat(4 * 1024 * 1024)}}));
-    let r = put_manifest(&e.c, &e.n, "m", "huge", &huge, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "m", "huge", &huge, OCI_MANIFEST).await;
     assert_eq!(r.status(), 413);
     // Docker schema 2 with a foreign layer that is not in the registry
     let dm = serde_json::to_vec(&json!({
@@ -348,10 +383,10 @@ async fn manifests_push_pull_negotiate_and_validate() {
             {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": ld, "size": layer.len()}
         ]
     })).unwrap();
-    let r = put_manifest(&e.c, &e.n, "m", "docker", &dm, "application/vnd.docker.distribution.manifest.v2+json").await;
+    let r = put_manifest(&e.c, e.n(), "m", "docker", &dm, "application/vnd.docker.distribution.manifest.v2+json").await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let r =
-        e.c.get(e.n.url("/v2/m/manifests/docker"))
+        e.c.get(e.n().url("/v2/m/manifests/docker"))
             .header("accept", "application/vnd.docker.distribution.manifest.v2+json")
             .send()
             .await
@@ -359,11 +394,9 @@ async fn manifests_push_pull_negotiate_and_validate() {
     assert_eq!(r.headers()["content-type"], "application/vnd.docker.distribution.manifest.v2+json");
 }
 
-#[tokio::test]
-async fn index_tags_by_query_and_tag_listing() {
-    let e = env();
-    let m1 = push_image(&e.c, &e.n, "idx", "amd64", b"1").await;
-    let m2 = push_image(&e.c, &e.n, "idx", "arm64", b"2").await;
+async fn index_tags_by_query_and_tag_listing(e: Env) {
+    let m1 = push_image(&e.c, e.n(), "idx", "amd64", b"1").await;
+    let m2 = push_image(&e.c, e.n(), "idx", "arm64", b"2").await;
     let index = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": OCI_INDEX,
         "manifests": [
@@ -374,7 +407,7 @@ async fn index_tags_by_query_and_tag_listing() {
     .unwrap();
     let id = sha256(&index);
     let r =
-        e.c.put(e.n.url(&format!("/v2/idx/manifests/{id}?tag=1.0.0&tag=1.0&tag=latest")))
+        e.c.put(e.n().url(&format!("/v2/idx/manifests/{id}?tag=1.0.0&tag=1.0&tag=latest")))
             .header("content-type", OCI_INDEX)
             .body(index.clone())
             .send()
@@ -392,12 +425,12 @@ async fn index_tags_by_query_and_tag_listing() {
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     // an index referencing an unknown manifest
     let bad = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{"mediaType": OCI_MANIFEST, "digest": sha256(b"q"), "size": 1}]})).unwrap();
-    let r = put_manifest(&e.c, &e.n, "idx", "bad", &bad, OCI_INDEX).await;
+    let r = put_manifest(&e.c, e.n(), "idx", "bad", &bad, OCI_INDEX).await;
     assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
     // tag list: ASCII order, n/last pagination, Link
     let list = |q: &'static str| {
         let c = e.c.clone();
-        let url = e.n.url(&format!("/v2/idx/tags/list{q}"));
+        let url = e.n().url(&format!("/v2/idx/tags/list{q}"));
         async move { c.get(url).send().await.unwrap() }
     };
     let r = list("").await;
@@ -425,12 +458,10 @@ async fn index_tags_by_query_and_tag_listing() {
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 }
 
-#[tokio::test]
-async fn referrers_api_with_subject_and_filter() {
-    let e = env();
-    let subject = push_image(&e.c, &e.n, "ref", "app", b"s").await;
+async fn referrers_api_with_subject_and_filter(e: Env) {
+    let subject = push_image(&e.c, e.n(), "ref", "app", b"s").await;
     let cfg = b"{}".to_vec();
-    let cd = push_blob(&e.c, &e.n, "ref", &cfg).await;
+    let cd = push_blob(&e.c, e.n(), "ref", &cfg).await;
     let mk = |t: &str, ann: &str| {
         image_manifest(
             (&cd, cfg.len()),
@@ -441,7 +472,7 @@ async fn referrers_api_with_subject_and_filter() {
     let sbom = mk("application/vnd.example.sbom", "s1");
     let sig = mk("application/vnd.example.sig", "s2");
     for a in [&sbom, &sig] {
-        let r = put_manifest(&e.c, &e.n, "ref", &sha256(a), a, OCI_MANIFEST).await;
+        let r = put_manifest(&e.c, e.n(), "ref", &sha256(a), a, OCI_MANIFEST).await;
         assert_eq!(r.status(), 201);
         assert_eq!(r.headers()["oci-subject"], subject.as_str());
     }
@@ -452,7 +483,7 @@ async fn referrers_api_with_subject_and_filter() {
         &[],
         json!({"subject": {"mediaType": OCI_MANIFEST, "digest": ghost, "size": 1}}),
     );
-    let r = put_manifest(&e.c, &e.n, "ref", &sha256(&early), &early, OCI_MANIFEST).await;
+    let r = put_manifest(&e.c, e.n(), "ref", &sha256(&early), &early, OCI_MANIFEST).await;
     assert_eq!(r.status(), 201);
     let r = e.get(&format!("/v2/ref/referrers/{subject}")).await;
     assert_eq!(r.status(), 200);
@@ -467,7 +498,7 @@ async fn referrers_api_with_subject_and_filter() {
     assert_eq!(sbom_desc["size"], sbom.len());
     // filter
     let r =
-        e.c.get(e.n.url(&format!("/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig")))
+        e.c.get(e.n().url(&format!("/v2/ref/referrers/{subject}?artifactType=application/vnd.example.sig")))
             .send()
             .await
             .unwrap();
@@ -481,7 +512,7 @@ async fn referrers_api_with_subject_and_filter() {
     assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.oci.image.config.v1+json");
     // unknown subject and unknown repository: empty index, never 404
     for url in [format!("/v2/ref/referrers/{}", sha256(b"none")), format!("/v2/none/referrers/{subject}")] {
-        let r = e.c.get(e.n.url(&url)).send().await.unwrap();
+        let r = e.c.get(e.n().url(&url)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["manifests"], json!([]));
@@ -489,19 +520,17 @@ async fn referrers_api_with_subject_and_filter() {
     let r = e.get("/v2/ref/referrers/sha256:bad").await;
     assert_eq!(r.status(), 400);
     // deleting a referrer removes it from the list
-    let r = e.c.delete(e.n.url(&format!("/v2/ref/manifests/{}", sha256(&sig)))).send().await.unwrap();
+    let r = e.c.delete(e.n().url(&format!("/v2/ref/manifests/{}", sha256(&sig)))).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let v: serde_json::Value = e.get(&format!("/v2/ref/referrers/{subject}")).await.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn deletes_of_tags_manifests_and_blobs() {
-    let e = env();
-    let md = push_image(&e.c, &e.n, "del", "t1", b"x").await;
+async fn deletes_of_tags_manifests_and_blobs(e: Env) {
+    let md = push_image(&e.c, e.n(), "del", "t1", b"x").await;
     let r = put_manifest(
         &e.c,
-        &e.n,
+        e.n(),
         "del",
         "t2",
         &e.get("/v2/del/manifests/t1").await.bytes().await.unwrap(),
@@ -524,7 +553,7 @@ async fn deletes_of_tags_manifests_and_blobs() {
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     // blobs
-    let d = push_blob(&e.c, &e.n, "del", b"blob").await;
+    let d = push_blob(&e.c, e.n(), "del", b"blob").await;
     assert_eq!(e.delete(&format!("/v2/del/blobs/{d}")).await.status(), 202);
     assert_eq!(e.get(&format!("/v2/del/blobs/{d}")).await.status(), 404);
     let r = e.delete(&format!("/v2/del/blobs/{d}")).await;
@@ -533,9 +562,7 @@ async fn deletes_of_tags_manifests_and_blobs() {
     assert_eq!(e.delete("/v2/del/blobs/sha256:zz").await.status(), 400);
 }
 
-#[tokio::test]
-async fn names_catalog_and_methods() {
-    let e = env();
+async fn names_catalog_and_methods(e: Env) {
     for name in ["UPPER", "a//b", "-a", "a..b", &"x".repeat(256)] {
         let r = e.get(&format!("/v2/{name}/tags/list")).await;
         assert_eq!(r.status(), 400, "{name}");
@@ -544,7 +571,7 @@ async fn names_catalog_and_methods() {
         assert_eq!(r.status(), 400);
     }
     for repo in ["b/x", "a", "c", "b"] {
-        push_blob(&e.c, &e.n, repo, repo.as_bytes()).await;
+        push_blob(&e.c, e.n(), repo, repo.as_bytes()).await;
     }
     let v: serde_json::Value = e.get("/v2/_catalog").await.json().await.unwrap();
     assert_eq!(v, json!({"repositories": ["a", "b", "b/x", "c"]}));
@@ -563,7 +590,7 @@ async fn names_catalog_and_methods() {
 #[tokio::test]
 async fn event_journal_over_http_and_cli() {
     let e = env();
-    let md = push_image(&e.c, &e.n, "ev", "v1", b"e").await;
+    let md = push_image(&e.c, e.n(), "ev", "v1", b"e").await;
     e.delete("/v2/ev/manifests/v1").await;
     let text = e.get("/v2/_raftyard/events?since=0").await.text().await.unwrap();
     let entries: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -583,7 +610,7 @@ async fn event_journal_over_http_and_cli() {
     let text = e.get(&format!("/v2/_raftyard/events?since={last}")).await.text().await.unwrap();
     assert_eq!(text.lines().count(), 1);
     let text =
-        e.c.get(e.n.url(&format!("/v2/_raftyard/events?since={}", last + 1)))
+        e.c.get(e.n().url(&format!("/v2/_raftyard/events?since={}", last + 1)))
             .send()
             .await
             .unwrap()
@@ -593,15 +620,15 @@ async fn event_journal_over_http_and_cli() {
     assert_eq!(text, "");
     // long poll wakes up on a new event
     let c = e.c.clone();
-    let url = e.n.url(&format!("/v2/_raftyard/events?since={}&wait=10", last + 1));
+    let url = e.n().url(&format!("/v2/_raftyard/events?since={}&wait=10", last + 1));
     let poll = tokio::spawn(async move { c.get(url).send().await.unwrap().text().await.unwrap() });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    push_blob(&e.c, &e.n, "ev", b"later").await;
+    push_blob(&e.c, e.n(), "ev", b"later").await;
     let got = tokio::time::timeout(std::time::Duration::from_secs(5), poll).await.unwrap().unwrap();
     assert!(got.contains("BlobLinked"), "{got}");
     // the CLI prints the same journal
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftyard"))
-        .args(["events", "--node", &e.n.url(""), "--since", "0"])
+        .args(["events", "--node", &e.n().url(""), "--since", "0"])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -642,13 +669,11 @@ async fn tls_with_generated_certificates() {
 /// Raw HTTP/1.1 on one connection: pipelined bodiless requests are answered in order by the
 /// fast path, a request with a body hands the connection over to hyper mid-stream, and the
 /// connection keeps working afterwards.
-#[tokio::test]
-async fn one_connection_pipelined_then_handed_off() {
+async fn one_connection_pipelined_then_handed_off(e: Env) {
     use std::io::{Read, Write};
-    let e = env();
     let data = b"pipelined blob".to_vec();
-    let d = push_blob(&e.c, &e.n, "pipe", &data).await;
-    let mut s = std::net::TcpStream::connect(&e.n.addr).unwrap();
+    let d = push_blob(&e.c, e.n(), "pipe", &data).await;
+    let mut s = std::net::TcpStream::connect(&e.n().addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
     let req = format!(
         "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -668,21 +693,19 @@ async fn one_connection_pipelined_then_handed_off() {
     assert!(text.contains("\r\n\r\npipelinedHTTP/1.1 201"), "range body, then the next response: {text}");
     assert!(statuses[2].starts_with("HTTP/1.1 201"));
     assert!(statuses[3].starts_with("HTTP/1.1 200"));
-    assert_eq!(e.c.get(e.n.url(&format!("/v2/pipe/blobs/{}", sha256(b"hello")))).send().await.unwrap().status(), 200);
+    assert_eq!(e.c.get(e.n().url(&format!("/v2/pipe/blobs/{}", sha256(b"hello")))).send().await.unwrap().status(), 200);
 }
 
 /// HTTP/2 with prior knowledge (h2c) is served too.
-#[tokio::test]
-async fn http2_prior_knowledge() {
-    let e = env();
+async fn http2_prior_knowledge(e: Env) {
     let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
-    let r = c.get(e.n.url("/v2/")).send().await.unwrap();
+    let r = c.get(e.n().url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     let data = b"over h2".to_vec();
     let d = sha256(&data);
-    let r = c.post(e.n.url(&format!("/v2/h2/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
+    let r = c.post(e.n().url(&format!("/v2/h2/blobs/uploads/?digest={d}"))).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let r = c.get(e.n.url(&format!("/v2/h2/blobs/{d}"))).send().await.unwrap();
+    let r = c.get(e.n().url(&format!("/v2/h2/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), data.as_slice());
 }

@@ -148,3 +148,27 @@ async fn docker_pushes_and_pulls_an_imported_image() {
     assert_eq!(r.status(), 200);
     run(Command::new("docker").args(["rmi", &image]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_pushes_to_one_node_and_pulls_from_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let cl = Cluster::start(3);
+    cl.leader(std::time::Duration::from_secs(20)).await;
+    let src = dir.path().join("src");
+    let index = write_layout(&src, 21);
+    let dest = format!("docker://{}/multi/app:v1", cl.nodes[0].addr);
+    run(Command::new("skopeo")
+        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(&dest));
+    for (i, n) in cl.nodes.iter().enumerate().skip(1) {
+        let from = format!("docker://{}/multi/app:v1", n.addr);
+        let raw = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &from]));
+        assert_eq!(sha256(raw.as_bytes()), index, "index digest on node {}", i + 1);
+        let back = dir.path().join(format!("back{i}"));
+        run(Command::new("skopeo")
+            .args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false", &from])
+            .arg(format!("oci:{}:v1", back.display())));
+        assert_eq!(blob_names(&src), blob_names(&back), "pulled from node {}", i + 1);
+    }
+}

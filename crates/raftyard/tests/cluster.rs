@@ -9,54 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    nodes: Vec<Node>,
-}
-
-impl Cluster {
-    fn start(n: u64) -> Cluster {
-        Self::start_with(n, "")
-    }
-
-    fn start_with(n: u64, raft_extra: &str) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let members: Vec<(u64, String, String)> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())))
-            .collect();
-        // start in reverse so that the initialising node (lowest id) comes up last
-        let mut nodes: Vec<Node> = members
-            .iter()
-            .rev()
-            .map(|(id, peer, reg)| Node::start_member_with(dir.path(), *id, reg, peer, &members, false, raft_extra))
-            .collect();
-        nodes.reverse();
-        Cluster { _dir: dir, nodes }
-    }
-
-    /// Index (0-based) of the node every live node agrees is the leader.
-    async fn leader(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut seen = Vec::new();
-            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
-                seen.push(n.health().await.and_then(|h| h["leader"].as_u64()));
-            }
-            if let Some(Some(l)) = seen.first() {
-                if seen.iter().all(|s| *s == Some(*l)) && self.nodes[*l as usize - 1].child.is_some() {
-                    return *l as usize - 1;
-                }
-            }
-            if Instant::now() > deadline {
-                let logs: Vec<String> =
-                    self.nodes.iter().map(|n| std::fs::read_to_string(&n.log).unwrap_or_default()).collect();
-                panic!("no agreed leader: {seen:?}\n{}", logs.join("\n-----\n"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 fn cli(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
     assert!(out.status.success(), "raftyard {args:?}: {}", String::from_utf8_lossy(&out.stderr));

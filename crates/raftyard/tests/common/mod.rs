@@ -249,3 +249,52 @@ pub async fn push_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, se
     assert_eq!(r.status(), 201, "manifest PUT: {}", r.text().await.unwrap());
     sha256(&m)
 }
+
+/// A cluster of `raftyard` processes on loopback ports.
+pub struct Cluster {
+    _dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    pub fn start(n: u64) -> Cluster {
+        Self::start_with(n, "")
+    }
+
+    pub fn start_with(n: u64, raft_extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<(u64, String, String)> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())))
+            .collect();
+        // start in reverse so that the initialising node (lowest id) comes up last
+        let mut nodes: Vec<Node> = members
+            .iter()
+            .rev()
+            .map(|(id, peer, reg)| Node::start_member_with(dir.path(), *id, reg, peer, &members, false, raft_extra))
+            .collect();
+        nodes.reverse();
+        Cluster { _dir: dir, nodes }
+    }
+
+    /// Index (0-based) of the node every live node agrees is the leader.
+    pub async fn leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut seen = Vec::new();
+            for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+                seen.push(n.health().await.and_then(|h| h["leader"].as_u64()));
+            }
+            if let Some(Some(l)) = seen.first() {
+                if seen.iter().all(|s| *s == Some(*l)) && self.nodes[*l as usize - 1].child.is_some() {
+                    return *l as usize - 1;
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> =
+                    self.nodes.iter().map(|n| std::fs::read_to_string(&n.log).unwrap_or_default()).collect();
+                panic!("no agreed leader: {seen:?}\n{}", logs.join("\n-----\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
