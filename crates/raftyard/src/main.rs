@@ -1,16 +1,11 @@
-//! The `raftyard` binary: command line, configuration, wiring of the crates into a running
-//! node, and graceful shutdown. No registry, storage or consensus logic lives here.
-
-mod admin;
-mod certs;
-mod config;
-mod node;
+//! The `raftyard` command line. Everything it runs lives in the `raftyard` library.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
+use raftyard::config::Config;
+use raftyard::{admin, certs, node};
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]

@@ -42,7 +42,36 @@ fn initial_members(cfg: &Config, me: &NodeAddr) -> Option<BTreeMap<u64, NodeAddr
     })
 }
 
+/// A node running in this process.
+pub struct RunningNode {
+    /// Address the registry API is bound to.
+    pub registry_addr: std::net::SocketAddr,
+    /// Address the peer port is bound to.
+    pub peer_addr: std::net::SocketAddr,
+    /// This node's addresses as recorded in the membership.
+    pub addr: NodeAddr,
+    pub meta: MetaNode,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting, drains in-flight requests, stops Raft and flushes storage.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// Runs a node until SIGTERM or Ctrl-C.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let node = start(cfg).await?;
+    shutdown_signal().await;
+    node.stop().await
+}
+
+/// Opens storage, binds the ports and starts every part of a node; returns once it serves.
+pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     let data = cfg.node.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let blobs = Arc::new(
@@ -56,6 +85,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.registry.listen)
         .await
         .with_context(|| format!("binding {}", cfg.registry.listen))?;
+    let peer_bound = peer_listener.local_addr()?;
     let me = NodeAddr {
         peer: cfg.cluster.advertise_peer.clone().unwrap_or(peer_listener.local_addr()?.to_string()),
         registry: cfg.cluster.advertise_registry.clone().unwrap_or(listener.local_addr()?.to_string()),
@@ -114,21 +144,27 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let upkeep = reg.spawn_upkeep();
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
-    let signal = stop.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal.cancel();
-    });
-    raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await?;
-    upkeep.abort();
-    stop.cancel();
-    let _ = repair.await;
-    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(()))) {
-        warn!(error = %e, "peer port stopped with an error");
-    }
-    meta.shutdown().await;
-    info!("stopped");
-    Ok(())
+    let registry_addr = listener.local_addr()?;
+    let peer_addr = peer_bound;
+    let task = {
+        let stop = stop.clone();
+        let meta = meta.clone();
+        tokio::spawn(async move {
+            let served = raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await;
+            upkeep.abort();
+            stop.cancel();
+            let _ = repair.await;
+            if let Ok(Err(e)) =
+                tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(())))
+            {
+                warn!(error = %e, "peer port stopped with an error");
+            }
+            meta.shutdown().await;
+            info!("stopped");
+            served.map_err(Into::into)
+        })
+    };
+    Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, task })
 }
 
 async fn shutdown_signal() {

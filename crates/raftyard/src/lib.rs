@@ -1,0 +1,10 @@
+//! The `raftyard` program as a library: the one configuration struct ([`config`]), the wiring
+//! of the crates into a running node with ordered shutdown ([`node`]), the admin client behind
+//! `raftyard cluster …` ([`admin`]) and certificate generation ([`certs`]). The binary
+//! (`main.rs`) is only the command line over these; tests start nodes in-process with
+//! [`node::start`]. No registry, storage or consensus logic lives here.
+
+pub mod admin;
+pub mod certs;
+pub mod config;
+pub mod node;
