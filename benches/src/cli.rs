@@ -43,6 +43,17 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "TARGET")]
     pub only: Option<Target>,
 
+    /// Run raftyard as a cluster of N nodes on loopback instead of a single node (0): pushes
+    /// and manifest PUTs go to one follower, pulls and manifest GETs to another, and a
+    /// leader-failover measurement follows the workloads. N is 0 or 3 to 7.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = parse_cluster_size)]
+    pub cluster: u32,
+
+    /// Cluster mode: how many times to kill the leader (SIGKILL) under a stream of small
+    /// pushes and measure the recovery; 0 skips the failover measurement.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub failover_reps: u32,
+
     /// Timed repetitions of every workload, each run against both registries
     /// back to back in alternating order; medians are reported.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -77,7 +88,8 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
 
-    /// Seconds to wait for a server to answer `GET /v2/` with 200.
+    /// Seconds to wait for a server to answer `GET /v2/` with 200 and, in cluster mode, for
+    /// the nodes to agree on a leader or a restarted node to catch up.
     #[arg(long, default_value_t = 30)]
     pub startup_timeout_secs: u64,
 
@@ -91,6 +103,19 @@ pub struct Args {
 }
 
 impl Args {
+    /// Whether raftyard runs as a cluster.
+    pub fn cluster_mode(&self) -> bool {
+        self.cluster > 0
+    }
+
+    /// How `target` is labelled in the table, the JSON output and log lines.
+    pub fn label(&self, target: Target) -> String {
+        match target {
+            Target::Raftyard if self.cluster_mode() => format!("raftyard x{}", self.cluster),
+            _ => target.name().to_string(),
+        }
+    }
+
     /// The registries to start and measure, in order.
     pub fn targets(&self) -> Vec<Target> {
         match self.only {
@@ -116,8 +141,42 @@ impl Args {
     }
 }
 
+fn parse_cluster_size(value: &str) -> Result<u32, String> {
+    let n: u32 = value.parse().map_err(|err| format!("{err}"))?;
+    if n == 0 || (3..=7).contains(&n) {
+        Ok(n)
+    } else {
+        Err("a cluster needs a leader and two followers: use 0 (single node) or 3 to 7".to_string())
+    }
+}
+
 /// The workspace this crate was built from (the parent of `benches/`).
 fn workspace_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_size_is_zero_or_three_to_seven() {
+        assert_eq!(parse_cluster_size("0"), Ok(0));
+        assert_eq!(parse_cluster_size("3"), Ok(3));
+        assert_eq!(parse_cluster_size("7"), Ok(7));
+        assert!(parse_cluster_size("1").is_err());
+        assert!(parse_cluster_size("2").is_err());
+        assert!(parse_cluster_size("8").is_err());
+        assert!(parse_cluster_size("x").is_err());
+    }
+
+    #[test]
+    fn labels_name_the_cluster_size() {
+        let single = Args::parse_from(["raftyard-bench"]);
+        assert_eq!(single.label(Target::Raftyard), "raftyard");
+        let cluster = Args::parse_from(["raftyard-bench", "--cluster", "3"]);
+        assert_eq!(cluster.label(Target::Raftyard), "raftyard x3");
+        assert_eq!(cluster.label(Target::DockerRegistry), "docker-registry");
+    }
 }

@@ -40,6 +40,24 @@ impl RegistryClient {
         check_bulk_digest(&resp, digest)
     }
 
+    /// Single-request push of a small blob: `POST /v2/<repo>/blobs/uploads/?digest=`
+    /// carrying the whole blob, answered 201.
+    pub async fn push_blob_single_post(&self, repo: &str, data: Bytes, digest: &str) -> Result<()> {
+        let url = with_digest(self.url(&format!("/v2/{repo}/blobs/uploads/"))?, digest);
+        let req = self
+            .http
+            .post(url)
+            .timeout(self.request_timeout)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, data.len())
+            .body(data);
+        let resp = send(req, "single-POST blob upload").await?;
+        if resp.status() != reqwest::StatusCode::CREATED {
+            bail!("single-POST blob upload: status {} (expected 201 Created)", resp.status());
+        }
+        check_digest_header(&resp, digest)
+    }
+
     /// Chunked push: `POST`, one `PATCH` per `chunk` bytes with an inclusive
     /// `Content-Range`, then `PUT ?digest=` with an empty body.
     pub async fn push_blob_chunked(&self, repo: &str, data: &Bytes, digest: &str, chunk: usize) -> Result<()> {

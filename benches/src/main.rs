@@ -52,10 +52,41 @@
 //! (and prints no ratios), `--json PATH` also writes the results as JSON, and
 //! `--blob-mib`, `--chunk-mib`, `--manifests` and `--reps` size the workloads.
 //! The servers are stopped when the run ends, fails or is interrupted.
+//!
+//! # Cluster mode
+//!
+//! `--cluster 3` runs raftyard as a three-node Raft cluster on loopback (each
+//! node with its own registry and peer port and data directory in the run
+//! directory) instead of a single node, and compares it, labelled
+//! `raftyard x3`, with one docker-registry, with the same workloads, ABBA
+//! interleaving and table. Once all nodes agree on a leader, the client sends
+//! blob pushes and manifest PUTs to one follower — the realistic path for a
+//! write: forwarded to the leader, each blob replicated to a majority before
+//! the `201` — and blob pulls and manifest GETs to the other follower, whose
+//! tag reads pass a read index. The RSS rows then give the sum of the nodes'
+//! RSS. The report says whether leadership changed during the workloads.
+//!
+//! After the workloads (docker-registry is stopped by then) the failover is
+//! measured `--failover-reps` times (default 3; see [`failover`]): a writer
+//! pushes 4 KiB blobs one after another to a follower (the followers take
+//! turns from one repetition to the next), the leader is killed with SIGKILL
+//! after 2 s, and three times are taken from the kill: until all live nodes
+//! agree on a new leader, until the first push started after the kill
+//! succeeds, and the longest gap between successful pushes. The killed node
+//! is restarted with its config and data and must catch up before the next
+//! repetition. A second table gives the median and maximum of each time.
+//!
+//! ```text
+//! cargo build --release -p raftyard -p raftyard-bench
+//! target/release/raftyard-bench --raftyard target/release/raftyard --cluster 3
+//! ```
 
 mod bulk;
 mod cli;
 mod client;
+mod cluster;
+mod deployment;
+mod failover;
 mod report;
 mod server;
 mod workload;
@@ -71,9 +102,15 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{Args, Target};
 use crate::client::http_client;
-use crate::report::{command_line, Report};
+use crate::cluster::Cluster;
+use crate::deployment::Deployment;
+use crate::failover::FailoverPlan;
+use crate::report::{command_line, ClusterSummary, Report, TargetResults};
 use crate::server::Server;
 use crate::workload::{BlobSource, Plan, Subject};
+
+/// Interval of the health polls while waiting for a cluster to elect its first leader.
+const LEADER_POLL: Duration = Duration::from_millis(50);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -114,7 +151,11 @@ async fn run(args: &Args) -> Result<()> {
     let targets = args.targets();
     let request_timeout = Duration::from_secs(args.request_timeout_secs);
     let transfer_timeout = Duration::from_secs(args.transfer_timeout_secs);
+    let startup_timeout = Duration::from_secs(args.startup_timeout_secs);
 
+    if args.cluster_mode() && !targets.contains(&Target::Raftyard) {
+        bail!("--cluster runs raftyard as a cluster, so it cannot be combined with --only docker-registry");
+    }
     if targets.contains(&Target::DockerRegistry) && !args.docker_registry.exists() {
         bail!(
             "{} not found; install it with `apt-get install -y docker-registry`, pass \
@@ -131,23 +172,14 @@ async fn run(args: &Args) -> Result<()> {
     let run_dir = RunDir::create(&args.work_dir(), args.keep_data)?;
     eprintln!("run directory: {}", run_dir.path.display());
 
-    let mut servers = Vec::new();
+    let mut deployments = Vec::new();
     for &target in &targets {
-        let dir = run_dir.path.join(target.name());
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let server = match target {
-            Target::Raftyard => Server::start_raftyard(&args.raftyard_bin(), &dir)?,
-            Target::DockerRegistry => Server::start_docker_registry(&args.docker_registry, &dir)?,
-        };
-        eprintln!("started {} (pid {}) at {}", target.name(), server.pid(), server.base);
-        servers.push(server);
+        deployments.push(start(args, target, &run_dir.path, startup_timeout, request_timeout).await?);
     }
-    let probe = http_client(request_timeout)?;
-    let startup_timeout = Duration::from_secs(args.startup_timeout_secs);
-    for server in &mut servers {
-        server.wait_ready(&probe, startup_timeout).await?;
-        eprintln!("{} is ready", server.target.name());
-    }
+    let term_before = match deployments.iter_mut().find_map(Deployment::cluster_mut) {
+        Some(cluster) => Some(cluster.wait_for_leader(startup_timeout, LEADER_POLL).await?.term),
+        None => None,
+    };
 
     let generated = Instant::now();
     let source = BlobSource::new(args.blob_bytes());
@@ -159,14 +191,42 @@ async fn run(args: &Args) -> Result<()> {
         manifest_warmup: args.manifest_warmup,
     };
 
-    let mut subjects = servers
+    let mut subjects = deployments
         .into_iter()
-        .map(|server| Subject::new(server, request_timeout, transfer_timeout))
+        .map(|d| {
+            let label = args.label(d.target());
+            Subject::new(d, label, request_timeout, transfer_timeout)
+        })
         .collect::<Result<Vec<_>>>()?;
     workload::run_all(&mut subjects, &source, &plan).await?;
-    let results = subjects.into_iter().map(Subject::into_results).collect();
+    let (results, deployments): (Vec<TargetResults>, Vec<Deployment>) =
+        subjects.into_iter().map(Subject::finish).unzip();
 
-    let report = Report { args, command, docker_registry_version, results };
+    // Every server but the cluster's stops here, before the failover measurement.
+    let mut cluster = None;
+    for deployment in deployments {
+        if let Deployment::Cluster { cluster: c, roles } = deployment {
+            cluster = Some((c, roles));
+        }
+    }
+    let mut summary = None;
+    let mut failover = Vec::new();
+    if let (Some((cluster, roles)), Some(term_before)) = (&mut cluster, term_before) {
+        let after = cluster.wait_for_leader(startup_timeout, LEADER_POLL).await?;
+        summary = Some(ClusterSummary {
+            nodes: cluster.size(),
+            roles: *roles,
+            term_before,
+            leader_after: after.leader,
+            term_after: after.term,
+        });
+        if args.failover_reps > 0 {
+            let plan = FailoverPlan { reps: args.failover_reps, recovery_timeout: startup_timeout, request_timeout };
+            failover = failover::measure(cluster, &plan).await?;
+        }
+    }
+
+    let report = Report { args, command, docker_registry_version, results, cluster: summary, failover };
     println!("{}", report.render());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report.to_json())?;
@@ -174,6 +234,39 @@ async fn run(args: &Args) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Starts `target` in `run_dir/<target>/` — raftyard as a cluster in cluster mode —
+/// and waits until it serves (and a cluster has a leader).
+async fn start(
+    args: &Args,
+    target: Target,
+    run_dir: &Path,
+    startup_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<Deployment> {
+    let dir = run_dir.join(target.name());
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let label = args.label(target);
+    if target == Target::Raftyard && args.cluster_mode() {
+        let mut cluster = Cluster::start(&args.raftyard_bin(), &dir, args.cluster)?;
+        cluster.wait_ready(startup_timeout).await?;
+        let leadership = cluster.wait_for_leader(startup_timeout, LEADER_POLL).await?;
+        let roles = cluster.roles(leadership.leader)?;
+        eprintln!(
+            "{label} is ready: leader node {}, writes to node {}, reads from node {}",
+            roles.leader, roles.writer, roles.reader
+        );
+        return Ok(Deployment::Cluster { cluster, roles });
+    }
+    let mut server = match target {
+        Target::Raftyard => Server::start_raftyard(&args.raftyard_bin(), &dir)?,
+        Target::DockerRegistry => Server::start_docker_registry(&args.docker_registry, &dir)?,
+    };
+    eprintln!("started {label} (pid {}) at {}", server.pid(), server.base);
+    server.wait_ready(&http_client(request_timeout)?, startup_timeout).await?;
+    eprintln!("{label} is ready");
+    Ok(Deployment::Single(server))
 }
 
 /// A per-run directory under the work dir, removed on drop unless kept.

@@ -1,8 +1,12 @@
-//! Statistics, the results table and the JSON output.
+//! Statistics, the results tables and the JSON output.
+
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::cli::{Args, Target};
+use crate::cluster::Roles;
+use crate::failover::{self, FailoverRep};
 
 /// Measurements of one registry. Per-repetition vectors hold one sample per
 /// timed repetition, in repetition order, so the n-th samples of the two
@@ -10,7 +14,9 @@ use crate::cli::{Args, Target};
 /// their medians.
 #[derive(Debug)]
 pub struct TargetResults {
-    pub name: &'static str,
+    pub target: Target,
+    /// Column heading and JSON key (`raftyard`, `raftyard x3`, `docker-registry`).
+    pub label: String,
     pub push_monolithic_mbps: Vec<f64>,
     pub push_chunked_mbps: Vec<f64>,
     pub pull_mbps: Vec<f64>,
@@ -23,9 +29,10 @@ pub struct TargetResults {
 }
 
 impl TargetResults {
-    pub fn new(name: &'static str) -> Self {
+    pub fn new(target: Target, label: String) -> Self {
         TargetResults {
-            name,
+            target,
+            label,
             push_monolithic_mbps: Vec::new(),
             push_chunked_mbps: Vec::new(),
             pull_mbps: Vec::new(),
@@ -61,6 +68,11 @@ fn metrics(args: &Args) -> Vec<Metric> {
     fn mib(kib: Option<u64>) -> Vec<f64> {
         kib.map(|k| vec![k as f64 / 1024.0]).unwrap_or_default()
     }
+    let rss_unit = if args.cluster_mode() {
+        format!("MiB; {}: sum of the {} nodes", args.label(Target::Raftyard), args.cluster)
+    } else {
+        "MiB".to_string()
+    };
     vec![
         Metric {
             key: "blob_push_monolithic_mbps",
@@ -127,7 +139,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
         },
         Metric {
             key: "rss_peak_during_push_mib",
-            label: "RSS peak during blob pushes (MiB)".into(),
+            label: format!("RSS peak during blob pushes ({rss_unit})"),
             unit: "MiB",
             better: Better::Lower,
             decimals: 1,
@@ -136,7 +148,7 @@ fn metrics(args: &Args) -> Vec<Metric> {
         },
         Metric {
             key: "rss_after_workloads_mib",
-            label: "RSS after workloads (MiB)".into(),
+            label: format!("RSS after workloads ({rss_unit})"),
             unit: "MiB",
             better: Better::Lower,
             decimals: 1,
@@ -209,16 +221,31 @@ fn per_rep_ratios(better: Better, raftyard: &[f64], docker: &[f64]) -> Vec<f64> 
 const RATIO_DIRECTION: &str = "raftyard/docker-registry for throughput, docker-registry/raftyard for latency \
                                and RSS; >1 means raftyard is better";
 
+/// How the cluster was used (cluster mode only).
+pub struct ClusterSummary {
+    pub nodes: usize,
+    /// Roles when the workloads started.
+    pub roles: Roles,
+    /// Raft term when the workloads started.
+    pub term_before: u64,
+    /// Leader and term when the workloads had ended.
+    pub leader_after: u64,
+    pub term_after: u64,
+}
+
 pub struct Report<'a> {
     pub args: &'a Args,
     pub command: String,
     pub docker_registry_version: Option<String>,
     pub results: Vec<TargetResults>,
+    pub cluster: Option<ClusterSummary>,
+    /// Failover repetitions (empty unless measured).
+    pub failover: Vec<FailoverRep>,
 }
 
 impl Report<'_> {
     fn find(&self, target: Target) -> Option<&TargetResults> {
-        self.results.iter().find(|r| r.name == target.name())
+        self.results.iter().find(|r| r.target == target)
     }
 
     fn both(&self) -> Option<(&TargetResults, &TargetResults)> {
@@ -228,7 +255,7 @@ impl Report<'_> {
     /// The results table, ready to print.
     pub fn table(&self) -> String {
         let mut header = vec!["metric".to_string()];
-        header.extend(self.results.iter().map(|r| r.name.to_string()));
+        header.extend(self.results.iter().map(|r| r.label.clone()));
         let both = self.both();
         if both.is_some() {
             header.push("ratio of medians".to_string());
@@ -250,7 +277,71 @@ impl Report<'_> {
         layout(&rows)
     }
 
-    /// Human-readable report: context lines and the table.
+    /// The failover table: median and maximum of each time, and every repetition's value.
+    pub fn failover_table(&self) -> String {
+        let header = ["failover, ms from the leader's kill", "median", "max", "per rep"];
+        let mut rows = vec![header.map(String::from).to_vec()];
+        for m in failover_metrics() {
+            let samples: Vec<f64> = self.failover.iter().map(|r| millis((m.sample)(r))).collect();
+            let max = samples.iter().copied().reduce(f64::max);
+            let per_rep: Vec<String> = samples.iter().map(|v| format!("{v:.0}")).collect();
+            rows.push(vec![m.label.to_string(), fmt(median(&samples), 0, ""), fmt(max, 0, ""), per_rep.join(", ")]);
+        }
+        layout(&rows)
+    }
+
+    /// Context lines about the cluster's roles and leadership during the workloads.
+    fn cluster_lines(&self, c: &ClusterSummary) -> String {
+        let label = self.args.label(Target::Raftyard);
+        let mut out = format!(
+            "{label}: {} nodes on loopback, leader node {}; pushes and manifest PUTs to follower node {}, \
+             pulls and manifest GETs to follower node {}; RSS is the sum of the {} nodes\n",
+            c.nodes, c.roles.leader, c.roles.writer, c.roles.reader, c.nodes
+        );
+        if c.term_after == c.term_before && c.leader_after == c.roles.leader {
+            out.push_str(&format!(
+                "leadership: node {} led throughout the workloads (term {})\n",
+                c.leader_after, c.term_after
+            ));
+        } else {
+            out.push_str(&format!(
+                "leadership CHANGED during the workloads: term {} -> {}, leader node {} -> node {}\n",
+                c.term_before, c.term_after, c.roles.leader, c.leader_after
+            ));
+        }
+        out
+    }
+
+    /// Context lines and the table of the failover measurement.
+    fn render_failover(&self) -> String {
+        let ok: usize = self.failover.iter().map(|r| r.pushes_ok).sum();
+        let failed: usize = self.failover.iter().map(|r| r.pushes_failed).sum();
+        let mut out = format!(
+            "failover: {} rep(s); {}; pushes: {ok} ok, {failed} failed\n",
+            self.failover.len(),
+            failover_method()
+        );
+        for (i, r) in self.failover.iter().enumerate() {
+            let writer_role = if r.writer == r.new_leader { "became the leader" } else { "stayed a follower" };
+            out.push_str(&format!(
+                "  rep {}: killed node {}, node {} elected; the writer's node {} {writer_role}; {} ok, {} failed pushes; \
+                 node {} caught up {:.1} s after restart\n",
+                i + 1,
+                r.killed,
+                r.new_leader,
+                r.writer,
+                r.pushes_ok,
+                r.pushes_failed,
+                r.killed,
+                r.catch_up.as_secs_f64()
+            ));
+        }
+        out.push('\n');
+        out.push_str(&self.failover_table());
+        out
+    }
+
+    /// Human-readable report: context lines and the table(s).
     pub fn render(&self) -> String {
         let a = self.args;
         let mut out = String::new();
@@ -262,11 +353,14 @@ impl Report<'_> {
         if let Some(v) = &self.docker_registry_version {
             out.push_str(&format!("docker-registry: {v}\n"));
         }
-        if self.both().is_some() {
-            out.push_str(
-                "order: each rep runs both registries back to back, raftyard first in odd reps, \
-                 docker-registry first in even reps\n",
-            );
+        if let Some(c) = &self.cluster {
+            out.push_str(&self.cluster_lines(c));
+        }
+        if let Some((raftyard, docker)) = self.both() {
+            out.push_str(&format!(
+                "order: each rep runs both registries back to back, {} first in odd reps, {} first in even reps\n",
+                raftyard.label, docker.label
+            ));
             out.push_str(&format!("ratio: {RATIO_DIRECTION}\n"));
             out.push_str(
                 "per-rep ratio: computed within each rep from its two back-to-back runs; \
@@ -275,6 +369,10 @@ impl Report<'_> {
         }
         out.push('\n');
         out.push_str(&self.table());
+        if !self.failover.is_empty() {
+            out.push('\n');
+            out.push_str(&self.render_failover());
+        }
         out
     }
 
@@ -291,7 +389,7 @@ impl Report<'_> {
                     json!({ "unit": m.unit, "median": median(&samples), "samples": samples }),
                 );
             }
-            targets.insert(r.name.to_string(), Value::Object(per_metric));
+            targets.insert(r.label.clone(), Value::Object(per_metric));
         }
         let mut ratios = serde_json::Map::new();
         if let Some((raftyard, docker)) = self.both() {
@@ -315,15 +413,110 @@ impl Report<'_> {
                 "chunk_mib": a.chunk_mib,
                 "manifests": a.manifests,
                 "manifest_warmup": a.manifest_warmup,
+                "cluster": a.cluster,
+                "failover_reps": a.failover_reps,
             },
+            "cluster": self.cluster.as_ref().map(cluster_json),
+            "failover": (!self.failover.is_empty()).then(|| self.failover_json()),
             "docker_registry_version": self.docker_registry_version,
-            "order": "each rep runs both registries back to back; raftyard first in odd reps, \
-                      docker-registry first in even reps",
+            "order": self.both().map(|(raftyard, docker)| format!(
+                "each rep runs both registries back to back; {} first in odd reps, {} first in even reps",
+                raftyard.label, docker.label
+            )),
             "ratio_direction": RATIO_DIRECTION,
             "results": targets,
             "ratios": ratios,
         })
     }
+
+    fn failover_json(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        out.insert("method".into(), json!(failover_method()));
+        for m in failover_metrics() {
+            let samples: Vec<f64> = self.failover.iter().map(|r| millis((m.sample)(r))).collect();
+            let max = samples.iter().copied().reduce(f64::max);
+            out.insert(
+                m.key.into(),
+                json!({ "label": m.label, "unit": "ms", "median": median(&samples), "max": max, "samples": samples }),
+            );
+        }
+        let reps: Vec<Value> = self
+            .failover
+            .iter()
+            .map(|r| {
+                json!({
+                    "killed_leader": r.killed,
+                    "new_leader": r.new_leader,
+                    "writer_node": r.writer,
+                    "leader_elected_ms": millis(r.election),
+                    "first_push_after_kill_ms": millis(r.first_push),
+                    "longest_push_gap_ms": millis(r.longest_gap),
+                    "pushes_ok": r.pushes_ok,
+                    "pushes_failed": r.pushes_failed,
+                    "first_error_after_kill": r.first_error,
+                    "catch_up_after_restart_ms": millis(r.catch_up),
+                })
+            })
+            .collect();
+        out.insert("reps".into(), Value::Array(reps));
+        Value::Object(out)
+    }
+}
+
+fn cluster_json(c: &ClusterSummary) -> Value {
+    json!({
+        "nodes": c.nodes,
+        "leader": c.roles.leader,
+        "write_node": c.roles.writer,
+        "read_node": c.roles.reader,
+        "term_before_workloads": c.term_before,
+        "leader_after_workloads": c.leader_after,
+        "term_after_workloads": c.term_after,
+    })
+}
+
+/// One row of the failover table.
+struct FailoverMetric {
+    key: &'static str,
+    label: &'static str,
+    sample: fn(&FailoverRep) -> Duration,
+}
+
+fn failover_metrics() -> [FailoverMetric; 3] {
+    [
+        FailoverMetric {
+            key: "leader_elected_ms",
+            label: "(a) all live nodes agree on a new leader",
+            sample: |r| r.election,
+        },
+        FailoverMetric {
+            key: "first_push_after_kill_ms",
+            label: "(b) first push started after the kill succeeds",
+            sample: |r| r.first_push,
+        },
+        FailoverMetric {
+            key: "longest_push_gap_ms",
+            label: "(c) longest gap between successful pushes",
+            sample: |r| r.longest_gap,
+        },
+    ]
+}
+
+/// How the failover is provoked and observed, for the report and the JSON output.
+fn failover_method() -> String {
+    format!(
+        "a writer pushes {} KiB blobs (one POST ?digest= each, sequential, one connection, {} ms pause after a \
+         failure) to a follower, each rep the next one in id order; the leader is killed with SIGKILL after {} s; the live nodes' health is polled \
+         every {} ms",
+        failover::BLOB_BYTES / 1024,
+        failover::RETRY_PAUSE.as_millis(),
+        failover::KILL_AFTER.as_secs(),
+        failover::HEALTH_POLL.as_millis()
+    )
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Lays out `rows` (the first is the header) as a Markdown-style table,

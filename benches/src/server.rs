@@ -4,9 +4,9 @@
 //! file in its own directory. [`Server`] kills its child when dropped, and the
 //! child is additionally asked by the kernel to die with the benchmark process
 //! (`PR_SET_PDEATHSIG`), so no server outlives a run, including on error or
-//! interruption.
+//! interruption. A restarted cluster node appends to its earlier log.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -22,6 +22,8 @@ use crate::cli::Target;
 /// A running registry server, stopped on drop.
 pub struct Server {
     pub target: Target,
+    /// Name in log lines and error messages (`raftyard`, `raftyard node 2`, …).
+    pub name: String,
     pub base: Url,
     pub log_path: PathBuf,
     child: Child,
@@ -35,7 +37,24 @@ impl Server {
         let port = free_port()?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(&data_dir);
-        spawn(Target::Raftyard, cmd, bin, dir, port)
+        spawn(Target::Raftyard, Target::Raftyard.name().to_string(), cmd, bin, dir, port)
+    }
+
+    /// Starts `<bin> serve --config CONFIG` for a cluster node whose registry API listens on
+    /// `registry_port`; its log goes to `DIR/server.log`.
+    ///
+    /// `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child exits, so nodes must
+    /// be started from the benchmark's main task, never from a spawned or blocking task.
+    pub fn start_raftyard_node(
+        bin: &Path,
+        name: String,
+        config: &Path,
+        dir: &Path,
+        registry_port: u16,
+    ) -> Result<Server> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg("--config").arg(config);
+        spawn(Target::Raftyard, name, cmd, bin, dir, registry_port)
     }
 
     /// Writes a filesystem-backed configuration and starts
@@ -54,7 +73,7 @@ impl Server {
                 cmd.env_remove(key);
             }
         }
-        spawn(Target::DockerRegistry, cmd, bin, dir, port)
+        spawn(Target::DockerRegistry, Target::DockerRegistry.name().to_string(), cmd, bin, dir, port)
     }
 
     pub fn pid(&self) -> u32 {
@@ -70,7 +89,7 @@ impl Server {
             if let Some(status) = self.child.try_wait()? {
                 bail!(
                     "{} exited during startup ({status}); last lines of {}:\n{}",
-                    self.target.name(),
+                    self.name,
                     self.log_path.display(),
                     self.log_tail(20)
                 );
@@ -83,7 +102,7 @@ impl Server {
             if started.elapsed() > timeout {
                 bail!(
                     "{} did not become ready at {} within {:?} ({last}); last lines of {}:\n{}",
-                    self.target.name(),
+                    self.name,
                     self.base,
                     timeout,
                     self.log_path.display(),
@@ -111,11 +130,21 @@ impl Server {
         if let Some(status) = self.child.try_wait()? {
             bail!(
                 "{} exited unexpectedly ({status}); last lines of {}:\n{}",
-                self.target.name(),
+                self.name,
                 self.log_path.display(),
                 self.log_tail(20)
             );
         }
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL at once (no graceful shutdown) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            bail!("{} had already exited before it was to be killed", self.name);
+        }
+        self.child.kill().with_context(|| format!("killing {}", self.name))?;
+        self.child.wait().with_context(|| format!("reaping {}", self.name))?;
         Ok(())
     }
 
@@ -148,9 +177,13 @@ impl Drop for Server {
     }
 }
 
-fn spawn(target: Target, mut cmd: Command, bin: &Path, dir: &Path, port: u16) -> Result<Server> {
+fn spawn(target: Target, name: String, mut cmd: Command, bin: &Path, dir: &Path, port: u16) -> Result<Server> {
     let log_path = dir.join("server.log");
-    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
     unsafe {
@@ -166,21 +199,24 @@ fn spawn(target: Target, mut cmd: Command, bin: &Path, dir: &Path, port: u16) ->
             Target::Raftyard => "build it with `cargo build --release -p raftyard`",
             Target::DockerRegistry => "install it with `apt-get install -y docker-registry`",
         };
-        format!(
-            "cannot start {} from {}; {hint}, or pass its path with --{}",
-            target.name(),
-            bin.display(),
-            target.name()
-        )
+        format!("cannot start {name} from {}; {hint}, or pass its path with --{}", bin.display(), target.name())
     })?;
     let base = Url::parse(&format!("http://127.0.0.1:{port}/"))?;
-    Ok(Server { target, base, log_path, child })
+    Ok(Server { target, name, base, log_path, child })
 }
 
 /// Picks a currently free loopback port.
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a probe socket")?;
-    Ok(listener.local_addr()?.port())
+    Ok(free_ports(1)?[0])
+}
+
+/// Picks `count` distinct, currently free loopback ports (all probe sockets are held until
+/// every port is picked, so none is handed out twice).
+pub fn free_ports(count: usize) -> Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding a probe socket"))
+        .collect::<Result<Vec<_>>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 fn docker_registry_config(data_dir: &Path, port: u16) -> String {

@@ -1,5 +1,7 @@
 //! The workloads, run identically against each registry, with the timed
-//! repetitions of the registries interleaved.
+//! repetitions of the registries interleaved. Pushes and manifest PUTs go to a
+//! deployment's write endpoint, pulls and manifest GETs to its read endpoint
+//! (the same server unless it is a cluster).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,8 +14,9 @@ use rand::RngCore;
 use tokio::task::JoinHandle;
 
 use crate::client::{sha256_digest, RegistryClient};
+use crate::deployment::Deployment;
 use crate::report::{percentile, TargetResults};
-use crate::server::{rss_kib, Server};
+use crate::server::rss_kib;
 
 const REPO_MONOLITHIC: &str = "bench/blob-monolithic";
 const REPO_CHUNKED: &str = "bench/blob-chunked";
@@ -61,10 +64,13 @@ impl BlobSource {
     }
 }
 
-/// One registry under test: its server, a client for it, and what it has measured so far.
+/// One registry under test: its server(s), clients for it, and what it has measured so far.
 pub struct Subject {
-    server: Server,
-    client: RegistryClient,
+    deployment: Deployment,
+    /// Client for blob pushes and manifest PUTs.
+    writer: RegistryClient,
+    /// Client for blob pulls and manifest GETs.
+    reader: RegistryClient,
     results: TargetResults,
     /// Digest of the last blob pushed monolithically; the pull workload reads it.
     pull_digest: Option<String>,
@@ -73,37 +79,40 @@ pub struct Subject {
 }
 
 impl Subject {
-    pub fn new(server: Server, request_timeout: Duration, transfer_timeout: Duration) -> Result<Self> {
-        let client = RegistryClient::new(server.base.clone(), request_timeout, transfer_timeout)?;
+    /// `label` names the subject in log lines, the table and the JSON output.
+    pub fn new(
+        deployment: Deployment,
+        label: String,
+        request_timeout: Duration,
+        transfer_timeout: Duration,
+    ) -> Result<Self> {
+        let writer = RegistryClient::new(deployment.write_base()?, request_timeout, transfer_timeout)?;
+        let reader = RegistryClient::new(deployment.read_base()?, request_timeout, transfer_timeout)?;
         Ok(Subject {
-            results: TargetResults::new(server.target.name()),
-            server,
-            client,
+            results: TargetResults::new(deployment.target(), label),
+            deployment,
+            writer,
+            reader,
             pull_digest: None,
             manifest_template: None,
         })
     }
 
-    /// Stops the server and returns the measurements.
-    pub fn into_results(self) -> TargetResults {
-        self.results
+    /// The measurements, and the deployment (still running) they were taken on.
+    pub fn finish(self) -> (TargetResults, Deployment) {
+        (self.results, self.deployment)
     }
 
-    fn name(&self) -> &'static str {
-        self.server.target.name()
+    fn name(&self) -> String {
+        self.results.label.clone()
     }
 
-    /// Adds the server's log tail to a failed step, then checks the server is still running.
+    /// Adds the servers' log tails to a failed step, then checks the servers are still running.
     fn check(&mut self, outcome: Result<()>) -> Result<()> {
         outcome.map_err(|err| {
-            err.context(format!(
-                "benchmarking {} failed; last lines of {}:\n{}",
-                self.name(),
-                self.server.log_path.display(),
-                self.server.log_tail(20)
-            ))
+            err.context(format!("benchmarking {} failed; {}", self.name(), self.deployment.log_tails()))
         })?;
-        self.server.ensure_running()
+        self.deployment.ensure_running()
     }
 
     async fn timed_rep(&mut self, workload: Workload, rep: u32, source: &BlobSource, plan: &Plan) -> Result<()> {
@@ -119,8 +128,8 @@ impl Subject {
         let name = self.name();
         let (data, digest) = source.fresh();
         flush_page_cache().await;
-        let push = self.client.push_blob_monolithic(REPO_MONOLITHIC, &data, &digest);
-        let elapsed = timed_with_rss_peak(self.server.pid(), &mut self.results.rss_peak_push_kib, push)
+        let push = self.writer.push_blob_monolithic(REPO_MONOLITHIC, &data, &digest);
+        let elapsed = timed_with_rss_peak(self.deployment.pids(), &mut self.results.rss_peak_push_kib, push)
             .await
             .with_context(|| format!("{name}: monolithic push, rep {rep}"))?;
         let mbps = mb_per_s(data.len() as u64, elapsed);
@@ -134,8 +143,8 @@ impl Subject {
         let name = self.name();
         let (data, digest) = source.fresh();
         flush_page_cache().await;
-        let push = self.client.push_blob_chunked(REPO_CHUNKED, &data, &digest, plan.chunk_bytes);
-        let elapsed = timed_with_rss_peak(self.server.pid(), &mut self.results.rss_peak_push_kib, push)
+        let push = self.writer.push_blob_chunked(REPO_CHUNKED, &data, &digest, plan.chunk_bytes);
+        let elapsed = timed_with_rss_peak(self.deployment.pids(), &mut self.results.rss_peak_push_kib, push)
             .await
             .with_context(|| format!("{name}: chunked push, rep {rep}"))?;
         let mbps = mb_per_s(data.len() as u64, elapsed);
@@ -153,7 +162,7 @@ impl Subject {
         let name = self.name();
         let digest = self.pull_digest()?;
         let got =
-            self.client.pull_blob(REPO_MONOLITHIC, &digest).await.with_context(|| format!("{name}: warm-up pull"))?;
+            self.reader.pull_blob(REPO_MONOLITHIC, &digest).await.with_context(|| format!("{name}: warm-up pull"))?;
         if got != expected {
             bail!("{name}: warm-up pull of {digest} returned {got} bytes, expected {expected}");
         }
@@ -166,7 +175,7 @@ impl Subject {
         flush_page_cache().await;
         let started = Instant::now();
         let got = self
-            .client
+            .reader
             .pull_blob(REPO_MONOLITHIC, &digest)
             .await
             .with_context(|| format!("{name}: pull, rep {rep}"))?;
@@ -184,14 +193,14 @@ impl Subject {
     /// the untimed warm-up PUT+GET pairs.
     async fn prepare_manifests(&mut self, plan: &Plan) -> Result<()> {
         let name = self.name();
-        let template = push_manifest_blobs(name, &self.client).await?;
+        let template = push_manifest_blobs(&name, &self.writer).await?;
         for i in 0..plan.manifest_warmup {
             let tag = format!("warmup-{i}");
-            self.client
+            self.writer
                 .put_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST, template.render(&tag))
                 .await
                 .with_context(|| format!("{name}: warm-up manifest PUT {tag}"))?;
-            self.client
+            self.reader
                 .get_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST)
                 .await
                 .with_context(|| format!("{name}: warm-up manifest GET {tag}"))?;
@@ -205,7 +214,8 @@ impl Subject {
         let template =
             self.manifest_template.as_ref().with_context(|| format!("{name}: manifest blobs were not pushed"))?;
         flush_page_cache().await;
-        let (put_ms, get_ms) = manifest_latencies(name, &self.client, template, rep, plan.manifests).await?;
+        let clients = (&self.writer, &self.reader);
+        let (put_ms, get_ms) = manifest_latencies(&name, clients, template, rep, plan.manifests).await?;
         let (put50, put99) = (percentile(&put_ms, 50.0), percentile(&put_ms, 99.0));
         let (get50, get99) = (percentile(&get_ms, 50.0), percentile(&get_ms, 99.0));
         eprintln!(
@@ -220,7 +230,7 @@ impl Subject {
     }
 
     fn record_rss_after(&mut self) {
-        self.results.rss_after_kib = rss_kib(self.server.pid());
+        self.results.rss_after_kib = total_rss_kib(&self.deployment.pids());
     }
 }
 
@@ -278,14 +288,14 @@ fn rep_order(rep: u32, count: usize) -> Vec<usize> {
     }
 }
 
-/// Awaits `push` and returns how long it took, sampling the RSS of `pid`
-/// meanwhile and raising `peak` to the highest value seen.
+/// Awaits `push` and returns how long it took, sampling the summed RSS of
+/// `pids` meanwhile and raising `peak` to the highest value seen.
 async fn timed_with_rss_peak(
-    pid: u32,
+    pids: Vec<u32>,
     peak: &mut Option<u64>,
     push: impl Future<Output = Result<()>>,
 ) -> Result<Duration> {
-    let sampler = RssSampler::start(pid);
+    let sampler = RssSampler::start(pids);
     let started = Instant::now();
     let outcome = push.await;
     let elapsed = started.elapsed();
@@ -320,11 +330,12 @@ async fn push_manifest_blobs(name: &str, client: &RegistryClient) -> Result<Mani
     })
 }
 
-/// PUTs `count` distinct manifests to tags one after another, then GETs each
-/// back by tag and verifies it; returns the PUT and GET latencies in ms.
+/// PUTs `count` distinct manifests to tags one after another with the first
+/// client, then GETs each back by tag with the second and verifies it; returns
+/// the PUT and GET latencies in ms.
 async fn manifest_latencies(
     name: &str,
-    client: &RegistryClient,
+    (writer, reader): (&RegistryClient, &RegistryClient),
     template: &ManifestTemplate,
     rep: u32,
     count: u32,
@@ -335,7 +346,7 @@ async fn manifest_latencies(
         let tag = format!("r{rep}-{i:06}");
         let body = template.render(&tag);
         let started = Instant::now();
-        let digest = client
+        let digest = writer
             .put_manifest(REPO_MANIFESTS, &tag, OCI_MANIFEST, body)
             .await
             .with_context(|| format!("{name}: manifest PUT {tag}"))?;
@@ -345,7 +356,7 @@ async fn manifest_latencies(
     let mut get_ms = Vec::with_capacity(tags.len());
     for (tag, digest) in &tags {
         let started = Instant::now();
-        let body = client
+        let body = reader
             .get_manifest(REPO_MANIFESTS, tag, OCI_MANIFEST)
             .await
             .with_context(|| format!("{name}: manifest GET {tag}"))?;
@@ -378,7 +389,12 @@ impl ManifestTemplate {
     }
 }
 
-/// Background task recording the peak `VmRSS` of a process.
+/// Sum of the `VmRSS` of the processes that have one; `None` if none has.
+fn total_rss_kib(pids: &[u32]) -> Option<u64> {
+    pids.iter().filter_map(|&pid| rss_kib(pid)).reduce(|a, b| a + b)
+}
+
+/// Background task recording the peak of the summed `VmRSS` of processes.
 struct RssSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
@@ -386,9 +402,9 @@ struct RssSampler {
 }
 
 impl RssSampler {
-    fn start(pid: u32) -> Self {
+    fn start(pids: Vec<u32>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+        let peak = Arc::new(AtomicU64::new(total_rss_kib(&pids).unwrap_or(0)));
         let task = tokio::spawn({
             let (stop, peak) = (stop.clone(), peak.clone());
             async move {
@@ -396,7 +412,7 @@ impl RssSampler {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 while !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
-                    if let Some(kib) = rss_kib(pid) {
+                    if let Some(kib) = total_rss_kib(&pids) {
                         peak.fetch_max(kib, Ordering::Relaxed);
                     }
                 }
