@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use raftyard_raft::{LeaderLink, NodeAddr, ProposeError};
+use raftyard_raft::{LeaderLink, NodeAddr, NodeId, ProposeError};
 use raftyard_types::event::VersionedCommand;
 use raftyard_types::{Outcome, Rejection};
 
 use crate::codec;
 use crate::pb::meta_client::MetaClient;
-use crate::pb::{ProposeRequest, ReadIndexRequest};
+use crate::pb::{HeartbeatRequest, ProposeRequest, ReadIndexRequest};
 use crate::peers::{Peers, MAX_MESSAGE};
 
 /// Deadline of a forwarded proposal (commit on a majority and apply on the leader).
@@ -33,9 +33,14 @@ impl GrpcLeaderLink {
 
 #[async_trait::async_trait]
 impl LeaderLink for GrpcLeaderLink {
-    async fn propose(&self, leader: &NodeAddr, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError> {
+    async fn propose(
+        &self,
+        from: NodeId,
+        leader: &NodeAddr,
+        cmd: VersionedCommand,
+    ) -> Result<(u64, Outcome), ProposeError> {
         let command = codec::encode(&cmd).map_err(codec::status_to_propose_error)?;
-        let mut req = tonic::Request::new(ProposeRequest { command: command.into() });
+        let mut req = tonic::Request::new(ProposeRequest { command: command.into(), from });
         req.set_timeout(PROPOSE_TIMEOUT);
         let reply = self.client(leader)?.propose(req).await.map_err(codec::status_to_propose_error)?.into_inner();
         let outcome = if reply.rejection.is_empty() {
@@ -46,8 +51,16 @@ impl LeaderLink for GrpcLeaderLink {
         Ok((reply.index, outcome))
     }
 
-    async fn read_index(&self, leader: &NodeAddr) -> Result<u64, ProposeError> {
-        let mut req = tonic::Request::new(ReadIndexRequest {});
+    async fn nudge(&self, leader: &NodeAddr) {
+        if let Ok(mut c) = self.client(leader) {
+            let mut req = tonic::Request::new(HeartbeatRequest {});
+            req.set_timeout(crate::peers::CALL_TIMEOUT);
+            let _ = c.heartbeat(req).await;
+        }
+    }
+
+    async fn read_index(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError> {
+        let mut req = tonic::Request::new(ReadIndexRequest { from });
         req.set_timeout(crate::peers::CALL_TIMEOUT);
         let reply = self.client(leader)?.read_index(req).await.map_err(codec::status_to_propose_error)?;
         Ok(reply.into_inner().index)

@@ -36,6 +36,8 @@ pub async fn serve(
     let s = services;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(crate::peers::STREAM_WINDOW)
+        .initial_connection_window_size(crate::peers::CONNECTION_WINDOW)
         .add_service(
             pb::raft_server::RaftServer::new(s.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -78,8 +80,10 @@ impl pb::raft_server::Raft for PeerServices {
 #[tonic::async_trait]
 impl pb::meta_server::Meta for PeerServices {
     async fn propose(&self, req: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
-        let cmd = codec::decode(&req.into_inner().command)?;
+        let req = req.into_inner();
+        let cmd = codec::decode(&req.command)?;
         let (index, outcome) = self.meta.propose_local(cmd).await.map_err(codec::propose_error_to_status)?;
+        let _ = req.from;
         let rejection = match outcome {
             Ok(()) => Bytes::new(),
             Err(r) => codec::encode(&r)?.into(),
@@ -87,8 +91,14 @@ impl pb::meta_server::Meta for PeerServices {
         Ok(Response::new(pb::ProposeReply { index, rejection }))
     }
 
-    async fn read_index(&self, _: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+    async fn heartbeat(&self, _: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let _ = self.meta.raft().trigger().heartbeat().await;
+        Ok(Response::new(pb::HeartbeatReply {}))
+    }
+
+    async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
         let index = self.meta.read_index_local().await.map_err(codec::propose_error_to_status)?;
+        let _ = req.into_inner().from;
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
 }

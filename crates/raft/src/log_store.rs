@@ -19,6 +19,29 @@ pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     raft: sled::Tree,
+    flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Group commit off Raft's core loop: appends queue their callback; one thread flushes sled
+/// once for everything queued and then acknowledges those appends, in order. Awaiting the
+/// flush inside `append` would stall Raft (heartbeats, votes, read-index checks) for the
+/// length of every fsync.
+fn spawn_flusher(db: sled::Db) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> {
+    let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+    std::thread::Builder::new()
+        .name("raft-log-flush".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                let res = db.flush().map(|_| ());
+                for cb in batch {
+                    cb.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+                }
+            }
+        })
+        .expect("spawn the raft log flusher");
+    tx
 }
 
 fn idx_key(i: u64) -> [u8; 8] {
@@ -27,7 +50,12 @@ fn idx_key(i: u64) -> [u8; 8] {
 
 impl LogStore {
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(LogStore { db: db.clone(), log: db.open_tree("log")?, raft: db.open_tree("raft")? })
+        Ok(LogStore {
+            db: db.clone(),
+            log: db.open_tree("log")?,
+            raft: db.open_tree("raft")?,
+            flusher: spawn_flusher(db.clone()),
+        })
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -136,9 +164,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&idx_key(e.get_log_id().index), bytes);
         }
         self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-        // Entries are readable now; acknowledge durability only after the flush.
-        let res = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
-        callback.log_io_completed(res);
+        // Entries are readable now; durability is acknowledged by the flusher.
+        if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
+            callback.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+        }
         Ok(())
     }
 

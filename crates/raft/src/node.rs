@@ -72,9 +72,16 @@ pub enum ProposeError {
 #[async_trait::async_trait]
 pub trait LeaderLink: Send + Sync + 'static {
     /// Proposes `cmd` on `leader`; returns the log index at which it applied there and its outcome.
-    async fn propose(&self, leader: &NodeAddr, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError>;
+    async fn propose(
+        &self,
+        from: NodeId,
+        leader: &NodeAddr,
+        cmd: VersionedCommand,
+    ) -> Result<(u64, Outcome), ProposeError>;
     /// Asks `leader` for an index that makes a local read linearizable once applied.
-    async fn read_index(&self, leader: &NodeAddr) -> Result<u64, ProposeError>;
+    async fn read_index(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError>;
+    /// Asks `leader` to send heartbeats (carrying its commit index) now.
+    async fn nudge(&self, leader: &NodeAddr);
 }
 
 /// How long a proposal or read barrier keeps trying while no leader is known or the leader
@@ -160,15 +167,15 @@ impl MetaNode {
         let cmd = VersionedCommand::V1(Command::new(events));
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
-            let r = match self.propose_local(cmd.clone()).await {
-                Err(ProposeError::NotLeader { leader: Some((_, addr)) }) if self.link.is_some() => {
-                    self.link.as_ref().expect("checked").propose(&addr, cmd.clone()).await
+            let (r, via) = match (self.propose_local(cmd.clone()).await, &self.link) {
+                (Err(ProposeError::NotLeader { leader: Some((_, addr)) }), Some(link)) => {
+                    (link.propose(self.id, &addr, cmd.clone()).await, Some(addr))
                 }
-                r => r,
+                (r, _) => (r, None),
             };
             match r {
                 Ok((index, outcome)) => {
-                    self.wait_applied_until(index, deadline).await?;
+                    self.wait_applied_until(index, deadline, via.as_ref()).await?;
                     return outcome.map_err(ProposeError::Rejected);
                 }
                 // Not proposed anywhere yet: safe to try again once a leader is known.
@@ -196,14 +203,14 @@ impl MetaNode {
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
-            let r = match self.read_index_local().await {
-                Err(ProposeError::NotLeader { leader: Some((_, addr)) }) if self.link.is_some() => {
-                    self.link.as_ref().expect("checked").read_index(&addr).await
+            let (r, via) = match (self.read_index_local().await, &self.link) {
+                (Err(ProposeError::NotLeader { leader: Some((_, addr)) }), Some(link)) => {
+                    (link.read_index(self.id, &addr).await, Some(addr))
                 }
-                r => r,
+                (r, _) => (r, None),
             };
             match r {
-                Ok(index) => return self.wait_applied_until(index, deadline).await,
+                Ok(index) => return self.wait_applied_until(index, deadline, via.as_ref()).await,
                 Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -223,10 +230,33 @@ impl MetaNode {
         }
     }
 
-    async fn wait_applied_until(&self, index: u64, deadline: tokio::time::Instant) -> Result<(), ProposeError> {
-        tokio::time::timeout_at(deadline, self.reader.wait_applied(index))
-            .await
-            .map_err(|_| ProposeError::Unavailable(format!("log index {index} not applied here in time")))
+    /// Waits until this node has applied `index`. A follower learns that an index is committed
+    /// from the leader's next append or heartbeat; openraft skips the heartbeat to a follower
+    /// whose previous append is still in flight, which can leave it waiting for a whole
+    /// heartbeat interval. So, when `leader` is given, a wait longer than a few milliseconds
+    /// asks the leader for a heartbeat, with growing pauses.
+    async fn wait_applied_until(
+        &self,
+        index: u64,
+        deadline: tokio::time::Instant,
+        leader: Option<&NodeAddr>,
+    ) -> Result<(), ProposeError> {
+        let late = || ProposeError::Unavailable(format!("log index {index} not applied here in time"));
+        let (Some(leader), Some(link)) = (leader, &self.link) else {
+            return tokio::time::timeout_at(deadline, self.reader.wait_applied(index)).await.map_err(|_| late());
+        };
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let until = (tokio::time::Instant::now() + pause).min(deadline);
+            if tokio::time::timeout_at(until, self.reader.wait_applied(index)).await.is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(late());
+            }
+            link.nudge(leader).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 
     /// Stops Raft and flushes storage.

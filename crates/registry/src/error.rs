@@ -96,7 +96,7 @@ impl RegistryError {
             SizeInvalid(_) | BlobRange { .. } | TooLarge => "SIZE_INVALID",
             Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
             Denied(_) => "DENIED",
-            Unavailable(_) => "TOOMANYREQUESTS",
+            Unavailable(_) => "UNAVAILABLE",
             Internal(_) => "UNKNOWN",
         }
     }
