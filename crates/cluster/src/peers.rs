@@ -13,8 +13,8 @@ pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
 /// HTTP/2 flow-control windows of peer connections. The default 64 KiB window allows one
 /// window of blob bytes per round trip, which throttled replication to ~70 MB/s.
-pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Deadline of unary peer calls that do not carry bulk data.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);

@@ -159,8 +159,8 @@ fn main() -> anyhow::Result<()> {
 
 /// sled's calls block their thread (on a concurrent fsync, for example); with one worker per
 /// core a small machine could have every worker stuck in sled while Raft heartbeats wait.
-/// More workers than cores keep the event loop moving.
+/// Twice as many workers as cores (at least four) keep the event loop moving.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads((cores * 2).max(8)).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads((cores * 2).max(4)).enable_all().build()?)
 }
