@@ -21,6 +21,7 @@ pub mod peers;
 pub mod repair;
 pub mod replica;
 pub mod service;
+pub mod tls;
 
 /// Generated protobuf and tonic code.
 pub mod pb {
@@ -35,3 +36,4 @@ pub use peers::Peers;
 pub use repair::RepairWorker;
 pub use replica::ReplicaSet;
 pub use service::{serve, PeerServices};
+pub use tls::PeerTls;

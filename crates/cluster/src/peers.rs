@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::{host_of, PeerTls};
+
 /// Largest peer message (a Raft append or a snapshot chunk). Blob bytes travel in much smaller
 /// chunks.
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
@@ -23,11 +25,35 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<PeerTls>,
+}
+
+/// An endpoint for the peer port at `addr`, with mutual TLS when `tls` is given.
+pub fn endpoint(addr: &str, tls: Option<&PeerTls>) -> Result<Endpoint, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    if let Some(t) = tls {
+        e = e.tls_config(t.client(host_of(addr)))?;
+    }
+    Ok(e)
 }
 
 impl Peers {
+    /// Connections without TLS (a node whose peer port is on loopback only).
     pub fn new() -> Self {
         Peers::default()
+    }
+
+    /// Connections with mutual TLS.
+    pub fn with_tls(tls: Option<PeerTls>) -> Self {
+        Peers { channels: Mutex::default(), tls }
     }
 
     /// A channel to `addr` (`host:port`), connected on first use and reconnected by tonic
@@ -37,15 +63,7 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let ch = endpoint(addr, self.tls.as_ref())?.connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

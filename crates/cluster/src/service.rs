@@ -30,11 +30,16 @@ pub struct PeerServices {
 pub async fn serve(
     services: PeerServices,
     listener: TcpListener,
+    tls: Option<crate::tls::PeerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    info!(addr = ?listener.local_addr().ok(), "peer port listening");
+    info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "peer port listening");
     let s = services;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        builder = builder.tls_config(t.server())?;
+    }
+    builder
         .tcp_nodelay(true)
         .initial_stream_window_size(crate::peers::STREAM_WINDOW)
         .initial_connection_window_size(crate::peers::CONNECTION_WINDOW)

@@ -5,11 +5,20 @@ use std::time::Duration;
 use anyhow::Context;
 use raftyard_cluster::pb::admin_client::AdminClient;
 use raftyard_cluster::pb::{Member, RemoveMemberRequest, StatusReply, StatusRequest};
+use raftyard_cluster::PeerTls;
 use serde_json::json;
 use tonic::transport::Channel;
 
-async fn client(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+/// TLS material for talking to a peer port with mutual TLS: a directory with `ca.pem`,
+/// `cert.pem` and `key.pem` (one node's directory from `raftyard certs cluster`).
+pub type TlsDir = Option<std::path::PathBuf>;
+
+async fn client(addr: &str, tls: &TlsDir) -> anyhow::Result<AdminClient<Channel>> {
+    let tls = match tls {
+        Some(d) => Some(PeerTls::load_dir(d)?),
+        None => None,
+    };
+    let ch = raftyard_cluster::peers::endpoint(addr, tls.as_ref())?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(600))
         .connect()
@@ -18,24 +27,24 @@ async fn client(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(ch))
 }
 
-async fn status_of(addr: &str) -> anyhow::Result<StatusReply> {
-    Ok(client(addr).await?.status(StatusRequest {}).await?.into_inner())
+async fn status_of(addr: &str, tls: &TlsDir) -> anyhow::Result<StatusReply> {
+    Ok(client(addr, tls).await?.status(StatusRequest {}).await?.into_inner())
 }
 
 /// The peer address of the leader, as known by the node at `addr`.
-async fn leader_peer(addr: &str) -> anyhow::Result<String> {
-    let s = status_of(addr).await?;
+async fn leader_peer(addr: &str, tls: &TlsDir) -> anyhow::Result<String> {
+    let s = status_of(addr, tls).await?;
     anyhow::ensure!(s.leader != 0, "node {} knows no leader right now", s.node);
     let m = s.members.iter().find(|m| m.id == s.leader).context("the leader is not in the membership")?;
     Ok(m.peer.clone())
 }
 
 /// Prints the cluster as seen from `node`, with each member's own figures.
-pub async fn status(node: &str, as_json: bool) -> anyhow::Result<()> {
-    let view = status_of(node).await?;
+pub async fn status(node: &str, as_json: bool, tls: &TlsDir) -> anyhow::Result<()> {
+    let view = status_of(node, tls).await?;
     let mut rows = Vec::new();
     for m in &view.members {
-        let own = status_of(&m.peer).await;
+        let own = status_of(&m.peer, tls).await;
         rows.push(match own {
             Ok(s) => json!({
                 "id": m.id, "role": m.role, "peer": m.peer, "registry": m.registry, "reachable": true,
@@ -80,9 +89,16 @@ pub async fn status(node: &str, as_json: bool) -> anyhow::Result<()> {
 }
 
 /// Adds a node: it joins as a learner, catches up, then becomes a voter (unless `learner`).
-pub async fn add(node: &str, id: u64, peer: String, registry: String, learner: bool) -> anyhow::Result<()> {
-    let leader = leader_peer(node).await?;
-    let reply = client(&leader)
+pub async fn add(
+    node: &str,
+    id: u64,
+    peer: String,
+    registry: String,
+    learner: bool,
+    tls: &TlsDir,
+) -> anyhow::Result<()> {
+    let leader = leader_peer(node, tls).await?;
+    let reply = client(&leader, tls)
         .await?
         .add_member(Member { id, peer, registry, learner_only: learner })
         .await
@@ -91,10 +107,10 @@ pub async fn add(node: &str, id: u64, peer: String, registry: String, learner: b
     Ok(())
 }
 
-pub async fn remove(node: &str, id: u64) -> anyhow::Result<()> {
-    let leader = leader_peer(node).await?;
+pub async fn remove(node: &str, id: u64, tls: &TlsDir) -> anyhow::Result<()> {
+    let leader = leader_peer(node, tls).await?;
     let reply =
-        client(&leader).await?.remove_member(RemoveMemberRequest { id }).await.context("removing the member")?;
+        client(&leader, tls).await?.remove_member(RemoveMemberRequest { id }).await.context("removing the member")?;
     println!("{}", reply.into_inner().message);
     Ok(())
 }

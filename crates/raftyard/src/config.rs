@@ -40,6 +40,20 @@ pub struct ClusterSection {
     /// Nodes (this one included) that must hold a new blob durably before an upload is
     /// acknowledged. 0: a majority of the voters.
     pub blob_write_quorum: usize,
+    /// Mutual TLS on the peer port (`raftyard certs cluster` makes the files). Absent: plain
+    /// gRPC, for peer ports that only listen on loopback or a private, trusted network.
+    pub tls: Option<PeerTlsSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTlsSection {
+    /// The cluster CA that signs every node's certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM). Never printed.
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -125,6 +139,7 @@ impl Default for ClusterSection {
             members: Vec::new(),
             join: false,
             blob_write_quorum: 0,
+            tls: None,
         }
     }
 }

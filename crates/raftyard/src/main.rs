@@ -36,6 +36,8 @@ enum Cmd {
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
     },
     /// Print the event journal of a node as JSON lines.
     Events {
@@ -57,6 +59,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+}
+
+#[derive(clap::Args)]
+struct PeerTlsArgs {
+    /// For peer ports with mutual TLS: a directory with ca.pem, cert.pem and key.pem.
+    #[arg(long, global = true)]
+    tls_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +110,17 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum CertsCmd {
+    /// A cluster CA and one certificate per node for mutual TLS on the peer port:
+    /// DIR/ca.pem, DIR/ca-key.pem and DIR/<node>/{ca.pem,cert.pem,key.pem}.
+    Cluster {
+        /// A node: its name (also a host name in its certificate), optionally followed by
+        /// more host names or IPs after '=' (`node1=10.0.0.1,node1.example.org`). Repeatable.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// A new CA and a server certificate signed by it: ca.pem, cert.pem, key.pem in DIR.
     SelfSigned {
         /// Host name or IP address the certificate is valid for (repeatable).
@@ -140,15 +160,21 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(node::serve(cfg))
         }
         Cmd::Events { node, since, follow, ca } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
-        Cmd::Cluster { cmd } => runtime()?.block_on(async {
+        Cmd::Cluster { cmd, tls } => runtime()?.block_on(async {
+            let tls = tls.tls_dir;
             match cmd {
-                ClusterCmd::Status { node, json } => admin::status(&node, json).await,
+                ClusterCmd::Status { node, json } => admin::status(&node, json, &tls).await,
                 ClusterCmd::Add { node, id, peer, registry, learner } => {
-                    admin::add(&node, id, peer, registry, learner).await
+                    admin::add(&node, id, peer, registry, learner, &tls).await
                 }
-                ClusterCmd::Remove { node, id } => admin::remove(&node, id).await,
+                ClusterCmd::Remove { node, id } => admin::remove(&node, id, &tls).await,
             }
         }),
+        Cmd::Certs { cmd: CertsCmd::Cluster { nodes, out } } => {
+            certs::cluster(&nodes, &out)?;
+            println!("wrote {0}/ca.pem and {0}/<node>/{{ca.pem,cert.pem,key.pem}}", out.display());
+            Ok(())
+        }
         Cmd::Certs { cmd: CertsCmd::SelfSigned { hosts, out } } => {
             certs::self_signed(&hosts, &out)?;
             println!("wrote {0}/ca.pem, {0}/cert.pem, {0}/key.pem", out.display());

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
-use raftyard_cluster::{BlobPeers, GrpcLeaderLink, LocalHttpSlot, PeerNetwork, PeerServices, Peers, RepairWorker};
+use raftyard_cluster::{
+    BlobPeers, GrpcLeaderLink, LocalHttpSlot, PeerNetwork, PeerServices, PeerTls, Peers, RepairWorker,
+};
 use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{LocalRegistry, Registry, RegistryConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
@@ -98,7 +100,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     meta_cfg.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;
     meta_cfg.keep_logs = cfg.raft.keep_logs;
-    let peers = Arc::new(Peers::new());
+    let peer_tls = match &cfg.cluster.tls {
+        Some(t) => Some(PeerTls::load(&t.ca, &t.cert, &t.key).context("loading the peer TLS files")?),
+        None => None,
+    };
+    let peers = Arc::new(Peers::with_tls(peer_tls.clone()));
     let link = Arc::new(GrpcLeaderLink::new(peers.clone()));
     let meta = MetaNode::start(meta_cfg, PeerNetwork::new(peers.clone()), Some(link))
         .await
@@ -109,6 +115,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     let peer_server = tokio::spawn(raftyard_cluster::serve(
         PeerServices { meta: meta.clone(), blobs: blobs.clone(), local: local_registry.clone() },
         peer_listener,
+        peer_tls,
         stop.clone().cancelled_owned(),
     ));
     let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join;

@@ -275,3 +275,42 @@ async fn upload_requests_on_other_nodes_are_streamed_to_the_owner() {
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
 }
+
+fn cli_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
+    assert!(!out.status.success(), "raftyard {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Peer ports with mutual TLS: the cluster works through them (forwarded writes, replicated
+/// blobs, read indexes), and a client without a certificate of the cluster's CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_port_with_mutual_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path().to_str().unwrap().to_string();
+    cli(&["certs", "cluster", "--node", "n1", "--node", "n2", "--node", "n3", "--out", &dir]);
+    let cl = Cluster::start_tls(3, certs.path());
+    let c = client();
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+    let d = push_image(&c, &cl.nodes[a], "tls/app", "v1", b"over mtls").await;
+    pull_image(&c, &cl.nodes[b], "tls/app", "v1", &d).await;
+    let tls_dir = format!("{dir}/n1");
+    let st: serde_json::Value = serde_json::from_str(&cli(&[
+        "cluster",
+        "status",
+        "--node",
+        &cl.nodes[a].peer,
+        "--json",
+        "--tls-dir",
+        &tls_dir,
+    ]))
+    .unwrap();
+    assert!(st["members"].as_array().unwrap().iter().all(|m| m["reachable"] == true), "{st}");
+    // no certificate, or one from another CA: refused
+    cli_fails(&["cluster", "status", "--node", &cl.nodes[a].peer]);
+    let other = tempfile::tempdir().unwrap();
+    let other_dir = other.path().to_str().unwrap().to_string();
+    cli(&["certs", "cluster", "--node", "n1", "--out", &other_dir]);
+    cli_fails(&["cluster", "status", "--node", &cl.nodes[a].peer, "--tls-dir", &format!("{other_dir}/n1")]);
+}

@@ -72,7 +72,7 @@ impl Node {
         members: &[(u64, String, String)],
         join: bool,
     ) -> Node {
-        Self::start_member_with(dir, id, addr, peer, members, join, "")
+        Self::start_member_with(dir, id, addr, peer, members, join, "", "")
     }
 
     /// [`Node::start_member`] with extra `[raft]` settings (TOML lines).
@@ -84,12 +84,14 @@ impl Node {
         members: &[(u64, String, String)],
         join: bool,
         raft_extra: &str,
+        cluster_extra: &str,
     ) -> Node {
         let cfg = dir.join(format!("node{id}.toml"));
         let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
         for (mid, mpeer, mreg) in members {
             text.push_str(&format!("[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"));
         }
+        text.push_str(cluster_extra);
         std::fs::write(&cfg, text).unwrap();
         let data = dir.join(format!("node{id}"));
         let mut n = Node {
@@ -262,6 +264,24 @@ impl Cluster {
     }
 
     pub fn start_with(n: u64, raft_extra: &str) -> Cluster {
+        Self::start_configured(n, raft_extra, |_| String::new())
+    }
+
+    /// Peer ports with mutual TLS, node `id` using `certs/n<id>/` (from `raftyard certs cluster`).
+    pub fn start_tls(n: u64, certs: &Path) -> Cluster {
+        let certs = certs.to_path_buf();
+        Self::start_configured(n, "", move |id| {
+            let d = certs.join(format!("n{id}"));
+            format!(
+                "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                d.join("ca.pem"),
+                d.join("cert.pem"),
+                d.join("key.pem")
+            )
+        })
+    }
+
+    pub fn start_configured(n: u64, raft_extra: &str, cluster_extra: impl Fn(u64) -> String) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<(u64, String, String)> = (1..=n)
             .map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())))
@@ -270,7 +290,10 @@ impl Cluster {
         let mut nodes: Vec<Node> = members
             .iter()
             .rev()
-            .map(|(id, peer, reg)| Node::start_member_with(dir.path(), *id, reg, peer, &members, false, raft_extra))
+            .map(|(id, peer, reg)| {
+                let extra = cluster_extra(*id);
+                Node::start_member_with(dir.path(), *id, reg, peer, &members, false, raft_extra, &extra)
+            })
             .collect();
         nodes.reverse();
         Cluster { _dir: dir, nodes }
