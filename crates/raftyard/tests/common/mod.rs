@@ -12,6 +12,17 @@ use sha2::Digest as _;
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
+/// Extra settings of a cluster member's config file.
+#[derive(Default)]
+pub struct Extra<'a> {
+    /// Wait to be added instead of initialising.
+    pub join: bool,
+    /// Lines for the `[raft]` section.
+    pub raft: &'a str,
+    /// TOML appended after the `[cluster]` section (e.g. `[cluster.tls]`).
+    pub cluster: &'a str,
+}
+
 /// A running `raftyard serve` process. Killed (SIGKILL) on drop.
 pub struct Node {
     pub child: Option<Child>,
@@ -72,20 +83,19 @@ impl Node {
         members: &[(u64, String, String)],
         join: bool,
     ) -> Node {
-        Self::start_member_with(dir, id, addr, peer, members, join, "", "")
+        Self::start_member_with(dir, id, addr, peer, members, &Extra { join, ..Extra::default() })
     }
 
-    /// [`Node::start_member`] with extra `[raft]` settings (TOML lines).
+    /// [`Node::start_member`] with extra settings.
     pub fn start_member_with(
         dir: &Path,
         id: u64,
         addr: &str,
         peer: &str,
         members: &[(u64, String, String)],
-        join: bool,
-        raft_extra: &str,
-        cluster_extra: &str,
+        extra: &Extra,
     ) -> Node {
+        let Extra { join, raft: raft_extra, cluster: cluster_extra } = extra;
         let cfg = dir.join(format!("node{id}.toml"));
         let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
         for (mid, mpeer, mreg) in members {
@@ -292,7 +302,14 @@ impl Cluster {
             .rev()
             .map(|(id, peer, reg)| {
                 let extra = cluster_extra(*id);
-                Node::start_member_with(dir.path(), *id, reg, peer, &members, false, raft_extra, &extra)
+                Node::start_member_with(
+                    dir.path(),
+                    *id,
+                    reg,
+                    peer,
+                    &members,
+                    &Extra { join: false, raft: raft_extra, cluster: &extra },
+                )
             })
             .collect();
         nodes.reverse();
