@@ -47,20 +47,9 @@ TOML
     echo "node$n started (pid $!, registry 127.0.0.1:500$n, peer 127.0.0.1:510$n)"
 done
 
-deadline=$((SECONDS + 30))
-while :; do
-    leaders=()
-    for n in "${nodes[@]}"; do
-        h=$(curl -sf --max-time 2 "http://127.0.0.1:500$n/v2/_raftyard/health" || true)
-        leaders+=("$(printf '%s' "$h" | sed -n 's/.*"leader":\([0-9]*\).*/\1/p')")
-    done
-    if [ -n "${leaders[0]}" ] && [ "${leaders[0]}" = "${leaders[1]}" ] && [ "${leaders[1]}" = "${leaders[2]}" ]; then
-        echo "cluster up: leader is node ${leaders[0]}"
-        exit 0
-    fi
-    if [ $SECONDS -ge $deadline ]; then
-        echo "cluster did not come up (leaders seen: ${leaders[*]:-none}); logs in $dir/node*/log" >&2
-        exit 1
-    fi
-    sleep 0.2
-done
+if leader=$(cluster/wait-for-leader.sh 30 http://127.0.0.1:5001 http://127.0.0.1:5002 http://127.0.0.1:5003); then
+    echo "cluster up: leader is node $leader"
+else
+    echo "logs in $dir/node*/log" >&2
+    exit 1
+fi

@@ -139,15 +139,7 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
     // the killed node restarts and catches up
     cl.nodes[leader].spawn();
     let target = cl.nodes[new_leader].health().await.unwrap()["applied"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let applied = cl.nodes[leader].health().await.and_then(|h| h["applied"].as_u64()).unwrap_or(0);
-        if applied >= target {
-            break;
-        }
-        assert!(Instant::now() < deadline, "restarted node stuck at {applied} < {target}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cl.nodes[leader].wait_applied(target, Duration::from_secs(20)).await;
     pull_image(&c, &cl.nodes[leader], "team/app", "after", &d).await;
 
     // a fourth node joins as a learner, catches up, becomes a voter; then it is removed
@@ -190,16 +182,7 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
     let purged = h["purged"].as_u64().unwrap_or(0);
     assert!(purged > applied_at_stop, "the leader still has the log the lagging node needs (purged {purged})");
     cl.nodes[lagging].spawn();
-    let target = h["applied"].as_u64().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let applied = cl.nodes[lagging].health().await.and_then(|h| h["applied"].as_u64()).unwrap_or(0);
-        if applied >= target {
-            break;
-        }
-        assert!(Instant::now() < deadline, "lagging node stuck at {applied} < {target}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cl.nodes[lagging].wait_applied(h["applied"].as_u64().unwrap(), Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(&cl.nodes[lagging].log).unwrap();
     assert!(log.contains("install") || log.contains("snapshot"), "expected a snapshot install in the log");
     // the repair worker fetches the blobs it missed, without any read asking for them

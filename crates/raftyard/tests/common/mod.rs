@@ -116,6 +116,19 @@ impl Node {
         n
     }
 
+    /// Waits until this node has applied at least `target`.
+    pub async fn wait_applied(&self, target: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let applied = self.health().await.and_then(|h| h["applied"].as_u64()).unwrap_or(0);
+            if applied >= target {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {} stuck at applied index {applied} < {target}", self.addr);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// This node's `/v2/_raftyard/health` answer, if it answers.
     pub async fn health(&self) -> Option<serde_json::Value> {
         let r = client().get(self.url("/v2/_raftyard/health")).timeout(Duration::from_secs(2)).send().await.ok()?;
