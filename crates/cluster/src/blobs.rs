@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use raftyard_blobstore::BlobStore;
-use raftyard_raft::NodeId;
+use raftyard_raft::{NodeAddr, NodeId};
 use raftyard_types::{Digest, RepoName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,7 +34,7 @@ pub enum PeerBlobError {
 }
 
 /// Reads `[offset, offset+len)` of a file in chunks on a blocking thread into a bounded channel.
-pub fn read_chunks(file: std::fs::File, offset: u64, len: u64) -> mpsc::Receiver<std::io::Result<Bytes>> {
+pub fn read_chunks(file: Arc<std::fs::File>, offset: u64, len: u64) -> mpsc::Receiver<std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(DEPTH);
     tokio::task::spawn_blocking(move || {
         let (mut pos, end) = (offset, offset + len);
@@ -56,6 +56,14 @@ pub fn read_chunks(file: std::fs::File, offset: u64, len: u64) -> mpsc::Receiver
         }
     });
     rx
+}
+
+/// Peer addresses to fetch a blob from: the members that hold it first, then every other
+/// member (placements may lag behind), never `me`.
+pub fn fetch_sources(members: &[(NodeId, NodeAddr, bool)], me: NodeId, holders: &[NodeId]) -> Vec<String> {
+    let others = members.iter().filter(|(id, _, _)| *id != me);
+    let (held, rest): (Vec<_>, Vec<_>) = others.partition(|(id, _, _)| holders.contains(id));
+    held.into_iter().chain(rest).map(|(_, a, _)| a.peer.clone()).collect()
 }
 
 /// Blob transfers with peers for one node.
@@ -137,7 +145,7 @@ impl BlobPeers {
     async fn push_to(&self, repo: &RepoName, digest: &Digest, addr: &str) -> Result<(), PeerBlobError> {
         let perr = |msg: String| PeerBlobError::Peer { peer: addr.to_string(), msg };
         let (file, size) = self.store.open_blob(digest)?;
-        let mut chunks = read_chunks(file, 0, size);
+        let mut chunks = read_chunks(Arc::new(file), 0, size);
         let (tx, rx) = mpsc::channel::<PutBlobPart>(DEPTH);
         let header = PutBlobPart {
             part: Some(put_blob_part::Part::Header(PutBlobHeader {

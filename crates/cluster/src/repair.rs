@@ -14,7 +14,7 @@ use raftyard_types::{Digest, Event, RepoName};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::blobs::BlobPeers;
+use crate::blobs::{fetch_sources, BlobPeers};
 
 /// Pause between scans when there was nothing to do.
 const IDLE_SCAN: Duration = Duration::from_secs(2);
@@ -63,17 +63,7 @@ impl RepairWorker {
             .filter(|(d, _)| self.store.stat(d).is_none())
             .filter(|(d, _)| self.failed.get(d).is_none_or(|(at, _)| *at <= now))
             .map(|(d, info)| {
-                let mut sources: Vec<String> = Vec::new();
-                for (id, addr, _) in &members {
-                    if *id != me && info.holders.contains(id) {
-                        sources.push(addr.peer.clone());
-                    }
-                }
-                for (id, addr, _) in &members {
-                    if *id != me && !info.holders.contains(id) {
-                        sources.push(addr.peer.clone());
-                    }
-                }
+                let sources = fetch_sources(&members, me, &info.holders);
                 (d, sources)
             })
             .collect()

@@ -121,7 +121,7 @@ impl pb::blobs_server::Blobs for PeerServices {
         let d = digest(&req.digest)?;
         let (file, size) = self.blobs.open_blob(&d).map_err(|e| Status::not_found(e.to_string()))?;
         let offset = req.offset.min(size);
-        let mut chunks = crate::blobs::read_chunks(file, offset, size - offset);
+        let mut chunks = crate::blobs::read_chunks(Arc::new(file), offset, size - offset);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(c) = chunks.recv().await {

@@ -132,15 +132,7 @@ impl Registry {
         }
         let me = self.meta.id();
         let holders: Vec<u64> = self.meta.reader().blob_info(digest)?.map(|i| i.holders).unwrap_or_default();
-        let members = self.meta.members();
-        // Holders first, then every other member (placements may lag behind).
-        let mut sources: Vec<String> = Vec::new();
-        for (_, addr, _) in members.iter().filter(|(id, _, _)| holders.contains(id) && *id != me) {
-            sources.push(addr.peer.clone());
-        }
-        for (_, addr, _) in members.iter().filter(|(id, _, _)| !holders.contains(id) && *id != me) {
-            sources.push(addr.peer.clone());
-        }
+        let sources = raftyard_cluster::blobs::fetch_sources(&self.meta.members(), me, &holders);
         let size =
             self.peers.fetch(repo, digest, &sources).await.map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         info!(%digest, size, "blob fetched from a peer");
