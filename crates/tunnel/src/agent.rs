@@ -1,0 +1,290 @@
+//! The agent: one control connection per configured relay, each in its own task, and a data
+//! channel per visitor, joined to the local service the relay asked for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{LocalService, RelayLink};
+use crate::proto::{self, AgentMsg, Nonce, RelayMsg};
+use crate::pump::{self, Meter};
+use crate::Error;
+
+/// Time allowed to reach the relay, finish TLS and get the relay's answer to the hello, and
+/// to connect a data channel or the local service.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an agent knows about one of its relays.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub relay: String,
+    pub connected: bool,
+    /// The relay's id for the current connection.
+    pub session: Option<u64>,
+    /// Successful connections since start (1 + reconnects).
+    pub connects: u64,
+    pub last_error: Option<String>,
+}
+
+struct Link {
+    cfg: RelayLink,
+    name: String,
+    token: String,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    services: Arc<HashMap<String, String>>,
+    status: Arc<Mutex<LinkStatus>>,
+    meter: Arc<Meter>,
+}
+
+/// A running agent. Dropping it does not stop it; call [`Agent::stop`].
+pub struct Agent {
+    links: Vec<Arc<Mutex<LinkStatus>>>,
+    /// Bytes relay → local service (`a_to_b`) and back (`b_to_a`), all relays together.
+    pub meter: Arc<Meter>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts one connection task per relay. `default_name` names the agent where a link does
+    /// not set `name`.
+    pub fn start(default_name: &str, links: &[RelayLink], services: &[LocalService]) -> Result<Agent, Error> {
+        let services: Arc<HashMap<String, String>> =
+            Arc::new(services.iter().map(|s| (s.name.clone(), s.local.clone())).collect());
+        let stop = CancellationToken::new();
+        let meter = Arc::new(Meter::default());
+        let mut statuses = Vec::new();
+        let mut prepared = Vec::new();
+        for cfg in links {
+            cfg.validate()?;
+            let server_name = ServerName::try_from(cfg.server_name())
+                .map_err(|e| Error::Config(format!("relay {}: server name: {e}", cfg.address)))?;
+            let status = Arc::new(Mutex::new(LinkStatus {
+                relay: cfg.address.clone(),
+                connected: false,
+                session: None,
+                connects: 0,
+                last_error: None,
+            }));
+            statuses.push(status.clone());
+            prepared.push(Link {
+                name: cfg.name.clone().unwrap_or_else(|| default_name.to_string()),
+                token: cfg.token.resolve(&format!("relay {}", cfg.address))?,
+                server_name,
+                tls: crate::tls::connector(&cfg.ca)?,
+                services: services.clone(),
+                status,
+                meter: meter.clone(),
+                cfg: cfg.clone(),
+            });
+        }
+        let tasks = prepared.into_iter().map(|l| tokio::spawn(run_link(l, stop.clone()))).collect();
+        Ok(Agent { links: statuses, meter, stop, tasks })
+    }
+
+    pub fn status(&self) -> Vec<LinkStatus> {
+        self.links.iter().map(|s| s.lock().unwrap().clone()).collect()
+    }
+
+    /// Closes every control connection, so relays stop sending new visitors at once.
+    /// Connections being forwarded go on until one of their ends closes them (a draining
+    /// registry does, after its in-flight requests).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Reconnects forever: jittered exponential backoff, reset after a connection that stayed up
+/// `stable_after_secs`.
+async fn run_link(link: Link, stop: CancellationToken) {
+    let min = Duration::from_millis(link.cfg.reconnect_min_ms);
+    let max = Duration::from_millis(link.cfg.reconnect_max_ms);
+    let stable = Duration::from_secs(link.cfg.stable_after_secs);
+    let mut delay = min;
+    loop {
+        let started = Instant::now();
+        let r = tokio::select! {
+            r = session(&link) => r,
+            _ = stop.cancelled() => Ok(()),
+        };
+        {
+            let mut st = link.status.lock().unwrap();
+            st.connected = false;
+            st.session = None;
+            if let Err(e) = &r {
+                st.last_error = Some(e.clone());
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
+        if started.elapsed() >= stable {
+            delay = min;
+        }
+        // "equal jitter": half the delay fixed, half random, so agents that lost the same relay
+        // do not all come back in the same instant
+        let wait = delay / 2 + delay.mul_f64(rand::thread_rng().gen_range(0.0..0.5));
+        warn!(relay = %link.cfg.address, error = ?r.err(), retry_in = ?wait, "tunnel link down");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => break,
+        }
+        delay = (delay * 2).min(max);
+    }
+}
+
+/// One control connection, from dial to loss.
+async fn session(link: &Link) -> Result<(), String> {
+    let addr = &link.cfg.address;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    pump::tune(&tcp);
+    let handshake = async {
+        let mut tls = link.tls.connect(link.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let hello = AgentMsg::Hello {
+            version: proto::VERSION,
+            agent: link.name.clone(),
+            token: link.token.clone(),
+            services: link.services.keys().cloned().collect(),
+            heartbeat_timeout_ms: link.cfg.heartbeat_timeout().as_millis() as u64,
+        };
+        proto::write_frame(&mut tls, &hello).await.map_err(|e| format!("hello: {e}"))?;
+        let answer: RelayMsg = proto::read_frame(&mut tls).await.map_err(|e| format!("answer: {e}"))?;
+        Ok::<_, String>((tls, answer))
+    };
+    let (tls, answer) =
+        tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| "handshake timed out".to_string())??;
+    let session = match answer {
+        RelayMsg::Welcome { session } => session,
+        RelayMsg::Refused { reason } => return Err(format!("refused by the relay: {reason}")),
+        other => return Err(format!("unexpected answer {other:?}")),
+    };
+    {
+        let mut st = link.status.lock().unwrap();
+        st.connected = true;
+        st.session = Some(session);
+        st.connects += 1;
+        st.last_error = None;
+    }
+    info!(relay = %addr, agent = %link.name, session, "tunnel link up");
+
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (tx, mut rx) = mpsc::channel::<AgentMsg>(256);
+    let writer = async {
+        while let Some(m) = rx.recv().await {
+            proto::write_frame(&mut wr, &m).await.map_err(|e| format!("write: {e}"))?;
+        }
+        Ok::<_, String>(())
+    };
+    let pinger = async {
+        let mut tick = tokio::time::interval(link.cfg.heartbeat_interval());
+        for seq in 0u64.. {
+            tick.tick().await;
+            if tx.send(AgentMsg::Ping(seq)).await.is_err() {
+                break;
+            }
+        }
+        Err::<(), String>("pinger stopped".into())
+    };
+    let timeout = link.cfg.heartbeat_timeout();
+    let reader = async {
+        loop {
+            // a live relay answers every ping, so silence longer than the timeout means dead
+            let msg: RelayMsg = match tokio::time::timeout(timeout, proto::read_frame(&mut rd)).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => return Err(format!("connection lost: {e}")),
+                Err(_) => return Err(format!("no heartbeat answer for {timeout:?}")),
+            };
+            match msg {
+                RelayMsg::Pong(_) => {}
+                RelayMsg::Open { nonce, service } => {
+                    tokio::spawn(data_channel(link_ctx(link), nonce, service, tx.clone()));
+                }
+                other => return Err(format!("unexpected message {other:?}")),
+            }
+        }
+    };
+    tokio::select! {
+        r = writer => r,
+        r = pinger => r,
+        r = reader => r,
+    }
+}
+
+/// What a data-channel task needs from its link, owned.
+struct Ctx {
+    relay: String,
+    services: Arc<HashMap<String, String>>,
+    splice: bool,
+    meter: Arc<Meter>,
+}
+
+fn link_ctx(link: &Link) -> Ctx {
+    Ctx {
+        relay: link.cfg.address.clone(),
+        services: link.services.clone(),
+        splice: link.cfg.splice,
+        meter: link.meter.clone(),
+    }
+}
+
+/// Connects the local service and a data channel to the relay (at the same time), then
+/// forwards. If the local service cannot be reached the relay hears so at once and tries
+/// another agent.
+async fn data_channel(ctx: Ctx, nonce: Nonce, service: String, tx: mpsc::Sender<AgentMsg>) {
+    let Some(target) = ctx.services.get(&service) else {
+        let _ = tx.try_send(AgentMsg::OpenFailed(nonce));
+        return;
+    };
+    let local = async {
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    };
+    let data = async {
+        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ctx.relay))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    };
+    let (local, data) = tokio::join!(local, data);
+    // the preamble goes out only once the local side is up: a channel the relay pairs with a
+    // visitor must lead somewhere
+    let data = match (&local, data) {
+        (Ok(_), Ok(mut d)) => d.write_all(&proto::data_preamble(&nonce)).await.map(|_| d),
+        (_, d) => d,
+    };
+    let (local, data) = match (local, data) {
+        (Ok(l), Ok(d)) => (l, d),
+        (Err(e), _) => {
+            warn!(%service, %target, error = %e, "local service unreachable");
+            let _ = tx.try_send(AgentMsg::OpenFailed(nonce));
+            return;
+        }
+        (_, Err(e)) => {
+            warn!(relay = %ctx.relay, error = %e, "data channel failed");
+            return;
+        }
+    };
+    drop(tx);
+    pump::tune(&local);
+    pump::tune(&data);
+    if let Err(e) = pump::join(data, local, ctx.splice, &ctx.meter).await {
+        debug!(%service, error = %e, "forwarded connection ended with an error");
+    }
+}
