@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Stops the nodes started by cluster/local/up.sh (SIGTERM, then SIGKILL after 20 s). Data stays.
+# Stops the nodes and the relay started by cluster/local/up.sh (SIGTERM, then SIGKILL after 20 s). Data stays.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${RAFTYARD_LOCAL_DIR:-target/cluster-local}
-for pidfile in "$dir"/node*/pid; do
+for pidfile in "$dir"/node*/pid "$dir"/relay/pid; do
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")
     st=$(ps -o stat= -p "$pid" 2>/dev/null || true)

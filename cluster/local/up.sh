@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Starts a three-node raftyard cluster on 127.0.0.1: registry ports 5001-5003, peer ports
-# 5101-5103. Idempotent: only nodes that are not running are started (so it also restarts a
-# killed node). Returns once every node answers /v2/ and all agree on a leader.
+# 5101-5103, and a tunnel relay every node's agent dials into: control 127.0.0.1:7000, the
+# shared registry endpoint 127.0.0.1:6000, one endpoint per node on 127.0.0.1:6001-6003, the
+# dashboard on http://127.0.0.1:7500. Idempotent: only what is not running is started (so it
+# also restarts a killed node or relay). Returns once every node answers /v2/, all agree on a
+# leader and every agent is connected to the relay.
 #
 #   RAFTYARD_BIN        binary to run (default: target/release/raftyard)
 #   RAFTYARD_LOCAL_DIR  where node<N>/{config.toml,data,log,pid} live (default: target/cluster-local)
@@ -22,6 +25,34 @@ running() {
     [[ "$st" != Z* ]]
 }
 
+# --- relay: a CA and certificate for 127.0.0.1, one token per node (made once) ---
+r="$dir/relay"
+mkdir -p "$r"
+[ -f "$r/tls/ca.pem" ] || "$bin" certs self-signed --host 127.0.0.1 --host localhost --out "$r/tls" >/dev/null
+for n in "${nodes[@]}"; do
+    [ -f "$r/token-node$n" ] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$r/token-node$n"; chmod 600 "$r/token-node$n"; }
+done
+cat > "$r/relay.toml" <<TOML
+# Written by cluster/local/up.sh
+[relay]
+listen = "127.0.0.1:7000"
+dashboard = "127.0.0.1:7500"
+tls = { cert = "$(realpath "$r")/tls/cert.pem", key = "$(realpath "$r")/tls/key.pem" }
+
+[[service]]
+name = "registry"
+bind = "127.0.0.1:6000"
+$(for m in "${nodes[@]}"; do printf '\n[[service]]\nname = "registry-%s"\nbind = "127.0.0.1:600%s"\n' "$m" "$m"; done)
+$(for m in "${nodes[@]}"; do printf '\n[[agent]]\nname = "node%s"\ntoken_file = "%s/token-node%s"\nservices = ["registry", "registry-%s"]\n' "$m" "$(realpath "$r")" "$m" "$m"; done)
+TOML
+if running "$r"; then
+    echo "relay already running (pid $(cat "$r/pid"))"
+else
+    setsid nohup "$bin" relay --config "$r/relay.toml" >>"$r/log" 2>&1 < /dev/null &
+    echo $! > "$r/pid"
+    echo "relay started (pid $!, control 127.0.0.1:7000, registry 127.0.0.1:6000, nodes 127.0.0.1:6001-600${#nodes[@]}, dashboard http://127.0.0.1:7500)"
+fi
+
 for n in "${nodes[@]}"; do
     d="$dir/node$n"
     mkdir -p "$d/data"
@@ -37,6 +68,11 @@ listen = "127.0.0.1:500$n"
 [cluster]
 listen = "127.0.0.1:510$n"
 $(for m in "${nodes[@]}"; do printf '\n[[cluster.members]]\nid = %s\npeer = "127.0.0.1:510%s"\nregistry = "127.0.0.1:500%s"\n' "$m" "$m" "$m"; done)
+
+[[tunnel.relay]]
+address = "127.0.0.1:7000"
+ca = "$(realpath "$r")/tls/ca.pem"
+token_file = "$(realpath "$r")/token-node$n"
 TOML
     if running "$d"; then
         echo "node$n already running (pid $(cat "$d/pid"))"
@@ -53,3 +89,12 @@ else
     echo "logs in $dir/node*/log" >&2
     exit 1
 fi
+
+# every agent connected: the relay reports all nodes behind the shared service
+for _ in $(seq 1 150); do
+    agents=$(curl -sf http://127.0.0.1:7500/api/status | grep -o '"name": "node[0-9]*"' | sort -u | wc -l || true)
+    [ "$agents" -ge "${#nodes[@]}" ] && { echo "relay up: ${#nodes[@]} agents behind 127.0.0.1:6000"; exit 0; }
+    sleep 0.2
+done
+echo "not every agent reached the relay; logs in $dir/relay/log and $dir/node*/log" >&2
+exit 1

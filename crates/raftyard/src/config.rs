@@ -19,6 +19,16 @@ pub struct Config {
     pub raft: RaftSection,
     /// Peers, the peer port and replication.
     pub cluster: ClusterSection,
+    /// Tunnel relays this node's agent dials out to.
+    pub tunnel: TunnelSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelSection {
+    /// One `[[tunnel.relay]]` per relay; the agent keeps a connection to each and registers
+    /// the shared service `registry` and this node's own `registry-<node.id>`.
+    pub relay: Vec<raftyard_tunnel::RelayLink>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +182,9 @@ impl Config {
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
             "raft timeouts must satisfy heartbeat < election_timeout_min < election_timeout_max"
         );
+        for r in &self.tunnel.relay {
+            r.validate()?;
+        }
         self.validate_cluster()
     }
 
@@ -234,6 +247,12 @@ mod tests {
             election_timeout_min_ms = 300
             election_timeout_max_ms = 600
             snapshot_every = 100
+            [[tunnel.relay]]
+            address = "relay.example.org:7000"
+            ca = "/etc/raftyard/relay-ca.pem"
+            token = "a-token-of-at-least-16-chars"
+            heartbeat_interval_secs = 10
+            heartbeat_timeout_secs = 30
             "#,
         )
         .unwrap();
@@ -241,5 +260,6 @@ mod tests {
         assert_eq!(c.node.id, 3);
         assert!(c.registry.tls.is_some());
         assert!(!c.registry.delete_enabled);
+        assert_eq!(c.tunnel.relay[0].heartbeat_timeout_secs, 30);
     }
 }

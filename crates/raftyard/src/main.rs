@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use raftyard::config::Config;
-use raftyard::{admin, certs, node};
+use raftyard::{admin, certs, node, tunnel};
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
@@ -31,6 +31,19 @@ enum Cmd {
         /// Override `cluster.listen` (the peer port).
         #[arg(long)]
         peer_listen: Option<std::net::SocketAddr>,
+    },
+    /// Run a public tunnel relay: agents dial in over TLS, visitors connect to service ports.
+    Relay {
+        /// Relay configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a standalone tunnel agent that offers local TCP services through relays (a node
+    /// runs its own agent from `[[tunnel.relay]]`).
+    Agent {
+        /// Agent configuration (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Inspect and change the membership of a cluster.
     Cluster {
@@ -159,6 +172,14 @@ fn main() -> anyhow::Result<()> {
             cfg.validate()?;
             runtime()?.block_on(node::serve(cfg))
         }
+        Cmd::Relay { config } => {
+            let cfg = raftyard_tunnel::RelayConfig::load(&config)?;
+            small_runtime()?.block_on(tunnel::relay(cfg))
+        }
+        Cmd::Agent { config } => {
+            let cfg = raftyard_tunnel::AgentFile::load(&config)?;
+            small_runtime()?.block_on(tunnel::agent(cfg))
+        }
         Cmd::Events { node, since, follow, ca } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
         Cmd::Cluster { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;
@@ -189,4 +210,11 @@ fn main() -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads((cores * 2).max(4)).enable_all().build()?)
+}
+
+/// The relay and a standalone agent only move bytes (with splice, mostly in the kernel): one
+/// worker per core, which also keeps their memory small.
+fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(cores).enable_all().build()?)
 }

@@ -149,6 +149,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
+    let agent = start_agent(&cfg, listener.local_addr()?)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
     let registry_addr = listener.local_addr()?;
@@ -157,6 +158,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         let stop = stop.clone();
         let meta = meta.clone();
         tokio::spawn(async move {
+            if let Some(agent) = agent {
+                // leave the relays first, so no new visitor arrives while the registry drains
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    stop.cancelled().await;
+                    agent.stop().await;
+                });
+            }
             let served = raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await;
             upkeep.abort();
             stop.cancel();
@@ -174,7 +183,28 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, task })
 }
 
-async fn shutdown_signal() {
+/// The tunnel agent, if relays are configured: the shared service `registry` and this node's
+/// `registry-<id>`, both forwarded to the registry port.
+fn start_agent(cfg: &Config, registry: std::net::SocketAddr) -> anyhow::Result<Option<raftyard_tunnel::Agent>> {
+    if cfg.tunnel.relay.is_empty() {
+        return Ok(None);
+    }
+    let mut target = registry;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let services = ["registry".to_string(), format!("registry-{}", cfg.node.id)]
+        .map(|name| raftyard_tunnel::LocalService { name, local: target.to_string() });
+    let agent = raftyard_tunnel::Agent::start(&format!("node{}", cfg.node.id), &cfg.tunnel.relay, &services)
+        .context("starting the tunnel agent")?;
+    info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");
+    Ok(Some(agent))
+}
+
+pub(crate) async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupt received"),

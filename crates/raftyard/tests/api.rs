@@ -10,6 +10,7 @@ use serde_json::json;
 struct Env {
     _dir: Option<tempfile::TempDir>,
     _cluster: Option<Cluster>,
+    _relay: Option<RelayProc>,
     node: Option<Node>,
     target: usize,
     c: reqwest::Client,
@@ -33,14 +34,26 @@ impl Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(&dir.path().join("data"));
-    Env { _dir: Some(dir), _cluster: None, node: Some(n), target: 0, c: client() }
+    Env { _dir: Some(dir), _cluster: None, _relay: None, node: Some(n), target: 0, c: client() }
 }
 
 /// A three-node cluster; requests go to a follower.
 async fn follower_env() -> Env {
     let cl = Cluster::start(3);
     let leader = cl.leader(std::time::Duration::from_secs(20)).await;
-    Env { _dir: None, _cluster: Some(cl), node: None, target: (leader + 1) % 3, c: client() }
+    Env { _dir: None, _cluster: Some(cl), _relay: None, node: None, target: (leader + 1) % 3, c: client() }
+}
+
+/// A three-node cluster behind a tunnel relay; requests go to the relay's shared endpoint,
+/// which spreads connections over the nodes.
+async fn relay_env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), 3);
+    let cl = Cluster::start_configured(3, "", |id| relay.link(id));
+    cl.leader(std::time::Duration::from_secs(20)).await;
+    relay.wait_agents(3, std::time::Duration::from_secs(20)).await;
+    let shared = Node::remote(relay.shared());
+    Env { _dir: Some(dir), _cluster: Some(cl), _relay: Some(relay), node: Some(shared), target: 0, c: client() }
 }
 
 impl Env {
@@ -53,9 +66,11 @@ impl Env {
     }
 }
 
-/// Runs each API test twice: against a single node, and against a follower of a three-node
-/// cluster (every write forwarded to the leader, every read through a read index).
-macro_rules! on_single_node_and_follower {
+/// Runs each API test three times: against a single node, against a follower of a three-node
+/// cluster (every write forwarded to the leader, every read through a read index), and through
+/// a tunnel relay in front of a three-node cluster (connections of one test land on different
+/// nodes, so upload sessions are forwarded to their owner).
+macro_rules! on_every_topology {
     ($($name:ident),* $(,)?) => {
         mod single_node {
             $( #[tokio::test] async fn $name() { super::$name(super::env()).await } )*
@@ -63,10 +78,13 @@ macro_rules! on_single_node_and_follower {
         mod on_a_follower {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name(super::follower_env().await).await } )*
         }
+        mod through_the_relay {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name(super::relay_env().await).await } )*
+        }
     };
 }
 
-on_single_node_and_follower!(
+on_every_topology!(
     base_endpoint,
     blob_pull_head_range_and_errors,
     monolithic_single_post_and_digest_mismatch,

@@ -3,75 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use serde_json::json;
-
-/// Writes an OCI image layout with an index of two single-layer images; returns the index digest.
-fn write_layout(dir: &Path, seed: u64) -> String {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |b: &[u8]| -> (String, usize) {
-        let d = sha256(b);
-        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).unwrap();
-        (d, b.len())
-    };
-    let mut manifests = Vec::new();
-    for arch in ["amd64", "arm64"] {
-        let mut layer = vec![0u8; rng.gen_range(100_000..3_000_000)];
-        rng.fill(&mut layer[..]);
-        let (ld, ls) = put(&layer);
-        let config = serde_json::to_vec(
-            &json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [ld]}}),
-        )
-        .unwrap();
-        let (cd, cs) = put(&config);
-        let m = serde_json::to_vec(&json!({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]
-        }))
-        .unwrap();
-        let (md, ms) = put(&m);
-        manifests.push(json!({"mediaType": OCI_MANIFEST, "digest": md, "size": ms, "platform": {"architecture": arch, "os": "linux"}}));
-    }
-    let index =
-        serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})).unwrap();
-    let (id, is) = put(&index);
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{"mediaType": OCI_INDEX, "digest": id, "size": is, "annotations": {"org.opencontainers.image.ref.name": "v1"}}]})).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    id
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? the README's test command installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn blob_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir.join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
 
 #[tokio::test]
 async fn skopeo_pushes_and_pulls_a_multi_platform_image() {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
+use serde_json::json;
 use sha2::Digest as _;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -41,6 +43,18 @@ pub fn free_port() -> u16 {
 impl Node {
     pub fn start(data: &Path) -> Node {
         Self::start_with(data, &[])
+    }
+
+    /// A registry endpoint this test does not run (a relay's public port): no process.
+    pub fn remote(addr: &str) -> Node {
+        Node {
+            child: None,
+            addr: addr.to_string(),
+            peer: String::new(),
+            data: PathBuf::new(),
+            log: PathBuf::new(),
+            extra: Vec::new(),
+        }
     }
 
     pub fn start_with(data: &Path, extra: &[&str]) -> Node {
@@ -349,5 +363,190 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Writes an OCI image layout with an index of two single-layer images; returns the index digest.
+pub fn write_layout(dir: &Path, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| -> (String, usize) {
+        let d = sha256(b);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), b).unwrap();
+        (d, b.len())
+    };
+    let mut manifests = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut layer = vec![0u8; rng.gen_range(100_000..3_000_000)];
+        rng.fill(&mut layer[..]);
+        let (ld, ls) = put(&layer);
+        let config = serde_json::to_vec(
+            &json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": [ld]}}),
+        )
+        .unwrap();
+        let (cd, cs) = put(&config);
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": ls}]
+        }))
+        .unwrap();
+        let (md, ms) = put(&m);
+        manifests.push(json!({"mediaType": OCI_MANIFEST, "digest": md, "size": ms, "platform": {"architecture": arch, "os": "linux"}}));
+    }
+    let index =
+        serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})).unwrap();
+    let (id, is) = put(&index);
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{"mediaType": OCI_INDEX, "digest": id, "size": is, "annotations": {"org.opencontainers.image.ref.name": "v1"}}]})).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    id
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? the README's test command installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn blob_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A `raftyard relay` process on free loopback ports, with a certificate made by
+/// `raftyard certs self-signed` and a token per node. Killed (SIGKILL) on drop.
+pub struct RelayProc {
+    pub child: Option<Child>,
+    pub control: String,
+    pub dashboard: String,
+    /// Public address per service: `registry`, `registry-<id>`.
+    pub services: std::collections::BTreeMap<String, String>,
+    pub dir: PathBuf,
+    log: PathBuf,
+}
+
+impl RelayProc {
+    /// A relay for nodes `1..=nodes` in `dir` (which it creates).
+    pub fn start(dir: &Path, nodes: u64) -> RelayProc {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new(env!("CARGO_BIN_EXE_raftyard"))
+            .args(["certs", "self-signed", "--host", "127.0.0.1", "--out"])
+            .arg(dir.join("tls")));
+        let port = || format!("127.0.0.1:{}", free_port());
+        let (control, dashboard) = (port(), port());
+        let mut services = std::collections::BTreeMap::new();
+        services.insert("registry".to_string(), port());
+        let mut text = format!(
+            "[relay]\nlisten = \"{control}\"\ndashboard = \"{dashboard}\"\nopen_timeout_ms = 2000\nhandshake_timeout_ms = 2000\ntls = {{ cert = {:?}, key = {:?} }}\n",
+            dir.join("tls/cert.pem"),
+            dir.join("tls/key.pem")
+        );
+        for id in 1..=nodes {
+            services.insert(format!("registry-{id}"), port());
+            text.push_str(&format!(
+                "[[agent]]\nname = \"node{id}\"\ntoken = \"{}\"\nservices = [\"registry\", \"registry-{id}\"]\n",
+                Self::token(id)
+            ));
+        }
+        for (name, bind) in &services {
+            text.push_str(&format!("[[service]]\nname = \"{name}\"\nbind = \"{bind}\"\n"));
+        }
+        std::fs::write(dir.join("relay.toml"), text).unwrap();
+        let mut r =
+            RelayProc { child: None, control, dashboard, services, dir: dir.to_path_buf(), log: dir.join("relay.log") };
+        r.spawn();
+        r
+    }
+
+    pub fn token(id: u64) -> String {
+        format!("test-token-of-node{id}-0123456789")
+    }
+
+    /// (Re)starts the process on the same ports.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
+            .args(["relay", "--config"])
+            .arg(self.dir.join("relay.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn raftyard relay");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.dashboard).is_err() {
+            assert!(Instant::now() < deadline, "relay did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The `[[tunnel.relay]]` section of node `id`: fast heartbeats and reconnects for tests.
+    pub fn link(&self, id: u64) -> String {
+        format!(
+            "[[tunnel.relay]]\naddress = \"{}\"\nca = {:?}\ntoken = \"{}\"\nheartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n",
+            self.control,
+            self.dir.join("tls/ca.pem"),
+            Self::token(id)
+        )
+    }
+
+    /// The shared endpoint's address.
+    pub fn shared(&self) -> &str {
+        &self.services["registry"]
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        client().get(format!("http://{}/api/status", self.dashboard)).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Waits until `n` agents serve the shared service.
+    pub async fn wait_agents(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status().await;
+            let live = st["services"].as_array().unwrap().iter().find(|s| s["name"] == "registry").unwrap()
+                ["live_agents"]
+                .as_u64()
+                .unwrap();
+            if live == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{live} agents behind the relay, want {n}: {st:#}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }
