@@ -170,8 +170,8 @@ async fn session(link: &Link) -> Result<(), String> {
     };
     let (tls, answer) =
         tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| "handshake timed out".to_string())??;
-    let session = match answer {
-        RelayMsg::Welcome { session } => session,
+    let (session, pool_key) = match answer {
+        RelayMsg::Welcome { session, pool_key } => (session, pool_key),
         RelayMsg::Refused { reason } => return Err(format!("refused by the relay: {reason}")),
         other => return Err(format!("unexpected answer {other:?}")),
     };
@@ -183,6 +183,13 @@ async fn session(link: &Link) -> Result<(), String> {
         st.last_error = None;
     }
     info!(relay = %addr, agent = %link.name, session, "tunnel link up");
+    // idle channels of this session close with it (those carrying a visitor go on)
+    let pool_stop = CancellationToken::new();
+    let _pool_guard = pool_stop.clone().drop_guard();
+    let pool = Arc::new(Pool { ctx: link_ctx(link), session, key: pool_key });
+    for _ in 0..link.cfg.pool {
+        tokio::spawn(pooled_channel(pool.clone(), pool_stop.clone()));
+    }
 
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (tx, mut rx) = mpsc::channel::<AgentMsg>(256);
@@ -225,6 +232,75 @@ async fn session(link: &Link) -> Result<(), String> {
         r = pinger => r,
         r = reader => r,
     }
+}
+
+/// What the pooled channels of one session share.
+struct Pool {
+    ctx: Ctx,
+    session: u64,
+    key: [u8; 16],
+}
+
+/// One idle channel: dialled ahead of need, activated by the relay for a visitor, then
+/// forwarded; on activation (or loss while idle) a replacement is dialled, so the relay keeps
+/// `pool` channels ready while the session lives.
+fn pooled_channel(
+    pool: Arc<Pool>,
+    stop: CancellationToken,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let ready = async {
+            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&pool.ctx.relay))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            pump::tune(&s);
+            s.write_all(&proto::pool_preamble(pool.session, &pool.key)).await?;
+            let service = proto::read_activation(&mut s).await?;
+            Ok::<_, std::io::Error>((s, service))
+        };
+        let (mut ch, service) = tokio::select! {
+            r = ready => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // the relay closed it (restart, session gone) or could not be reached:
+                    // try again later, while the session lives
+                    debug!(relay = %pool.ctx.relay, error = %e, "pooled channel lost");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            tokio::spawn(pooled_channel(pool, stop));
+                        }
+                        _ = stop.cancelled() => {}
+                    }
+                    return;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        if !stop.is_cancelled() {
+            tokio::spawn(pooled_channel(pool.clone(), stop));
+        }
+        let local = match pool.ctx.services.get(&service) {
+            Some(target) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+            None => Err(std::io::Error::other(format!("no service {service:?}"))),
+        };
+        let local = match local {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%service, error = %e, "local service unreachable");
+                let _ = ch.write_all(&[proto::NOT_ACTIVATED]).await;
+                return;
+            }
+        };
+        if ch.write_all(&[proto::ACTIVATED]).await.is_err() {
+            return;
+        }
+        pump::tune(&local);
+        if let Err(e) = pump::join(ch, local, pool.ctx.splice, &pool.ctx.meter).await {
+            debug!(%service, error = %e, "forwarded connection ended with an error");
+        }
+    })
 }
 
 /// What a data-channel task needs from its link, owned.

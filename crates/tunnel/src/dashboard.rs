@@ -35,6 +35,8 @@ pub struct AgentStatus {
     pub last_seen_ms: u64,
     pub services: Vec<String>,
     pub open_connections: u64,
+    /// Pooled data channels waiting for a visitor.
+    pub idle_channels: usize,
     pub suspect: bool,
 }
 
@@ -64,6 +66,7 @@ pub fn status(state: &State) -> Status {
             last_seen_ms: s.last_seen.lock().unwrap().elapsed().as_millis() as u64,
             services: s.services.clone(),
             open_connections: s.open.load(Ordering::Relaxed),
+            idle_channels: s.pool.lock().unwrap().len(),
             suspect: s.is_suspect(),
         })
         .collect();
@@ -195,17 +198,18 @@ fn html(st: &Status) -> String {
             s.bytes_out
         );
     }
-    h.push_str("</table><h2>Agents</h2><table><tr><th>agent</th><th>from</th><th>services</th><th>connected</th><th>last seen</th><th>open</th><th>state</th></tr>");
+    h.push_str("</table><h2>Agents</h2><table><tr><th>agent</th><th>from</th><th>services</th><th>connected</th><th>last seen</th><th>open</th><th>idle channels</th><th>state</th></tr>");
     for a in &st.agents {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s</td><td>{} ms ago</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} s</td><td>{} ms ago</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&a.name),
             esc(&a.peer),
             esc(&a.services.join(", ")),
             a.connected_secs,
             a.last_seen_ms,
             a.open_connections,
+            a.idle_channels,
             if a.suspect { "suspect" } else { "live" }
         );
     }

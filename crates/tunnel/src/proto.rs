@@ -6,20 +6,32 @@
 //!   opens with `Hello`; the relay answers `Welcome` or `Refused`.
 //! - a **data channel** starts with [`DATA_MAGIC`] and a 16-byte nonce the relay sent in an
 //!   `Open` over the control connection; after those 20 bytes it carries one visitor's raw bytes.
+//! - a **pooled data channel** is opened ahead of need: [`POOL_MAGIC`], the session id and the
+//!   pool key from `Welcome`. It waits idle until the relay activates it with the service name
+//!   (one length byte, then the name); the agent answers [`ACTIVATED`] once the local service is
+//!   connected (or [`NOT_ACTIVATED`]), and from then on it carries one visitor's raw bytes.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const VERSION: u16 = 1;
-/// First bytes of a data channel.
+/// First bytes of a data channel opened on request.
 pub const DATA_MAGIC: [u8; 4] = *b"RYD1";
+/// First bytes of a pooled data channel.
+pub const POOL_MAGIC: [u8; 4] = *b"RYP1";
+/// The agent's answer to an activation: the local service is connected.
+pub const ACTIVATED: u8 = b'+';
+/// The agent's answer to an activation: the local service could not be reached.
+pub const NOT_ACTIVATED: u8 = b'-';
 /// First byte of a TLS handshake record.
 pub const TLS_HANDSHAKE: u8 = 0x16;
 /// Control frames are small; anything larger is a protocol violation.
 const MAX_FRAME: usize = 64 * 1024;
 
 pub type Nonce = [u8; 16];
+/// Pooled data channels a relay keeps per agent session.
+pub const MAX_POOL: usize = 64;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AgentMsg {
@@ -38,8 +50,10 @@ pub enum AgentMsg {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RelayMsg {
+    /// `pool_key` authenticates the session's pooled data channels.
     Welcome {
         session: u64,
+        pool_key: [u8; 16],
     },
     Refused {
         reason: String,
@@ -79,6 +93,32 @@ pub fn data_preamble(nonce: &Nonce) -> [u8; 20] {
     p[..4].copy_from_slice(&DATA_MAGIC);
     p[4..].copy_from_slice(nonce);
     p
+}
+
+/// The preamble of a pooled data channel.
+pub fn pool_preamble(session: u64, key: &[u8; 16]) -> [u8; 28] {
+    let mut p = [0u8; 28];
+    p[..4].copy_from_slice(&POOL_MAGIC);
+    p[4..12].copy_from_slice(&session.to_be_bytes());
+    p[12..].copy_from_slice(key);
+    p
+}
+
+/// The activation of a pooled channel: the service name, length-prefixed.
+pub fn activation(service: &str) -> Vec<u8> {
+    let name = &service.as_bytes()[..service.len().min(255)];
+    let mut v = Vec::with_capacity(1 + name.len());
+    v.push(name.len() as u8);
+    v.extend_from_slice(name);
+    v
+}
+
+pub async fn read_activation<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<String> {
+    let mut len = [0u8; 1];
+    r.read_exact(&mut len).await?;
+    let mut name = vec![0u8; len[0] as usize];
+    r.read_exact(&mut name).await?;
+    String::from_utf8(name).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 #[cfg(test)]

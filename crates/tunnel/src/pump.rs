@@ -17,8 +17,14 @@ pub struct Meter {
     pub b_to_a: AtomicU64,
 }
 
-/// Size of the copy buffers (and the pipes, where the kernel allows).
-const CHUNK: usize = 256 * 1024;
+/// Size of each direction's buffer on the copy path.
+const COPY_BUF: usize = 256 * 1024;
+/// Pipe size asked for on the splice path: one splice(2) moves up to this much, so fewer
+/// wake-ups per byte (measured: 1 MiB cut the tunnel's CPU per GiB by a fifth against 256 KiB).
+const PIPE_SIZE: usize = 1024 * 1024;
+/// Below this pipe size splice loses to the copy path. A user past the kernel's pipe budget
+/// (`/proc/sys/fs/pipe-user-pages-soft`) gets two-page pipes; such connections copy instead.
+const MIN_PIPE: usize = 64 * 1024;
 
 /// Forwards `a ⇄ b` until both directions reached EOF or one failed.
 pub async fn join(a: TcpStream, b: TcpStream, splice: bool, meter: &Meter) -> io::Result<()> {
@@ -37,7 +43,7 @@ pub async fn join(a: TcpStream, b: TcpStream, splice: bool, meter: &Meter) -> io
 }
 
 async fn copy(mut a: TcpStream, mut b: TcpStream, meter: &Meter) -> io::Result<()> {
-    let (ab, ba) = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, CHUNK, CHUNK).await?;
+    let (ab, ba) = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF).await?;
     meter.a_to_b.fetch_add(ab, Ordering::Relaxed);
     meter.b_to_a.fetch_add(ba, Ordering::Relaxed);
     Ok(())
@@ -52,11 +58,12 @@ mod linux {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::CHUNK;
+    use super::{MIN_PIPE, PIPE_SIZE};
 
     pub struct Pipe {
         r: RawFd,
         w: RawFd,
+        size: usize,
     }
 
     impl Pipe {
@@ -66,11 +73,16 @@ mod linux {
             if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            // A bigger pipe means fewer system calls per byte; the default (64 KiB) is kept
-            // where the per-user pipe budget says no.
-            // SAFETY: fcntl on a descriptor we own.
-            unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
-            Ok(Pipe { r: fds[0], w: fds[1] })
+            // SAFETY: fcntl on descriptors we own.
+            let size = unsafe {
+                libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int);
+                libc::fcntl(fds[1], libc::F_GETPIPE_SZ)
+            };
+            let pipe = Pipe { r: fds[0], w: fds[1], size: size.max(0) as usize };
+            if pipe.size < MIN_PIPE {
+                return Err(io::Error::other("pipe too small"));
+            }
+            Ok(pipe)
         }
     }
 
@@ -109,7 +121,7 @@ mod linux {
         loop {
             let n = loop {
                 from.readable().await?;
-                match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.w, CHUNK)) {
+                match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.w, pipe.size)) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -33,6 +33,7 @@ pub enum Refusal {
     BadHello,
     Timeout,
     UnknownNonce,
+    UnknownSession,
     Busy,
 }
 
@@ -45,6 +46,7 @@ impl Refusal {
             Refusal::BadHello => "bad_hello",
             Refusal::Timeout => "timeout",
             Refusal::UnknownNonce => "unknown_nonce",
+            Refusal::UnknownSession => "unknown_session",
             Refusal::Busy => "busy",
         }
     }
@@ -74,6 +76,9 @@ pub(crate) struct Session {
     pub since: Instant,
     pub open: AtomicU64,
     tx: mpsc::Sender<RelayMsg>,
+    pool_key: [u8; 16],
+    /// Idle pooled data channels, ready to be activated.
+    pub pool: Mutex<Vec<TcpStream>>,
     /// Set when an `Open` failed: the agent is passed over while others are available, until
     /// it proves alive with a frame.
     suspect: Mutex<bool>,
@@ -246,6 +251,7 @@ impl State {
 
     fn remove_session(&self, s: &Session) {
         s.closed.cancel();
+        s.pool.lock().unwrap().clear();
         let mut m = self.sessions.lock().unwrap();
         if m.get(&s.agent).is_some_and(|cur| cur.id == s.id) {
             m.remove(&s.agent);
@@ -319,8 +325,26 @@ async fn visitor(state: &State, svc: &Service, stream: TcpStream, peer: SocketAd
     }
 }
 
-/// Asks `session`'s agent for a data channel and waits for it to arrive.
+/// A data channel from `session`'s agent: a pooled one activated for `svc`, or else one
+/// asked for with an `Open`.
 async fn open(state: &State, svc: &Service, session: &Session) -> Option<TcpStream> {
+    loop {
+        let pooled = session.pool.lock().unwrap().pop();
+        let Some(mut ch) = pooled else { break };
+        let activated = async {
+            ch.write_all(&proto::activation(&svc.name)).await?;
+            let mut answer = [0u8; 1];
+            ch.read_exact(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer[0] == proto::ACTIVATED)
+        };
+        match tokio::time::timeout(state.open_timeout, activated).await {
+            Ok(Ok(true)) => return Some(ch),
+            // the agent cannot reach its service, or does not answer: another agent's turn
+            Ok(Ok(false)) | Err(_) => return None,
+            // a channel that died while idle: the next one
+            Ok(Err(_)) => continue,
+        }
+    }
     let nonce: Nonce = rand::random();
     let (tx, rx) = oneshot::channel();
     state.pending.lock().unwrap().insert(nonce, tx);
@@ -375,7 +399,7 @@ async fn accept_control(
 async fn incoming(
     state: &Arc<State>,
     tls: TlsAcceptor,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -387,22 +411,7 @@ async fn incoming(
         Err(_) => return state.refuse(Refusal::Timeout, peer, "nothing sent"),
     }
     if first[0] == proto::DATA_MAGIC[0] {
-        let mut pre = [0u8; 20];
-        match tokio::time::timeout(deadline, stream.read_exact(&mut pre)).await {
-            Ok(Ok(_)) if pre[..4] == proto::DATA_MAGIC => {}
-            Ok(_) => return state.refuse(Refusal::BadHello, peer, "bad data-channel preamble"),
-            Err(_) => return state.refuse(Refusal::Timeout, peer, "data-channel preamble too slow"),
-        }
-        drop(permit);
-        let nonce: Nonce = pre[4..].try_into().expect("16 bytes");
-        let waiter = state.pending.lock().unwrap().remove(&nonce);
-        match waiter {
-            Some(tx) => {
-                let _ = tx.send(stream);
-            }
-            None => state.refuse(Refusal::UnknownNonce, peer, "data channel for no pending visitor"),
-        }
-        return;
+        return data_channel(state, stream, peer, permit).await;
     }
     if first[0] != proto::TLS_HANDSHAKE {
         return state.refuse(Refusal::BadHello, peer, "neither TLS nor a data channel");
@@ -428,7 +437,8 @@ async fn incoming(
         return;
     }
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
-    if proto::write_frame(&mut tls, &RelayMsg::Welcome { session: id }).await.is_err() {
+    let pool_key: [u8; 16] = rand::random();
+    if proto::write_frame(&mut tls, &RelayMsg::Welcome { session: id, pool_key }).await.is_err() {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<RelayMsg>(1024);
@@ -440,6 +450,8 @@ async fn incoming(
         since: Instant::now(),
         open: AtomicU64::new(0),
         tx,
+        pool_key,
+        pool: Mutex::new(Vec::new()),
         suspect: Mutex::new(false),
         last_seen: Mutex::new(Instant::now()),
         closed: CancellationToken::new(),
@@ -491,6 +503,55 @@ async fn incoming(
     };
     state.remove_session(&session);
     info!(agent = %agent, session = id, "agent disconnected: {why}");
+}
+
+/// A data channel arriving on the control port: for a pending visitor (nonce), or a pooled
+/// one for a session (session id and pool key).
+async fn data_channel(
+    state: &State,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let deadline = state.handshake_timeout;
+    let preamble = async {
+        let mut magic = [0u8; 4];
+        stream.read_exact(&mut magic).await?;
+        let mut rest = vec![0u8; if magic == proto::POOL_MAGIC { 24 } else { 16 }];
+        stream.read_exact(&mut rest).await?;
+        Ok::<_, std::io::Error>((magic, rest))
+    };
+    let (magic, rest) = match tokio::time::timeout(deadline, preamble).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(_)) => return state.refuse(Refusal::BadHello, peer, "data channel closed in its preamble"),
+        Err(_) => return state.refuse(Refusal::Timeout, peer, "data-channel preamble too slow"),
+    };
+    drop(permit);
+    if magic == proto::DATA_MAGIC {
+        let nonce: Nonce = rest[..].try_into().expect("16 bytes");
+        let waiter = state.pending.lock().unwrap().remove(&nonce);
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(stream);
+            }
+            None => state.refuse(Refusal::UnknownNonce, peer, "data channel for no pending visitor"),
+        }
+    } else if magic == proto::POOL_MAGIC {
+        let id = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+        let key: [u8; 16] = rest[8..].try_into().expect("16 bytes");
+        let session = state.sessions.lock().unwrap().values().find(|s| s.id == id).cloned();
+        match session {
+            Some(s) if bool::from(s.pool_key.ct_eq(&key)) && !s.closed.is_cancelled() => {
+                let mut pool = s.pool.lock().unwrap();
+                if pool.len() < proto::MAX_POOL {
+                    pool.push(stream);
+                }
+            }
+            _ => state.refuse(Refusal::UnknownSession, peer, "pooled channel for no live session"),
+        }
+    } else {
+        state.refuse(Refusal::BadHello, peer, "bad data-channel preamble");
+    }
 }
 
 fn check_hello(

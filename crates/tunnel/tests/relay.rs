@@ -63,7 +63,13 @@ fn link(dir: &Path, relay: SocketAddr, name: &str, token: &str) -> RelayLink {
         reconnect_max_ms: 400,
         stable_after_secs: 5,
         splice: true,
+        pool: 4,
     }
+}
+
+fn unpooled(mut l: RelayLink) -> RelayLink {
+    l.pool = 0;
+    l
 }
 
 /// A TCP service that greets with `tag\n`, then echoes.
@@ -187,6 +193,18 @@ async fn shared_service_spreads_over_agents_and_fails_over() {
         *seen.entry(visit(shared).await).or_insert(0) += 1;
     }
     println!("shared service, 8 visits: {seen:?}");
+    // each agent keeps its pool of idle channels full as visitors use them
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = relay.status().await;
+        let idle: Vec<u64> =
+            st["agents"].as_array().unwrap().iter().map(|a| a["idle_channels"].as_u64().unwrap()).collect();
+        if idle == [4, 4] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "idle channels {idle:?}: {st:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(seen.len(), 2, "both agents served: {seen:?}");
     assert_eq!(visit(relay.addrs.services["only-a"]).await, "A", "the per-agent service reaches its agent");
 
@@ -213,6 +231,14 @@ async fn shared_service_spreads_over_agents_and_fails_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_local_service_is_down_hands_visitors_to_another() {
+    for pooled in [true, false] {
+        println!("pooled channels: {pooled}");
+        local_service_down(pooled).await;
+    }
+}
+
+async fn local_service_down(pooled: bool) {
+    let pool = |l: RelayLink| if pooled { l } else { unpooled(l) };
     let dir = tempfile::tempdir().unwrap();
     certs(dir.path());
     let cfg = relay_config(dir.path(), "127.0.0.1:0".parse().unwrap(), &[("shared", "127.0.0.1:0".parse().unwrap())]);
@@ -223,8 +249,8 @@ async fn an_agent_whose_local_service_is_down_hands_visitors_to_another() {
         l.local_addr().unwrap() // closed when `l` drops: connections are refused
     };
     let eb = echo("B").await;
-    let a = Agent::start("a", &[link(dir.path(), ctl, "a", TOKEN_A)], &[local("shared", dead)]).unwrap();
-    let b = Agent::start("b", &[link(dir.path(), ctl, "b", TOKEN_B)], &[local("shared", eb)]).unwrap();
+    let a = Agent::start("a", &[pool(link(dir.path(), ctl, "a", TOKEN_A))], &[local("shared", dead)]).unwrap();
+    let b = Agent::start("b", &[pool(link(dir.path(), ctl, "b", TOKEN_B))], &[local("shared", eb)]).unwrap();
     relay.wait_agents("shared", 2).await;
     let t = Instant::now();
     for _ in 0..6 {
@@ -284,7 +310,8 @@ async fn agents_reconnect_after_a_relay_restart_and_use_two_relays_at_once() {
     let e = echo("A").await;
     let a = Agent::start(
         "a",
-        &[link(dir.path(), r1.addrs.control, "a", TOKEN_A), link(dir.path(), r2.addrs.control, "a", TOKEN_A)],
+        // relay 2 with channels dialled per visitor, relay 1 with a pool
+        &[link(dir.path(), r1.addrs.control, "a", TOKEN_A), unpooled(link(dir.path(), r2.addrs.control, "a", TOKEN_A))],
         &[local("shared", e)],
     )
     .unwrap();
