@@ -81,33 +81,24 @@
 //! target/release/raftyard-bench --raftyard target/release/raftyard --cluster 3
 //! ```
 
-mod bulk;
-mod cli;
-mod client;
-mod cluster;
-mod deployment;
-mod failover;
-mod report;
-mod server;
-mod workload;
-
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use raftyard_bench::{failover, server, workload};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cli::{Args, Target};
-use crate::client::http_client;
-use crate::cluster::Cluster;
-use crate::deployment::Deployment;
-use crate::failover::FailoverPlan;
-use crate::report::{command_line, ClusterSummary, Report, TargetResults};
-use crate::server::Server;
-use crate::workload::{BlobSource, Plan, Subject};
+use raftyard_bench::cli::{Args, Target};
+use raftyard_bench::client::http_client;
+use raftyard_bench::cluster::Cluster;
+use raftyard_bench::deployment::Deployment;
+use raftyard_bench::failover::FailoverPlan;
+use raftyard_bench::report::{command_line, ClusterSummary, Report, TargetResults};
+use raftyard_bench::server::{RunDir, Server};
+use raftyard_bench::workload::{BlobSource, Plan, Subject};
 
 /// Interval of the health polls while waiting for a cluster to elect its first leader.
 const LEADER_POLL: Duration = Duration::from_millis(50);
@@ -267,31 +258,4 @@ async fn start(
     server.wait_ready(&http_client(request_timeout)?, startup_timeout).await?;
     eprintln!("{label} is ready");
     Ok(Deployment::Single(server))
-}
-
-/// A per-run directory under the work dir, removed on drop unless kept.
-struct RunDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl RunDir {
-    fn create(work_dir: &Path, keep: bool) -> Result<Self> {
-        fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
-        let work_dir = work_dir.canonicalize().with_context(|| format!("resolving {}", work_dir.display()))?;
-        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let path = work_dir.join(format!("run-{stamp}-{}", std::process::id()));
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(RunDir { path, keep })
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("kept run directory {}", self.path.display());
-        } else if let Err(err) = fs::remove_dir_all(&self.path) {
-            eprintln!("warning: cannot remove {}: {err}", self.path.display());
-        }
-    }
 }

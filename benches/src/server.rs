@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use reqwest::{StatusCode, Url};
@@ -179,10 +179,24 @@ impl Drop for Server {
 
 fn spawn(target: Target, name: String, mut cmd: Command, bin: &Path, dir: &Path, port: u16) -> Result<Server> {
     let log_path = dir.join("server.log");
+    let child = spawn_logged(&mut cmd, &log_path).with_context(|| {
+        let hint = match target {
+            Target::Raftyard => "build it with `cargo build --release -p raftyard`",
+            Target::DockerRegistry => "install it with `apt-get install -y docker-registry`",
+        };
+        format!("cannot start {name} from {}; {hint}, or pass its path with --{}", bin.display(), target.name())
+    })?;
+    let base = Url::parse(&format!("http://127.0.0.1:{port}/"))?;
+    Ok(Server { target, name, base, log_path, child })
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log_path`, asking the kernel to kill it
+/// when the spawning thread exits (`PR_SET_PDEATHSIG`), so no child outlives the benchmark.
+pub fn spawn_logged(cmd: &mut Command, log_path: &Path) -> Result<Child> {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_path)
+        .open(log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
@@ -194,15 +208,7 @@ fn spawn(target: Target, name: String, mut cmd: Command, bin: &Path, dir: &Path,
             Ok(())
         });
     }
-    let child = cmd.spawn().with_context(|| {
-        let hint = match target {
-            Target::Raftyard => "build it with `cargo build --release -p raftyard`",
-            Target::DockerRegistry => "install it with `apt-get install -y docker-registry`",
-        };
-        format!("cannot start {name} from {}; {hint}, or pass its path with --{}", bin.display(), target.name())
-    })?;
-    let base = Url::parse(&format!("http://127.0.0.1:{port}/"))?;
-    Ok(Server { target, name, base, log_path, child })
+    Ok(cmd.spawn()?)
 }
 
 /// Picks a currently free loopback port.
@@ -271,4 +277,31 @@ pub fn docker_registry_version(bin: &Path) -> Option<String> {
     let out = Command::new(bin).arg("--version").stdin(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines().next().map(|l| l.trim().to_string()).filter(|l| !l.is_empty())
+}
+
+/// A per-run directory under the work dir, removed on drop unless kept.
+pub struct RunDir {
+    pub path: PathBuf,
+    keep: bool,
+}
+
+impl RunDir {
+    pub fn create(work_dir: &Path, keep: bool) -> Result<Self> {
+        fs::create_dir_all(work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+        let work_dir = work_dir.canonicalize().with_context(|| format!("resolving {}", work_dir.display()))?;
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let path = work_dir.join(format!("run-{stamp}-{}", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RunDir { path, keep })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("kept run directory {}", self.path.display());
+        } else if let Err(err) = fs::remove_dir_all(&self.path) {
+            eprintln!("warning: cannot remove {}: {err}", self.path.display());
+        }
+    }
 }

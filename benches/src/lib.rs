@@ -1,0 +1,15 @@
+//! Side-by-side benchmarks of raftyard: the registry against CNCF Distribution
+//! (`raftyard-bench`, see its binary's docs) and the tunnel against rathole
+//! (`raftyard-tunnel-bench`, see [`tunnel`]). The modules are the parts both binaries share:
+//! starting processes, bulk HTTP transfers, medians and tables.
+
+pub mod bulk;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod deployment;
+pub mod failover;
+pub mod report;
+pub mod server;
+pub mod tunnel;
+pub mod workload;
