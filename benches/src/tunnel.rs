@@ -4,7 +4,8 @@
 //! Everything runs on loopback, started by the benchmark from its own binaries:
 //!
 //! * a **sink/echo server** (threads in this process) as the service behind the tunnels;
-//! * **raftyard**: `raftyard relay` and a standalone `raftyard agent` forwarding the sink
+//! * **raftyard**: `raftyard-relay` (the relay alone, as on a public host) and a standalone
+//!   `raftyard agent` forwarding the sink
 //!   (splice(2) data path, 4 pooled data channels); a second relay+agent pair with
 //!   `splice = false` (a copy through user-space buffers, the path a multiplexed design would
 //!   have at best); a third with `pool = 0` (a data channel dialled per visitor);
@@ -26,7 +27,7 @@
 //!   data-channel set-up here).
 //! * **registry push / pull**: a `--blob-mib` blob pushed (POST + one PUT) and pulled through
 //!   the route (direct, raftyard, rathole).
-//! * **RSS** of the relay and the agent (raftyard: `raftyard relay` + `raftyard agent`;
+//! * **RSS** of the relay and the agent (raftyard: `raftyard-relay` + `raftyard agent`;
 //!   rathole: server + client), idle after start and peak during the parallel streams.
 //!
 //! ```text
@@ -59,6 +60,9 @@ pub struct Args {
     /// Path of the raftyard binary [default: <workspace>/target/release/raftyard].
     #[arg(long)]
     pub raftyard: Option<PathBuf>,
+    /// Path of the small relay binary [default: <workspace>/target/release/raftyard-relay].
+    #[arg(long)]
+    pub raftyard_relay: Option<PathBuf>,
     /// Path of the rathole binary [default: `rathole` on PATH, else ~/.cargo/bin/rathole].
     #[arg(long)]
     pub rathole: Option<PathBuf>,
@@ -394,6 +398,8 @@ fn rathole_bin(args: &Args) -> Result<PathBuf> {
 
 fn setup(args: &Args, dir: &Path) -> Result<Setup> {
     let bin = args.raftyard.clone().unwrap_or_else(|| workspace_root().join("target/release/raftyard"));
+    let relay_bin =
+        args.raftyard_relay.clone().unwrap_or_else(|| workspace_root().join("target/release/raftyard-relay"));
     let rathole = rathole_bin(args)?;
     let sink_l = TcpListener::bind("127.0.0.1:0")?;
     let sink = sink_l.local_addr()?;
@@ -457,7 +463,7 @@ fn setup(args: &Args, dir: &Path) -> Result<Setup> {
             Route::RaftyardCopy => ("raftyard-copy-relay", "raftyard-copy-agent"),
             _ => ("raftyard-dial-relay", "raftyard-dial-agent"),
         };
-        let r = Proc::start(names.0, dir, Command::new(&bin).args(["relay", "--config"]).arg(&rc))?;
+        let r = Proc::start(names.0, dir, Command::new(&relay_bin).arg("--config").arg(&rc))?;
         std::thread::sleep(Duration::from_millis(200));
         let a = Proc::start(names.1, dir, Command::new(&bin).args(["agent", "--config"]).arg(&ac))?;
         pids.push((route, vec![r.pid(), a.pid()]));
@@ -575,7 +581,9 @@ pub fn run(args: &Args) -> Result<()> {
     eprintln!("run directory: {}", dir.display());
     let mut setup = setup(args, &dir)?;
     std::thread::sleep(Duration::from_secs(1));
-    let idle: Vec<(Route, f64)> = setup.pids.iter().map(|(r, p)| (*r, rss_mib(p))).collect();
+    // [relay, agent] of each route
+    let each = |pids: &[u32]| pids.iter().map(|p| rss_mib(&[*p])).collect::<Vec<f64>>();
+    let idle: Vec<(Route, Vec<f64>)> = setup.pids.iter().map(|(r, p)| (*r, each(p))).collect();
     eprintln!("idle RSS: {idle:?}");
 
     let mut buf = vec![0u8; 1 << 20];
@@ -649,7 +657,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     std::thread::sleep(Duration::from_secs(1));
-    let after: Vec<(Route, f64)> = setup.pids.iter().map(|(r, p)| (*r, rss_mib(p))).collect();
+    let after: Vec<(Route, Vec<f64>)> = setup.pids.iter().map(|(r, p)| (*r, each(p))).collect();
 
     let metrics = [m_stream, m_cpu, m_par, m_rtt50, m_rtt99, m_con50, m_con99, m_push, m_pull];
     let mut out = String::new();
@@ -694,10 +702,12 @@ pub fn run(args: &Args) -> Result<()> {
             cell(v(Route::Rathole))
         )
     };
-    let find = |l: &Vec<(Route, f64)>, r: Route| l.iter().find(|(x, _)| *x == r).map(|(_, v)| *v);
-    out.push_str(&rss_row("RSS relay+agent, idle", &|r| find(&idle, r)));
+    let find = |l: &Vec<(Route, Vec<f64>)>, r: Route, i: usize| l.iter().find(|(x, _)| *x == r).map(|(_, v)| v[i]);
+    out.push_str(&rss_row("RSS relay, idle", &|r| find(&idle, r, 0)));
+    out.push_str(&rss_row("RSS agent, idle", &|r| find(&idle, r, 1)));
     out.push_str(&rss_row("RSS relay+agent, peak", &|r| peak.get(r).map(|v| v.iter().cloned().fold(0.0, f64::max))));
-    out.push_str(&rss_row("RSS relay+agent, after", &|r| find(&after, r)));
+    out.push_str(&rss_row("RSS relay, after", &|r| find(&after, r, 0)));
+    out.push_str(&rss_row("RSS agent, after", &|r| find(&after, r, 1)));
     let mut split = String::new();
     for (route, pids) in &setup.pids {
         let names: Vec<String> = setup

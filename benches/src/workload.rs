@@ -51,7 +51,8 @@ impl BlobSource {
         BlobSource { base }
     }
 
-    pub fn len(&self) -> usize {
+    /// Bytes per blob.
+    pub fn size(&self) -> usize {
         self.base.len()
     }
 
@@ -119,7 +120,7 @@ impl Subject {
         match workload {
             Workload::PushMonolithic => self.push_monolithic_rep(rep, source, plan).await,
             Workload::PushChunked => self.push_chunked_rep(rep, source, plan).await,
-            Workload::Pull => self.pull_rep(rep, source.len() as u64, plan).await,
+            Workload::Pull => self.pull_rep(rep, source.size() as u64, plan).await,
             Workload::Manifests => self.manifests_rep(rep, plan).await,
         }
     }
@@ -250,7 +251,7 @@ pub async fn run_all(subjects: &mut [Subject], source: &BlobSource, plan: &Plan)
     interleave(subjects, Workload::PushMonolithic, source, plan).await?;
     interleave(subjects, Workload::PushChunked, source, plan).await?;
     for subject in subjects.iter_mut() {
-        let outcome = subject.warm_up_pull(source.len() as u64).await;
+        let outcome = subject.warm_up_pull(source.size() as u64).await;
         subject.check(outcome)?;
     }
     interleave(subjects, Workload::Pull, source, plan).await?;

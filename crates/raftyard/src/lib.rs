@@ -10,3 +10,14 @@ pub mod certs;
 pub mod config;
 pub mod node;
 pub mod tunnel;
+
+/// Log lines to stderr, filtered by `RUST_LOG` (default: info, with openraft and sled quieter).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -147,13 +147,7 @@ enum CertsCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    raftyard::init_logging();
     match cli.cmd {
         Cmd::Serve { config, listen, data_dir, peer_listen } => {
             let mut cfg = match &config {
@@ -174,11 +168,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Relay { config } => {
             let cfg = raftyard_tunnel::RelayConfig::load(&config)?;
-            small_runtime()?.block_on(tunnel::relay(cfg))
+            tunnel::small_runtime()?.block_on(tunnel::relay(cfg))
         }
         Cmd::Agent { config } => {
             let cfg = raftyard_tunnel::AgentFile::load(&config)?;
-            small_runtime()?.block_on(tunnel::agent(cfg))
+            tunnel::small_runtime()?.block_on(tunnel::agent(cfg))
         }
         Cmd::Events { node, since, follow, ca } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
         Cmd::Cluster { cmd, tls } => runtime()?.block_on(async {
@@ -210,12 +204,4 @@ fn main() -> anyhow::Result<()> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads((cores * 2).max(4)).enable_all().build()?)
-}
-
-/// The relay and a standalone agent only move bytes (with splice, mostly in the kernel): one
-/// worker per core. (A single-threaded runtime measured the same on two cores, but would cap a
-/// busy relay at one core.)
-fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(cores).enable_all().build()?)
 }

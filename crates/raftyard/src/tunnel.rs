@@ -1,5 +1,5 @@
-//! `raftyard relay` and `raftyard agent`: the tunnel crate's relay and agent as processes that
-//! run until SIGTERM or Ctrl-C.
+//! `raftyard relay` (also the small `raftyard-relay` binary) and `raftyard agent`: the tunnel
+//! crate's relay and agent as processes that run until SIGTERM or Ctrl-C.
 
 use raftyard_tunnel::{Agent, AgentFile, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
@@ -23,4 +23,12 @@ pub async fn agent(cfg: AgentFile) -> anyhow::Result<()> {
     crate::node::shutdown_signal().await;
     agent.stop().await;
     Ok(())
+}
+
+/// The relay and a standalone agent only move bytes (with splice, mostly in the kernel): one
+/// worker per core. (A single-threaded runtime measured the same on two cores, but would cap a
+/// busy relay at one core.)
+pub fn small_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(cores).enable_all().build()?)
 }
