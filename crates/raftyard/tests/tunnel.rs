@@ -138,3 +138,115 @@ async fn two_relays_at_once_and_a_relay_restart() {
     eprintln!("all three agents back on relay a after {:?}", t.elapsed());
     pull_all(&src, a.shared(), "two/app:v1", &dir.path().join("via-a-again"));
 }
+
+/// What one push-then-pull step through the relay ended in.
+enum Step {
+    /// Pushed (manifest 201) and read back right: the tag and its digest.
+    Acked(String, String),
+    /// Broken by a kill: a connection reset, or an upload session whose owner died
+    /// (`BLOB_UPLOAD_UNKNOWN`, after which a client starts over). Retried.
+    Casualty(String),
+}
+
+/// Pushes a small image under `tag` through `base` and reads it back; any wrong answer panics.
+async fn push_and_check(c: &reqwest::Client, base: &str, tag: &str) -> Step {
+    macro_rules! send {
+        ($req:expr) => {
+            match $req.send().await {
+                Ok(r) => r,
+                Err(e) => return Step::Casualty(format!("connection: {e}")),
+            }
+        };
+    }
+    let layer: Vec<u8> = tag.bytes().cycle().take(200_000).collect();
+    let config = format!("{{\"tag\":\"{tag}\"}}").into_bytes();
+    let mut digests = Vec::new();
+    for blob in [&config, &layer] {
+        let r = send!(c.post(format!("{base}/v2/chaos/app/blobs/uploads/")));
+        assert_eq!(r.status(), 202, "upload start");
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let d = sha256(blob);
+        let r = send!(c.put(format!("{base}{loc}?digest={d}")).body(blob.clone()));
+        if r.status() == 404 {
+            let body = r.text().await.unwrap_or_default();
+            assert!(body.contains("BLOB_UPLOAD_UNKNOWN"), "upload PUT: 404 {body}");
+            return Step::Casualty("upload session lost with its node".into());
+        }
+        assert_eq!(r.status(), 201, "upload PUT: {}", r.text().await.unwrap_or_default());
+        digests.push((d, blob.len()));
+    }
+    let m = image_manifest((&digests[0].0, digests[0].1), &[(&digests[1].0, digests[1].1)], serde_json::json!({}));
+    let md = sha256(&m);
+    let r = send!(c.put(format!("{base}/v2/chaos/app/manifests/{tag}")).header("content-type", OCI_MANIFEST).body(m));
+    assert_eq!(r.status(), 201, "manifest PUT: {}", r.text().await.unwrap_or_default());
+    // read back through the relay: possibly another node, which must see the write
+    let r = send!(c.get(format!("{base}/v2/chaos/app/manifests/{tag}")).header("accept", OCI_MANIFEST));
+    assert_eq!(r.status(), 200, "manifest GET after its PUT");
+    let Ok(body) = r.bytes().await else { return Step::Casualty("connection during a read".into()) };
+    assert_eq!(sha256(&body), md, "the manifest read back is the one pushed");
+    let r = send!(c.get(format!("{base}/v2/chaos/app/blobs/{}", digests[1].0)));
+    assert_eq!(r.status(), 200, "layer GET");
+    let Ok(body) = r.bytes().await else { return Step::Casualty("connection during a read".into()) };
+    assert!(body == layer, "the layer read back is the one pushed");
+    Step::Acked(tag.to_string(), md)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_and_pulls_through_the_relay_while_followers_are_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), 3);
+    let cl = Cluster::start_configured(3, "", |id| relay.link(id));
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    relay.wait_agents(3, Duration::from_secs(20)).await;
+    let base = format!("http://{}", relay.shared());
+    let cl = std::sync::Arc::new(std::sync::Mutex::new(cl));
+
+    // kill -9 a follower, restart it, the other follower, ...: four cycles
+    let killer = {
+        let cl = cl.clone();
+        tokio::task::spawn_blocking(move || {
+            for cycle in 0..4 {
+                let victim = (leader + 1 + cycle % 2) % 3;
+                std::thread::sleep(Duration::from_millis(700));
+                eprintln!("cycle {cycle}: kill -9 node {}", victim + 1);
+                cl.lock().unwrap().nodes[victim].kill9();
+                std::thread::sleep(Duration::from_millis(700));
+                eprintln!("cycle {cycle}: restart node {}", victim + 1);
+                cl.lock().unwrap().nodes[victim].spawn();
+            }
+        })
+    };
+    let c = client();
+    let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while !killer.is_finished() {
+        i += 1;
+        match push_and_check(&c, &base, &format!("t{i}")).await {
+            Step::Acked(tag, d) => acked.push((tag, d)),
+            Step::Casualty(why) => casualties.push(why),
+        }
+    }
+    killer.await.unwrap();
+    eprintln!("{} steps acknowledged and read back, {} broken by kills: {casualties:?}", acked.len(), casualties.len());
+    assert!(acked.len() >= 10, "the relay kept serving while nodes died: {} steps", acked.len());
+    // each kill breaks at most the requests in flight on that node's connections
+    assert!(casualties.len() <= 8, "{casualties:?}");
+
+    // every acknowledged push is on every node, digest for digest
+    relay.wait_agents(3, Duration::from_secs(20)).await;
+    let cl = std::sync::Arc::into_inner(cl).expect("the killer is done").into_inner().unwrap();
+    let top = acked.len() as u64;
+    let c = client();
+    for n in &cl.nodes {
+        for (tag, d) in &acked {
+            let r = c
+                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{tag} on {} ({top} acknowledged)", n.addr);
+            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
+        }
+    }
+}
