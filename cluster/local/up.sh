@@ -17,12 +17,20 @@ nodes=(1 2 3)
 [ -x "$bin" ] || { echo "no binary at $bin (cargo build --release -p raftyard, or set RAFTYARD_BIN)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
 
-# A node runs if its pid is alive and not a zombie waiting to be reaped.
+# A process runs if the pid in DIR/pid is alive and not a zombie waiting to be reaped.
 running() {
     [ -f "$1/pid" ] || return 1
     local st
     st=$(ps -o stat= -p "$(cat "$1/pid")" 2>/dev/null) || return 1
     [[ "$st" != Z* ]]
+}
+
+# launch DIR ARGS...: runs "$bin ARGS..." detached, logging to DIR/log, its pid in DIR/pid.
+launch() {
+    local d=$1
+    shift
+    setsid nohup "$bin" "$@" >>"$d/log" 2>&1 < /dev/null &
+    echo $! > "$d/pid"
 }
 
 # --- relay: a CA and certificate for 127.0.0.1, one token per node (made once) ---
@@ -48,9 +56,8 @@ TOML
 if running "$r"; then
     echo "relay already running (pid $(cat "$r/pid"))"
 else
-    setsid nohup "$bin" relay --config "$r/relay.toml" >>"$r/log" 2>&1 < /dev/null &
-    echo $! > "$r/pid"
-    echo "relay started (pid $!, control 127.0.0.1:7000, registry 127.0.0.1:6000, nodes 127.0.0.1:6001-600${#nodes[@]}, dashboard http://127.0.0.1:7500)"
+    launch "$r" relay --config "$r/relay.toml"
+    echo "relay started (pid $(cat "$r/pid"), control 127.0.0.1:7000, registry 127.0.0.1:6000, nodes 127.0.0.1:6001-600${#nodes[@]}, dashboard http://127.0.0.1:7500)"
 fi
 
 for n in "${nodes[@]}"; do
@@ -78,9 +85,8 @@ TOML
         echo "node$n already running (pid $(cat "$d/pid"))"
         continue
     fi
-    setsid nohup "$bin" serve --config "$d/config.toml" >>"$d/log" 2>&1 < /dev/null &
-    echo $! > "$d/pid"
-    echo "node$n started (pid $!, registry 127.0.0.1:500$n, peer 127.0.0.1:510$n)"
+    launch "$d" serve --config "$d/config.toml"
+    echo "node$n started (pid $(cat "$d/pid"), registry 127.0.0.1:500$n, peer 127.0.0.1:510$n)"
 done
 
 if leader=$(cluster/wait-for-leader.sh 30 http://127.0.0.1:5001 http://127.0.0.1:5002 http://127.0.0.1:5003); then

@@ -239,11 +239,7 @@ fn respond(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full
 }
 
 pub async fn serve(state: Arc<State>, l: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = l.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-        };
+    while let Some((stream, _)) = crate::relay::accept(&l, &shutdown, "dashboard").await {
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

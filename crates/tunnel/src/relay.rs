@@ -259,20 +259,30 @@ impl State {
     }
 }
 
-async fn accept_visitors(state: Arc<State>, svc: Arc<Service>, l: TcpListener, shutdown: CancellationToken) {
+/// The next connection on `l`, or `None` once `shutdown` is cancelled. Accept errors (EMFILE
+/// and friends) are logged and retried after a pause instead of spinning.
+pub(crate) async fn accept(
+    l: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
             r = l.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => return Some(x),
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning
-                    warn!(service = %svc.name, error = %e, "accept failed");
+                    warn!(error = %e, "accept on the {what} failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
+        }
+    }
+}
+
+async fn accept_visitors(state: Arc<State>, svc: Arc<Service>, l: TcpListener, shutdown: CancellationToken) {
+    let what = format!("{} port", svc.name);
+    while let Some((stream, peer)) = accept(&l, &shutdown, &what).await {
         pump::tune(&stream);
         svc.accepted.fetch_add(1, Ordering::Relaxed);
         let (state, svc, shutdown) = (state.clone(), svc.clone(), shutdown.clone());
@@ -368,18 +378,7 @@ async fn accept_control(
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "control accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer)) = accept(&l, &shutdown, "control port").await {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             state.refuse(Refusal::Busy, peer, "too many handshakes in progress");
             continue;
