@@ -26,12 +26,19 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     tls: Option<PeerTls>,
+    /// Advertised peer address → the address actually dialled (NAT, a tunnel, a proxy).
+    dial_via: HashMap<String, String>,
 }
 
 /// An endpoint for the peer port at `addr`, with mutual TLS when `tls` is given.
 pub fn endpoint(addr: &str, tls: Option<&PeerTls>) -> Result<Endpoint, tonic::transport::Error> {
+    endpoint_via(addr, addr, tls)
+}
+
+/// An endpoint that dials `dial` for the peer advertised as `addr` (whose host name TLS checks).
+fn endpoint_via(addr: &str, dial: &str, tls: Option<&PeerTls>) -> Result<Endpoint, tonic::transport::Error> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+    let mut e = Endpoint::from_shared(format!("{scheme}://{dial}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
@@ -53,7 +60,13 @@ impl Peers {
 
     /// Connections with mutual TLS.
     pub fn with_tls(tls: Option<PeerTls>) -> Self {
-        Peers { channels: Mutex::default(), tls }
+        Peers { tls, ..Peers::default() }
+    }
+
+    /// Dial `dial_via[addr]` instead of `addr` for the peers listed.
+    pub fn dialling_via(mut self, dial_via: HashMap<String, String>) -> Self {
+        self.dial_via = dial_via;
+        self
     }
 
     /// A channel to `addr` (`host:port`), connected on first use and reconnected by tonic
@@ -63,7 +76,8 @@ impl Peers {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ch = endpoint(addr, self.tls.as_ref())?.connect_lazy();
+        let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
+        let ch = endpoint_via(addr, dial, self.tls.as_ref())?.connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

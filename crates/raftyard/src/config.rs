@@ -53,6 +53,10 @@ pub struct ClusterSection {
     /// Mutual TLS on the peer port (`raftyard certs cluster` makes the files). Absent: plain
     /// gRPC, for peer ports that only listen on loopback or a private, trusted network.
     pub tls: Option<PeerTlsSection>,
+    /// Reach some peers through another address than the one they advertise (NAT, an SSH
+    /// tunnel, a proxy): advertised peer address → address to dial. TLS still checks the
+    /// advertised host name.
+    pub dial_via: std::collections::HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +154,7 @@ impl Default for ClusterSection {
             join: false,
             blob_write_quorum: 0,
             tls: None,
+            dial_via: Default::default(),
         }
     }
 }

@@ -104,7 +104,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         Some(t) => Some(PeerTls::load(&t.ca, &t.cert, &t.key).context("loading the peer TLS files")?),
         None => None,
     };
-    let peers = Arc::new(Peers::with_tls(peer_tls.clone()));
+    let peers = Arc::new(Peers::with_tls(peer_tls.clone()).dialling_via(cfg.cluster.dial_via.clone()));
     let link = Arc::new(GrpcLeaderLink::new(peers.clone()));
     let meta = MetaNode::start(meta_cfg, PeerNetwork::new(peers.clone()), Some(link))
         .await
