@@ -235,6 +235,25 @@ impl StateReader {
         *self.applied.borrow()
     }
 
+    /// The applied index and a SHA-256 (hex) over every key and value of the state, read in
+    /// one pass. Nodes that applied the same log have the same digest.
+    pub fn digest(&self) -> std::io::Result<(u64, String)> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut applied = 0;
+        for kv in self.tree.iter() {
+            let (k, v) = kv.map_err(io)?;
+            if &*k == crate::keys::APPLIED {
+                applied = dec::<LogId>(&v).map_or(0, |l| l.index);
+            }
+            h.update((k.len() as u64).to_be_bytes());
+            h.update(&k);
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(&v);
+        }
+        Ok((applied, hex::encode(h.finalize())))
+    }
+
     /// Waits until the state has applied at least `index`.
     pub async fn wait_applied(&self, index: u64) {
         let mut rx = self.applied.clone();

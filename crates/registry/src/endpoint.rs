@@ -21,6 +21,9 @@ pub enum Endpoint {
     Events,
     /// `/v2/_raftyard/health`: liveness and Raft role (raftyard extension).
     Health,
+    /// `/v2/_raftyard/state-digest`: a digest of this node's applied metadata state, to compare
+    /// nodes (raftyard extension).
+    StateDigest,
     /// `/v2/<name>/manifests/<reference>`
     Manifest { name: RepoName, reference: String },
     /// `/v2/<name>/blobs/<digest>`
@@ -45,6 +48,7 @@ impl Endpoint {
             Endpoint::Catalog => "catalog",
             Endpoint::Events => "events",
             Endpoint::Health => "health",
+            Endpoint::StateDigest => "state_digest",
             Endpoint::Manifest { .. } => "manifest",
             Endpoint::Blob { .. } => "blob",
             Endpoint::UploadStart { .. } => "upload_start",
@@ -58,7 +62,12 @@ impl Endpoint {
     fn allows(&self, m: &Method) -> bool {
         let get_head = *m == Method::GET || *m == Method::HEAD;
         match self {
-            Endpoint::Base | Endpoint::Catalog | Endpoint::Events | Endpoint::Health | Endpoint::Metrics => get_head,
+            Endpoint::Base
+            | Endpoint::Catalog
+            | Endpoint::Events
+            | Endpoint::Health
+            | Endpoint::StateDigest
+            | Endpoint::Metrics => get_head,
             Endpoint::Tags { .. } | Endpoint::Referrers { .. } => get_head,
             Endpoint::Manifest { .. } => get_head || *m == Method::PUT || *m == Method::DELETE,
             Endpoint::Blob { .. } => get_head || *m == Method::DELETE,
@@ -86,6 +95,7 @@ pub fn parse_endpoint(method: &Method, raw_path: &str) -> Result<Endpoint, Regis
             "_catalog" => Endpoint::Catalog,
             "_raftyard/events" => Endpoint::Events,
             "_raftyard/health" => Endpoint::Health,
+            "_raftyard/state-digest" => Endpoint::StateDigest,
             _ => parse_repo_path(rest)?,
         }
     };

@@ -37,11 +37,20 @@ pub struct RegistryConfig {
     /// Nodes (this one included) that must hold a new blob durably before its upload is
     /// acknowledged. 0: a majority of the voters.
     pub blob_write_quorum: usize,
+    /// A deliberately broken node, for the chaos suite to prove it catches one: manifest PUTs
+    /// are acknowledged before their events are committed. Set only from the environment
+    /// (`RAFTYARD_FAULT_ACK_BEFORE_COMMIT=1`), never from a config file.
+    pub fault_ack_before_commit: bool,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig { delete_enabled: true, upload_idle_timeout: Duration::from_secs(3600), blob_write_quorum: 0 }
+        RegistryConfig {
+            delete_enabled: true,
+            upload_idle_timeout: Duration::from_secs(3600),
+            blob_write_quorum: 0,
+            fault_ack_before_commit: false,
+        }
     }
 }
 

@@ -148,6 +148,17 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     Ok(resp)
 }
 
+/// This node's applied index and a SHA-256 over its whole metadata state (local, no read
+/// index): equal on every node that applied the same log.
+pub(crate) async fn state_digest(reg: &Registry) -> HandlerResult {
+    let reader = reg.meta.reader().clone();
+    let (applied, digest) = tokio::task::spawn_blocking(move || reader.digest())
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))??;
+    let body = json!({ "applied": applied, "digest": digest });
+    Ok(json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"), false))
+}
+
 pub(crate) async fn health(reg: &Registry) -> HandlerResult {
     let m = reg.meta.raft().metrics().borrow().clone();
     let body = json!({

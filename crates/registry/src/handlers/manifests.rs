@@ -143,7 +143,12 @@ pub(crate) async fn put<B: ReqBody>(
     for t in &tags {
         events.push(Event::TagSet { repo: name.clone(), tag: t.clone(), digest: digest.clone(), expect: None });
     }
-    reg.meta.propose(events).await?;
+    if reg.cfg.fault_ack_before_commit {
+        let meta = reg.meta.clone();
+        tokio::spawn(async move { meta.propose(events).await });
+    } else {
+        reg.meta.propose(events).await?;
+    }
     let mut headers =
         vec![("Location", format!("/v2/{name}/manifests/{digest}")), ("Docker-Content-Digest", digest.to_string())];
     if let Some(s) = &parsed.subject {
