@@ -1,0 +1,142 @@
+//! The fault schedule: derived from the seed alone, so a failing seed replays the same
+//! faults at the same times (which node is the leader at that time is up to the cluster).
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::cluster::Cluster;
+use crate::proxy::{LinkState, Mode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Kind {
+    /// `kill -9`; started again when healed.
+    Kill,
+    /// SIGSTOP; SIGCONT when healed.
+    Pause,
+    /// SIGTERM (a drain) and start again at once.
+    Restart,
+    /// Every peer link of the node held both ways (cut from the others; a leader loses its
+    /// majority).
+    Isolate,
+    /// The node hears the others but nothing it sends arrives.
+    OneWay,
+    /// Every peer link of the node delayed.
+    Slow,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [Kind::Kill, Kind::Pause, Kind::Restart, Kind::Isolate, Kind::OneWay, Kind::Slow];
+
+    pub fn parse(s: &str) -> Result<Kind, String> {
+        Ok(match s {
+            "kill" => Kind::Kill,
+            "pause" => Kind::Pause,
+            "restart" => Kind::Restart,
+            "isolate" => Kind::Isolate,
+            "oneway" => Kind::OneWay,
+            "slow" => Kind::Slow,
+            _ => return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow)")),
+        })
+    }
+}
+
+/// Whom a fault hits, resolved when it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Target {
+    Leader,
+    /// The k-th follower (modulo their number).
+    Follower(usize),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub at: Duration,
+    pub kind: Kind,
+    pub target: Target,
+    /// How long the fault lasts before it is healed.
+    pub hold: Duration,
+    /// For `Slow`: the added delay per chunk.
+    pub delay: Duration,
+}
+
+/// One fault at a time: 1–4 s of fault, 1–3 s of calm, from 1.5 s until 1 s before the end.
+pub fn schedule(seed: u64, duration: Duration, mix: &[Kind]) -> Vec<Step> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut steps = Vec::new();
+    let mut t = Duration::from_millis(1500);
+    if mix.is_empty() {
+        return steps;
+    }
+    loop {
+        let hold = Duration::from_millis(rng.gen_range(1000..4000));
+        if t + hold + Duration::from_secs(1) > duration {
+            return steps;
+        }
+        let kind = mix[rng.gen_range(0..mix.len())];
+        let target = if rng.gen_bool(0.5) { Target::Leader } else { Target::Follower(rng.gen_range(0..8)) };
+        let delay = Duration::from_millis(rng.gen_range(20..200));
+        steps.push(Step { at: t, kind, target, hold, delay });
+        t += hold + Duration::from_millis(rng.gen_range(1000..3000));
+    }
+}
+
+/// The node a step hits, given the current leader (node 1 when none is known).
+pub fn resolve(target: Target, leader: Option<u64>, ids: &[u64]) -> u64 {
+    let leader = leader.unwrap_or(ids[0]);
+    match target {
+        Target::Leader => leader,
+        Target::Follower(k) => {
+            let f: Vec<u64> = ids.iter().copied().filter(|&i| i != leader).collect();
+            f[k % f.len()]
+        }
+    }
+}
+
+pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()> {
+    match step.kind {
+        Kind::Kill => c.kill(node),
+        Kind::Pause => c.pause(node),
+        Kind::Restart => c.restart(node).await?,
+        Kind::Isolate => c.set_links_of(node, LinkState::CUT),
+        Kind::OneWay => {
+            for other in c.ids().into_iter().filter(|&o| o != node) {
+                c.set_link(node, other, LinkState { forward: Mode::Hold, backward: Mode::Pass });
+                c.set_link(other, node, LinkState { forward: Mode::Pass, backward: Mode::Hold });
+            }
+        }
+        Kind::Slow => {
+            c.set_links_of(node, LinkState { forward: Mode::Delay(step.delay), backward: Mode::Delay(step.delay) })
+        }
+    }
+    Ok(())
+}
+
+/// Undoes every fault: links pass, paused nodes continue, killed nodes start again.
+pub async fn heal(c: &mut Cluster) -> anyhow::Result<()> {
+    c.heal_links();
+    for id in c.ids() {
+        if c.node(id).paused {
+            c.resume(id);
+        }
+        c.start_again(id).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_the_same_schedule() {
+        let a = schedule(7, Duration::from_secs(60), &Kind::ALL);
+        let b = schedule(7, Duration::from_secs(60), &Kind::ALL);
+        assert!(!a.is_empty());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_ne!(format!("{a:?}"), format!("{:?}", schedule(8, Duration::from_secs(60), &Kind::ALL)));
+        assert!(a.iter().all(|s| s.at + s.hold < Duration::from_secs(60)));
+    }
+}

@@ -1,0 +1,382 @@
+//! The chaos suite: a real cluster of `raftyard serve` processes under continuous load, faults
+//! from a seeded schedule (kill -9, SIGSTOP, graceful restarts, partitions, one-way loss, slow
+//! links through a proxy on every directed peer link), a history of every operation, and a
+//! check after healing:
+//!
+//! - every acknowledged blob and manifest is readable, digest for digest, from every node;
+//! - no read ever returned a blob or manifest other than the one its digest names (partial or
+//!   corrupt content);
+//! - every tag is a linearizable register ([`linear`]);
+//! - at most one leader per term (from health polls during the run);
+//! - every node converges to the same metadata state (`/v2/_raftyard/state-digest`);
+//! - availability: after each fault, the time until a write succeeds again.
+//!
+//! See `docs/chaos.md`.
+
+pub mod cluster;
+pub mod faults;
+pub mod linear;
+pub mod proxy;
+pub mod workload;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::cluster::Cluster;
+use crate::workload::{History, Kind as OpKind, Load, Op, Outcome, Stop};
+
+pub struct Options {
+    pub bin: PathBuf,
+    pub seed: u64,
+    pub duration: Duration,
+    pub nodes: u64,
+    pub clients: usize,
+    pub keys: usize,
+    pub faults: Vec<faults::Kind>,
+    /// Start this node deliberately broken (it acknowledges manifests before they commit).
+    pub broken: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FaultRecord {
+    pub at_ms: u64,
+    pub kind: faults::Kind,
+    pub target: faults::Target,
+    pub node: u64,
+    pub healed_at_ms: u64,
+    /// From the fault until the first write acknowledged after it (by any node, to the
+    /// availability probe that writes to every node every 50 ms).
+    pub write_gap_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub duration_secs: u64,
+    pub nodes: u64,
+    pub clients: usize,
+    pub ops: u64,
+    pub tag_ops: usize,
+    pub blob_ops: u64,
+    pub acked_writes: usize,
+    pub acked_blobs: usize,
+    pub faults: Vec<FaultRecord>,
+    pub terms_seen: usize,
+    pub converged_after_ms: Option<u64>,
+    pub linearizability_unknown_keys: Vec<String>,
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "seed {} · {} s · {} nodes · {} clients\n{} tag ops ({} writes acknowledged), {} blob ops ({} blobs acknowledged), {} terms seen\n",
+            self.seed,
+            self.duration_secs,
+            self.nodes,
+            self.clients,
+            self.tag_ops,
+            self.acked_writes,
+            self.blob_ops,
+            self.acked_blobs,
+            self.terms_seen
+        );
+        for f in &self.faults {
+            s.push_str(&format!(
+                "  {:>6} ms  {:?} {:?} (node {}) healed at {} ms, writes back after {}\n",
+                f.at_ms,
+                f.kind,
+                f.target,
+                f.node,
+                f.healed_at_ms,
+                f.write_gap_ms.map(|g| format!("{g} ms")).unwrap_or_else(|| "-".into())
+            ));
+        }
+        match self.converged_after_ms {
+            Some(ms) => s.push_str(&format!("converged {ms} ms after healing\n")),
+            None => s.push_str("did not converge\n"),
+        }
+        if !self.linearizability_unknown_keys.is_empty() {
+            s.push_str(&format!(
+                "linearizability search gave up (not a violation) on: {:?}\n",
+                self.linearizability_unknown_keys
+            ));
+        }
+        for v in &self.violations {
+            s.push_str(&format!("VIOLATION: {v}\n"));
+        }
+        s.push_str(&format!(
+            "chaos: {} ops, {} faults, {} violations",
+            self.ops,
+            self.faults.len(),
+            self.violations.len()
+        ));
+        s
+    }
+}
+
+/// Runs one scenario and checks it.
+pub async fn run(o: &Options) -> Result<Report> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
+    let mut cluster = Cluster::start(&o.bin, o.nodes, o.broken).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.leader(&http).await.is_none() {
+        anyhow::ensure!(Instant::now() < deadline, "no leader after 30 s:\n{}", cluster.log_tail(1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nodes: Vec<(u64, String)> = cluster.nodes.iter().map(|n| (n.id, n.registry.clone())).collect();
+    let (config_digest, config_len) = workload::setup(&http, &nodes[0].1).await?;
+    let load = Arc::new(Load { clients: o.clients, keys: o.keys, nodes: nodes.clone(), config_digest, config_len });
+
+    let start = Instant::now();
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Stop::default();
+    let mut clients = Vec::new();
+    for c in 0..o.clients {
+        clients.push(tokio::spawn(workload::client(
+            c,
+            o.seed,
+            load.clone(),
+            http.clone(),
+            start,
+            stop.clone(),
+            history.clone(),
+        )));
+    }
+    clients.push(tokio::spawn(workload::probe(load.clone(), http.clone(), start, stop.clone(), history.clone())));
+    // who claims leadership of which term, polled from every node
+    let leaders: Arc<Mutex<BTreeMap<u64, BTreeSet<u64>>>> = Arc::default();
+    let monitor = {
+        let (leaders, stop, http, nodes) = (leaders.clone(), stop.clone(), http.clone(), nodes.clone());
+        tokio::spawn(async move {
+            while !stop.is_set() {
+                for (id, addr) in &nodes {
+                    let h = http
+                        .get(format!("http://{addr}/v2/_raftyard/health"))
+                        .timeout(Duration::from_millis(300))
+                        .send()
+                        .await;
+                    let Ok(h) = h else { continue };
+                    let Ok(h) = h.json::<serde_json::Value>().await else { continue };
+                    if h["state"] == "Leader" {
+                        if let Some(t) = h["term"].as_u64() {
+                            leaders.lock().unwrap().entry(t).or_default().insert(*id);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let mut records = Vec::new();
+    for step in faults::schedule(o.seed, o.duration, &o.faults) {
+        tokio::time::sleep_until((start + step.at).into()).await;
+        let leader = cluster.leader(&http).await;
+        let node = faults::resolve(step.target, leader, &cluster.ids());
+        let at = start.elapsed();
+        eprintln!("{:>6} ms: {:?} on node {node} ({:?}) for {:?}", at.as_millis(), step.kind, step.target, step.hold);
+        faults::apply(&mut cluster, &step, node).await?;
+        tokio::time::sleep(step.hold).await;
+        faults::heal(&mut cluster).await?;
+        records.push(FaultRecord {
+            at_ms: at.as_millis() as u64,
+            kind: step.kind,
+            target: step.target,
+            node,
+            healed_at_ms: start.elapsed().as_millis() as u64,
+            write_gap_ms: None,
+        });
+    }
+    tokio::time::sleep_until((start + o.duration).into()).await;
+    stop.set();
+    for c in clients {
+        let _ = c.await;
+    }
+    let _ = monitor.await;
+    faults::heal(&mut cluster).await?;
+    let healed = Instant::now();
+    eprintln!("{:>6} ms: load stopped, all healed; checking", start.elapsed().as_millis());
+
+    let mut h = std::mem::take(&mut *history.lock().unwrap());
+    let mut violations = std::mem::take(&mut h.violations);
+
+    // availability: the first acknowledged write after each fault
+    h.write_oks.sort_unstable();
+    for r in &mut records {
+        let at_us = r.at_ms * 1000;
+        r.write_gap_ms = h.write_oks.iter().find(|&&t| t >= at_us).map(|t| (t - at_us) / 1000);
+    }
+
+    // one leader per term
+    for (term, ls) in leaders.lock().unwrap().iter() {
+        if ls.len() > 1 {
+            violations.push(format!("term {term} had {} leaders: {ls:?}", ls.len()));
+        }
+    }
+    let terms_seen = leaders.lock().unwrap().len();
+
+    let converged = converge(&http, &nodes, Duration::from_secs(60)).await;
+    let converged_after_ms = match &converged {
+        Ok(()) => Some(healed.elapsed().as_millis() as u64),
+        Err(e) => {
+            violations.push(format!("nodes did not converge within 60 s of healing: {e}"));
+            None
+        }
+    };
+
+    eprintln!("converged after {:?}", healed.elapsed());
+    // final reads of every key on every node join the history
+    let now_us = |t: Instant| t.duration_since(start).as_micros() as u64;
+    for (id, addr) in &nodes {
+        for k in 0..o.keys {
+            let invoke = now_us(Instant::now());
+            let r = http
+                .get(format!("http://{addr}/v2/{}/manifests/k{k}", workload::REG_REPO))
+                .header("accept", workload::OCI_MANIFEST)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            let value = match r {
+                Ok(r) if r.status() == 200 => match r.bytes().await {
+                    Ok(b) => Some(workload::digest_of("sha256", &b)),
+                    Err(e) => {
+                        violations.push(format!("node {id}: final read of k{k} failed: {e}"));
+                        continue;
+                    }
+                },
+                Ok(r) if r.status() == 404 => None,
+                Ok(r) => {
+                    violations.push(format!("node {id}: final read of k{k} answered {}", r.status()));
+                    continue;
+                }
+                Err(e) => {
+                    violations.push(format!("node {id}: final read of k{k} failed: {e}"));
+                    continue;
+                }
+            };
+            h.ops.push(Op {
+                client: usize::MAX,
+                node: *id,
+                kind: OpKind::Read,
+                key: format!("k{k}"),
+                value,
+                invoke_us: invoke,
+                complete_us: now_us(Instant::now()),
+                outcome: Outcome::Ok,
+            });
+        }
+    }
+
+    eprintln!("final reads done after {:?}", healed.elapsed());
+    // every acknowledged blob and manifest on every node (16 reads at a time)
+    let mut reads = Vec::new();
+    for (id, addr) in &nodes {
+        for b in &h.blobs {
+            let url = format!("http://{addr}/v2/{}/blobs/{}", workload::BLOB_REPO, b.digest);
+            reads.push((*id, url, b.digest.clone(), None));
+        }
+        for (d, bytes) in &h.manifests {
+            let url = format!("http://{addr}/v2/{}/manifests/{d}", workload::REG_REPO);
+            reads.push((*id, url, d.clone(), Some(bytes)));
+        }
+    }
+    let checked = futures::stream::iter(reads)
+        .map(|(id, url, digest, manifest)| {
+            let http = http.clone();
+            async move {
+                let what = if manifest.is_some() { "manifest" } else { "blob" };
+                match fetch(&http, &url).await {
+                    Ok(body) => match manifest {
+                        Some(bytes) if &body == bytes => None,
+                        None if workload::digest_of(digest.split(':').next().unwrap_or(""), &body) == digest => None,
+                        _ => Some(format!("node {id}: acknowledged {what} {digest} has other content")),
+                    },
+                    Err(e) => Some(format!("node {id}: acknowledged {what} {digest} unreadable: {e}")),
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    violations.extend(checked.into_iter().flatten());
+
+    eprintln!("{} acknowledged objects read back after {:?}", h.blobs.len() + h.manifests.len(), healed.elapsed());
+    // linearizability, key by key
+    let mut unknown = Vec::new();
+    let mut by_key: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in &h.ops {
+        by_key.entry(op.key.as_str()).or_default().push(op);
+    }
+    for (k, ops) in &by_key {
+        match linear::check(ops, 300_000) {
+            linear::Verdict::Linearizable => {}
+            linear::Verdict::Unknown => unknown.push(k.to_string()),
+            linear::Verdict::Violation { longest_prefix } => violations.push(format!(
+                "tag {k}: {} operations are not linearizable (the longest valid order explains {longest_prefix})",
+                ops.len()
+            )),
+        }
+    }
+
+    eprintln!("linearizability checked after {:?}", healed.elapsed());
+    let tag_ops = h.ops.len();
+    Ok(Report {
+        seed: o.seed,
+        duration_secs: o.duration.as_secs(),
+        nodes: o.nodes,
+        clients: o.clients,
+        ops: tag_ops as u64 + h.blob_ops,
+        tag_ops,
+        blob_ops: h.blob_ops,
+        acked_writes: h.ops.iter().filter(|o| o.kind != OpKind::Read && o.outcome == Outcome::Ok).count(),
+        acked_blobs: h.blobs.len(),
+        faults: records,
+        terms_seen,
+        converged_after_ms,
+        linearizability_unknown_keys: unknown,
+        violations,
+    })
+}
+
+async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {
+    let r = http.get(url).header("accept", workload::OCI_MANIFEST).timeout(Duration::from_secs(30)).send().await?;
+    anyhow::ensure!(r.status() == 200, "{}", r.status());
+    Ok(r.bytes().await?.to_vec())
+}
+
+/// Waits until every node reports the same applied index and state digest twice in a row.
+async fn converge(http: &reqwest::Client, nodes: &[(u64, String)], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let mut seen = Vec::new();
+        for (_, addr) in nodes {
+            let r = http
+                .get(format!("http://{addr}/v2/_raftyard/state-digest"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            let v = match r {
+                Ok(r) => r.json::<serde_json::Value>().await.ok(),
+                Err(_) => None,
+            };
+            seen.push(v.map(|v| (v["applied"].as_u64().unwrap_or(0), v["digest"].as_str().unwrap_or("").to_string())));
+        }
+        let all_same = seen.iter().all(|s| s.is_some() && *s == seen[0]);
+        if all_same && last.as_ref() == Some(&seen) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{seen:?}");
+        }
+        last = Some(seen);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -1,0 +1,92 @@
+//! `chaos-tests --seed N --duration SECONDS`: one scenario against a fresh cluster, a report
+//! (human on stdout, JSON with `--json`), exit status 1 on any violation. The last line is
+//! `chaos: <ops> ops, <faults> faults, <violations> violations`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "chaos-tests", about = "Seeded faults against a raftyard cluster under load, and a history checker")]
+struct Cli {
+    /// Seed of the fault schedule and of the clients' choices; the same seed replays the same schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Seconds of load and faults (the checks come after).
+    #[arg(long, default_value_t = 60)]
+    duration: u64,
+    /// Voters in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    /// Tags used as registers.
+    #[arg(long, default_value_t = 8)]
+    keys: usize,
+    /// Fault mix, comma-separated: kill, pause, restart, isolate, oneway, slow (default: all);
+    /// `none` for a run without faults.
+    #[arg(long, default_value = "kill,pause,restart,isolate,oneway,slow")]
+    faults: String,
+    /// Start this node deliberately broken (it acknowledges manifests before they commit), to
+    /// see the suite catch it.
+    #[arg(long)]
+    broken_node: Option<u64>,
+    /// The raftyard binary [default: target/release/raftyard next to this workspace].
+    #[arg(long)]
+    raftyard: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let faults = if cli.faults == "none" {
+        Vec::new()
+    } else {
+        match cli.faults.split(',').map(|s| chaos_tests::faults::Kind::parse(s.trim())).collect::<Result<Vec<_>, _>>() {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let bin = cli.raftyard.unwrap_or_else(|| {
+        let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
+        ws.join("target/release/raftyard")
+    });
+    let opts = chaos_tests::Options {
+        bin,
+        seed: cli.seed,
+        duration: Duration::from_secs(cli.duration),
+        nodes: cli.nodes,
+        clients: cli.clients,
+        keys: cli.keys,
+        faults,
+        broken: cli.broken_node,
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    match rt.block_on(chaos_tests::run(&opts)) {
+        Ok(report) => {
+            if let Some(p) = &cli.json {
+                if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(&report).expect("json") + "\n") {
+                    eprintln!("error: writing {}: {e}", p.display());
+                }
+            }
+            println!("{}", report.human());
+            if report.violations.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
