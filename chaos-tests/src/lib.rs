@@ -315,7 +315,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         by_key.entry(op.key.as_str()).or_default().push(op);
     }
     for (k, ops) in &by_key {
-        match linear::check(ops, 300_000) {
+        match linear::check(ops, 2_000_000) {
             linear::Verdict::Linearizable => {}
             linear::Verdict::Unknown => unknown.push(k.to_string()),
             linear::Verdict::Violation { longest_prefix } => violations.push(format!(

@@ -4,8 +4,15 @@
 //! semantics (a read returns the last value written; absent before any write and after a
 //! delete). Writes whose outcome is unknown may take effect at any point after their
 //! invocation, or never. Visited (done-set, value) pairs are memoised.
+//!
+//! Why leaving out unread unknown writes is sound: such a write only changes the value to one
+//! that no read returned, so removing it from a valid order leaves an order in which every
+//! read still returns the last value written before it (reads that followed it saw a later
+//! write anyway).
 
 use std::collections::{HashMap, HashSet};
+
+use rand::{Rng, SeedableRng};
 
 use crate::workload::{Kind, Op, Outcome};
 
@@ -32,10 +39,18 @@ struct Entry {
 
 /// Checks the operations of one key; `budget` bounds the states visited.
 pub fn check(ops: &[&Op], budget: usize) -> Verdict {
+    // A write of unknown outcome whose value nobody read can be left out: any order that
+    // places it could drop it and stay valid. Keeping such writes would only multiply the
+    // orders to search (each may or may not have happened).
+    let read: HashSet<&str> = ops.iter().filter(|o| o.kind == Kind::Read).filter_map(|o| o.value.as_deref()).collect();
+    let relevant = |o: &&&Op| {
+        !(o.kind == Kind::Write && o.outcome == Outcome::Info && !read.contains(o.value.as_deref().unwrap_or("")))
+    };
     // values as small integers; 0 = absent
     let mut ids: HashMap<&str, u32> = HashMap::new();
     let mut entries: Vec<Entry> = ops
         .iter()
+        .filter(relevant)
         .map(|o| {
             let value = match &o.value {
                 None => 0,
@@ -59,7 +74,12 @@ pub fn check(ops: &[&Op], budget: usize) -> Verdict {
     let required = entries.iter().filter(|e| e.required).count();
     let words = n.div_ceil(64);
     let mut done = vec![0u64; words];
-    let mut seen: HashSet<(Vec<u64>, u32)> = HashSet::new();
+    // visited (done-set, value) pairs, as 128-bit Zobrist keys: each operation has a random
+    // key, a done-set's key is the XOR of its members' (collisions: ~2^-100 at our sizes)
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let zobrist: Vec<u128> = (0..n).map(|_| rng.gen()).collect();
+    let mut key: u128 = 0;
+    let mut seen: HashSet<(u128, u32)> = HashSet::new();
     let mut longest = 0usize;
     let mut visited = 0usize;
 
@@ -80,8 +100,19 @@ pub fn check(ops: &[&Op], budget: usize) -> Verdict {
         // the earliest completion among pending required operations bounds what may go next
         let deadline = (0..n).filter(|&i| !is_done(&done, i) && entries[i].required).map(|i| entries[i].complete).min();
         let deadline = deadline.unwrap_or(u64::MAX);
+        // A read that may go now and returns the current value goes now, without branching:
+        // everything that had to precede it is done, and it leaves the value as it is, so any
+        // valid order that places it later stays valid with it moved here.
+        let first_pending = (0..n).find(|&i| !is_done(&done, i)).unwrap_or(n);
+        let forced = if top.next == 0 {
+            (first_pending..n)
+                .take_while(|&i| entries[i].invoke <= deadline)
+                .find(|&i| !is_done(&done, i) && entries[i].kind == Kind::Read && entries[i].value == state)
+        } else {
+            None
+        };
         let mut advanced = false;
-        let mut i = top.next;
+        let mut i = forced.unwrap_or(top.next.max(first_pending));
         while i < n {
             if entries[i].invoke > deadline {
                 break; // sorted by invocation: none later can go first either
@@ -96,12 +127,14 @@ pub fn check(ops: &[&Op], budget: usize) -> Verdict {
                 };
                 if let Some(ns) = next_state {
                     done[i / 64] |= 1 << (i % 64);
-                    if seen.insert((done.clone(), ns)) {
+                    key ^= zobrist[i];
+                    if seen.insert((key, ns)) {
                         visited += 1;
                         if visited > budget {
                             return Verdict::Unknown;
                         }
-                        top.next = i + 1;
+                        // after a forced read, no alternative is tried at this frame
+                        top.next = if forced.is_some() { n } else { i + 1 };
                         let before = state;
                         state = ns;
                         if e.required {
@@ -113,7 +146,11 @@ pub fn check(ops: &[&Op], budget: usize) -> Verdict {
                         break;
                     }
                     done[i / 64] &= !(1 << (i % 64));
+                    key ^= zobrist[i];
                 }
+            }
+            if forced.is_some() {
+                break;
             }
             i += 1;
         }
@@ -124,6 +161,7 @@ pub fn check(ops: &[&Op], budget: usize) -> Verdict {
         let f = stack.pop().expect("non-empty");
         if let Some(c) = f.chosen {
             done[c / 64] &= !(1 << (c % 64));
+            key ^= zobrist[c];
             state = f.before;
             if entries[c].required {
                 done_required -= 1;
