@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use raftyard_raft::NodeId;
 use raftyard_types::{Algorithm, Digest, RepoName};
 use tokio::sync::mpsc;
@@ -24,6 +25,9 @@ use crate::peers::Peers;
 const STALL: Duration = Duration::from_secs(5);
 /// Longest a peer may take to verify and commit after the last byte.
 const FINISH: Duration = Duration::from_secs(60);
+/// Once a write quorum of peers has a copy, how much longer (beyond the time that took) the
+/// others are waited for.
+const GRACE: Duration = Duration::from_millis(50);
 /// Bytes gathered before a chunk is sent on.
 const BATCH: usize = 1 << 20;
 /// Chunks in flight per peer.
@@ -95,43 +99,74 @@ impl ReplicaSet {
         }
     }
 
+    /// Sends `chunk` to every live replica at once; a replica that does not take it within
+    /// [`STALL`] is dropped (so a paused or dead peer delays the upload once, by `STALL`).
     async fn send_now(&mut self, chunk: Bytes) {
-        for r in &mut self.replicas {
-            let Some(tx) = &r.tx else { continue };
-            let part = ReplicaPart { part: Some(Part::Data(chunk.clone())) };
-            match tokio::time::timeout(STALL, tx.send(part)).await {
-                Ok(Ok(())) => {}
-                _ => {
-                    debug!(node = r.node, "peer dropped from an upload's replication");
-                    r.tx = None;
-                }
+        let sends = self.replicas.iter().map(|r| {
+            let chunk = chunk.clone();
+            async move {
+                let Some(tx) = &r.tx else { return true };
+                let part = ReplicaPart { part: Some(Part::Data(chunk)) };
+                matches!(tokio::time::timeout(STALL, tx.send(part)).await, Ok(Ok(())))
+            }
+        });
+        let kept = futures::future::join_all(sends).await;
+        for (r, ok) in self.replicas.iter_mut().zip(kept) {
+            if !ok && r.tx.take().is_some() {
+                debug!(node = r.node, "peer dropped from an upload's replication");
             }
         }
     }
 
-    /// Sends the declared digest and waits for the peers' verdicts; returns the nodes that
-    /// hold a verified, durable copy.
-    pub async fn finish(mut self, digest: &Digest) -> Vec<NodeId> {
+    /// Sends the declared digest and waits until `enough` peers hold a verified, durable copy,
+    /// then a little longer for the others ([`GRACE`]); returns the peers that answered with a
+    /// copy. Peers still busy then finish in the background: a slow or paused peer does not
+    /// hold up the acknowledgement.
+    pub async fn finish(mut self, digest: &Digest, enough: usize) -> Vec<NodeId> {
         if !self.pending.is_empty() {
             let chunk = self.pending.split().freeze();
             self.send_now(chunk).await;
         }
-        for r in &mut self.replicas {
-            if let Some(tx) = r.tx.take() {
-                let part = ReplicaPart { part: Some(Part::FinishDigest(digest.to_string())) };
+        let finishing = self.replicas.into_iter().map(|r| {
+            let digest = digest.to_string();
+            async move {
+                let Some(tx) = r.tx else {
+                    r.done.abort();
+                    return None;
+                };
+                let part = ReplicaPart { part: Some(Part::FinishDigest(digest)) };
                 if tokio::time::timeout(STALL, tx.send(part)).await.is_err() {
                     r.done.abort();
+                    return None;
                 }
-            } else {
-                r.done.abort();
+                drop(tx);
+                match r.done.await {
+                    Ok(Ok(_)) => Some(r.node),
+                    Ok(Err(e)) => {
+                        debug!(node = r.node, error = %e, "replica refused");
+                        None
+                    }
+                    Err(_) => None,
+                }
             }
-        }
+        });
+        let mut running: futures::stream::FuturesUnordered<_> = finishing.collect();
         let mut ok = Vec::new();
-        for r in self.replicas {
-            match tokio::time::timeout(FINISH, r.done).await {
-                Ok(Ok(Ok(_))) => ok.push(r.node),
-                Ok(Ok(Err(e))) => debug!(node = r.node, error = %e, "replica refused"),
-                _ => debug!(node = r.node, "replica did not finish"),
+        let start = tokio::time::Instant::now();
+        let mut deadline = start + FINISH;
+        let mut quorum_at = None;
+        loop {
+            if quorum_at.is_none() && ok.len() >= enough {
+                // healthy peers finish about together: give the others as long again (and
+                // GRACE), so their copies are recorded too, but no longer
+                let now = tokio::time::Instant::now();
+                quorum_at = Some(now);
+                deadline = deadline.min(now + (now - start) + GRACE);
+            }
+            match tokio::time::timeout_at(deadline, running.next()).await {
+                Ok(Some(Some(node))) => ok.push(node),
+                Ok(Some(None)) => {}
+                Ok(None) | Err(_) => break,
             }
         }
         ok

@@ -26,6 +26,12 @@ impl Registry {
         }
     }
 
+    /// Copies besides this node's that a new blob needs before its upload is acknowledged.
+    fn replicas_needed(&self) -> usize {
+        let voters = self.meta.members().iter().filter(|(_, _, v)| *v).count().max(1);
+        self.write_quorum(voters).saturating_sub(1)
+    }
+
     /// The other members: where new blobs go.
     fn targets(&self) -> Vec<(NodeId, String)> {
         let me = self.meta.id();
@@ -80,7 +86,7 @@ impl Registry {
         match replicas {
             Some(r) => {
                 let set = r.lock().await.take();
-                set.finish(digest).await
+                set.finish(digest, self.replicas_needed()).await
             }
             None => Vec::new(),
         }
@@ -97,8 +103,7 @@ impl Registry {
         acked: Vec<NodeId>,
     ) -> Result<(), RegistryError> {
         let me = self.meta.id();
-        let voters = self.meta.members().iter().filter(|(_, _, v)| *v).count().max(1);
-        let needed = self.write_quorum(voters).saturating_sub(1);
+        let needed = self.replicas_needed();
         let mut holders = vec![me];
         holders.extend(acked);
         if holders.len() <= needed {
