@@ -77,7 +77,7 @@ pub fn schedule(seed: u64, duration: Duration, mix: &[Kind]) -> Vec<Step> {
         }
         let kind = mix[rng.gen_range(0..mix.len())];
         let target = if rng.gen_bool(0.5) { Target::Leader } else { Target::Follower(rng.gen_range(0..8)) };
-        let delay = Duration::from_millis(rng.gen_range(20..200));
+        let delay = Duration::from_millis(rng.gen_range(5..60));
         steps.push(Step { at: t, kind, target, hold, delay });
         t += hold + Duration::from_millis(rng.gen_range(1000..3000));
     }

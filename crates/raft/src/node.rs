@@ -27,7 +27,11 @@ pub struct MetaNodeConfig {
     /// Initialise a new cluster with these voters if this node has no Raft state yet. Exactly
     /// one node of a new cluster is given the list; the others join when it contacts them.
     pub initial_members: Option<BTreeMap<NodeId, NodeAddr>>,
+    /// Interval of the leader's heartbeats.
     pub heartbeat_ms: u64,
+    /// How long the leader waits for a follower's answer to an append (or heartbeat) before
+    /// retrying: more than the round trip to the farthest member plus its log fsync.
+    pub append_timeout_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and allow log purge) after this many applied entries.
@@ -45,6 +49,7 @@ impl MetaNodeConfig {
             initial_members: Some(BTreeMap::from([(id, addr.clone())])),
             addr,
             heartbeat_ms: 50,
+            append_timeout_ms: 150,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
             snapshot_every: 5000,
@@ -98,6 +103,23 @@ pub struct MetaNode {
     link: Option<Arc<dyn LeaderLink>>,
 }
 
+/// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
+async fn drive_heartbeats(raft: Raft, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let metrics = raft.metrics();
+    loop {
+        tick.tick().await;
+        if metrics.has_changed().is_err() {
+            return; // Raft stopped: its metrics sender is gone
+        }
+        let leading = metrics.borrow().state == openraft::ServerState::Leader;
+        if leading && raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl MetaNode {
     /// Opens storage under `cfg.dir` and starts Raft with the given network.
     pub async fn start<N: RaftNetworkFactory<TypeConfig>>(
@@ -110,9 +132,14 @@ impl MetaNode {
         let log = LogStore::open(&db)?;
         let sm = StateMachine::open(&db)?;
         let reader = sm.reader();
+        // openraft 0.9 uses its heartbeat interval as the timeout of every append: a follower
+        // further away than that (or with a slower fsync) would never acknowledge anything. So
+        // openraft's interval is the append timeout, its own heartbeats are off, and
+        // `drive_heartbeats` sends them at `heartbeat_ms` instead.
         let raft_cfg = openraft::Config {
             cluster_name: "raftyard".into(),
-            heartbeat_interval: cfg.heartbeat_ms,
+            heartbeat_interval: cfg.append_timeout_ms,
+            enable_heartbeat: false,
             election_timeout_min: cfg.election_timeout_min_ms,
             election_timeout_max: cfg.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
@@ -122,6 +149,7 @@ impl MetaNode {
         .validate()
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
+        tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
         let node = MetaNode { id: cfg.id, raft, reader, db, link };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {

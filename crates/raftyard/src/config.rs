@@ -117,6 +117,10 @@ pub struct TlsSection {
 pub struct RaftSection {
     /// Leader heartbeat interval, milliseconds.
     pub heartbeat_ms: u64,
+    /// How long the leader waits for a member's answer to an append before retrying,
+    /// milliseconds: more than the round trip to the farthest member (a remote backup node
+    /// included) plus its log fsync. Must be below `election_timeout_min_ms`.
+    pub append_timeout_ms: u64,
     /// Lower bound of the randomised election timeout, milliseconds.
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomised election timeout, milliseconds.
@@ -163,6 +167,7 @@ impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
             heartbeat_ms: 50,
+            append_timeout_ms: 150,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
             snapshot_every: 5000,
@@ -183,9 +188,9 @@ impl Config {
         anyhow::ensure!(self.node.id > 0, "node.id must be > 0");
         anyhow::ensure!(self.raft.heartbeat_ms > 0, "raft.heartbeat_ms must be > 0");
         anyhow::ensure!(
-            self.raft.election_timeout_min_ms > self.raft.heartbeat_ms
+            self.raft.election_timeout_min_ms > self.raft.heartbeat_ms.max(self.raft.append_timeout_ms)
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,
-            "raft timeouts must satisfy heartbeat < election_timeout_min < election_timeout_max"
+            "raft timeouts must satisfy heartbeat_ms and append_timeout_ms < election_timeout_min_ms < election_timeout_max_ms"
         );
         for r in &self.tunnel.relay {
             r.validate()?;

@@ -96,6 +96,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     let mut meta_cfg = MetaNodeConfig::new(cfg.node.id, data.join("meta"), me.clone());
     meta_cfg.initial_members = initial_members(&cfg, &me);
     meta_cfg.heartbeat_ms = cfg.raft.heartbeat_ms;
+    meta_cfg.append_timeout_ms = cfg.raft.append_timeout_ms;
     meta_cfg.election_timeout_min_ms = cfg.raft.election_timeout_min_ms;
     meta_cfg.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;

@@ -177,10 +177,17 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
             .push((tag.clone(), push_image(&c, &cl.nodes[other], "snap/app", &tag, format!("s{i}").as_bytes()).await));
     }
     // the leader has taken a snapshot and purged the log behind it
-    let h = cl.nodes[leader].health().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let h = loop {
+        let h = cl.nodes[leader].health().await.unwrap();
+        let purged = h["purged"].as_u64().unwrap_or(0);
+        if purged > applied_at_stop {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "the leader still has the log the lagging node needs: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     eprintln!("leader health: {h}");
-    let purged = h["purged"].as_u64().unwrap_or(0);
-    assert!(purged > applied_at_stop, "the leader still has the log the lagging node needs (purged {purged})");
     cl.nodes[lagging].spawn();
     cl.nodes[lagging].wait_applied(h["applied"].as_u64().unwrap(), Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(&cl.nodes[lagging].log).unwrap();
