@@ -196,8 +196,17 @@ impl MetaNode {
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let (r, via) = match (self.propose_local(cmd.clone()).await, &self.link) {
-                (Err(ProposeError::NotLeader { leader: Some((_, addr)) }), Some(link)) => {
-                    (link.propose(self.id, &addr, cmd.clone()).await, Some(addr))
+                (Err(ProposeError::NotLeader { leader: Some((id, addr)) }), Some(link)) => {
+                    // A leader that stops answering (paused, cut off) would hold the request
+                    // until the call's timeout; once another leader is known, answer at once.
+                    // Not retried: the old leader may still commit what it received.
+                    let r = tokio::select! {
+                        r = link.propose(self.id, &addr, cmd.clone()) => r,
+                        _ = self.leader_moved_from(id) => Err(ProposeError::Unavailable(format!(
+                            "leader {id} was replaced while the write was forwarded to it; its outcome is unknown"
+                        ))),
+                    };
+                    (r, Some(addr))
                 }
                 (r, _) => (r, None),
             };
@@ -232,8 +241,14 @@ impl MetaNode {
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let (r, via) = match (self.read_index_local().await, &self.link) {
-                (Err(ProposeError::NotLeader { leader: Some((_, addr)) }), Some(link)) => {
-                    (link.read_index(self.id, &addr).await, Some(addr))
+                (Err(ProposeError::NotLeader { leader: Some((id, addr)) }), Some(link)) => {
+                    // a read index is safe to ask again: if the leader changes meanwhile, ask
+                    // the new one
+                    let r = tokio::select! {
+                        r = link.read_index(self.id, &addr) => r,
+                        _ = self.leader_moved_from(id) => Err(ProposeError::NotLeader { leader: None }),
+                    };
+                    (r, Some(addr))
                 }
                 (r, _) => (r, None),
             };
@@ -245,6 +260,12 @@ impl MetaNode {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Resolves once this node knows a leader other than `old`.
+    async fn leader_moved_from(&self, old: NodeId) {
+        let mut m = self.raft.metrics();
+        let _ = m.wait_for(|m| m.current_leader.is_some_and(|l| l != old)).await;
     }
 
     /// The read index of this node, which must be the leader.
