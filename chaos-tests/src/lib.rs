@@ -132,7 +132,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     }
     let nodes: Vec<(u64, String)> = cluster.nodes.iter().map(|n| (n.id, n.registry.clone())).collect();
     let (config_digest, config_len) = workload::setup(&http, &nodes[0].1).await?;
-    let load = Arc::new(Load { clients: o.clients, keys: o.keys, nodes: nodes.clone(), config_digest, config_len });
+    let load = Arc::new(Load { keys: o.keys, nodes: nodes.clone(), config_digest, config_len });
 
     let start = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));

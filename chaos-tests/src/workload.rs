@@ -69,11 +69,24 @@ pub struct History {
 }
 
 pub struct Load {
-    pub clients: usize,
     pub keys: usize,
     pub nodes: Vec<(u64, String)>,
     pub config_digest: String,
     pub config_len: usize,
+}
+
+impl Load {
+    /// A fresh manifest (its own digest, thanks to the annotation `name = value`) whose config
+    /// is the blob pushed by [`setup`].
+    fn manifest(&self, name: &str, value: String) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": self.config_digest, "size": self.config_len},
+            "layers": [],
+            "annotations": {name: value}
+        }))
+        .expect("json")
+    }
 }
 
 /// `sha512:…` or (anything else) `sha256:…` of `b`.
@@ -176,13 +189,7 @@ pub async fn client(
             outcome,
         };
         if roll < 40 {
-            let m = serde_json::to_vec(&serde_json::json!({
-                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": load.config_digest, "size": load.config_len},
-                "layers": [],
-                "annotations": {"chaos.op": format!("c{c}-{n}-{seed}")}
-            }))
-            .expect("json");
+            let m = load.manifest("chaos.op", format!("c{c}-{n}-{seed}"));
             let d = digest_of("sha256", &m);
             let r = http.put(&url).header("content-type", OCI_MANIFEST).body(m.clone()).timeout(TIMEOUT).send().await;
             let outcome = match &r {
@@ -287,13 +294,7 @@ pub async fn probe(load: Arc<Load>, http: reqwest::Client, start: Instant, stop:
             let mut n = 0u64;
             while !stop.is_set() {
                 n += 1;
-                let m = serde_json::to_vec(&serde_json::json!({
-                    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": load.config_digest, "size": load.config_len},
-                    "layers": [],
-                    "annotations": {"chaos.probe": format!("{addr}-{n}")}
-                }))
-                .expect("json");
+                let m = load.manifest("chaos.probe", format!("{addr}-{n}"));
                 let r = http
                     .put(format!("http://{addr}/v2/{REG_REPO}/manifests/probe"))
                     .header("content-type", OCI_MANIFEST)
