@@ -124,7 +124,19 @@ impl Report {
 /// Runs one scenario and checks it.
 pub async fn run(o: &Options) -> Result<Report> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
-    let mut cluster = Cluster::start(&o.bin, o.nodes, o.broken).await?;
+    // ports are picked free and then bound by the nodes: another process can take one in
+    // between (tests run in parallel), so a failed start is tried again on other ports
+    let mut tries = 0;
+    let mut cluster = loop {
+        match Cluster::start(&o.bin, o.nodes, o.broken).await {
+            Ok(c) => break c,
+            Err(e) if tries < 2 => {
+                tries += 1;
+                eprintln!("starting the cluster failed, trying other ports: {e:#}");
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.leader(&http).await.is_none() {
         anyhow::ensure!(Instant::now() < deadline, "no leader after 30 s:\n{}", cluster.log_tail(1));
