@@ -33,8 +33,21 @@ impl Node {
     }
 }
 
+/// A `raftyard relay` in front of the nodes: every node's agent dials it, and its shared
+/// endpoint spreads visitors over them.
+pub struct Relay {
+    /// The shared public endpoint (`registry`).
+    pub shared: String,
+    control: String,
+    ca: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
 pub struct Cluster {
     pub nodes: Vec<Node>,
+    pub relay: Option<Relay>,
     /// (from, to) → that link's proxy state.
     links: BTreeMap<(u64, u64), watch::Sender<LinkState>>,
     bin: PathBuf,
@@ -42,19 +55,34 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_addr() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// Hands out distinct free loopback addresses: every probe socket stays bound until the
+/// whole batch is handed out, so no address comes twice within a cluster.
+struct FreeAddrs(Vec<std::net::TcpListener>);
+
+impl FreeAddrs {
+    fn new() -> Self {
+        FreeAddrs(Vec::new())
+    }
+
+    fn next(&mut self) -> Result<SocketAddr> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let a = l.local_addr()?;
+        self.0.push(l);
+        Ok(a)
+    }
 }
 
 impl Cluster {
     /// Starts `n` voters. With `broken = Some(id)`, node `id` acknowledges manifests before
     /// they commit (`RAFTYARD_FAULT_ACK_BEFORE_COMMIT`): the suite must catch it.
-    pub async fn start(bin: &Path, n: u64, broken: Option<u64>) -> Result<Cluster> {
+    pub async fn start(bin: &Path, n: u64, broken: Option<u64>, with_relay: bool) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("raftyard-chaos-").tempdir()?;
+        let mut free = FreeAddrs::new();
+        let relay = if with_relay { Some(Relay::configure(bin, dir.path(), n, &mut free)?) } else { None };
         let ids: Vec<u64> = (1..=n).collect();
         let mut addrs = BTreeMap::new();
         for &id in &ids {
-            addrs.insert(id, (free_addr()?.to_string(), free_addr()?.to_string()));
+            addrs.insert(id, (free.next()?.to_string(), free.next()?.to_string()));
         }
         let mut links = BTreeMap::new();
         let mut via: BTreeMap<u64, Vec<(String, String)>> = BTreeMap::new();
@@ -87,6 +115,9 @@ impl Cluster {
                     addrs[&m].1, addrs[&m].0
                 ));
             }
+            if let Some(r) = &relay {
+                cfg.push_str(&r.link(id));
+            }
             let config = dir.path().join(format!("node{id}.toml"));
             std::fs::write(&config, cfg)?;
             nodes.push(Node {
@@ -99,7 +130,9 @@ impl Cluster {
                 paused: false,
             });
         }
-        let mut c = Cluster { nodes, links, bin: bin.to_path_buf(), broken, _dir: dir };
+        drop(free);
+        let mut c = Cluster { nodes, relay, links, bin: bin.to_path_buf(), broken, _dir: dir };
+        c.start_relay().await?;
         for id in ids.iter().rev() {
             c.spawn(*id)?;
         }
@@ -196,6 +229,35 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts the relay if there is one and it is not running; returns once it accepts.
+    pub async fn start_relay(&mut self) -> Result<()> {
+        let bin = self.bin.clone();
+        let Some(r) = self.relay.as_mut().filter(|r| r.child.is_none()) else { return Ok(()) };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&r.log)?;
+        let child = Command::new(&bin)
+            .args(["relay", "--config"])
+            .arg(&r.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        r.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(&r.shared).await.is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "the relay did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// `kill -9` of the relay.
+    pub fn kill_relay(&mut self) {
+        if let Some(mut c) = self.relay.as_mut().and_then(|r| r.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn pause(&mut self, id: u64) {
         self.signal(id, libc::SIGSTOP);
         self.node_mut(id).paused = true;
@@ -252,5 +314,56 @@ impl Drop for Cluster {
         for id in self.ids() {
             self.kill(id);
         }
+        self.kill_relay();
+    }
+}
+
+impl Relay {
+    /// Certificates (`raftyard certs self-signed`), a token per node and `relay.toml`.
+    fn configure(bin: &Path, dir: &Path, nodes: u64, free: &mut FreeAddrs) -> Result<Relay> {
+        let out = Command::new(bin)
+            .args(["certs", "self-signed", "--host", "127.0.0.1", "--out"])
+            .arg(dir.join("relay-tls"))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "raftyard certs: {}", String::from_utf8_lossy(&out.stderr));
+        let (control, dashboard, shared) = (free.next()?, free.next()?, free.next()?);
+        let mut cfg = format!(
+            "[relay]\nlisten = \"{control}\"\ndashboard = \"{dashboard}\"\nopen_timeout_ms = 1000\n\
+             tls = {{ cert = {:?}, key = {:?} }}\n[[service]]\nname = \"registry\"\nbind = \"{shared}\"\n",
+            dir.join("relay-tls/cert.pem"),
+            dir.join("relay-tls/key.pem")
+        );
+        for id in 1..=nodes {
+            cfg.push_str(&format!(
+                "[[service]]\nname = \"registry-{id}\"\nbind = \"{}\"\n[[agent]]\nname = \"node{id}\"\ntoken = \"{}\"\n",
+                free.next()?,
+                Self::token(id)
+            ));
+        }
+        let config = dir.join("relay.toml");
+        std::fs::write(&config, cfg)?;
+        Ok(Relay {
+            shared: shared.to_string(),
+            control: control.to_string(),
+            ca: dir.join("relay-tls/ca.pem"),
+            config,
+            log: dir.join("relay.log"),
+            child: None,
+        })
+    }
+
+    fn token(id: u64) -> String {
+        format!("chaos-token-of-node{id}-0123456789")
+    }
+
+    /// Node `id`'s `[[tunnel.relay]]` section.
+    fn link(&self, id: u64) -> String {
+        format!(
+            "[[tunnel.relay]]\naddress = \"{}\"\nca = {:?}\ntoken = \"{}\"\n\
+             heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n",
+            self.control,
+            self.ca,
+            Self::token(id)
+        )
     }
 }

@@ -25,6 +25,8 @@ pub enum Kind {
     OneWay,
     /// Every peer link of the node delayed.
     Slow,
+    /// `kill -9` of the tunnel relay (with `--relay`); started again when healed.
+    Relay,
 }
 
 impl Kind {
@@ -38,7 +40,8 @@ impl Kind {
             "isolate" => Kind::Isolate,
             "oneway" => Kind::OneWay,
             "slow" => Kind::Slow,
-            _ => return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow)")),
+            "relay" => Kind::Relay,
+            _ => return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, relay)")),
         })
     }
 }
@@ -110,6 +113,7 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
         Kind::Slow => {
             c.set_links_of(node, LinkState { forward: Mode::Delay(step.delay), backward: Mode::Delay(step.delay) })
         }
+        Kind::Relay => c.kill_relay(),
     }
     Ok(())
 }
@@ -123,7 +127,7 @@ pub async fn heal(c: &mut Cluster) -> anyhow::Result<()> {
         }
         c.start_again(id).await?;
     }
-    Ok(())
+    c.start_relay().await
 }
 
 #[cfg(test)]

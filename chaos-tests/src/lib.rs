@@ -41,6 +41,8 @@ pub struct Options {
     pub faults: Vec<faults::Kind>,
     /// Start this node deliberately broken (it acknowledges manifests before they commit).
     pub broken: Option<u64>,
+    /// Put a tunnel relay in front of the nodes; clients also go through its shared endpoint.
+    pub relay: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,7 +130,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     // between (tests run in parallel), so a failed start is tried again on other ports
     let mut tries = 0;
     let mut cluster = loop {
-        match Cluster::start(&o.bin, o.nodes, o.broken).await {
+        match Cluster::start(&o.bin, o.nodes, o.broken, o.relay).await {
             Ok(c) => break c,
             Err(e) if tries < 2 => {
                 tries += 1;
@@ -139,12 +141,22 @@ pub async fn run(o: &Options) -> Result<Report> {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.leader(&http).await.is_none() {
-        anyhow::ensure!(Instant::now() < deadline, "no leader after 30 s:\n{}", cluster.log_tail(1));
+        if Instant::now() > deadline {
+            let logs: Vec<String> =
+                cluster.ids().into_iter().map(|id| format!("node {id}:\n{}", cluster.log_tail(id))).collect();
+            anyhow::bail!("no leader after 30 s\n{}", logs.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let nodes: Vec<(u64, String)> = cluster.nodes.iter().map(|n| (n.id, n.registry.clone())).collect();
     let (config_digest, config_len) = workload::setup(&http, &nodes[0].1).await?;
-    let load = Arc::new(Load { keys: o.keys, nodes: nodes.clone(), config_digest, config_len });
+    // where clients go: every node, and (as "node 0") the relay's shared endpoint
+    let mut targets = nodes.clone();
+    if let Some(r) = &cluster.relay {
+        wait_relay(r, o.nodes).await?;
+        targets.push((0, r.shared.clone()));
+    }
+    let load = Arc::new(Load { keys: o.keys, nodes: targets, config_digest, config_len });
 
     let start = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));
@@ -191,7 +203,9 @@ pub async fn run(o: &Options) -> Result<Report> {
     for step in faults::schedule(o.seed, o.duration, &o.faults) {
         tokio::time::sleep_until((start + step.at).into()).await;
         let leader = cluster.leader(&http).await;
-        let node = faults::resolve(step.target, leader, &cluster.ids());
+        // the relay fault hits the relay, reported as node 0
+        let node =
+            if step.kind == faults::Kind::Relay { 0 } else { faults::resolve(step.target, leader, &cluster.ids()) };
         let at = start.elapsed();
         eprintln!("{:>6} ms: {:?} on node {node} ({:?}) for {:?}", at.as_millis(), step.kind, step.target, step.hold);
         faults::apply(&mut cluster, &step, node).await?;
@@ -355,6 +369,28 @@ pub async fn run(o: &Options) -> Result<Report> {
         linearizability_unknown_keys: unknown,
         violations,
     })
+}
+
+/// Waits until every node's agent is behind the relay (each node answers through it).
+async fn wait_relay(relay: &cluster::Relay, nodes: u64) -> Result<()> {
+    // a new connection per request: the relay picks a node per connection
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = BTreeSet::new();
+    while (seen.len() as u64) < nodes {
+        anyhow::ensure!(Instant::now() < deadline, "only nodes {seen:?} answered through the relay");
+        let r = http
+            .get(format!("http://{}/v2/_raftyard/health", relay.shared))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if let Ok(h) = r.json::<serde_json::Value>().await {
+                seen.extend(h["node"].as_u64());
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {

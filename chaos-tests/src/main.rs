@@ -26,14 +26,18 @@ struct Cli {
     /// Tags used as registers.
     #[arg(long, default_value_t = 8)]
     keys: usize,
-    /// Fault mix, comma-separated: kill, pause, restart, isolate, oneway, slow (default: all);
-    /// `none` for a run without faults.
-    #[arg(long, default_value = "kill,pause,restart,isolate,oneway,slow")]
-    faults: String,
+    /// Fault mix, comma-separated: kill, pause, restart, isolate, oneway, slow, relay
+    /// (default: all; relay only with --relay); `none` for a run without faults.
+    #[arg(long)]
+    faults: Option<String>,
     /// Start this node deliberately broken (it acknowledges manifests before they commit), to
     /// see the suite catch it.
     #[arg(long)]
     broken_node: Option<u64>,
+    /// Put a tunnel relay in front of the nodes: clients also go through its shared endpoint,
+    /// and the `relay` fault (kill -9 of the relay) joins the default mix.
+    #[arg(long)]
+    relay: bool,
     /// The raftyard binary [default: target/release/raftyard next to this workspace].
     #[arg(long)]
     raftyard: Option<PathBuf>,
@@ -44,17 +48,27 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let faults = if cli.faults == "none" {
-        Vec::new()
-    } else {
-        match cli.faults.split(',').map(|s| chaos_tests::faults::Kind::parse(s.trim())).collect::<Result<Vec<_>, _>>() {
+    let faults = match cli.faults.as_deref() {
+        None => {
+            let mut all = chaos_tests::faults::Kind::ALL.to_vec();
+            if cli.relay {
+                all.push(chaos_tests::faults::Kind::Relay);
+            }
+            all
+        }
+        Some("none") => Vec::new(),
+        Some(list) => match list.split(',').map(|s| chaos_tests::faults::Kind::parse(s.trim())).collect() {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(2);
             }
-        }
+        },
     };
+    if faults.contains(&chaos_tests::faults::Kind::Relay) && !cli.relay {
+        eprintln!("error: the relay fault needs --relay");
+        return ExitCode::from(2);
+    }
     let bin = cli.raftyard.unwrap_or_else(|| {
         let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf();
         ws.join("target/release/raftyard")
@@ -68,6 +82,7 @@ fn main() -> ExitCode {
         keys: cli.keys,
         faults,
         broken: cli.broken_node,
+        relay: cli.relay,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     match rt.block_on(chaos_tests::run(&opts)) {

@@ -17,7 +17,13 @@ fn raftyard() -> PathBuf {
     bin
 }
 
-fn options(seed: u64, secs: u64, faults: Vec<chaos_tests::faults::Kind>, broken: Option<u64>) -> chaos_tests::Options {
+fn options(
+    seed: u64,
+    secs: u64,
+    faults: Vec<chaos_tests::faults::Kind>,
+    broken: Option<u64>,
+    relay: bool,
+) -> chaos_tests::Options {
     chaos_tests::Options {
         bin: raftyard(),
         seed,
@@ -27,12 +33,16 @@ fn options(seed: u64, secs: u64, faults: Vec<chaos_tests::faults::Kind>, broken:
         keys: 8,
         faults,
         broken,
+        relay,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_healthy_cluster_survives_every_kind_of_fault() {
-    let report = chaos_tests::run(&options(20261129, 45, chaos_tests::faults::Kind::ALL.to_vec(), None)).await.unwrap();
+    // with a relay in front: clients also go through its shared endpoint, and it is killed too
+    let mut faults = chaos_tests::faults::Kind::ALL.to_vec();
+    faults.push(chaos_tests::faults::Kind::Relay);
+    let report = chaos_tests::run(&options(20261129, 45, faults, None, true)).await.unwrap();
     println!("{}", report.human());
     assert!(report.faults.len() >= 5, "faults were injected");
     assert!(report.acked_writes > 100 && report.acked_blobs > 20, "the load made progress");
@@ -42,7 +52,7 @@ async fn a_healthy_cluster_survives_every_kind_of_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_acknowledges_before_committing_is_caught() {
-    let report = chaos_tests::run(&options(7, 12, Vec::new(), Some(1))).await.unwrap();
+    let report = chaos_tests::run(&options(7, 12, Vec::new(), Some(1), false)).await.unwrap();
     println!("{}", report.human());
     assert!(!report.violations.is_empty(), "the broken node went unnoticed");
     assert!(
