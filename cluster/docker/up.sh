@@ -20,10 +20,9 @@ else
     echo "see: docker-compose -p raftyard -f $here/docker-compose.yml logs" >&2
     exit 1
 fi
-for _ in $(seq 1 150); do
-    agents=$(curl -sf http://127.0.0.1:7500/api/status | grep -o '"name": "node[0-9]*"' | sort -u | wc -l || true)
-    [ "$agents" -ge 3 ] && { echo "relay up: 3 agents behind 127.0.0.1:6000"; exit 0; }
-    sleep 0.2
-done
-echo "not every agent reached the relay: docker-compose -p raftyard -f $here/docker-compose.yml logs relay" >&2
-exit 1
+if "$here/../wait-for-agents.sh" 30 http://127.0.0.1:7500 3; then
+    echo "relay up: 3 agents behind 127.0.0.1:6000"
+else
+    echo "not every agent reached the relay: docker-compose -p raftyard -f $here/docker-compose.yml logs relay" >&2
+    exit 1
+fi

@@ -97,10 +97,9 @@ else
 fi
 
 # every agent connected: the relay reports all nodes behind the shared service
-for _ in $(seq 1 150); do
-    agents=$(curl -sf http://127.0.0.1:7500/api/status | grep -o '"name": "node[0-9]*"' | sort -u | wc -l || true)
-    [ "$agents" -ge "${#nodes[@]}" ] && { echo "relay up: ${#nodes[@]} agents behind 127.0.0.1:6000"; exit 0; }
-    sleep 0.2
-done
-echo "not every agent reached the relay; logs in $dir/relay/log and $dir/node*/log" >&2
-exit 1
+if cluster/wait-for-agents.sh 30 http://127.0.0.1:7500 "${#nodes[@]}"; then
+    echo "relay up: ${#nodes[@]} agents behind 127.0.0.1:6000"
+else
+    echo "not every agent reached the relay; logs in $dir/relay/log and $dir/node*/log" >&2
+    exit 1
+fi
