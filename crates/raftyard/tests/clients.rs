@@ -16,21 +16,14 @@ async fn skopeo_pushes_and_pulls_a_multi_platform_image() {
     let index = write_layout(&src, 7);
     let dest = format!("docker://{}/skopeo/app:v1", node.addr);
     eprintln!("skopeo copy --all to {dest}");
-    // --preserve-digests: skopeo would otherwise compress the uncompressed layers on the way
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(&dest));
+    skopeo_push(&src, &dest);
     // the registry answers the same digest
-    let inspect = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &dest]));
-    assert_eq!(sha256(inspect.as_bytes()), index);
+    assert_eq!(skopeo_manifest_digest(&dest), index);
     let r = client().head(node.url("/v2/skopeo/app/manifests/v1")).header("accept", OCI_INDEX).send().await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], index.as_str());
     // pull back everything, digest for digest
     let back = dir.path().join("back");
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false", &dest])
-        .arg(format!("oci:{}:v1", back.display())));
+    skopeo_pull(&dest, &back);
     assert_eq!(blob_names(&src), blob_names(&back));
     // and a pull of one platform by digest through a second repository (cross-repo mount path)
     let dest2 = format!("docker://{}/skopeo/copy:v1", node.addr);
@@ -92,18 +85,12 @@ async fn skopeo_pushes_to_one_node_and_pulls_from_the_others() {
     let src = dir.path().join("src");
     let index = write_layout(&src, 21);
     let dest = format!("docker://{}/multi/app:v1", cl.nodes[0].addr);
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(&dest));
+    skopeo_push(&src, &dest);
     for (i, n) in cl.nodes.iter().enumerate().skip(1) {
         let from = format!("docker://{}/multi/app:v1", n.addr);
-        let raw = run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &from]));
-        assert_eq!(sha256(raw.as_bytes()), index, "index digest on node {}", i + 1);
+        assert_eq!(skopeo_manifest_digest(&from), index, "index digest on node {}", i + 1);
         let back = dir.path().join(format!("back{i}"));
-        run(Command::new("skopeo")
-            .args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false", &from])
-            .arg(format!("oci:{}:v1", back.display())));
+        skopeo_pull(&from, &back);
         assert_eq!(blob_names(&src), blob_names(&back), "pulled from node {}", i + 1);
     }
 }

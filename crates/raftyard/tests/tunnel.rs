@@ -10,23 +10,8 @@ use common::*;
 
 /// skopeo pulls the whole index through `endpoint` and checks every blob against the source.
 fn pull_all(src: &std::path::Path, endpoint: &str, repo: &str, into: &std::path::Path) {
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false"])
-        .arg(format!("docker://{endpoint}/{repo}"))
-        .arg(format!("oci:{}:v1", into.display())));
+    skopeo_pull(&format!("docker://{endpoint}/{repo}"), into);
     assert_eq!(blob_names(src), blob_names(into), "everything pulled through {endpoint}");
-}
-
-fn index_digest(endpoint: &str, repo: &str) -> String {
-    sha256(
-        run(Command::new("skopeo").args([
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{endpoint}/{repo}"),
-        ]))
-        .as_bytes(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -44,13 +29,14 @@ async fn clients_through_the_shared_endpoint_while_nodes_die() {
     eprintln!("skopeo pushes a two-platform index through {shared}");
     let src = dir.path().join("src");
     let index = write_layout(&src, 41);
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(format!("docker://{shared}/tunnel/app:v1")));
+    skopeo_push(&src, &format!("docker://{shared}/tunnel/app:v1"));
     for id in 1..=3 {
         let per_node = &relay.services[&format!("registry-{id}")];
-        assert_eq!(index_digest(per_node, "tunnel/app:v1"), index, "node {id} through its own endpoint");
+        assert_eq!(
+            skopeo_manifest_digest(&format!("docker://{per_node}/tunnel/app:v1")),
+            index,
+            "node {id} through its own endpoint"
+        );
     }
 
     eprintln!("docker pushes and pulls through {shared}");
@@ -91,12 +77,14 @@ async fn clients_through_the_shared_endpoint_while_nodes_die() {
     // and a new push through the shared endpoint lands on the survivors
     let src2 = dir.path().join("src2");
     let index2 = write_layout(&src2, 42);
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", src2.display()))
-        .arg(format!("docker://{shared}/tunnel/after:v1")));
+    skopeo_push(&src2, &format!("docker://{shared}/tunnel/after:v1"));
     for n in cl.nodes.iter().filter(|n| n.child.is_some()) {
-        assert_eq!(index_digest(&n.addr, "tunnel/after:v1"), index2, "on node {}", n.addr);
+        assert_eq!(
+            skopeo_manifest_digest(&format!("docker://{}/tunnel/after:v1", n.addr)),
+            index2,
+            "on node {}",
+            n.addr
+        );
     }
     let st = relay.status().await;
     let svc = st["services"].as_array().unwrap().iter().find(|s| s["name"] == "registry").unwrap().clone();
@@ -123,15 +111,12 @@ async fn two_relays_at_once_and_a_relay_restart() {
 
     let src = dir.path().join("src");
     let index = write_layout(&src, 43);
-    run(Command::new("skopeo")
-        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", src.display()))
-        .arg(format!("docker://{}/two/app:v1", a.shared())));
+    skopeo_push(&src, &format!("docker://{}/two/app:v1", a.shared()));
     pull_all(&src, b.shared(), "two/app:v1", &dir.path().join("via-b"));
 
     eprintln!("kill -9 relay a; b serves meanwhile; a comes back and the agents find it");
     a.kill9();
-    assert_eq!(index_digest(b.shared(), "two/app:v1"), index);
+    assert_eq!(skopeo_manifest_digest(&format!("docker://{}/two/app:v1", b.shared())), index);
     a.spawn();
     let t = Instant::now();
     a.wait_agents(3, Duration::from_secs(20)).await;

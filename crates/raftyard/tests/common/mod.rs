@@ -420,6 +420,29 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// skopeo copies the OCI layout `src` (tag v1, every platform, digests kept) to `dest`
+/// (`docker://host:port/repo:tag`) over plain HTTP.
+pub fn skopeo_push(src: &Path, dest: &str) {
+    // --preserve-digests: skopeo would otherwise compress the uncompressed layers on the way
+    run(Command::new("skopeo")
+        .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", src.display()))
+        .arg(dest));
+}
+
+/// skopeo copies `from` (`docker://…`, every platform, digests kept) into the OCI layout `into`.
+pub fn skopeo_pull(from: &str, into: &Path) {
+    run(Command::new("skopeo")
+        .args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false", from])
+        .arg(format!("oci:{}:v1", into.display())));
+}
+
+/// The sha256 digest of the manifest `skopeo inspect --raw` fetches from `reference`
+/// (`docker://…`).
+pub fn skopeo_manifest_digest(reference: &str) -> String {
+    sha256(run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", reference])).as_bytes())
+}
+
 pub fn blob_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("blobs/sha256"))
         .unwrap()
