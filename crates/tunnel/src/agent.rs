@@ -150,11 +150,7 @@ async fn run_link(link: Link, stop: CancellationToken) {
 /// One control connection, from dial to loss.
 async fn session(link: &Link) -> Result<(), String> {
     let addr = &link.cfg.address;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-    pump::tune(&tcp);
+    let tcp = dial(addr).await.map_err(|e| format!("connect: {e}"))?;
     let handshake = async {
         let mut tls = link.tls.connect(link.server_name.clone(), tcp).await.map_err(|e| format!("TLS: {e}"))?;
         let hello = AgentMsg::Hello {
@@ -250,10 +246,7 @@ fn pooled_channel(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
         let ready = async {
-            let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&pool.ctx.relay))
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-            pump::tune(&s);
+            let mut s = dial(&pool.ctx.relay).await?;
             s.write_all(&proto::pool_preamble(pool.session, &pool.key)).await?;
             let service = proto::read_activation(&mut s).await?;
             Ok::<_, std::io::Error>((s, service))
@@ -280,9 +273,7 @@ fn pooled_channel(
             tokio::spawn(pooled_channel(pool.clone(), stop));
         }
         let local = match pool.ctx.services.get(&service) {
-            Some(target) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+            Some(target) => dial(target).await,
             None => Err(std::io::Error::other(format!("no service {service:?}"))),
         };
         let local = match local {
@@ -296,11 +287,17 @@ fn pooled_channel(
         if ch.write_all(&[proto::ACTIVATED]).await.is_err() {
             return;
         }
-        pump::tune(&local);
-        if let Err(e) = pump::join(ch, local, pool.ctx.splice, &pool.ctx.meter).await {
-            debug!(%service, error = %e, "forwarded connection ended with an error");
-        }
+        pool.ctx.forward(ch, local, &service).await;
     })
+}
+
+/// Connects to `addr` within [`CONNECT_TIMEOUT`], with the tunnel's socket options.
+async fn dial(addr: &str) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    pump::tune(&s);
+    Ok(s)
 }
 
 /// What a data-channel task needs from its link, owned.
@@ -309,6 +306,15 @@ struct Ctx {
     services: Arc<HashMap<String, String>>,
     splice: bool,
     meter: Arc<Meter>,
+}
+
+impl Ctx {
+    /// Forwards a data channel and its local connection until both are done.
+    async fn forward(&self, channel: TcpStream, local: TcpStream, service: &str) {
+        if let Err(e) = pump::join(channel, local, self.splice, &self.meter).await {
+            debug!(%service, error = %e, "forwarded connection ended with an error");
+        }
+    }
 }
 
 fn link_ctx(link: &Link) -> Ctx {
@@ -328,17 +334,7 @@ async fn data_channel(ctx: Ctx, nonce: Nonce, service: String, tx: mpsc::Sender<
         let _ = tx.try_send(AgentMsg::OpenFailed(nonce));
         return;
     };
-    let local = async {
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-    };
-    let data = async {
-        tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&ctx.relay))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-    };
-    let (local, data) = tokio::join!(local, data);
+    let (local, data) = tokio::join!(dial(target), dial(&ctx.relay));
     // the preamble goes out only once the local side is up: a channel the relay pairs with a
     // visitor must lead somewhere
     let data = match (&local, data) {
@@ -358,9 +354,5 @@ async fn data_channel(ctx: Ctx, nonce: Nonce, service: String, tx: mpsc::Sender<
         }
     };
     drop(tx);
-    pump::tune(&local);
-    pump::tune(&data);
-    if let Err(e) = pump::join(data, local, ctx.splice, &ctx.meter).await {
-        debug!(%service, error = %e, "forwarded connection ended with an error");
-    }
+    ctx.forward(data, local, &service).await;
 }
