@@ -36,6 +36,25 @@ pub struct Node {
     extra: Vec<String>,
 }
 
+/// Starts `cmd` (logging to `log`) and waits until `addr` accepts connections; panics with the
+/// log if the process exits first or `timeout` passes.
+fn start_listening(cmd: &mut Command, log: &Path, addr: &str, timeout: Duration) -> Child {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let mut child = cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(out).spawn().expect("spawn raftyard");
+    let deadline = Instant::now() + timeout;
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("{cmd:?} exited with {st}; log:\n{}", log());
+        }
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return child;
+        }
+        assert!(Instant::now() < deadline, "{cmd:?} did not start listening on {addr}; log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -73,18 +92,11 @@ impl Node {
 
     /// Starts (again) the process on the same address and data directory.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
-            .args(["serve", "--listen", &self.addr, "--peer-listen", &self.peer, "--data-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftyard"));
+        cmd.args(["serve", "--listen", &self.addr, "--peer-listen", &self.peer, "--data-dir"])
             .arg(&self.data)
-            .args(&self.extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn raftyard");
-        self.child = Some(child);
-        self.wait_ready();
+            .args(&self.extra);
+        self.child = Some(start_listening(&mut cmd, &self.log, &self.addr, Duration::from_secs(30)));
     }
 
     /// A member of a cluster: fixed registry and peer addresses, a config file with the
@@ -151,24 +163,6 @@ impl Node {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("raftyard exited with {st}; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-            }
-            if std::net::TcpStream::connect(&self.addr).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "raftyard did not start; log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn kill9(&mut self) {
@@ -503,21 +497,9 @@ impl RelayProc {
 
     /// (Re)starts the process on the same ports.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
-            .args(["relay", "--config"])
-            .arg(self.dir.join("relay.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn raftyard relay");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.dashboard).is_err() {
-            assert!(Instant::now() < deadline, "relay did not start:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftyard"));
+        cmd.args(["relay", "--config"]).arg(self.dir.join("relay.toml"));
+        self.child = Some(start_listening(&mut cmd, &self.log, &self.dashboard, Duration::from_secs(20)));
     }
 
     pub fn log(&self) -> String {
