@@ -47,15 +47,18 @@ pub(crate) fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64
     Ok(Some(range))
 }
 
-/// Whether `digest` is linked in `name`; on a miss, re-checks after a read barrier so that a
-/// blob pushed through another node just before is found.
+/// Whether `digest` is linked in `name`, read linearizably: a blob pushed through another node
+/// just before is found, and one deleted through another node just before is not. Without
+/// deletes a link never goes away, so a local hit is served without the read barrier.
 pub(crate) async fn linked_size(
     reg: &Registry,
     name: &RepoName,
     digest: &Digest,
 ) -> Result<Option<u64>, RegistryError> {
-    if let Some(s) = reg.meta.reader().blob_link(name, digest)? {
-        return Ok(Some(s));
+    if !reg.cfg.delete_enabled {
+        if let Some(s) = reg.meta.reader().blob_link(name, digest)? {
+            return Ok(Some(s));
+        }
     }
     reg.meta.read_barrier().await?;
     Ok(reg.meta.reader().blob_link(name, digest)?)

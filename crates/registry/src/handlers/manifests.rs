@@ -27,8 +27,10 @@ fn reference(s: &str, for_write: bool) -> Result<Reference, RegistryError> {
     })
 }
 
-/// Resolves a reference to a stored manifest. Tags are read linearizably; digests are
-/// immutable, so a local hit is served as is and only a miss waits for a read barrier.
+/// Resolves a reference to a stored manifest. Tags are read linearizably. A manifest under a
+/// digest never changes, but with deletes enabled it can disappear: then digests are read
+/// linearizably too; without deletes a local hit is served as is and only a miss waits for a
+/// read barrier.
 pub(crate) async fn resolve(
     reg: &Registry,
     name: &RepoName,
@@ -43,8 +45,10 @@ pub(crate) async fn resolve(
             Ok((d, rec))
         }
         Reference::Digest(d) => {
-            if let Some(rec) = reader.manifest(name, d)? {
-                return Ok((d.clone(), rec));
+            if !reg.cfg.delete_enabled {
+                if let Some(rec) = reader.manifest(name, d)? {
+                    return Ok((d.clone(), rec));
+                }
             }
             reg.meta.read_barrier().await?;
             let rec = reader.manifest(name, d)?.ok_or(RegistryError::ManifestUnknown)?;
