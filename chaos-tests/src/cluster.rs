@@ -51,7 +51,7 @@ pub struct Cluster {
     /// (from, to) → that link's proxy state.
     links: BTreeMap<(u64, u64), watch::Sender<LinkState>>,
     bin: PathBuf,
-    broken: Option<u64>,
+    broken: Option<(u64, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -74,8 +74,8 @@ impl FreeAddrs {
 
 impl Cluster {
     /// Starts `n` voters. With `broken = Some(id)`, node `id` acknowledges manifests before
-    /// they commit (`RAFTYARD_FAULT_ACK_BEFORE_COMMIT`): the suite must catch it.
-    pub async fn start(bin: &Path, n: u64, broken: Option<u64>, with_relay: bool) -> Result<Cluster> {
+    /// they commit, or otherwise as `RAFTYARD_FAULT` says: the suite must catch it.
+    pub async fn start(bin: &Path, n: u64, broken: Option<(u64, String)>, with_relay: bool) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("raftyard-chaos-").tempdir()?;
         let mut free = FreeAddrs::new();
         let relay = if with_relay { Some(Relay::configure(bin, dir.path(), n, &mut free)?) } else { None };
@@ -155,14 +155,14 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64) -> Result<()> {
-        let broken = self.broken == Some(id);
+        let broken = self.broken.as_ref().filter(|b| b.0 == id).map(|b| b.1.clone());
         let bin = self.bin.clone();
         let n = self.node_mut(id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
         let mut cmd = Command::new(&bin);
         cmd.args(["serve", "--config"]).arg(&n.config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log);
-        if broken {
-            cmd.env("RAFTYARD_FAULT_ACK_BEFORE_COMMIT", "1");
+        if let Some(how) = broken {
+            cmd.env("RAFTYARD_FAULT", how);
         }
         n.child = Some(cmd.spawn().with_context(|| format!("starting {}", bin.display()))?);
         n.paused = false;

@@ -6,6 +6,7 @@
 //! - every acknowledged blob and manifest is readable, digest for digest, from every node;
 //! - no read ever returned a blob or manifest other than the one its digest names (partial or
 //!   corrupt content);
+//! - nothing whose delete by digest was acknowledged is served again, during the run or after;
 //! - every tag is a linearizable register ([`linear`]);
 //! - at most one leader per term (from health polls during the run);
 //! - every node converges to the same metadata state (`/v2/_raftyard/state-digest`);
@@ -39,8 +40,9 @@ pub struct Options {
     pub clients: usize,
     pub keys: usize,
     pub faults: Vec<faults::Kind>,
-    /// Start this node deliberately broken (it acknowledges manifests before they commit).
-    pub broken: Option<u64>,
+    /// Start this node deliberately broken, and how (a `RAFTYARD_FAULT` value:
+    /// `ack-before-commit`, `stale-reads`).
+    pub broken: Option<(u64, String)>,
     /// Put a tunnel relay in front of the nodes; clients also go through its shared endpoint.
     pub relay: bool,
 }
@@ -68,6 +70,7 @@ pub struct Report {
     pub blob_ops: u64,
     pub acked_writes: usize,
     pub acked_blobs: usize,
+    pub acked_deletes: usize,
     pub faults: Vec<FaultRecord>,
     pub terms_seen: usize,
     pub converged_after_ms: Option<u64>,
@@ -78,7 +81,7 @@ pub struct Report {
 impl Report {
     pub fn human(&self) -> String {
         let mut s = format!(
-            "seed {} · {} s · {} nodes · {} clients\n{} tag ops ({} writes acknowledged), {} blob ops ({} blobs acknowledged), {} terms seen\n",
+            "seed {} · {} s · {} nodes · {} clients\n{} tag ops ({} writes acknowledged), {} blob ops ({} blobs, {} deletes by digest acknowledged), {} terms seen\n",
             self.seed,
             self.duration_secs,
             self.nodes,
@@ -87,6 +90,7 @@ impl Report {
             self.acked_writes,
             self.blob_ops,
             self.acked_blobs,
+            self.acked_deletes,
             self.terms_seen
         );
         for f in &self.faults {
@@ -130,7 +134,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     // between (tests run in parallel), so a failed start is tried again on other ports
     let mut tries = 0;
     let mut cluster = loop {
-        match Cluster::start(&o.bin, o.nodes, o.broken, o.relay).await {
+        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay).await {
             Ok(c) => break c,
             Err(e) if tries < 2 => {
                 tries += 1;
@@ -313,6 +317,23 @@ pub async fn run(o: &Options) -> Result<Report> {
             reads.push((*id, url, d.clone(), Some(bytes)));
         }
     }
+    // every acknowledged delete holds on every node
+    for (id, addr) in &nodes {
+        for g in &h.deleted {
+            let url = format!("http://{addr}/v2/{}/{}/{}", workload::GONE_REPO, g.what, g.digest);
+            match http.get(&url).header("accept", workload::OCI_MANIFEST).timeout(Duration::from_secs(10)).send().await
+            {
+                Ok(r) if r.status() == 404 => {}
+                Ok(r) => violations.push(format!(
+                    "node {id}: deleted {} {} answered {} after healing",
+                    g.what,
+                    g.digest,
+                    r.status()
+                )),
+                Err(e) => violations.push(format!("node {id}: read of deleted {} {} failed: {e}", g.what, g.digest)),
+            }
+        }
+    }
     let checked = futures::stream::iter(reads)
         .map(|(id, url, digest, manifest)| {
             let http = http.clone();
@@ -363,6 +384,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         blob_ops: h.blob_ops,
         acked_writes: h.ops.iter().filter(|o| o.kind != OpKind::Read && o.outcome == Outcome::Ok).count(),
         acked_blobs: h.blobs.len(),
+        acked_deletes: h.deleted.len(),
         faults: records,
         terms_seen,
         converged_after_ms,

@@ -30,10 +30,13 @@ struct Cli {
     /// (default: all; relay only with --relay); `none` for a run without faults.
     #[arg(long)]
     faults: Option<String>,
-    /// Start this node deliberately broken (it acknowledges manifests before they commit), to
-    /// see the suite catch it.
+    /// Start this node deliberately broken (see --broken-how), to see the suite catch it.
     #[arg(long)]
     broken_node: Option<u64>,
+    /// How the broken node is broken: ack-before-commit (manifests acknowledged before they
+    /// commit) or stale-reads (reads by digest without a read barrier).
+    #[arg(long, default_value = "ack-before-commit")]
+    broken_how: String,
     /// Put a tunnel relay in front of the nodes: clients also go through its shared endpoint,
     /// and the `relay` fault (kill -9 of the relay) joins the default mix.
     #[arg(long)]
@@ -81,7 +84,7 @@ fn main() -> ExitCode {
         clients: cli.clients,
         keys: cli.keys,
         faults,
-        broken: cli.broken_node,
+        broken: cli.broken_node.map(|id| (id, cli.broken_how.clone())),
         relay: cli.relay,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -4,7 +4,10 @@
 //!   under the tag (the value is its digest), a delete DELETEs the tag, a read GETs it;
 //! - blobs are pushed to `chaos/blobs` (random sizes, sha256 or sha512, monolithic or chunked)
 //!   and pulled back; a pull that answers 200 with other bytes, or 404 for an acknowledged
-//!   blob, is a violation on the spot.
+//!   blob, is a violation on the spot;
+//! - blobs and manifests are pushed to `chaos/gone` and deleted by digest; a read of one,
+//!   invoked after its delete was acknowledged, that answers 200 is a stale read (a violation
+//!   on the spot), and each must be gone from every node at the end.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use sha2::Digest as _;
 
 pub const REG_REPO: &str = "chaos/reg";
 pub const BLOB_REPO: &str = "chaos/blobs";
+pub const GONE_REPO: &str = "chaos/gone";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -48,6 +52,17 @@ pub struct Op {
     pub outcome: Outcome,
 }
 
+/// A blob or manifest of [`GONE_REPO`] whose delete by digest was acknowledged.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deleted {
+    /// `blobs` or `manifests`: the path segment it is read under.
+    pub what: &'static str,
+    pub digest: String,
+    /// When the delete was acknowledged (µs since the start).
+    pub acked_us: u64,
+    pub node: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AckedBlob {
     pub digest: String,
@@ -62,6 +77,7 @@ pub struct History {
     pub blobs: Vec<AckedBlob>,
     /// Acknowledged manifests: digest → bytes.
     pub manifests: Vec<(String, Vec<u8>)>,
+    pub deleted: Vec<Deleted>,
     pub violations: Vec<String>,
     /// Completion times (µs) of the availability probe's acknowledged writes.
     pub write_oks: Vec<u64>,
@@ -97,17 +113,23 @@ pub fn digest_of(alg: &str, b: &[u8]) -> String {
     }
 }
 
-/// Pushes the config blob every manifest refers to; returns (digest, length).
+/// Pushes the config blob every manifest refers to (to the tag and the delete repositories);
+/// returns (digest, length).
 pub async fn setup(http: &reqwest::Client, node: &str) -> anyhow::Result<(String, usize)> {
     let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
     let d = digest_of("sha256", &config);
-    for _ in 0..100 {
-        if push_blob(http, node, REG_REPO, &config, &d, false).await == Some(true) {
-            return Ok((d, config.len()));
+    for repo in [REG_REPO, GONE_REPO] {
+        let mut pushed = false;
+        for _ in 0..100 {
+            if push_blob(http, node, repo, &config, &d, false).await == Some(true) {
+                pushed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        anyhow::ensure!(pushed, "could not push the config blob to {node}/{repo}");
     }
-    anyhow::bail!("could not push the config blob to {node}")
+    Ok((d, config.len()))
 }
 
 /// `Some(true)`: 201; `Some(false)`: refused; `None`: no answer.
@@ -156,6 +178,24 @@ async fn push_blob(
         .await
         .ok()?;
     Some(r.status() == 201)
+}
+
+/// Reads `g` (invoked at `invoke` µs) through `addr`: a violation if it is served although its
+/// delete was acknowledged before the read began.
+async fn read_deleted(http: &reqwest::Client, node: u64, addr: &str, g: &Deleted, invoke: u64) -> Option<String> {
+    let r = http
+        .get(format!("http://{addr}/v2/{GONE_REPO}/{}/{}", g.what, g.digest))
+        .header("accept", OCI_MANIFEST)
+        .timeout(TIMEOUT)
+        .send()
+        .await;
+    // (a delete acknowledged after this read was invoked is concurrent with it)
+    (r.is_ok_and(|r| r.status() == 200) && g.acked_us < invoke).then(|| {
+        format!(
+            "node {node}: {} {} answered 200 at {invoke} µs, after its delete was acknowledged at {} µs (via node {})",
+            g.what, g.digest, g.acked_us, g.node
+        )
+    })
 }
 
 /// Runs client `c` until `stop`; records into `history`.
@@ -236,7 +276,7 @@ pub async fn client(
                 _ => op(Kind::Delete, None, Outcome::Info),
             };
             history.lock().unwrap().ops.push(o);
-        } else if roll < 95 {
+        } else if roll < 91 {
             let size = if rng.gen_ratio(1, 10) { rng.gen_range(1..4 << 20) } else { rng.gen_range(0..256 << 10) };
             let mut data = vec![0u8; size];
             rng.fill_bytes(&mut data);
@@ -249,6 +289,53 @@ pub async fn client(
             if acked {
                 h.blobs.push(AckedBlob { digest: d, size, node });
             }
+        } else if roll < 93 {
+            // push a blob or a manifest to GONE_REPO, then delete it by digest
+            let manifest = rng.gen_bool(0.5);
+            let (what, pushed, d) = if manifest {
+                let m = load.manifest("chaos.gone", format!("c{c}-{n}-{seed}"));
+                let d = digest_of("sha256", &m);
+                let r = http
+                    .put(format!("http://{addr}/v2/{GONE_REPO}/manifests/{d}"))
+                    .header("content-type", OCI_MANIFEST)
+                    .body(m)
+                    .timeout(TIMEOUT)
+                    .send()
+                    .await;
+                ("manifests", r.is_ok_and(|r| r.status() == 201), d)
+            } else {
+                let mut data = vec![0u8; rng.gen_range(1..64 << 10)];
+                rng.fill_bytes(&mut data);
+                let d = digest_of(if rng.gen_bool(0.3) { "sha512" } else { "sha256" }, &data);
+                ("blobs", push_blob(&http, &addr, GONE_REPO, &data, &d, rng.gen_bool(0.4)).await == Some(true), d)
+            };
+            let mut ops = 1;
+            if pushed {
+                ops += 1;
+                let r = http.delete(format!("http://{addr}/v2/{GONE_REPO}/{what}/{d}")).timeout(TIMEOUT).send().await;
+                if r.is_ok_and(|r| r.status() == 202) {
+                    let g = Deleted { what, digest: d, acked_us: now(), node };
+                    history.lock().unwrap().deleted.push(g.clone());
+                    // at once, through another node: the likeliest stale read
+                    let (other, addr) = load.nodes[rng.gen_range(0..load.nodes.len())].clone();
+                    ops += 1;
+                    if let Some(v) = read_deleted(&http, other, &addr, &g, now()).await {
+                        history.lock().unwrap().violations.push(v);
+                    }
+                }
+            }
+            history.lock().unwrap().blob_ops += ops;
+        } else if roll < 96 {
+            // read something whose delete was acknowledged: it must be gone
+            let pick = {
+                let h = history.lock().unwrap();
+                (!h.deleted.is_empty()).then(|| h.deleted[rng.gen_range(0..h.deleted.len())].clone())
+            };
+            let Some(g) = pick else { continue };
+            let v = read_deleted(&http, node, &addr, &g, invoke).await;
+            let mut h = history.lock().unwrap();
+            h.blob_ops += 1;
+            h.violations.extend(v);
         } else {
             let pick = {
                 let h = history.lock().unwrap();

@@ -1,6 +1,6 @@
 //! The suite against real processes: a bounded scenario with every kind of fault must find no
-//! violation, and a deliberately broken node (acknowledging manifests before they commit) must
-//! be caught.
+//! violation, and a deliberately broken node (acknowledging manifests before they commit, or
+//! serving reads by digest from stale local state) must be caught.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,7 @@ fn options(
     seed: u64,
     secs: u64,
     faults: Vec<chaos_tests::faults::Kind>,
-    broken: Option<u64>,
+    broken: Option<(u64, &str)>,
     relay: bool,
 ) -> chaos_tests::Options {
     chaos_tests::Options {
@@ -32,7 +32,7 @@ fn options(
         clients: 6,
         keys: 8,
         faults,
-        broken,
+        broken: broken.map(|(id, how)| (id, how.to_string())),
         relay,
     }
 }
@@ -52,12 +52,25 @@ async fn a_healthy_cluster_survives_every_kind_of_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_acknowledges_before_committing_is_caught() {
-    let report = chaos_tests::run(&options(7, 12, Vec::new(), Some(1), false)).await.unwrap();
+    let report = chaos_tests::run(&options(7, 12, Vec::new(), Some((1, "ack-before-commit")), false)).await.unwrap();
     println!("{}", report.human());
     assert!(!report.violations.is_empty(), "the broken node went unnoticed");
     assert!(
         report.violations.iter().any(|v| v.contains("not linearizable")),
         "a read missed an acknowledged write: {:#?}",
+        report.violations
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_serves_deleted_content_is_caught() {
+    // slow peer links make the broken node's state lag behind the deletes it serves reads of
+    let faults = vec![chaos_tests::faults::Kind::Slow];
+    let report = chaos_tests::run(&options(8, 15, faults, Some((2, "stale-reads")), false)).await.unwrap();
+    println!("{}", report.human());
+    assert!(
+        report.violations.iter().any(|v| v.contains("after its delete was acknowledged")),
+        "a read after an acknowledged delete was served by the broken node: {:#?}",
         report.violations
     );
 }

@@ -146,7 +146,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),
             blob_write_quorum: cfg.cluster.blob_write_quorum,
-            fault_ack_before_commit: fault_ack_before_commit(),
+            fault: deliberate_fault()?,
         },
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
@@ -185,13 +185,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, task })
 }
 
-/// The chaos suite's deliberately broken node (see `RegistryConfig::fault_ack_before_commit`).
-fn fault_ack_before_commit() -> bool {
-    let on = std::env::var("RAFTYARD_FAULT_ACK_BEFORE_COMMIT").is_ok_and(|v| v == "1");
-    if on {
-        warn!("RAFTYARD_FAULT_ACK_BEFORE_COMMIT=1: this node acknowledges manifests BEFORE they are committed");
-    }
-    on
+/// The chaos suite's deliberately broken node: `RAFTYARD_FAULT` (see `RegistryConfig::fault`).
+fn deliberate_fault() -> anyhow::Result<Option<raftyard_registry::Fault>> {
+    let Ok(name) = std::env::var("RAFTYARD_FAULT") else { return Ok(None) };
+    let fault = raftyard_registry::Fault::parse(&name)
+        .ok_or_else(|| anyhow::anyhow!("RAFTYARD_FAULT={name:?}: not one of {}", raftyard_registry::Fault::NAMES))?;
+    warn!(?fault, "RAFTYARD_FAULT: this node is deliberately BROKEN");
+    Ok(Some(fault))
 }
 
 /// The tunnel agent, if relays are configured: the shared service `registry` and this node's

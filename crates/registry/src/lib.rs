@@ -37,10 +37,31 @@ pub struct RegistryConfig {
     /// Nodes (this one included) that must hold a new blob durably before its upload is
     /// acknowledged. 0: a majority of the voters.
     pub blob_write_quorum: usize,
-    /// A deliberately broken node, for the chaos suite to prove it catches one: manifest PUTs
-    /// are acknowledged before their events are committed. Set only from the environment
-    /// (`RAFTYARD_FAULT_ACK_BEFORE_COMMIT=1`), never from a config file.
-    pub fault_ack_before_commit: bool,
+    /// A deliberately broken node, for the chaos suite to prove it catches one. Set only from
+    /// the environment (`RAFTYARD_FAULT`), never from a config file.
+    pub fault: Option<Fault>,
+}
+
+/// The ways a node can be broken on purpose (`RAFTYARD_FAULT=<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `ack-before-commit`: manifest PUTs are acknowledged before their events are committed.
+    AckBeforeCommit,
+    /// `stale-reads`: blobs and manifests by digest are served from local state without a
+    /// read barrier, even with deletes enabled.
+    StaleReads,
+}
+
+impl Fault {
+    pub const NAMES: &'static str = "ack-before-commit, stale-reads";
+
+    pub fn parse(s: &str) -> Option<Fault> {
+        match s {
+            "ack-before-commit" => Some(Fault::AckBeforeCommit),
+            "stale-reads" => Some(Fault::StaleReads),
+            _ => None,
+        }
+    }
 }
 
 impl Default for RegistryConfig {
@@ -49,7 +70,7 @@ impl Default for RegistryConfig {
             delete_enabled: true,
             upload_idle_timeout: Duration::from_secs(3600),
             blob_write_quorum: 0,
-            fault_ack_before_commit: false,
+            fault: None,
         }
     }
 }

@@ -45,7 +45,7 @@ pub(crate) async fn resolve(
             Ok((d, rec))
         }
         Reference::Digest(d) => {
-            if !reg.cfg.delete_enabled {
+            if !reg.cfg.delete_enabled || reg.cfg.fault == Some(crate::Fault::StaleReads) {
                 if let Some(rec) = reader.manifest(name, d)? {
                     return Ok((d.clone(), rec));
                 }
@@ -147,7 +147,7 @@ pub(crate) async fn put<B: ReqBody>(
     for t in &tags {
         events.push(Event::TagSet { repo: name.clone(), tag: t.clone(), digest: digest.clone(), expect: None });
     }
-    if reg.cfg.fault_ack_before_commit {
+    if reg.cfg.fault == Some(crate::Fault::AckBeforeCommit) {
         let meta = reg.meta.clone();
         tokio::spawn(async move { meta.propose(events).await });
     } else {
