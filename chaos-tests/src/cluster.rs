@@ -1,6 +1,7 @@
 //! A cluster of real `raftyard serve` processes on loopback, every directed peer link through
 //! its own fault-injecting proxy (`cluster.dial_via`), and the faults applied to it: kill,
-//! SIGSTOP/SIGCONT, graceful restart, and link modes.
+//! SIGSTOP/SIGCONT, graceful restart, link modes, and full disks (each node's data directory
+//! on its own size-limited tmpfs, filled up on demand).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,6 +18,9 @@ pub struct Node {
     pub id: u64,
     pub registry: String,
     pub peer: String,
+    data: PathBuf,
+    /// The data directory is a tmpfs mounted by the cluster.
+    mounted: bool,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -52,8 +56,13 @@ pub struct Cluster {
     links: BTreeMap<(u64, u64), watch::Sender<LinkState>>,
     bin: PathBuf,
     broken: Option<(u64, String)>,
+    /// Nodes that exited by themselves and were started again, with their last log lines.
+    pub crashes: Vec<(u64, String)>,
     _dir: tempfile::TempDir,
 }
+
+/// The name of the file that fills a node's disk.
+const FILLER: &str = "chaos-filler";
 
 /// Hands out distinct free loopback addresses: every probe socket stays bound until the
 /// whole batch is handed out, so no address comes twice within a cluster.
@@ -75,7 +84,16 @@ impl FreeAddrs {
 impl Cluster {
     /// Starts `n` voters. With `broken = Some(id)`, node `id` acknowledges manifests before
     /// they commit, or otherwise as `RAFTYARD_FAULT` says: the suite must catch it.
-    pub async fn start(bin: &Path, n: u64, broken: Option<(u64, String)>, with_relay: bool) -> Result<Cluster> {
+    ///
+    /// With `disk = Some(bytes)`, each node's data directory is a tmpfs of that size (mounting
+    /// needs root), so [`Cluster::fill_disk`] can fill it.
+    pub async fn start(
+        bin: &Path,
+        n: u64,
+        broken: Option<(u64, String)>,
+        with_relay: bool,
+        disk: Option<u64>,
+    ) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("raftyard-chaos-").tempdir()?;
         let mut free = FreeAddrs::new();
         let relay = if with_relay { Some(Relay::configure(bin, dir.path(), n, &mut free)?) } else { None };
@@ -101,11 +119,25 @@ impl Cluster {
         let mut nodes = Vec::new();
         for &id in &ids {
             let (registry, peer) = addrs[&id].clone();
+            let data = dir.path().join(format!("node{id}"));
+            if let Some(size) = disk {
+                std::fs::create_dir_all(&data)?;
+                let out = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                    .arg(&data)
+                    .output()
+                    .context("running mount")?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "the disk fault needs a tmpfs per node, and mount failed (it needs root): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
             let mut cfg = format!(
                 "[node]\nid = {id}\ndata_dir = {:?}\n[registry]\nlisten = \"{registry}\"\n\
                  [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
                  [cluster]\nlisten = \"{peer}\"\n",
-                dir.path().join(format!("node{id}"))
+                data
             );
             let dial: Vec<String> = via[&id].iter().map(|(a, p)| format!("\"{a}\" = \"{p}\"")).collect();
             cfg.push_str(&format!("dial_via = {{ {} }}\n", dial.join(", ")));
@@ -124,6 +156,8 @@ impl Cluster {
                 id,
                 registry,
                 peer,
+                data,
+                mounted: disk.is_some(),
                 config,
                 log: dir.path().join(format!("node{id}.log")),
                 child: None,
@@ -131,7 +165,7 @@ impl Cluster {
             });
         }
         drop(free);
-        let mut c = Cluster { nodes, relay, links, bin: bin.to_path_buf(), broken, _dir: dir };
+        let mut c = Cluster { nodes, relay, links, bin: bin.to_path_buf(), broken, crashes: Vec::new(), _dir: dir };
         c.start_relay().await?;
         for id in ids.iter().rev() {
             c.spawn(*id)?;
@@ -220,8 +254,42 @@ impl Cluster {
         self.start_again(id).await
     }
 
-    /// Starts a killed node on its data.
+    /// Fills node `id`'s disk: a file grows until the filesystem answers ENOSPC.
+    pub fn fill_disk(&self, id: u64) -> Result<()> {
+        use std::io::Write;
+        let n = self.node(id);
+        anyhow::ensure!(n.mounted, "the disk fault needs the cluster started with small disks");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(n.data.join(FILLER))?;
+        let chunk = vec![0u8; 1 << 20];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Frees what [`Cluster::fill_disk`] took.
+    pub fn free_disk(&self, id: u64) {
+        let _ = std::fs::remove_file(self.node(id).data.join(FILLER));
+    }
+
+    /// Starts a killed node on its data; a node that exited by itself is recorded in
+    /// `crashes` and started again, as a supervisor would.
     pub async fn start_again(&mut self, id: u64) -> Result<()> {
+        let exited = match self.node_mut(id).child.as_mut() {
+            Some(c) => c.try_wait()?,
+            None => None,
+        };
+        if let Some(status) = exited {
+            let log = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
+            let why = log.lines().rev().find(|l| l.starts_with("Error: ")).or(log.lines().last()).unwrap_or("");
+            eprintln!("node {id} exited by itself ({status}); starting it again: {why}");
+            self.crashes.push((id, format!("{status}: {why}")));
+            self.node_mut(id).child = None;
+        }
         if !self.node(id).running() {
             self.spawn(id)?;
             self.wait_serving(id, Duration::from_secs(30)).await?;
@@ -315,6 +383,11 @@ impl Drop for Cluster {
             self.kill(id);
         }
         self.kill_relay();
+        for n in &self.nodes {
+            if n.mounted {
+                let _ = Command::new("umount").arg(&n.data).status();
+            }
+        }
     }
 }
 

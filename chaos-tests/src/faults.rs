@@ -27,10 +27,13 @@ pub enum Kind {
     Slow,
     /// `kill -9` of the tunnel relay (with `--relay`); started again when healed.
     Relay,
+    /// The node's disk fills up (a file grows until ENOSPC); the file is removed when healed.
+    Disk,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Kill, Kind::Pause, Kind::Restart, Kind::Isolate, Kind::OneWay, Kind::Slow];
+    pub const ALL: [Kind; 7] =
+        [Kind::Kill, Kind::Pause, Kind::Restart, Kind::Isolate, Kind::OneWay, Kind::Slow, Kind::Disk];
 
     pub fn parse(s: &str) -> Result<Kind, String> {
         Ok(match s {
@@ -41,7 +44,8 @@ impl Kind {
             "oneway" => Kind::OneWay,
             "slow" => Kind::Slow,
             "relay" => Kind::Relay,
-            _ => return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, relay)")),
+            "disk" => Kind::Disk,
+            _ => return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, disk, relay)")),
         })
     }
 }
@@ -114,6 +118,7 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
             c.set_links_of(node, LinkState { forward: Mode::Delay(step.delay), backward: Mode::Delay(step.delay) })
         }
         Kind::Relay => c.kill_relay(),
+        Kind::Disk => c.fill_disk(node)?,
     }
     Ok(())
 }
@@ -122,6 +127,7 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
 pub async fn heal(c: &mut Cluster) -> anyhow::Result<()> {
     c.heal_links();
     for id in c.ids() {
+        c.free_disk(id);
         if c.node(id).paused {
             c.resume(id);
         }

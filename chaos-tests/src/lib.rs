@@ -54,8 +54,8 @@ pub struct FaultRecord {
     pub target: faults::Target,
     pub node: u64,
     pub healed_at_ms: u64,
-    /// From the fault until the first write acknowledged after it (by any node, to the
-    /// availability probe that writes to every node every 50 ms).
+    /// From the fault until the first acknowledgement of a write begun after it (by any node,
+    /// to the availability probe that writes to every node every 50 ms).
     pub write_gap_ms: Option<u64>,
 }
 
@@ -74,6 +74,8 @@ pub struct Report {
     pub faults: Vec<FaultRecord>,
     pub terms_seen: usize,
     pub converged_after_ms: Option<u64>,
+    /// Nodes that exited by themselves (and were started again, as a supervisor would).
+    pub crashes: Vec<String>,
     pub linearizability_unknown_keys: Vec<String>,
     pub violations: Vec<String>,
 }
@@ -104,6 +106,9 @@ impl Report {
                 f.write_gap_ms.map(|g| format!("{g} ms")).unwrap_or_else(|| "-".into())
             ));
         }
+        for c in &self.crashes {
+            s.push_str(&format!("  node exited by itself: {c}\n"));
+        }
         match self.converged_after_ms {
             Some(ms) => s.push_str(&format!("converged {ms} ms after healing\n")),
             None => s.push_str("did not converge\n"),
@@ -127,14 +132,18 @@ impl Report {
     }
 }
 
+/// The size of each node's disk when the `disk` fault is in the mix.
+pub const DISK_BYTES: u64 = 1 << 30;
+
 /// Runs one scenario and checks it.
 pub async fn run(o: &Options) -> Result<Report> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
     // ports are picked free and then bound by the nodes: another process can take one in
     // between (tests run in parallel), so a failed start is tried again on other ports
     let mut tries = 0;
+    let disk = o.faults.contains(&faults::Kind::Disk).then_some(DISK_BYTES);
     let mut cluster = loop {
-        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay).await {
+        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk).await {
             Ok(c) => break c,
             Err(e) if tries < 2 => {
                 tries += 1;
@@ -210,9 +219,10 @@ pub async fn run(o: &Options) -> Result<Report> {
         // the relay fault hits the relay, reported as node 0
         let node =
             if step.kind == faults::Kind::Relay { 0 } else { faults::resolve(step.target, leader, &cluster.ids()) };
+        faults::apply(&mut cluster, &step, node).await?;
+        // from when the fault is in place (filling a disk takes a moment)
         let at = start.elapsed();
         eprintln!("{:>6} ms: {:?} on node {node} ({:?}) for {:?}", at.as_millis(), step.kind, step.target, step.hold);
-        faults::apply(&mut cluster, &step, node).await?;
         tokio::time::sleep(step.hold).await;
         faults::heal(&mut cluster).await?;
         records.push(FaultRecord {
@@ -238,10 +248,10 @@ pub async fn run(o: &Options) -> Result<Report> {
     let mut violations = std::mem::take(&mut h.violations);
 
     // availability: the first acknowledged write after each fault
-    h.write_oks.sort_unstable();
+    // (a write begun before the fault may still be acknowledged after it: it does not count)
     for r in &mut records {
         let at_us = r.at_ms * 1000;
-        r.write_gap_ms = h.write_oks.iter().find(|&&t| t >= at_us).map(|t| (t - at_us) / 1000);
+        r.write_gap_ms = h.write_oks.iter().filter(|w| w.0 >= at_us).map(|w| (w.1 - at_us) / 1000).min();
     }
 
     // one leader per term
@@ -388,6 +398,7 @@ pub async fn run(o: &Options) -> Result<Report> {
         faults: records,
         terms_seen,
         converged_after_ms,
+        crashes: cluster.crashes.iter().map(|(id, why)| format!("node {id}: {why}")).collect(),
         linearizability_unknown_keys: unknown,
         violations,
     })

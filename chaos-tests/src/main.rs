@@ -26,7 +26,7 @@ struct Cli {
     /// Tags used as registers.
     #[arg(long, default_value_t = 8)]
     keys: usize,
-    /// Fault mix, comma-separated: kill, pause, restart, isolate, oneway, slow, relay
+    /// Fault mix, comma-separated: kill, pause, restart, isolate, oneway, slow, disk, relay
     /// (default: all; relay only with --relay); `none` for a run without faults.
     #[arg(long)]
     faults: Option<String>,

@@ -79,8 +79,8 @@ pub struct History {
     pub manifests: Vec<(String, Vec<u8>)>,
     pub deleted: Vec<Deleted>,
     pub violations: Vec<String>,
-    /// Completion times (µs) of the availability probe's acknowledged writes.
-    pub write_oks: Vec<u64>,
+    /// (invoke, completion) times (µs) of the availability probe's acknowledged writes.
+    pub write_oks: Vec<(u64, u64)>,
     pub blob_ops: u64,
 }
 
@@ -382,6 +382,7 @@ pub async fn probe(load: Arc<Load>, http: reqwest::Client, start: Instant, stop:
             while !stop.is_set() {
                 n += 1;
                 let m = load.manifest("chaos.probe", format!("{addr}-{n}"));
+                let invoke = start.elapsed().as_micros() as u64;
                 let r = http
                     .put(format!("http://{addr}/v2/{REG_REPO}/manifests/probe"))
                     .header("content-type", OCI_MANIFEST)
@@ -390,7 +391,7 @@ pub async fn probe(load: Arc<Load>, http: reqwest::Client, start: Instant, stop:
                     .send()
                     .await;
                 if r.is_ok_and(|r| r.status() == 201) {
-                    history.lock().unwrap().write_oks.push(start.elapsed().as_micros() as u64);
+                    history.lock().unwrap().write_oks.push((invoke, start.elapsed().as_micros() as u64));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -12,7 +12,7 @@
 mod store;
 mod upload;
 
-pub use store::{BlobStore, BlobStoreConfig};
+pub use store::{free_bytes, BlobStore, BlobStoreConfig};
 pub use upload::UploadStatus;
 
 use raftyard_types::Digest;
@@ -34,8 +34,21 @@ pub enum BlobError {
     BlobUnknown,
     #[error("request body: {0}")]
     Body(String),
+    /// The disk is full, or its free space is below the configured reserve.
+    #[error("insufficient storage: {0}")]
+    StorageFull(String),
     #[error("storage: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for BlobError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            BlobError::StorageFull(e.to_string())
+        } else {
+            BlobError::Io(e)
+        }
+    }
 }
 
 pub type Result<T, E = BlobError> = std::result::Result<T, E>;

@@ -22,6 +22,9 @@ pub struct BlobStoreConfig {
     pub owner: String,
     /// fsync files and directories before a blob is acknowledged. Only tests turn this off.
     pub fsync: bool,
+    /// Upload data is refused while the filesystem has less free space than this: the reserve
+    /// keeps room for the metadata log, so a disk filled by blobs does not stop the node.
+    pub min_free_bytes: u64,
 }
 
 /// Content-addressed blob files plus the upload sessions of this node.
@@ -30,6 +33,18 @@ pub struct BlobStore {
     blobs: PathBuf,
     uploads: PathBuf,
     sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -100,8 +115,25 @@ impl BlobStore {
         }
     }
 
+    /// Fails with [`BlobError::StorageFull`] while free space is below the reserve.
+    pub fn check_space(&self) -> Result<()> {
+        if self.cfg.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let free = free_bytes(&self.cfg.root)?;
+        if free < self.cfg.min_free_bytes {
+            return Err(BlobError::StorageFull(format!(
+                "{} MiB free, below the reserve of {} MiB",
+                free >> 20,
+                self.cfg.min_free_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+
     /// Starts an upload session for `repo`, hashing with `algorithm`.
     pub fn start_upload(&self, repo: RepoName, algorithm: Algorithm) -> Result<String> {
+        self.check_space()?;
         let id = format!("{}-{}", self.cfg.owner, random_hex(16));
         let path = self.uploads.join(&id);
         let file = File::options().create_new(true).write(true).open(&path)?;
@@ -135,6 +167,7 @@ impl BlobStore {
         E: std::fmt::Display,
     {
         let mut s = self.lock(id)?;
+        self.check_space()?;
         if let Some(start) = start {
             if start != s.size {
                 return Err(BlobError::RangeInvalid { size: s.size });

@@ -6,7 +6,8 @@ use raftyard_blobstore::{BlobError, BlobStore, BlobStoreConfig};
 use raftyard_types::{Algorithm, Digest, RepoName};
 
 fn store(dir: &std::path::Path) -> BlobStore {
-    BlobStore::open(BlobStoreConfig { root: dir.to_path_buf(), owner: "n1".into(), fsync: true }).unwrap()
+    BlobStore::open(BlobStoreConfig { root: dir.to_path_buf(), owner: "n1".into(), fsync: true, min_free_bytes: 0 })
+        .unwrap()
 }
 
 fn body(chunks: Vec<Vec<u8>>) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send {
@@ -107,4 +108,28 @@ async fn expire_and_cancel() {
     let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
     assert!(s.cancel(&id));
     assert_eq!(s.open_uploads(), 0);
+}
+
+#[tokio::test]
+async fn uploads_are_refused_below_the_free_space_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = raftyard_blobstore::free_bytes(dir.path()).unwrap();
+    assert!(free > 0);
+    let open = |reserve| {
+        BlobStore::open(BlobStoreConfig {
+            root: dir.path().to_path_buf(),
+            owner: "n1".into(),
+            fsync: true,
+            min_free_bytes: reserve,
+        })
+        .unwrap()
+    };
+    let full = open(free + (1 << 40));
+    match full.start_upload(repo(), Algorithm::Sha256) {
+        Err(BlobError::StorageFull(m)) => assert!(m.contains("reserve"), "{m}"),
+        other => panic!("expected StorageFull, got {other:?}"),
+    }
+    let roomy = open(1);
+    let id = roomy.start_upload(repo(), Algorithm::Sha256).unwrap();
+    roomy.append(&id, None, None, body(vec![vec![1, 2, 3]])).await.unwrap();
 }

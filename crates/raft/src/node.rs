@@ -308,6 +308,30 @@ impl MetaNode {
         }
     }
 
+    /// Resolves when Raft stops on its own because of an error (its storage failed: a full
+    /// disk, an I/O error); never after a normal shutdown. Such a node can no longer take part
+    /// and must stop, to be started again on its data once the cause is fixed.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            let fatal = match &rx.borrow().running_state {
+                Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = fatal {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                if let Err(e) = &rx.borrow().running_state {
+                    if !matches!(e, openraft::error::Fatal::Stopped) {
+                        return e.to_string();
+                    }
+                }
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Stops Raft and flushes storage.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;

@@ -88,6 +88,9 @@ pub struct NodeSection {
     pub id: u64,
     /// Directory holding blobs, upload sessions and the metadata database.
     pub data_dir: PathBuf,
+    /// Blob uploads are refused (507) while the data directory's filesystem has less free
+    /// space than this, so the metadata log always has room.
+    pub min_free_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,7 +136,7 @@ pub struct RaftSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        NodeSection { id: 1, data_dir: PathBuf::from("./raftyard-data") }
+        NodeSection { id: 1, data_dir: PathBuf::from("./raftyard-data"), min_free_mb: 256 }
     }
 }
 

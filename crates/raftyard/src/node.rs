@@ -14,7 +14,7 @@ use raftyard_cluster::{
 use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{LocalRegistry, Registry, RegistryConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 
@@ -65,10 +65,14 @@ impl RunningNode {
     }
 }
 
-/// Runs a node until SIGTERM or Ctrl-C.
+/// Runs a node until SIGTERM or Ctrl-C, or until it fails (then with an error, so that its
+/// supervisor starts it again).
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let node = start(cfg).await?;
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = node.stop.cancelled() => {}
+    }
     node.stop().await
 }
 
@@ -77,8 +81,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     let data = cfg.node.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let blobs = Arc::new(
-        BlobStore::open(BlobStoreConfig { root: data.clone(), owner: format!("n{}", cfg.node.id), fsync: true })
-            .context("opening the blob store")?,
+        BlobStore::open(BlobStoreConfig {
+            root: data.clone(),
+            owner: format!("n{}", cfg.node.id),
+            fsync: true,
+            min_free_bytes: cfg.node.min_free_mb << 20,
+        })
+        .context("opening the blob store")?,
     );
 
     let peer_listener = tokio::net::TcpListener::bind(cfg.cluster.listen)
@@ -156,6 +165,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
     let registry_addr = listener.local_addr()?;
     let peer_addr = peer_bound;
+    // a node whose metadata storage failed stops (crash-only): started again on its data, it
+    // recovers from its log like after a kill
+    let failure = Arc::new(OnceLock::new());
+    tokio::spawn({
+        let (meta, stop, failure) = (meta.clone(), stop.clone(), failure.clone());
+        async move {
+            tokio::select! {
+                e = meta.failed() => {
+                    error!(error = %e, "metadata storage failed: this node stops");
+                    let _ = failure.set(e);
+                    stop.cancel();
+                }
+                _ = stop.cancelled() => {}
+            }
+        }
+    });
     let task = {
         let stop = stop.clone();
         let meta = meta.clone();
@@ -179,6 +204,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
             }
             meta.shutdown().await;
             info!("stopped");
+            if let Some(e) = failure.get() {
+                anyhow::bail!("metadata storage failed: {e}");
+            }
             served.map_err(Into::into)
         })
     };

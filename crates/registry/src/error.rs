@@ -54,6 +54,9 @@ pub enum RegistryError {
     /// Metadata could not be committed (no leader, no quorum) — safe to retry.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// This node's disk is full (or below its reserve): 507, safe to retry on another node.
+    #[error("insufficient storage on this node: {0}")]
+    InsufficientStorage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -76,6 +79,7 @@ impl RegistryError {
             TagConflict { .. } => StatusCode::PRECONDITION_FAILED,
             TooLarge => StatusCode::URI_TOO_LONG,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,7 +101,7 @@ impl RegistryError {
             Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
             Denied(_) => "DENIED",
             Unavailable(_) => "UNAVAILABLE",
-            Internal(_) => "UNKNOWN",
+            InsufficientStorage(_) | Internal(_) => "UNKNOWN",
         }
     }
 
@@ -157,6 +161,7 @@ impl From<BlobError> for RegistryError {
             e @ BlobError::SizeInvalid { .. } => RegistryError::SizeInvalid(e.to_string()),
             BlobError::BlobUnknown => RegistryError::BlobUnknown,
             e @ BlobError::Body(_) => RegistryError::BlobUploadInvalid(e.to_string()),
+            BlobError::StorageFull(m) => RegistryError::InsufficientStorage(m),
             BlobError::Io(e) => RegistryError::Internal(format!("storage: {e}")),
         }
     }
