@@ -54,6 +54,15 @@ impl PeerServices {
             .blobs()
             .map(|all| all.iter().filter(|(d, _)| self.blobs.stat(d).is_none()).count() as u64)
             .unwrap_or(0);
+        let lag = self.lag.get();
+        let backup = self.meta.is_backup();
+        let role = if backup {
+            "backup"
+        } else if voters.contains(&m.id) {
+            "voter"
+        } else {
+            "learner"
+        };
         pb::StatusReply {
             node: m.id,
             state: format!("{:?}", m.state),
@@ -64,6 +73,13 @@ impl PeerServices {
             applied: m.last_applied.map(|l| l.index).unwrap_or(0),
             members,
             blobs_missing,
+            role: role.into(),
+            lag_measured: backup && lag.measured,
+            leader_reachable: lag.leader_reachable,
+            lag_entries: lag.entries_behind,
+            rpo_ms: lag.rpo_ms,
+            blob_bytes_missing: lag.blob_bytes_missing,
+            blob_rpo_ms: lag.blob_rpo_ms,
         }
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! Owns the tonic services and clients: the openraft network ([`network`]), forwarding of
 //! proposals and read indexes to the leader ([`link`]), blob streaming between nodes
-//! ([`blobs`]), the repair worker that converges blob holdings ([`repair`]), and
-//! membership/status ([`admin`]). Protobuf stays at this edge: conversions live in
+//! ([`blobs`]), the repair worker that converges blob holdings ([`repair`]), a backup's lag
+//! figures ([`lag`]), and membership/status ([`admin`]). Protobuf stays at this edge: conversions live in
 //! [`codec`], and the other crates never see prost types. It does not serve the registry
 //! API; the registry crate uses it.
 
@@ -15,6 +15,7 @@ pub mod admin;
 pub mod blobs;
 pub mod codec;
 pub mod forward;
+pub mod lag;
 pub mod link;
 pub mod network;
 pub mod peers;
@@ -30,6 +31,7 @@ pub mod pb {
 
 pub use blobs::BlobPeers;
 pub use forward::{forward, HttpBody, LocalHttp, LocalHttpSlot};
+pub use lag::{Lag, LagFigures, LagMonitor};
 pub use link::GrpcLeaderLink;
 pub use network::PeerNetwork;
 pub use peers::Peers;

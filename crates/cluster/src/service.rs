@@ -24,6 +24,8 @@ pub struct PeerServices {
     pub blobs: Arc<BlobStore>,
     /// The local registry, for requests forwarded to this node's upload sessions.
     pub local: crate::forward::LocalHttpSlot,
+    /// This node's lag figures, if it is a backup.
+    pub lag: crate::lag::Lag,
 }
 
 /// Serves the peer protocol on `listener` until `shutdown` completes.

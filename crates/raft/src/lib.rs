@@ -13,6 +13,7 @@ pub mod keys;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod recover;
 pub mod state;
 
 use std::io::Cursor;

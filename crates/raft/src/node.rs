@@ -39,6 +39,10 @@ pub struct MetaNodeConfig {
     /// Log entries kept behind the latest snapshot, so that a lagging follower can catch up
     /// from the log instead of a snapshot.
     pub keep_logs: u64,
+    /// Started as a backup (`node.role = "backup"`): while it is a learner it serves reads from
+    /// its local state without a read barrier (they may be as old as its lag, and go on when no
+    /// leader can be reached). Once a voter (after `raftyard cluster recover`) it is like any.
+    pub backup: bool,
 }
 
 impl MetaNodeConfig {
@@ -54,6 +58,7 @@ impl MetaNodeConfig {
             election_timeout_max_ms: 400,
             snapshot_every: 5000,
             keep_logs: 1000,
+            backup: false,
         }
     }
 }
@@ -101,6 +106,7 @@ pub struct MetaNode {
     reader: StateReader,
     db: sled::Db,
     link: Option<Arc<dyn LeaderLink>>,
+    backup: bool,
 }
 
 /// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
@@ -150,7 +156,7 @@ impl MetaNode {
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
         tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
-        let node = MetaNode { id: cfg.id, raft, reader, db, link };
+        let node = MetaNode { id: cfg.id, raft, reader, db, link, backup: cfg.backup };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
                 info!(id = cfg.id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
@@ -177,6 +183,11 @@ impl MetaNode {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let voters: std::collections::BTreeSet<NodeId> = m.membership().voter_ids().collect();
         m.membership().nodes().map(|(id, a)| (*id, a.clone(), voters.contains(id))).collect()
+    }
+
+    /// Whether this node is a backup now: started as one and not a voter.
+    pub fn is_backup(&self) -> bool {
+        self.backup && !self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.id)
     }
 
     /// Waits until some node is leader (and this node knows it), up to `timeout`.
@@ -236,8 +247,11 @@ impl MetaNode {
     }
 
     /// Linearizable read barrier: after it returns, this node's state includes every write
-    /// acknowledged before the call.
+    /// acknowledged before the call. On a backup it returns at once.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        if self.is_backup() {
+            return Ok(());
+        }
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let (r, via) = match (self.read_index_local().await, &self.link) {

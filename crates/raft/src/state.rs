@@ -358,6 +358,15 @@ impl StateReader {
         Ok(out)
     }
 
+    /// The latest journal entry (the last command applied here), if any.
+    pub fn last_journal_entry(&self) -> std::io::Result<Option<JournalEntry>> {
+        let Some(kv) = self.tree.range(keys::journal(0)..keys::journal(u64::MAX)).next_back() else {
+            return Ok(None);
+        };
+        let (_, v) = kv.map_err(io)?;
+        Ok(dec::<VersionedJournalEntry>(&v).map(Into::into))
+    }
+
     /// Journal entries with index ≥ `since`, at most `limit`.
     pub fn journal(&self, since: u64, limit: usize) -> std::io::Result<Vec<JournalEntry>> {
         let mut out = Vec::new();

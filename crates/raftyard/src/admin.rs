@@ -47,7 +47,13 @@ pub async fn status(node: &str, as_json: bool, tls: &TlsDir) -> anyhow::Result<(
         let own = status_of(&m.peer, tls).await;
         rows.push(match own {
             Ok(s) => json!({
-                "id": m.id, "role": m.role, "peer": m.peer, "registry": m.registry, "reachable": true,
+                "id": m.id, "role": if s.role.is_empty() { m.role.clone() } else { s.role.clone() },
+                "peer": m.peer, "registry": m.registry, "reachable": true,
+                "lag": if s.lag_measured { json!({
+                    "leader_reachable": s.leader_reachable, "entries": s.lag_entries,
+                    "rpo_seconds": s.rpo_ms as f64 / 1000.0, "blobs_missing": s.blobs_missing,
+                    "blob_bytes_missing": s.blob_bytes_missing, "blob_rpo_seconds": s.blob_rpo_ms as f64 / 1000.0,
+                }) } else { json!(null) },
                 "state": s.state, "term": s.term, "last_log_index": s.last_log_index,
                 "committed": if s.committed > 0 { json!(s.committed) } else { json!(null) },
                 "applied": s.applied, "blobs_missing": s.blobs_missing,
@@ -85,10 +91,27 @@ pub async fn status(node: &str, as_json: bool, tls: &TlsDir) -> anyhow::Result<(
             n("blobs_missing"),
         );
     }
+    for r in out["members"].as_array().expect("array") {
+        let lag = &r["lag"];
+        if lag.is_null() {
+            continue;
+        }
+        println!(
+            "backup {}: {} entries behind, RPO {:.1} s (metadata), {} blobs ({} MiB) to fetch, oldest missing for {:.1} s{}",
+            r["id"],
+            lag["entries"],
+            lag["rpo_seconds"].as_f64().unwrap_or(0.0),
+            lag["blobs_missing"],
+            lag["blob_bytes_missing"].as_u64().unwrap_or(0) >> 20,
+            lag["blob_rpo_seconds"].as_f64().unwrap_or(0.0),
+            if lag["leader_reachable"].as_bool() == Some(true) { "" } else { "; the leader did not answer" },
+        );
+    }
     Ok(())
 }
 
-/// Adds a node: it joins as a learner, catches up, then becomes a voter (unless `learner`).
+/// Adds a node: it joins as a learner, catches up, then becomes a voter (unless `learner`:
+/// then it stays a learner, as a backup does).
 pub async fn add(
     node: &str,
     id: u64,
@@ -104,6 +127,22 @@ pub async fn add(
         .await
         .context("adding the member")?;
     println!("{}", reply.into_inner().message);
+    Ok(())
+}
+
+/// `cluster recover`: the stopped node whose data is under `data_dir` becomes the only voter.
+pub async fn recover(data_dir: &std::path::Path, id: Option<u64>) -> anyhow::Result<()> {
+    let meta = data_dir.join("meta");
+    anyhow::ensure!(meta.is_dir(), "{} has no meta/ directory: not a raftyard data directory", data_dir.display());
+    let r = raftyard_raft::recover::single_voter(&meta, id)
+        .await
+        .with_context(|| format!("recovering {}", data_dir.display()))?;
+    println!(
+        "node {} (peer {}, registry {}) is now the only voter (was: {:?}); {} entries applied, \
+         the rest of its log is committed when it starts.\nStart it with `raftyard serve` and its config; \
+         add nodes back with `raftyard cluster add`.",
+        r.id, r.addr.peer, r.addr.registry, r.old_voters, r.applied
+    );
     Ok(())
 }
 

@@ -91,6 +91,18 @@ pub struct NodeSection {
     /// Blob uploads are refused (507) while the data directory's filesystem has less free
     /// space than this, so the metadata log always has room.
     pub min_free_mb: u64,
+    /// `voter` (default) or `backup`: a non-voting follower with a full copy that serves
+    /// pulls from its local state, refuses pushes, fetches every blob, and never initialises
+    /// a cluster (it waits for `raftyard cluster add-backup`).
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Voter,
+    Backup,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,7 +148,7 @@ pub struct RaftSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        NodeSection { id: 1, data_dir: PathBuf::from("./raftyard-data"), min_free_mb: 256 }
+        NodeSection { id: 1, data_dir: PathBuf::from("./raftyard-data"), min_free_mb: 256, role: Role::Voter }
     }
 }
 

@@ -110,6 +110,33 @@ enum ClusterCmd {
         #[arg(long)]
         learner: bool,
     },
+    /// Add a backup node (started with `node.role = "backup"`): a learner that is never
+    /// promoted, follows the whole log and fetches every blob.
+    AddBackup {
+        /// Peer address of any member.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        node: String,
+        /// Id of the backup node.
+        #[arg(long)]
+        id: u64,
+        /// Peer address of the backup node.
+        #[arg(long)]
+        peer: String,
+        /// Registry address of the backup node.
+        #[arg(long)]
+        registry: String,
+    },
+    /// After the primaries are lost: turn a STOPPED backup's data into a cluster with that node
+    /// as its only voter. `raftyard serve` with its config then runs it writable; add nodes
+    /// back with `cluster add`. See docs/recovery.md.
+    Recover {
+        /// The backup's data directory (`node.data_dir`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup's node id (default: the only learner in its membership).
+        #[arg(long)]
+        id: Option<u64>,
+    },
     /// Remove a node from the membership.
     Remove {
         /// Peer address of any member.
@@ -182,6 +209,10 @@ fn main() -> anyhow::Result<()> {
                 ClusterCmd::Add { node, id, peer, registry, learner } => {
                     admin::add(&node, id, peer, registry, learner, &tls).await
                 }
+                ClusterCmd::AddBackup { node, id, peer, registry } => {
+                    admin::add(&node, id, peer, registry, true, &tls).await
+                }
+                ClusterCmd::Recover { data_dir, id } => admin::recover(&data_dir, id).await,
                 ClusterCmd::Remove { node, id } => admin::remove(&node, id, &tls).await,
             }
         }),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
 use raftyard_cluster::{
-    BlobPeers, GrpcLeaderLink, LocalHttpSlot, PeerNetwork, PeerServices, PeerTls, Peers, RepairWorker,
+    BlobPeers, GrpcLeaderLink, Lag, LagMonitor, LocalHttpSlot, PeerNetwork, PeerServices, PeerTls, Peers, RepairWorker,
 };
 use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{LocalRegistry, Registry, RegistryConfig, TlsFiles};
@@ -22,7 +22,7 @@ use crate::config::Config;
 /// with the lowest id; a joining node never.
 fn initial_members(cfg: &Config, me: &NodeAddr) -> Option<BTreeMap<u64, NodeAddr>> {
     let c = &cfg.cluster;
-    if c.join {
+    if c.join || cfg.node.role == crate::config::Role::Backup {
         return None;
     }
     if c.members.is_empty() {
@@ -110,6 +110,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     meta_cfg.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;
     meta_cfg.keep_logs = cfg.raft.keep_logs;
+    meta_cfg.backup = cfg.node.role == crate::config::Role::Backup;
     let peer_tls = match &cfg.cluster.tls {
         Some(t) => Some(PeerTls::load(&t.ca, &t.cert, &t.key).context("loading the peer TLS files")?),
         None => None,
@@ -122,13 +123,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
 
     let stop = CancellationToken::new();
     let local_registry: LocalHttpSlot = Arc::new(OnceLock::new());
+    let lag = Lag::default();
     let peer_server = tokio::spawn(raftyard_cluster::serve(
-        PeerServices { meta: meta.clone(), blobs: blobs.clone(), local: local_registry.clone() },
+        PeerServices { meta: meta.clone(), blobs: blobs.clone(), local: local_registry.clone(), lag: lag.clone() },
         peer_listener,
         peer_tls,
         stop.clone().cancelled_owned(),
     ));
-    let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join;
+    let backup = cfg.node.role == crate::config::Role::Backup;
+    let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join && !backup;
     if lone {
         meta.wait_for_leader(Duration::from_secs(10)).await.context("no Raft leader was elected")?;
     } else {
@@ -145,12 +148,14 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         Some(t) => Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone() }.acceptor()?),
         None => None,
     };
+    let lag_monitor = LagMonitor::new(meta.clone(), blobs.clone(), peers.clone(), lag.clone()).spawn(stop.clone());
     let blob_peers = BlobPeers::new(peers, blobs.clone());
     let repair = RepairWorker::new(meta.clone(), blobs.clone(), blob_peers.clone()).spawn(stop.clone());
     let reg = Registry::new(
         blobs.clone(),
         meta.clone(),
         blob_peers,
+        lag,
         RegistryConfig {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),
@@ -197,6 +202,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
             upkeep.abort();
             stop.cancel();
             let _ = repair.await;
+            let _ = lag_monitor.await;
             if let Ok(Err(e)) =
                 tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(())))
             {

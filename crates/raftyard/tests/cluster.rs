@@ -9,26 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn cli(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
-    assert!(out.status.success(), "raftyard {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-async fn pull_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, digest: &str) {
-    let r = c.get(n.url(&format!("/v2/{repo}/manifests/{tag}"))).header("accept", OCI_MANIFEST).send().await.unwrap();
-    assert_eq!(r.status(), 200, "manifest {repo}:{tag} on {}", n.addr);
-    assert_eq!(r.headers()["docker-content-digest"], digest);
-    let m: serde_json::Value = r.json().await.unwrap();
-    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-    blobs.extend(m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()));
-    for b in blobs {
-        let r = c.get(n.url(&format!("/v2/{repo}/blobs/{b}"))).send().await.unwrap();
-        assert_eq!(r.status(), 200, "blob {b} on {}", n.addr);
-        assert_eq!(sha256(&r.bytes().await.unwrap()), b);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
     let mut cl = Cluster::start(3);

@@ -41,6 +41,17 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Whether `method` on this endpoint changes the registry (what a backup refuses).
+    pub fn writes(&self, method: &http::Method) -> bool {
+        match self {
+            Endpoint::UploadStart { .. } | Endpoint::Upload { .. } => true,
+            Endpoint::Manifest { .. } | Endpoint::Blob { .. } => {
+                matches!(*method, http::Method::PUT | http::Method::POST | http::Method::PATCH | http::Method::DELETE)
+            }
+            _ => false,
+        }
+    }
+
     /// A short route label for metrics and logs.
     pub fn route(&self) -> &'static str {
         match self {

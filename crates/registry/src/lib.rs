@@ -84,6 +84,8 @@ pub struct Registry {
     pub(crate) replicas: std::sync::Mutex<std::collections::HashMap<String, placement::Replicas>>,
     pub(crate) cfg: RegistryConfig,
     pub(crate) metrics: metrics::Metrics,
+    /// This node's lag figures, if it is a backup.
+    pub(crate) lag: raftyard_cluster::Lag,
 }
 
 /// This node's registry answering requests other nodes forward to its upload sessions.
@@ -100,7 +102,13 @@ impl raftyard_cluster::LocalHttp for LocalRegistry {
 }
 
 impl Registry {
-    pub fn new(blobs: Arc<BlobStore>, meta: MetaNode, peers: BlobPeers, cfg: RegistryConfig) -> Arc<Self> {
+    pub fn new(
+        blobs: Arc<BlobStore>,
+        meta: MetaNode,
+        peers: BlobPeers,
+        lag: raftyard_cluster::Lag,
+        cfg: RegistryConfig,
+    ) -> Arc<Self> {
         Arc::new(Registry {
             blobs,
             meta,
@@ -108,6 +116,7 @@ impl Registry {
             replicas: Default::default(),
             cfg,
             metrics: metrics::Metrics::default(),
+            lag,
         })
     }
 

@@ -84,6 +84,40 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        let lag = reg.lag.get();
+        if lag.measured && reg.meta.is_backup() {
+            let backup = [
+                (
+                    "raftyard_backup_leader_reachable",
+                    "1 if the leader answered the last lag measurement.",
+                    lag.leader_reachable as u8 as f64,
+                ),
+                (
+                    "raftyard_backup_lag_entries",
+                    "Committed log entries not yet applied on this backup.",
+                    lag.entries_behind as f64,
+                ),
+                (
+                    "raftyard_backup_rpo_seconds",
+                    "Seconds of acknowledged metadata writes this backup could be missing.",
+                    lag.rpo_ms as f64 / 1000.0,
+                ),
+                ("raftyard_backup_blobs_missing", "Blobs this backup has yet to fetch.", lag.blobs_missing as f64),
+                (
+                    "raftyard_backup_blob_bytes_missing",
+                    "Bytes of blobs this backup has yet to fetch.",
+                    lag.blob_bytes_missing as f64,
+                ),
+                (
+                    "raftyard_backup_blob_rpo_seconds",
+                    "For how long the oldest blob this backup lacks has been missing here.",
+                    lag.blob_rpo_ms as f64 / 1000.0,
+                ),
+            ];
+            for (name, help, v) in backup {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
+        }
         let mut r = Response::new(full(out));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
         r

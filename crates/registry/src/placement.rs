@@ -32,10 +32,16 @@ impl Registry {
         self.write_quorum(voters).saturating_sub(1)
     }
 
-    /// The other members: where new blobs go.
+    /// The other voters: where new blobs go. Learners (backups) fetch theirs afterwards, so a
+    /// remote backup never slows a push down.
     fn targets(&self) -> Vec<(NodeId, String)> {
         let me = self.meta.id();
-        self.meta.members().into_iter().filter(|(id, _, _)| *id != me).map(|(id, a, _)| (id, a.peer)).collect()
+        self.meta
+            .members()
+            .into_iter()
+            .filter(|(id, _, voter)| *id != me && *voter)
+            .map(|(id, a, _)| (id, a.peer))
+            .collect()
     }
 
     /// Starts streaming a new upload to the peers (none on a node without peers).

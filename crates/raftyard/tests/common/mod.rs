@@ -23,6 +23,8 @@ pub struct Extra<'a> {
     pub raft: &'a str,
     /// TOML appended after the `[cluster]` section (e.g. `[cluster.tls]`).
     pub cluster: &'a str,
+    /// Lines for the `[node]` section (e.g. `role = "backup"`).
+    pub node: &'a str,
 }
 
 /// A running `raftyard serve` process. Killed (SIGKILL) on drop.
@@ -121,9 +123,9 @@ impl Node {
         members: &[(u64, String, String)],
         extra: &Extra,
     ) -> Node {
-        let Extra { join, raft: raft_extra, cluster: cluster_extra } = extra;
+        let Extra { join, raft: raft_extra, cluster: cluster_extra, node: node_extra } = extra;
         let cfg = dir.join(format!("node{id}.toml"));
-        let mut text = format!("[node]\nid = {id}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
+        let mut text = format!("[node]\nid = {id}\n{node_extra}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
         for (mid, mpeer, mreg) in members {
             text.push_str(&format!("[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"));
         }
@@ -283,6 +285,28 @@ pub async fn push_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, se
     sha256(&m)
 }
 
+/// Runs the `raftyard` command; panics with its stderr if it fails, returns its stdout.
+pub fn cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
+    assert!(out.status.success(), "raftyard {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Pulls `repo:tag`, checks its digest, and every blob it names, digest for digest.
+pub async fn pull_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, digest: &str) {
+    let r = c.get(n.url(&format!("/v2/{repo}/manifests/{tag}"))).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200, "manifest {repo}:{tag} on {}", n.addr);
+    assert_eq!(r.headers()["docker-content-digest"], digest);
+    let m: serde_json::Value = r.json().await.unwrap();
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()));
+    for b in blobs {
+        let r = c.get(n.url(&format!("/v2/{repo}/blobs/{b}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "blob {b} on {}", n.addr);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), b);
+    }
+}
+
 /// A cluster of `raftyard` processes on loopback ports.
 pub struct Cluster {
     _dir: tempfile::TempDir,
@@ -329,7 +353,7 @@ impl Cluster {
                     reg,
                     peer,
                     &members,
-                    &Extra { join: false, raft: raft_extra, cluster: &extra },
+                    &Extra { join: false, raft: raft_extra, cluster: &extra, ..Extra::default() },
                 )
             })
             .collect();

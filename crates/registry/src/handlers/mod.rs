@@ -74,6 +74,9 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> 
     }
     let q = parse_query(req.uri().query());
     let method = req.method().clone();
+    if reg.meta.is_backup() && ep.writes(&method) {
+        return Err(backup_refusal(reg));
+    }
     match ep {
         Endpoint::Base => Ok(json_response(StatusCode::OK, b"{}".to_vec(), method == Method::HEAD)),
         Endpoint::Health => discovery::health(reg).await,
@@ -105,6 +108,17 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> 
             _ => manifests::get(reg, &name, &reference, req.headers(), method == Method::HEAD).await,
         },
     }
+}
+
+/// A push to a backup: refused, naming the nodes that take pushes.
+fn backup_refusal(reg: &Registry) -> RegistryError {
+    let primaries: Vec<String> =
+        reg.meta.members().into_iter().filter(|(_, _, voter)| *voter).map(|(_, a, _)| a.registry).collect();
+    RegistryError::Denied(format!(
+        "node {} is a read-only backup; push to a primary: {}",
+        reg.meta.id(),
+        if primaries.is_empty() { "none known".to_string() } else { primaries.join(", ") }
+    ))
 }
 
 pub(crate) fn json_response(status: StatusCode, bytes: Vec<u8>, head: bool) -> Response<Body> {

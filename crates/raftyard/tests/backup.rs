@@ -1,0 +1,191 @@
+//! The backup node: added to a loaded three-node cluster, it follows the log and fetches every
+//! blob, serves pulls, refuses pushes, and reports its lag. Then all three primaries are killed,
+//! the backup is recovered into a cluster of one, and every image acknowledged before its lag
+//! window is there, digest for digest; the recovered node takes pushes, and a new node joins it.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, RngCore, SeedableRng};
+
+const REPO: &str = "backup/app";
+
+/// An image a client pushed and got a `201` for.
+#[derive(Clone)]
+struct Acked {
+    tag: String,
+    digest: String,
+    at: Instant,
+}
+
+/// One push of a fresh image (config + a 16–256 KiB layer + manifest); `None` on any refusal.
+async fn try_push(c: &reqwest::Client, n: &Node, tag: &str, rng: &mut rand::rngs::StdRng) -> Option<String> {
+    let mut layer = vec![0u8; rng.gen_range(16 << 10..256 << 10)];
+    rng.fill_bytes(&mut layer);
+    let config = format!("{{\"tag\":\"{tag}\"}}").into_bytes();
+    let mut digests = Vec::new();
+    for data in [&config, &layer] {
+        let d = sha256(data);
+        let r =
+            c.post(n.url(&format!("/v2/{REPO}/blobs/uploads/?digest={d}"))).body(data.to_vec()).send().await.ok()?;
+        if r.status() != 201 {
+            return None;
+        }
+        digests.push(d);
+    }
+    let m = image_manifest((&digests[0], config.len()), &[(&digests[1], layer.len())], serde_json::json!({}));
+    let r = c
+        .put(n.url(&format!("/v2/{REPO}/manifests/{tag}")))
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .ok()?;
+    (r.status() == 201).then(|| sha256(&m))
+}
+
+/// Pushes to random primaries until `stop`.
+async fn pusher(
+    k: usize,
+    nodes: Vec<Node>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+) -> Vec<Node> {
+    let c = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(k as u64);
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let tag = format!("p{k}-{i}");
+        let n = &nodes[rng.gen_range(0..nodes.len())];
+        if let Some(digest) = try_push(&c, n, &tag, &mut rng).await {
+            acked.lock().unwrap().push(Acked { tag, digest, at: Instant::now() });
+        }
+    }
+    nodes
+}
+
+async fn metric(n: &Node, name: &str) -> Option<f64> {
+    let text = client().get(n.url("/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_follows_a_loaded_cluster_and_recovers_it_alone() {
+    let cl = Cluster::start(3);
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let primaries: Vec<String> = cl.nodes.iter().map(|n| n.addr.clone()).collect();
+    let peer0 = cl.nodes[leader].peer.clone();
+
+    // load on the primaries, from 3 clients
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let remotes = |cl: &Cluster| cl.nodes.iter().map(|n| Node::remote(&n.addr)).collect::<Vec<_>>();
+    let load: Vec<_> = (0..3).map(|k| tokio::spawn(pusher(k, remotes(&cl), stop.clone(), acked.clone()))).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_backup = acked.lock().unwrap().len();
+    assert!(before_backup > 5, "the load pushed {before_backup} images in 2 s");
+
+    // the backup joins under load
+    let dir = tempfile::tempdir().unwrap();
+    let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let extra = Extra { join: true, node: "role = \"backup\"", ..Extra::default() };
+    let mut backup = Node::start_member_with(dir.path(), 4, &r4, &p4, &[], &extra);
+    let out = cli(&["cluster", "add-backup", "--node", &peer0, "--id", "4", "--peer", &p4, "--registry", &r4]);
+    assert!(out.contains("learner"), "{out}");
+
+    // it serves pulls of what was pushed before it joined, and refuses pushes, naming the primaries
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first = acked.lock().unwrap()[0].clone();
+    pull_image(&c, &backup, REPO, &first.tag, &first.digest).await;
+    let r = c.post(backup.url(&format!("/v2/{REPO}/blobs/uploads/"))).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert!(primaries.iter().all(|p| msg.contains(p.as_str())), "{msg}");
+    let r = put_manifest(&c, &backup, REPO, "nope", b"{}", OCI_MANIFEST).await;
+    assert_eq!(r.status(), 403);
+
+    // its lag, as figures: in `cluster status` and in /metrics
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let st: serde_json::Value = serde_json::from_str(&cli(&["cluster", "status", "--node", &p4, "--json"])).unwrap();
+    let me = st["members"].as_array().unwrap().iter().find(|m| m["id"] == 4).expect("backup in status").clone();
+    assert_eq!(me["role"], "backup", "{st}");
+    let lag = &me["lag"];
+    assert_eq!(lag["leader_reachable"], true, "{st}");
+    let rpo = lag["rpo_seconds"].as_f64().unwrap();
+    assert!(rpo < 2.5, "metadata RPO under a light load on loopback: {rpo} s");
+    assert!(lag["entries"].as_u64().unwrap() < 200, "{lag}");
+    let m_rpo = metric(&backup, "raftyard_backup_rpo_seconds").await.expect("rpo metric");
+    assert!(m_rpo < 2.5, "{m_rpo}");
+    assert!(metric(&backup, "raftyard_backup_blobs_missing").await.is_some());
+    let human = cli(&["cluster", "status", "--node", &p4]);
+    assert!(human.contains("backup 4:") && human.contains("RPO"), "{human}");
+
+    // all three primaries die at once, under load
+    let rpo_at_kill = metric(&backup, "raftyard_backup_rpo_seconds").await.unwrap();
+    let blob_rpo_at_kill = metric(&backup, "raftyard_backup_blob_rpo_seconds").await.unwrap();
+    let killed_at = Instant::now();
+    let mut cl = cl;
+    for n in &mut cl.nodes {
+        n.kill9();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        let _ = l.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    eprintln!("{} images acknowledged; RPO at the kill {rpo_at_kill} s (blobs {blob_rpo_at_kill} s)", acked.len());
+
+    // the backup keeps serving pulls, from its own state
+    pull_image(&c, &backup, REPO, &first.tag, &first.digest).await;
+
+    // recover: stop it, make it the only voter, start it on the same config
+    assert!(backup.terminate().success());
+    let out = cli(&["cluster", "recover", "--data-dir", backup.data.to_str().unwrap()]);
+    assert!(out.contains("only voter"), "{out}");
+    backup.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while backup.health().await.and_then(|h| h["leader"].as_u64()) != Some(4) {
+        assert!(Instant::now() < deadline, "the recovered node did not elect itself");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // every image acknowledged before the lag window is there, digest for digest (the window:
+    // the RPO measured up to a second before the kill, plus that second)
+    let window = Duration::from_secs_f64(rpo_at_kill.max(blob_rpo_at_kill) + 1.0);
+    let (mut checked, mut late_present, mut late_missing) = (0, 0, 0);
+    for a in &acked {
+        let must = a.at + window <= killed_at;
+        if must {
+            pull_image(&c, &backup, REPO, &a.tag, &a.digest).await;
+            checked += 1;
+        } else {
+            let r = c.head(backup.url(&format!("/v2/{REPO}/manifests/{}", a.tag))).send().await.unwrap();
+            if r.status() == 200 {
+                late_present += 1;
+            } else {
+                late_missing += 1;
+            }
+        }
+    }
+    eprintln!("{checked} images verified; within the window: {late_present} present, {late_missing} missing");
+    assert!(checked > before_backup, "images pushed after the backup joined were verified too");
+
+    // the recovered cluster is writable
+    let d = push_image(&c, &backup, REPO, "after-recovery", b"after").await;
+    pull_image(&c, &backup, REPO, "after-recovery", &d).await;
+
+    // and a new node joins it, as a voter, and gets everything
+    let (p5, r5) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let n5 = Node::start_member(dir.path(), 5, &r5, &p5, &[], true);
+    let out = cli(&["cluster", "add", "--node", &p4, "--id", "5", "--peer", &p5, "--registry", &r5]);
+    assert!(out.contains("voter"), "{out}");
+    pull_image(&c, &n5, REPO, "after-recovery", &d).await;
+    pull_image(&c, &n5, REPO, &first.tag, &first.digest).await;
+}
