@@ -16,10 +16,12 @@ use tracing::{debug, info, warn};
 
 use crate::blobs::{fetch_sources, BlobPeers};
 
-/// Pause between scans when there was nothing to do.
+/// Pause between scans when there was nothing to do, unless new entries are applied.
 const IDLE_SCAN: Duration = Duration::from_secs(2);
+/// Shortest pause between scans: new entries wake the worker at most this often.
+const MIN_PAUSE: Duration = Duration::from_millis(100);
 /// Blobs fetched at once.
-const PARALLEL: usize = 2;
+const PARALLEL: usize = 4;
 /// Backoff bounds for a blob whose fetch failed.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -41,11 +43,19 @@ impl RepairWorker {
     pub fn spawn(mut self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
+                let applied = self.meta.reader().applied_index();
                 let worked = self.round().await;
                 let pause = if worked { Duration::from_millis(50) } else { IDLE_SCAN };
+                // new entries may link new blobs: look again soon (a backup fetches them then)
+                let reader = self.meta.reader().clone();
+                let newer = async move {
+                    reader.wait_applied(applied + 1).await;
+                    tokio::time::sleep(MIN_PAUSE).await;
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
+                    _ = newer => {}
                 }
             }
         })
@@ -66,6 +76,8 @@ impl RepairWorker {
                 let sources = fetch_sources(&members, me, &info.holders);
                 (d, sources)
             })
+            // no peer known yet (a node that has not learnt the membership): not a failure
+            .filter(|(_, sources)| !sources.is_empty())
             .collect()
     }
 
@@ -89,18 +101,13 @@ impl RepairWorker {
             .buffer_unordered(PARALLEL)
             .collect()
             .await;
-        let mut worked = false;
+        let mut placed = Vec::new();
         for (d, r) in results {
             match r {
                 Ok(size) => {
                     self.failed.remove(&d);
-                    worked = true;
-                    let placed = Event::BlobPlaced { digest: d.clone(), size, node: self.meta.id() };
-                    if let Err(e) = self.meta.propose(vec![placed]).await {
-                        warn!(digest = %d, error = %e, "blob repaired but its placement not recorded");
-                    } else {
-                        info!(digest = %d, size, "blob repaired from a peer");
-                    }
+                    debug!(digest = %d, size, "blob repaired from a peer");
+                    placed.push(Event::BlobPlaced { digest: d, size, node: self.meta.id() });
                 }
                 Err(e) => {
                     let backoff = self.failed.get(&d).map(|(_, b)| (*b * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
@@ -109,6 +116,15 @@ impl RepairWorker {
                 }
             }
         }
-        worked
+        if placed.is_empty() {
+            return false;
+        }
+        // one proposal for the round: a backup catching up fetches hundreds of blobs a second
+        let n = placed.len();
+        match self.meta.propose(placed).await {
+            Ok(()) => info!(blobs = n, "blobs repaired from peers"),
+            Err(e) => warn!(blobs = n, error = %e, "blobs repaired but their placement not recorded"),
+        }
+        true
     }
 }
