@@ -27,8 +27,14 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelSection {
     /// One `[[tunnel.relay]]` per relay; the agent keeps a connection to each and registers
-    /// the shared service `registry` and this node's own `registry-<node.id>`.
+    /// the shared service `registry` (not on a backup: it refuses pushes) and this node's own
+    /// `registry-<node.id>`.
     pub relay: Vec<raftyard_tunnel::RelayLink>,
+    /// Also register `peer-<node.id>` for this node's peer port, so that a node on another
+    /// network (a backup) reaches it, and it that node, through the relay (with
+    /// `cluster.dial_via` mapping advertised peer addresses to the relay's ports, and
+    /// `[cluster.tls]` end to end).
+    pub peer_service: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

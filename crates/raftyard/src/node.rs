@@ -165,7 +165,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
-    let agent = start_agent(&cfg, listener.local_addr()?)?;
+    let agent = start_agent(&cfg, listener.local_addr()?, peer_bound)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
     let registry_addr = listener.local_addr()?;
@@ -230,19 +230,31 @@ fn deliberate_fault() -> anyhow::Result<Option<raftyard_registry::Fault>> {
 
 /// The tunnel agent, if relays are configured: the shared service `registry` and this node's
 /// `registry-<id>`, both forwarded to the registry port.
-fn start_agent(cfg: &Config, registry: std::net::SocketAddr) -> anyhow::Result<Option<raftyard_tunnel::Agent>> {
+fn start_agent(
+    cfg: &Config,
+    registry: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+) -> anyhow::Result<Option<raftyard_tunnel::Agent>> {
     if cfg.tunnel.relay.is_empty() {
         return Ok(None);
     }
-    let mut target = registry;
-    if target.ip().is_unspecified() {
-        target.set_ip(match target {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
+    let local = |mut a: std::net::SocketAddr| {
+        if a.ip().is_unspecified() {
+            a.set_ip(match a {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        a.to_string()
+    };
+    let id = cfg.node.id;
+    let mut services = vec![raftyard_tunnel::LocalService { name: format!("registry-{id}"), local: local(registry) }];
+    if cfg.node.role != crate::config::Role::Backup {
+        services.push(raftyard_tunnel::LocalService { name: "registry".into(), local: local(registry) });
     }
-    let services = ["registry".to_string(), format!("registry-{}", cfg.node.id)]
-        .map(|name| raftyard_tunnel::LocalService { name, local: target.to_string() });
+    if cfg.tunnel.peer_service {
+        services.push(raftyard_tunnel::LocalService { name: format!("peer-{id}"), local: local(peer) });
+    }
     let agent = raftyard_tunnel::Agent::start(&format!("node{}", cfg.node.id), &cfg.tunnel.relay, &services)
         .context("starting the tunnel agent")?;
     info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");

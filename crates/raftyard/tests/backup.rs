@@ -189,3 +189,100 @@ async fn backup_follows_a_loaded_cluster_and_recovers_it_alone() {
     pull_image(&c, &n5, REPO, "after-recovery", &d).await;
     pull_image(&c, &n5, REPO, &first.tag, &first.digest).await;
 }
+
+/// A backup on another network: every byte between it and the primaries (Raft, blob fetches,
+/// lag measurements) goes through the tunnel relay's `peer-<id>` services, with mutual TLS end
+/// to end; the primaries reach it the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_peer_traffic_goes_through_the_relay_with_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_s = certs.to_str().unwrap().to_string();
+    cli(&["certs", "cluster", "--node", "n1", "--node", "n2", "--node", "n3", "--node", "n4", "--out", &certs_s]);
+    let relay = RelayProc::start_with(&dir.path().join("relay"), 4, true);
+    let tls = |id: u64| {
+        let d = certs.join(format!("n{id}"));
+        format!(
+            "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            d.join("ca.pem"),
+            d.join("cert.pem"),
+            d.join("key.pem")
+        )
+    };
+    let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    // the primaries reach the backup's peer port only through the relay
+    let via_relay = |addrs: &[(String, u64)]| {
+        let pairs: Vec<String> =
+            addrs.iter().map(|(a, id)| format!("\"{a}\" = \"{}\"", relay.services[&format!("peer-{id}")])).collect();
+        format!("dial_via = {{ {} }}\n", pairs.join(", "))
+    };
+    let to_backup = via_relay(&[(p4.clone(), 4)]);
+    let cl = Cluster::start_configured(3, "", |id| {
+        format!("{to_backup}{}[tunnel]\npeer_service = true\n{}", tls(id), relay.link(id))
+    });
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let first = push_image(&c, &cl.nodes[leader], REPO, "before", b"before").await;
+
+    let to_primaries =
+        via_relay(&cl.nodes.iter().enumerate().map(|(i, n)| (n.peer.clone(), i as u64 + 1)).collect::<Vec<_>>());
+    let cluster_extra = format!("{to_primaries}{}[tunnel]\npeer_service = true\n{}", tls(4), relay.link(4));
+    let extra = Extra { join: true, node: "role = \"backup\"", cluster: &cluster_extra, ..Extra::default() };
+    let backup = Node::start_member_with(dir.path(), 4, &r4, &p4, &[], &extra);
+    let tls_dir = certs.join("n1");
+    let tls_dir = tls_dir.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = relay.status().await;
+        // registry-1..4 and peer-1..4: one agent each
+        let up = st["services"].as_array().unwrap().iter().filter(|s| s["live_agents"] == 1).count();
+        if up == 8 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "agents not all up: {st:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // a backup does not serve the shared endpoint: pushes through it must reach a primary
+    let shared = st["services"].as_array().unwrap().iter().find(|s| s["name"] == "registry").unwrap().clone();
+    assert_eq!(shared["live_agents"], 3, "{shared}");
+
+    let out = cli(&[
+        "cluster",
+        "add-backup",
+        "--tls-dir",
+        tls_dir,
+        "--node",
+        &cl.nodes[leader].peer,
+        "--id",
+        "4",
+        "--peer",
+        &p4,
+        "--registry",
+        &r4,
+    ]);
+    assert!(out.contains("learner"), "{out}");
+    // a 16–256 KiB layer: the backup fetches it through the relay
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let second = try_push(&c, &cl.nodes[leader], "after", &mut rng).await.expect("push to a primary");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&backup, "raftyard_backup_blobs_missing").await != Some(0.0)
+        || metric(&backup, "raftyard_backup_leader_reachable").await != Some(1.0)
+        || c.head(backup.url(&format!("/v2/{REPO}/manifests/after"))).send().await.unwrap().status() != 200
+    {
+        assert!(Instant::now() < deadline, "the backup did not catch up through the relay");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // it has the blobs themselves (pulls on a backup do not go to the primaries for a tag)
+    pull_image(&c, &backup, REPO, "before", &first).await;
+    pull_image(&c, &backup, REPO, "after", &second).await;
+
+    // and the bytes went through the relay's peer services, both ways
+    let st = relay.status().await;
+    let bytes = |name: &str| {
+        let s = st["services"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap();
+        s["bytes_in"].as_u64().unwrap() + s["bytes_out"].as_u64().unwrap()
+    };
+    assert!(bytes("peer-4") > 0, "primaries → backup through the relay: {st:#}");
+    let to_primaries: u64 = (1..=3).map(|i| bytes(&format!("peer-{i}"))).sum();
+    assert!(to_primaries > 16 << 10, "backup → primaries through the relay (blobs): {to_primaries} bytes");
+}

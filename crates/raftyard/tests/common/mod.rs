@@ -21,7 +21,8 @@ pub struct Extra<'a> {
     pub join: bool,
     /// Lines for the `[raft]` section.
     pub raft: &'a str,
-    /// TOML appended after the `[cluster]` section (e.g. `[cluster.tls]`).
+    /// TOML right after the `[cluster]` keys: more of its keys (`dial_via`), then tables
+    /// (`[cluster.tls]`, `[tunnel]`, …).
     pub cluster: &'a str,
     /// Lines for the `[node]` section (e.g. `role = "backup"`).
     pub node: &'a str,
@@ -126,10 +127,11 @@ impl Node {
         let Extra { join, raft: raft_extra, cluster: cluster_extra, node: node_extra } = extra;
         let cfg = dir.join(format!("node{id}.toml"));
         let mut text = format!("[node]\nid = {id}\n{node_extra}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
+        // the extra TOML first: its leading keys belong to [cluster]; tables after it are fine
+        text.push_str(cluster_extra);
         for (mid, mpeer, mreg) in members {
             text.push_str(&format!("[[cluster.members]]\nid = {mid}\npeer = \"{mpeer}\"\nregistry = \"{mreg}\"\n"));
         }
-        text.push_str(cluster_extra);
         std::fs::write(&cfg, text).unwrap();
         let data = dir.join(format!("node{id}"));
         let mut n = Node {
@@ -476,7 +478,7 @@ pub struct RelayProc {
     pub child: Option<Child>,
     pub control: String,
     pub dashboard: String,
-    /// Public address per service: `registry`, `registry-<id>`.
+    /// Public address per service: `registry`, `registry-<id>` (and `peer-<id>`).
     pub services: std::collections::BTreeMap<String, String>,
     pub dir: PathBuf,
     log: PathBuf,
@@ -485,6 +487,11 @@ pub struct RelayProc {
 impl RelayProc {
     /// A relay for nodes `1..=nodes` in `dir` (which it creates).
     pub fn start(dir: &Path, nodes: u64) -> RelayProc {
+        Self::start_with(dir, nodes, false)
+    }
+
+    /// With `peers`, also a service `peer-<id>` per node (each node's peer port).
+    pub fn start_with(dir: &Path, nodes: u64, peers: bool) -> RelayProc {
         std::fs::create_dir_all(dir).unwrap();
         run(Command::new(env!("CARGO_BIN_EXE_raftyard"))
             .args(["certs", "self-signed", "--host", "127.0.0.1", "--out"])
@@ -500,8 +507,13 @@ impl RelayProc {
         );
         for id in 1..=nodes {
             services.insert(format!("registry-{id}"), port());
+            let mut allowed = format!("\"registry\", \"registry-{id}\"");
+            if peers {
+                services.insert(format!("peer-{id}"), port());
+                allowed.push_str(&format!(", \"peer-{id}\""));
+            }
             text.push_str(&format!(
-                "[[agent]]\nname = \"node{id}\"\ntoken = \"{}\"\nservices = [\"registry\", \"registry-{id}\"]\n",
+                "[[agent]]\nname = \"node{id}\"\ntoken = \"{}\"\nservices = [{allowed}]\n",
                 Self::token(id)
             ));
         }
