@@ -6,6 +6,8 @@
 # also restarts a killed node or relay). Returns once every node answers /v2/, all agree on a
 # leader and every agent is connected to the relay.
 #
+#   --with-backup       also node 4 as a backup (registry 127.0.0.1:5004, peer 127.0.0.1:5104),
+#                       added with `raftyard cluster add-backup` (docs/recovery.md)
 #   RAFTYARD_BIN        binary to run (default: target/release/raftyard)
 #   RAFTYARD_LOCAL_DIR  where node<N>/{config.toml,data,log,pid} live (default: target/cluster-local)
 set -euo pipefail
@@ -13,6 +15,13 @@ cd "$(dirname "$0")/../.."
 bin=${RAFTYARD_BIN:-target/release/raftyard}
 dir=${RAFTYARD_LOCAL_DIR:-target/cluster-local}
 nodes=(1 2 3)
+with_backup=false
+for arg in "$@"; do
+    case "$arg" in
+        --with-backup) with_backup=true ;;
+        *) echo "usage: $0 [--with-backup]" >&2; exit 2 ;;
+    esac
+done
 
 [ -x "$bin" ] || { echo "no binary at $bin (cargo build --release -p raftyard, or set RAFTYARD_BIN)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
@@ -102,4 +111,34 @@ if cluster/wait-for-agents.sh 30 http://127.0.0.1:7500 "${#nodes[@]}"; then
 else
     echo "not every agent reached the relay; logs in $dir/relay/log and $dir/node*/log" >&2
     exit 1
+fi
+
+if $with_backup; then
+    d="$dir/node4"
+    mkdir -p "$d/data"
+    cat > "$d/config.toml" <<TOML
+# Written by cluster/local/up.sh --with-backup
+[node]
+id = 4
+data_dir = "$(realpath "$d")/data"
+role = "backup"
+
+[registry]
+listen = "127.0.0.1:5004"
+
+[cluster]
+listen = "127.0.0.1:5104"
+TOML
+    if running "$d"; then
+        echo "node4 (backup) already running (pid $(cat "$d/pid"))"
+    else
+        launch "$d" serve --config "$d/config.toml"
+        for _ in $(seq 1 100); do curl -fs -o /dev/null http://127.0.0.1:5004/v2/ 2>/dev/null && break; sleep 0.1; done
+        echo "node4 (backup) started (pid $(cat "$d/pid"), registry 127.0.0.1:5004, peer 127.0.0.1:5104)"
+    fi
+    if "$bin" cluster status --node 127.0.0.1:5101 --json | grep -q '"id": 4'; then
+        echo "node4 is already the backup"
+    else
+        "$bin" cluster add-backup --node 127.0.0.1:5101 --id 4 --peer 127.0.0.1:5104 --registry 127.0.0.1:5004
+    fi
 fi

@@ -80,6 +80,7 @@ impl PeerServices {
             rpo_ms: lag.rpo_ms,
             blob_bytes_missing: lag.blob_bytes_missing,
             blob_rpo_ms: lag.blob_rpo_ms,
+            rpo_known: lag.rpo_known,
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct LagFigures {
     pub entries_behind: u64,
     /// Seconds of acknowledged metadata writes this node could be missing (see the module).
     pub rpo_ms: u64,
+    /// Whether `rpo_ms` means anything: false until the leader first answered or a command
+    /// was applied here.
+    pub rpo_known: bool,
     /// Blobs linked in some repository that this node does not hold, and their bytes.
     pub blobs_missing: u64,
     pub blob_bytes_missing: u64,
@@ -120,7 +123,8 @@ impl LagMonitor {
                 self.t_safe_ms = self.t_safe_ms.max(asked_ms);
             }
         }
-        f.rpo_ms = if self.t_safe_ms == 0 { 0 } else { now_ms().saturating_sub(self.t_safe_ms) };
+        f.rpo_known = self.t_safe_ms > 0;
+        f.rpo_ms = if f.rpo_known { now_ms().saturating_sub(self.t_safe_ms) } else { 0 };
 
         let now = Instant::now();
         let mut still = HashMap::new();

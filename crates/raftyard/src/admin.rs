@@ -51,7 +51,7 @@ pub async fn status(node: &str, as_json: bool, tls: &TlsDir) -> anyhow::Result<(
                 "peer": m.peer, "registry": m.registry, "reachable": true,
                 "lag": if s.lag_measured { json!({
                     "leader_reachable": s.leader_reachable, "entries": s.lag_entries,
-                    "rpo_seconds": s.rpo_ms as f64 / 1000.0, "blobs_missing": s.blobs_missing,
+                    "rpo_seconds": if s.rpo_known { json!(s.rpo_ms as f64 / 1000.0) } else { json!(null) }, "blobs_missing": s.blobs_missing,
                     "blob_bytes_missing": s.blob_bytes_missing, "blob_rpo_seconds": s.blob_rpo_ms as f64 / 1000.0,
                 }) } else { json!(null) },
                 "state": s.state, "term": s.term, "last_log_index": s.last_log_index,
@@ -97,10 +97,10 @@ pub async fn status(node: &str, as_json: bool, tls: &TlsDir) -> anyhow::Result<(
             continue;
         }
         println!(
-            "backup {}: {} entries behind, RPO {:.1} s (metadata), {} blobs ({} MiB) to fetch, oldest missing for {:.1} s{}",
+            "backup {}: {} entries behind, RPO {} (metadata), {} blobs ({} MiB) to fetch, oldest missing for {:.1} s{}",
             r["id"],
             lag["entries"],
-            lag["rpo_seconds"].as_f64().unwrap_or(0.0),
+            lag["rpo_seconds"].as_f64().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "unknown".into()),
             lag["blobs_missing"],
             lag["blob_bytes_missing"].as_u64().unwrap_or(0) >> 20,
             lag["blob_rpo_seconds"].as_f64().unwrap_or(0.0),

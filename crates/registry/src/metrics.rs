@@ -115,6 +115,9 @@ impl Metrics {
                 ),
             ];
             for (name, help, v) in backup {
+                if name == "raftyard_backup_rpo_seconds" && !lag.rpo_known {
+                    continue;
+                }
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
             }
         }
