@@ -87,6 +87,17 @@ impl PeerServices {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for PeerServices {
+    type BackupStream = futures::stream::Iter<std::vec::IntoIter<Result<pb::BackupChunk, Status>>>;
+
+    async fn backup(&self, _: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let snap = self.meta.backup_snapshot().await.map_err(codec::propose_error_to_status)?;
+        info!(index = snap.index(), "backup snapshot taken");
+        let bytes = snap.to_bytes();
+        let chunks: Vec<Result<pb::BackupChunk, Status>> =
+            bytes.chunks(1 << 20).map(|c| Ok(pb::BackupChunk { data: c.to_vec().into() })).collect();
+        Ok(Response::new(futures::stream::iter(chunks)))
+    }
+
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         Ok(Response::new(PeerServices::status(self)))
     }

@@ -1,6 +1,8 @@
 //! Metadata consensus of raftyard: the openraft type configuration, the sled-backed Raft log
 //! store, and the event-sourced state machine that folds [`Command`]s into repository state
-//! (manifests, tags, blob links and placements) and keeps the event journal.
+//! (manifests, tags, blob links and placements) and keeps the event journal; consistent
+//! snapshots for online backups and seeding a node from one ([`backup`]), and the offline
+//! recovery of a backup into a cluster of one ([`recover`]).
 //!
 //! Owns the `meta/` sled database under the data directory. It never touches blob files and
 //! never speaks HTTP; the network between nodes is supplied from outside through openraft's
@@ -9,6 +11,7 @@
 // openraft's StorageError is large by design; every storage method returns it.
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 pub mod keys;
 pub mod log_store;
 pub mod network;

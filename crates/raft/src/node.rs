@@ -170,6 +170,10 @@ impl MetaNode {
         self.id
     }
 
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     pub fn raft(&self) -> &Raft {
         &self.raft
     }

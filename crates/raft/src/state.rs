@@ -39,20 +39,20 @@ pub struct BlobInfo {
 }
 
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, NodeAddr>,
-    data: Vec<u8>,
+pub(crate) struct StoredSnapshot {
+    pub(crate) meta: SnapshotMeta<NodeId, NodeAddr>,
+    pub(crate) data: Vec<u8>,
 }
 
 type Membership = StoredMembership<NodeId, NodeAddr>;
 /// Key/value pairs of the state tree.
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("in-memory values always encode")
 }
 
-fn dec<T: serde::de::DeserializeOwned>(v: &[u8]) -> Option<T> {
+pub(crate) fn dec<T: serde::de::DeserializeOwned>(v: &[u8]) -> Option<T> {
     bincode::deserialize(v).ok()
 }
 

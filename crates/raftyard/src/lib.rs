@@ -1,11 +1,13 @@
 //! The `raftyard` program as a library: the one configuration struct ([`config`]), the wiring
 //! of the crates into a running node with ordered shutdown ([`node`]), the admin client behind
-//! `raftyard cluster …` ([`admin`]), certificate generation ([`certs`]) and the `raftyard relay`
+//! `raftyard cluster …` ([`admin`]), online backups to a directory (`raftyard backup …`,
+//! [`backup`]), certificate generation ([`certs`]) and the `raftyard relay`
 //! and `raftyard agent` processes ([`tunnel`]). The binary
 //! (`main.rs`) is only the command line over these; tests start nodes in-process with
 //! [`node::start`]. No registry, storage or consensus logic lives here.
 
 pub mod admin;
+pub mod backup;
 pub mod certs;
 pub mod config;
 pub mod node;

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use anyhow::Context as _;
 use raftyard::config::Config;
-use raftyard::{admin, certs, node, tunnel};
+use raftyard::{admin, backup, certs, node, tunnel};
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
@@ -49,6 +50,13 @@ enum Cmd {
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+    /// Online backups to a directory: create, verify, restore (docs/recovery.md).
+    Backup {
+        #[command(subcommand)]
+        cmd: BackupCmd,
         #[command(flatten)]
         tls: PeerTlsArgs,
     },
@@ -149,6 +157,56 @@ enum ClusterCmd {
 }
 
 #[derive(Subcommand)]
+enum BackupCmd {
+    /// Take a consistent snapshot on a running node (every write acknowledged before is in
+    /// it) and copy the blobs it references that DIR does not hold yet.
+    Create {
+        /// Peer address (host:port) of any member.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        node: String,
+        /// The backup directory (created if needed; earlier backups in it are kept).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check the snapshot's checksum and hash every blob it references.
+    Verify {
+        dir: PathBuf,
+        /// The snapshot at this log index (default: the newest).
+        #[arg(long)]
+        index: Option<u64>,
+    },
+    /// Seed a new node's data directory from the backup (a cluster of one), or, with --repo and
+    /// --to, push one repository back into a running registry.
+    Restore {
+        dir: PathBuf,
+        /// The snapshot at this log index (default: the newest).
+        #[arg(long)]
+        index: Option<u64>,
+        /// The new node's data directory (must hold no metadata yet).
+        #[arg(long, required_unless_present = "repo", conflicts_with = "repo")]
+        data_dir: Option<PathBuf>,
+        /// The new node's id.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// The new node's peer address, as it will advertise it.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        peer: String,
+        /// The new node's registry address, as it will advertise it.
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        registry: String,
+        /// Restore only this repository, through the registry API of --to.
+        #[arg(long, requires = "to")]
+        repo: Option<String>,
+        /// Registry base URL to push the repository to (http://host:port).
+        #[arg(long)]
+        to: Option<String>,
+        /// CA certificate (PEM) for an HTTPS --to.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum CertsCmd {
     /// A cluster CA and one certificate per node for mutual TLS on the peer port:
     /// DIR/ca.pem, DIR/ca-key.pem and DIR/<node>/{ca.pem,cert.pem,key.pem}.
@@ -214,6 +272,20 @@ fn main() -> anyhow::Result<()> {
                 }
                 ClusterCmd::Recover { data_dir, id } => admin::recover(&data_dir, id).await,
                 ClusterCmd::Remove { node, id } => admin::remove(&node, id, &tls).await,
+            }
+        }),
+        Cmd::Backup { cmd, tls } => runtime()?.block_on(async {
+            let tls = tls.tls_dir;
+            match cmd {
+                BackupCmd::Create { node, out } => backup::create(&node, &out, &tls).await,
+                BackupCmd::Verify { dir, index } => backup::verify(&dir, index).await,
+                BackupCmd::Restore { dir, index, repo: Some(repo), to: Some(to), ca, .. } => {
+                    backup::restore_repo(&dir, index, &repo, &to, ca).await
+                }
+                BackupCmd::Restore { dir, index, data_dir, id, peer, registry, .. } => {
+                    let data_dir = data_dir.context("--data-dir")?;
+                    backup::restore(&dir, index, &data_dir, id, raftyard_raft::NodeAddr { peer, registry }).await
+                }
             }
         }),
         Cmd::Certs { cmd: CertsCmd::Cluster { nodes, out } } => {

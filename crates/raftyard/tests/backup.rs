@@ -286,3 +286,86 @@ async fn backup_peer_traffic_goes_through_the_relay_with_tls() {
     let to_primaries: u64 = (1..=3).map(|i| bytes(&format!("peer-{i}"))).sum();
     assert!(to_primaries > 16 << 10, "backup → primaries through the relay (blobs): {to_primaries} bytes");
 }
+
+fn backup_record(dir: &std::path::Path) -> serde_json::Value {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("raftyard-backup.json")).unwrap()).unwrap();
+    m["snapshots"].as_array().unwrap().last().unwrap().clone()
+}
+
+/// `raftyard backup create` on a running cluster (incremental on the second run), `verify`
+/// (and a corrupted blob caught), `restore --data-dir` seeding a node that serves everything,
+/// and `restore --repo` pushing one repository into another registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn online_backup_create_verify_restore() {
+    let cl = Cluster::start(3);
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let a = push_image(&c, &cl.nodes[leader], REPO, "a", b"image-a").await;
+    let other = push_image(&c, &cl.nodes[(leader + 1) % 3], "backup/other", "x", b"other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("backup");
+    let out_s = out.to_str().unwrap();
+    // from a follower: its snapshot still holds every acknowledged write
+    let follower = &cl.nodes[(leader + 2) % 3];
+    let said = cli(&["backup", "create", "--node", &follower.peer, "--out", out_s]);
+    assert!(said.contains("4 blobs"), "{said}");
+    let first = backup_record(&out);
+    assert_eq!((first["blobs"].as_u64(), first["copied_blobs"].as_u64()), (Some(4), Some(4)), "{first}");
+
+    // incremental: only the new image's two blobs are copied
+    let b = push_image(&c, &cl.nodes[leader], REPO, "b", b"image-b").await;
+    cli(&["backup", "create", "--node", &follower.peer, "--out", out_s]);
+    let second = backup_record(&out);
+    assert_eq!((second["blobs"].as_u64(), second["copied_blobs"].as_u64()), (Some(6), Some(2)), "{second}");
+    assert!(second["index"].as_u64() > first["index"].as_u64());
+    let said = cli(&["backup", "verify", out_s]);
+    assert!(said.contains("intact"), "{said}");
+
+    // a new node seeded from it serves everything, as a cluster of one that takes pushes
+    let data = dir.path().join("restored");
+    let (p, r) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let said = cli(&["backup", "restore", out_s, "--data-dir", data.to_str().unwrap(), "--peer", &p, "--registry", &r]);
+    assert!(said.contains("only voter"), "{said}");
+    let mut n = Node::start_with(&data, &[]);
+    pull_image(&c, &n, REPO, "a", &a).await;
+    pull_image(&c, &n, REPO, "b", &b).await;
+    pull_image(&c, &n, "backup/other", "x", &other).await;
+    push_image(&c, &n, REPO, "c", b"image-c").await;
+    n.kill9();
+
+    // one repository into another registry; again: nothing to push
+    let fresh = Node::start(&dir.path().join("fresh"));
+    let to = format!("http://{}", fresh.addr);
+    let said = cli(&["backup", "restore", out_s, "--repo", REPO, "--to", &to]);
+    assert!(said.contains("4 blobs (4 pushed"), "{said}");
+    pull_image(&c, &fresh, REPO, "a", &a).await;
+    pull_image(&c, &fresh, REPO, "b", &b).await;
+    let r = c.get(fresh.url("/v2/backup/other/manifests/x")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "only the chosen repository");
+    let said = cli(&["backup", "restore", out_s, "--repo", REPO, "--to", &to]);
+    assert!(said.contains("(0 pushed"), "{said}");
+
+    // a damaged blob is caught by verify, and restore refuses to seed from it
+    let blob = walk_files(&out.join("blobs")).into_iter().next().expect("a blob file");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let err = cli_fails(&["backup", "verify", out_s]);
+    assert!(err.contains("corrupt"), "{err}");
+    let err = cli_fails(&["backup", "restore", out_s, "--data-dir", dir.path().join("again").to_str().unwrap()]);
+    assert!(err.contains("damaged"), "{err}");
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -244,12 +243,6 @@ async fn upload_requests_on_other_nodes_are_streamed_to_the_owner() {
     let r = c.patch(cl.nodes[1].url(&loc)).body(vec![1u8; 10]).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
-}
-
-fn cli_fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
-    assert!(!out.status.success(), "raftyard {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Peer ports with mutual TLS: the cluster works through them (forwarded writes, replicated

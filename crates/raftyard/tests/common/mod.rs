@@ -294,6 +294,13 @@ pub fn cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs the `raftyard` command, which must fail; returns its stderr.
+pub fn cli_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftyard")).args(args).output().unwrap();
+    assert!(!out.status.success(), "raftyard {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Pulls `repo:tag`, checks its digest, and every blob it names, digest for digest.
 pub async fn pull_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, digest: &str) {
     let r = c.get(n.url(&format!("/v2/{repo}/manifests/{tag}"))).header("accept", OCI_MANIFEST).send().await.unwrap();

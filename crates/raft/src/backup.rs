@@ -1,0 +1,154 @@
+//! Online backups of the metadata: a consistent snapshot of the state at a log index, taken
+//! on a running node, written to a file, read back to list the blobs it references, opened as
+//! a read-only state, or used to seed a new node's storage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::path::Path;
+use std::time::Duration;
+
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::{Membership, SnapshotMeta, StoredMembership};
+use raftyard_types::Digest;
+
+use crate::log_store::LogStore;
+use crate::node::{MetaNode, ProposeError, StartError};
+use crate::state::{dec, enc, BlobInfo, StateMachine, StoredSnapshot};
+use crate::ManifestRecord;
+use crate::{keys, NodeAddr, NodeId, StateReader};
+
+/// One key and value of the state.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// One repository's content in a snapshot.
+#[derive(Debug, Default)]
+pub struct Repository {
+    pub blobs: Vec<(Digest, u64)>,
+    pub manifests: Vec<(Digest, String, Vec<u8>)>,
+    pub tags: Vec<(String, Digest)>,
+}
+
+/// A snapshot of the metadata state: what `raftyard backup create` stores.
+pub struct BackupSnapshot(StoredSnapshot);
+
+impl BackupSnapshot {
+    /// The log index (and term) the state is at.
+    pub fn index(&self) -> u64 {
+        self.0.meta.last_log_id.map(|l| l.index).unwrap_or(0)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.0.meta.last_log_id.map(|l| l.leader_id.term).unwrap_or(0)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        enc(&self.0)
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        dec::<StoredSnapshot>(b).map(BackupSnapshot)
+    }
+
+    fn pairs(&self) -> Result<Vec<KeyValue>, StartError> {
+        bincode::deserialize(&self.0.data).map_err(|e| StartError::Storage(format!("snapshot data: {e}")))
+    }
+
+    /// Every blob the state knows, with its size.
+    pub fn blobs(&self) -> Result<Vec<(Digest, u64)>, StartError> {
+        let prefix = keys::blob("");
+        let mut out = Vec::new();
+        for (k, v) in self.pairs()? {
+            if let Some(rest) = k.strip_prefix(prefix.as_slice()) {
+                if let (Ok(d), Some(info)) = (Digest::parse(&String::from_utf8_lossy(rest)), dec::<BlobInfo>(&v)) {
+                    out.push((d, info.size));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The voters and learners of the cluster it was taken from, with their addresses.
+    pub fn members(&self) -> Vec<(NodeId, NodeAddr)> {
+        self.0.meta.last_membership.membership().nodes().map(|(id, a)| (*id, a.clone())).collect()
+    }
+
+    /// What `repo` holds: its blobs (digest, size), manifests (digest, media type, bytes) and
+    /// tags (tag, digest).
+    pub fn repository(&self, repo: &str) -> Result<Repository, StartError> {
+        let (lp, mp, tp) = (keys::link(repo, ""), keys::manifest(repo, ""), keys::tag(repo, ""));
+        let mut r = Repository::default();
+        let digest = |rest: &[u8]| Digest::parse(&String::from_utf8_lossy(rest)).ok();
+        for (k, v) in self.pairs()? {
+            if let Some(d) = k.strip_prefix(lp.as_slice()).and_then(digest) {
+                let size = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+                r.blobs.push((d, size));
+            } else if let Some(d) = k.strip_prefix(mp.as_slice()).and_then(digest) {
+                if let Some(m) = dec::<ManifestRecord>(&v) {
+                    r.manifests.push((d, m.media_type, m.bytes));
+                }
+            } else if let Some(t) = k.strip_prefix(tp.as_slice()) {
+                if let Some(d) = digest(&v) {
+                    r.tags.push((String::from_utf8_lossy(t).into_owned(), d));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Installs the state in a new sled database under `dir` and returns a reader of it.
+    pub async fn open(&self, dir: &Path) -> Result<StateReader, StartError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let mut sm = StateMachine::open(&db)?;
+        sm.install_snapshot(&self.0.meta, Box::new(Cursor::new(self.0.data.clone())))
+            .await
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        Ok(sm.reader())
+    }
+
+    /// Seeds the metadata storage of a new node under `dir` (which must not hold any): the
+    /// state of this snapshot, with node `id` (at `addr`) the only voter. The node then starts
+    /// as a cluster of one at the snapshot's index.
+    pub async fn seed(&self, dir: &Path, id: NodeId, addr: NodeAddr) -> Result<(), StartError> {
+        if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+            return Err(StartError::Storage(format!("{} is not empty", dir.display())));
+        }
+        let db = sled::Config::new().path(dir).open()?;
+        let (mut log, mut sm) = (LogStore::open(&db)?, StateMachine::open(&db)?);
+        let last = self.0.meta.last_log_id;
+        let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, addr)]));
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: StoredMembership::new(last, membership),
+            snapshot_id: format!("restored-{}", self.0.meta.snapshot_id),
+        };
+        sm.install_snapshot(&meta, Box::new(Cursor::new(self.0.data.clone())))
+            .await
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        if let Some(last) = last {
+            // the log starts after the snapshot
+            log.purge(last).await.map_err(|e| StartError::Storage(e.to_string()))?;
+        }
+        db.flush_async().await?;
+        Ok(())
+    }
+}
+
+impl MetaNode {
+    /// A consistent snapshot of the state including every write acknowledged before the call:
+    /// after a read barrier, Raft builds a snapshot at (or after) the applied index.
+    pub async fn backup_snapshot(&self) -> Result<BackupSnapshot, ProposeError> {
+        self.read_barrier().await?;
+        let target = self.reader().applied_index();
+        let unavailable = |e: String| ProposeError::Unavailable(format!("backup snapshot: {e}"));
+        self.raft().trigger().snapshot().await.map_err(|e| unavailable(e.to_string()))?;
+        let mut m = self.raft().metrics();
+        tokio::time::timeout(Duration::from_secs(120), m.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= target)))
+            .await
+            .map_err(|_| unavailable("not built within 120 s".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        let v =
+            self.db().open_tree("snapshot").and_then(|t| t.get(b"current")).map_err(|e| unavailable(e.to_string()))?;
+        let s = v.and_then(|v| dec::<StoredSnapshot>(&v)).ok_or_else(|| unavailable("no snapshot stored".into()))?;
+        Ok(BackupSnapshot(s))
+    }
+}

@@ -1,0 +1,413 @@
+//! `raftyard backup create|verify|restore`: online backups to a directory.
+//!
+//! ```text
+//! DIR/raftyard-backup.json        one record per snapshot taken (newest last)
+//! DIR/snapshots/<term>-<index>.snap   the metadata state at that log index
+//! DIR/blobs/sha256/<xx>/<hex>     every blob any snapshot references, stored once
+//! ```
+//!
+//! A backup is incremental: blobs already in DIR are not copied again, so a daily backup copies
+//! only the blobs pushed since the last one. Every blob is verified against its digest while it
+//! streams in.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use raftyard_blobstore::{BlobStore, BlobStoreConfig};
+use raftyard_cluster::pb::admin_client::AdminClient;
+use raftyard_cluster::pb::BackupRequest;
+use raftyard_cluster::{BlobPeers, PeerTls, Peers};
+use raftyard_raft::backup::BackupSnapshot;
+use raftyard_raft::NodeAddr;
+use raftyard_types::{Digest, RepoName};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::admin::TlsDir;
+
+const MANIFEST: &str = "raftyard-backup.json";
+/// Blobs copied at once.
+const PARALLEL: usize = 4;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    snapshots: Vec<SnapshotRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotRecord {
+    /// Relative to the backup directory.
+    file: String,
+    sha256: String,
+    index: u64,
+    term: u64,
+    /// When it was taken, ms since the epoch.
+    taken_ms: u64,
+    /// The node it was taken from (peer address).
+    node: String,
+    blobs: u64,
+    bytes: u64,
+    /// Blobs (and bytes) this run copied; the others were in the directory already.
+    copied_blobs: u64,
+    copied_bytes: u64,
+}
+
+fn load_manifest(dir: &Path) -> anyhow::Result<Manifest> {
+    let p = dir.join(MANIFEST);
+    if !p.exists() {
+        return Ok(Manifest { format: 1, snapshots: Vec::new() });
+    }
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(&p)?).with_context(|| format!("reading {}", p.display()))?;
+    anyhow::ensure!(m.format == 1, "{}: unknown format {}", p.display(), m.format);
+    Ok(m)
+}
+
+/// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
+fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().context("no parent directory")?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn store_at(dir: &Path) -> anyhow::Result<Arc<BlobStore>> {
+    let cfg = BlobStoreConfig { root: dir.to_path_buf(), owner: "backup".into(), fsync: true, min_free_bytes: 0 };
+    Ok(Arc::new(BlobStore::open(cfg).with_context(|| format!("opening the blobs of {}", dir.display()))?))
+}
+
+fn bytes_bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn peers(tls: &TlsDir) -> anyhow::Result<Arc<Peers>> {
+    let tls = match tls {
+        Some(d) => Some(PeerTls::load_dir(d)?),
+        None => None,
+    };
+    Ok(Arc::new(Peers::with_tls(tls)))
+}
+
+/// `backup create`: a snapshot from `node` (a peer address) and the blobs it references.
+pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> {
+    let peers = peers(tls)?;
+    let started = std::time::Instant::now();
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(format!("taking a snapshot on {node}"));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let ch = peers.channel(node).with_context(|| format!("peer address {node}"))?;
+    let mut stream = AdminClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .backup(BackupRequest {})
+        .await
+        .with_context(|| format!("asking {node} for a snapshot"))?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk.context("receiving the snapshot")?.data);
+    }
+    spinner.finish_and_clear();
+    let snap = BackupSnapshot::from_bytes(&bytes).context("the node sent an unreadable snapshot")?;
+
+    std::fs::create_dir_all(out.join("snapshots"))?;
+    let file = format!("snapshots/{}-{}.snap", snap.term(), snap.index());
+    write_durably(&out.join(&file), &bytes)?;
+
+    let store = store_at(out)?;
+    let blobs = snap.blobs()?;
+    let missing: Vec<(Digest, u64)> = blobs.iter().filter(|(d, _)| store.stat(d).is_none()).cloned().collect();
+    let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+    let to_copy: u64 = missing.iter().map(|(_, s)| s).sum();
+    // the node first, then the other members of its cluster
+    let mut sources = vec![node.to_string()];
+    sources.extend(snap.members().into_iter().map(|(_, a)| a.peer).filter(|p| p != node));
+    let fetcher = BlobPeers::new(peers, store.clone());
+    let repo = RepoName::parse("raftyard-backup").expect("valid name");
+    let bar = bytes_bar(to_copy, &format!("{} blobs", missing.len()));
+    let failed: Vec<String> = futures::stream::iter(missing.iter().cloned())
+        .map(|(d, size)| {
+            let (fetcher, repo, sources, bar) = (fetcher.clone(), repo.clone(), sources.clone(), bar.clone());
+            async move {
+                let r = fetcher.fetch(&repo, &d, &sources).await;
+                bar.inc(size);
+                r.err().map(|e| format!("{d}: {e}"))
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .filter_map(|f| async move { f })
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} blobs could not be copied (the snapshot is kept; run again):\n{}",
+            failed.len(),
+            missing.len(),
+            failed.join("\n")
+        );
+    }
+
+    let mut m = load_manifest(out)?;
+    let rec = SnapshotRecord {
+        file: file.clone(),
+        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        index: snap.index(),
+        term: snap.term(),
+        taken_ms: now_ms(),
+        node: node.to_string(),
+        blobs: blobs.len() as u64,
+        bytes: total,
+        copied_blobs: missing.len() as u64,
+        copied_bytes: to_copy,
+    };
+    m.snapshots.retain(|s| s.file != rec.file);
+    m.snapshots.push(rec);
+    write_durably(&out.join(MANIFEST), &serde_json::to_vec_pretty(&m)?)?;
+    println!(
+        "backup of {node} at log index {} in {}: {} blobs ({} MiB), {} copied ({} MiB) in {:.1} s",
+        snap.index(),
+        out.display(),
+        blobs.len(),
+        total >> 20,
+        missing.len(),
+        to_copy >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The record and snapshot of `index` in `dir` (the newest without it), its checksum verified.
+fn open_snapshot(dir: &Path, index: Option<u64>) -> anyhow::Result<(SnapshotRecord, BackupSnapshot)> {
+    let m = load_manifest(dir)?;
+    let rec = match index {
+        Some(i) => {
+            m.snapshots.iter().rev().find(|s| s.index == i).with_context(|| format!("no snapshot at index {i}"))?
+        }
+        None => m.snapshots.last().with_context(|| format!("{} holds no backup", dir.display()))?,
+    }
+    .clone();
+    let bytes = std::fs::read(dir.join(&rec.file)).with_context(|| format!("reading {}", rec.file))?;
+    let sum = hex::encode(sha2::Sha256::digest(&bytes));
+    anyhow::ensure!(sum == rec.sha256, "{} is corrupt: sha256 {sum}, recorded {}", rec.file, rec.sha256);
+    let snap = BackupSnapshot::from_bytes(&bytes).with_context(|| format!("{} is unreadable", rec.file))?;
+    Ok((rec, snap))
+}
+
+/// Hashes the file of `d` in `store`: `Ok(())` if it is there with that digest and size.
+fn check_blob(store: &BlobStore, d: &Digest, size: u64) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(store.path_of(d)).map_err(|e| format!("{d}: missing ({e})"))?;
+    let mut h = d.algorithm().hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(|e| format!("{d}: {e}"))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    let got = h.finish();
+    if &got != d || n != size {
+        return Err(format!("{d}: corrupt ({n} bytes hashing to {got})"));
+    }
+    Ok(())
+}
+
+/// `backup verify`: the snapshot's checksum, and every blob it references, hashed.
+pub async fn verify(dir: &Path, index: Option<u64>) -> anyhow::Result<()> {
+    let (rec, snap) = open_snapshot(dir, index)?;
+    let store = store_at(dir)?;
+    let blobs = snap.blobs()?;
+    let bar = bytes_bar(blobs.iter().map(|(_, s)| s).sum(), &format!("verifying {} blobs", blobs.len()));
+    let mut bad = Vec::new();
+    for (d, size) in &blobs {
+        if let Err(e) = check_blob(&store, d, *size) {
+            bad.push(e);
+        }
+        bar.inc(*size);
+    }
+    bar.finish_and_clear();
+    if !bad.is_empty() {
+        bail!("{} of {} blobs are missing or corrupt:\n{}", bad.len(), blobs.len(), bad.join("\n"));
+    }
+    println!(
+        "{}: snapshot at log index {} and its {} blobs ({} MiB) are intact",
+        dir.display(),
+        rec.index,
+        blobs.len(),
+        rec.bytes >> 20
+    );
+    Ok(())
+}
+
+/// `backup restore --data-dir`: a new node's data directory holding the backup: the metadata
+/// state with node `id` the only voter, and every blob. `raftyard serve` on it runs a cluster
+/// of one; add nodes with `raftyard cluster add`.
+pub async fn restore(dir: &Path, index: Option<u64>, data_dir: &Path, id: u64, addr: NodeAddr) -> anyhow::Result<()> {
+    let (rec, snap) = open_snapshot(dir, index)?;
+    let meta = data_dir.join("meta");
+    anyhow::ensure!(
+        !meta.exists(),
+        "{} already holds a node's metadata: restore into a new directory",
+        data_dir.display()
+    );
+    let from = store_at(dir)?;
+    let to = store_at(data_dir)?;
+    let blobs = snap.blobs()?;
+    let bar = bytes_bar(blobs.iter().map(|(_, s)| s).sum(), &format!("restoring {} blobs", blobs.len()));
+    let mut bad = Vec::new();
+    for (d, size) in &blobs {
+        match check_blob(&from, d, *size) {
+            Ok(()) => {
+                let (src, dst) = (from.path_of(d), to.path_of(d));
+                if std::fs::hard_link(&src, &dst).is_err() {
+                    std::fs::copy(&src, &dst).with_context(|| format!("copying {d}"))?;
+                    std::fs::File::open(&dst)?.sync_all()?;
+                }
+            }
+            Err(e) => bad.push(e),
+        }
+        bar.inc(*size);
+    }
+    bar.finish_and_clear();
+    if !bad.is_empty() {
+        bail!("the backup is damaged, nothing was seeded:\n{}", bad.join("\n"));
+    }
+    for alg in ["sha256", "sha512"] {
+        for i in 0..=255u8 {
+            std::fs::File::open(data_dir.join("blobs").join(alg).join(format!("{i:02x}")))?.sync_all()?;
+        }
+    }
+    snap.seed(&meta, id, addr.clone()).await.context("seeding the metadata")?;
+    println!(
+        "{} now holds the backup at log index {} ({} blobs, {} MiB) as node {id}, the only voter \
+         (peer {}, registry {}).\nStart it with `raftyard serve` (node.id = {id}); add nodes with `raftyard cluster add`.",
+        data_dir.display(),
+        rec.index,
+        blobs.len(),
+        rec.bytes >> 20,
+        addr.peer,
+        addr.registry
+    );
+    Ok(())
+}
+
+/// `backup restore --repo NAME --to URL`: pushes one repository of the backup to a running
+/// registry through its API (blobs it already has are skipped), manifests before the indexes
+/// that name them, then the tags.
+pub async fn restore_repo(
+    dir: &Path,
+    index: Option<u64>,
+    repo: &str,
+    to: &str,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (_, snap) = open_snapshot(dir, index)?;
+    let r = snap.repository(repo)?;
+    anyhow::ensure!(!r.manifests.is_empty() || !r.blobs.is_empty(), "repository {repo} is not in this backup");
+    let store = store_at(dir)?;
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(3600));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    let http = http.build()?;
+    let base = to.trim_end_matches('/');
+    let bar = bytes_bar(r.blobs.iter().map(|(_, s)| s).sum(), &format!("{repo}: {} blobs", r.blobs.len()));
+    let mut pushed = 0;
+    for (d, size) in &r.blobs {
+        let url = format!("{base}/v2/{repo}/blobs/{d}");
+        if http.head(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            bar.inc(*size);
+            continue;
+        }
+        check_blob(&store, d, *size).map_err(anyhow::Error::msg)?;
+        let file = tokio::fs::File::open(store.path_of(d)).await?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let resp = http
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .header("content-type", "application/octet-stream")
+            .header("content-length", size.to_string())
+            .body(body)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 201,
+            "pushing blob {d}: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+        pushed += 1;
+        bar.inc(*size);
+    }
+    bar.finish_and_clear();
+    // manifests: whatever names a manifest not yet pushed waits for a later pass
+    let by_digest: std::collections::HashMap<Digest, (String, Vec<u8>)> =
+        r.manifests.iter().map(|(d, t, b)| (d.clone(), (t.clone(), b.clone()))).collect();
+    let mut left = r.manifests;
+    let mut done = 0;
+    while !left.is_empty() {
+        let mut later = Vec::new();
+        let before = left.len();
+        for (d, media_type, bytes) in left {
+            let resp = http
+                .put(format!("{base}/v2/{repo}/manifests/{d}"))
+                .header("content-type", &media_type)
+                .body(bytes.clone())
+                .send()
+                .await?;
+            match resp.status().as_u16() {
+                201 => done += 1,
+                400 => later.push((d, media_type, bytes)),
+                s => bail!("pushing manifest {d}: {s} {}", resp.text().await.unwrap_or_default()),
+            }
+        }
+        anyhow::ensure!(later.len() < before, "{} manifests refer to content missing from the backup", later.len());
+        left = later;
+    }
+    for (tag, d) in &r.tags {
+        let (media_type, bytes) =
+            by_digest.get(d).with_context(|| format!("tag {tag} names {d}, which is not in the backup"))?;
+        let resp = http
+            .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+            .header("content-type", media_type)
+            .body(bytes.clone())
+            .send()
+            .await?;
+        anyhow::ensure!(
+            resp.status() == 201,
+            "tagging {tag}: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    println!(
+        "{repo} restored to {base}: {} blobs ({pushed} pushed, the rest were there), {done} manifests, {} tags",
+        r.blobs.len(),
+        r.tags.len()
+    );
+    Ok(())
+}
