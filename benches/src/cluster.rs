@@ -67,6 +67,7 @@ struct Node {
     dir: PathBuf,
     config: PathBuf,
     registry_port: u16,
+    peer_port: u16,
     server: Server,
     /// False after [`Cluster::kill`] until [`Cluster::restart`].
     running: bool,
@@ -102,9 +103,49 @@ impl Cluster {
                 .with_context(|| format!("writing {}", config.display()))?;
             let server = Server::start_raftyard_node(bin, Node::name(id), &config, &dir, registry_port)?;
             eprintln!("started {} (pid {}) at {}, peer port {peer_port}", server.name, server.pid(), server.base);
-            nodes.push(Node { id, dir, config, registry_port, server, running: true });
+            nodes.push(Node { id, dir, config, registry_port, peer_port, server, running: true });
         }
         Ok(Cluster { bin: bin.to_path_buf(), nodes, http: http_client(HEALTH_TIMEOUT)? })
+    }
+
+    /// Starts node `id` as a backup (`node.role = "backup"`) and adds it to the cluster with
+    /// `raftyard cluster add-backup`; it then counts as a node of this cluster (not as a voter:
+    /// wait for leaders with the voters only).
+    pub async fn add_backup(&mut self, id: u64, dir: &Path) -> Result<()> {
+        let ports = free_ports(2)?;
+        let (registry_port, peer_port) = (ports[0], ports[1]);
+        let dir = dir.join(format!("node{id}"));
+        let data_dir = dir.join("data");
+        fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let config = dir.join("config.toml");
+        let mut text = node_config(id, &data_dir, registry_port, peer_port, &[]);
+        text = text.replacen("[node]\n", "[node]\nrole = \"backup\"\n", 1);
+        fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        let server =
+            Server::start_raftyard_node(&self.bin, format!("raftyard backup {id}"), &config, &dir, registry_port)?;
+        eprintln!("started {} (pid {}) at {}, peer port {peer_port}", server.name, server.pid(), server.base);
+        self.nodes.push(Node { id, dir, config, registry_port, peer_port, server, running: true });
+        let http = self.http.clone();
+        self.node_mut(id)?.server.wait_ready(&http, Duration::from_secs(30)).await?;
+        let voter = self.nodes.iter().find(|n| n.id != id && n.running).context("no running voter")?;
+        let out = std::process::Command::new(&self.bin)
+            .args([
+                "cluster",
+                "add-backup",
+                "--node",
+                &format!("127.0.0.1:{}", voter.peer_port),
+                "--id",
+                &id.to_string(),
+            ])
+            .args(["--peer", &format!("127.0.0.1:{peer_port}"), "--registry", &format!("127.0.0.1:{registry_port}")])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cluster add-backup: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: u64) -> Result<PathBuf> {
+        Ok(self.node(id)?.dir.join("data"))
     }
 
     pub fn size(&self) -> usize {

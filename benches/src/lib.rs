@@ -1,8 +1,10 @@
 //! Side-by-side benchmarks of raftyard: the registry against CNCF Distribution
 //! (`raftyard-bench`, see its binary's docs) and the tunnel against rathole
-//! (`raftyard-tunnel-bench`, see [`tunnel`]). The modules are the parts both binaries share:
+//! (`raftyard-tunnel-bench`, see [`tunnel`]), and the RPO of a backup node
+//! (`raftyard-backup-bench`, see [`backup`]). The modules are the parts both binaries share:
 //! starting processes, bulk HTTP transfers, medians and tables.
 
+pub mod backup;
 pub mod bulk;
 pub mod cli;
 pub mod client;

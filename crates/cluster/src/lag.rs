@@ -45,7 +45,8 @@ pub struct LagFigures {
     /// Blobs linked in some repository that this node does not hold, and their bytes.
     pub blobs_missing: u64,
     pub blob_bytes_missing: u64,
-    /// For how long the oldest missing blob has been missing here.
+    /// For how long the oldest missing blob has been missing here (an upper bound: a blob
+    /// first found missing counts from the previous measurement).
     pub blob_rpo_ms: u64,
 }
 
@@ -70,11 +71,14 @@ pub struct LagMonitor {
     lag: Lag,
     t_safe_ms: u64,
     missing_since: HashMap<Digest, Instant>,
+    /// When the previous measurement ran: a blob first found missing now may have been
+    /// missing since just after it.
+    last_measured: Option<Instant>,
 }
 
 impl LagMonitor {
     pub fn new(meta: MetaNode, store: Arc<BlobStore>, peers: Arc<Peers>, lag: Lag) -> Self {
-        LagMonitor { meta, store, peers, lag, t_safe_ms: 0, missing_since: HashMap::new() }
+        LagMonitor { meta, store, peers, lag, t_safe_ms: 0, missing_since: HashMap::new(), last_measured: None }
     }
 
     /// Measures every [`EVERY`] while this node is a backup, until `stop`.
@@ -127,13 +131,15 @@ impl LagMonitor {
         f.rpo_ms = if f.rpo_known { now_ms().saturating_sub(self.t_safe_ms) } else { 0 };
 
         let now = Instant::now();
+        let first_possible = self.last_measured.unwrap_or(now);
+        self.last_measured = Some(now);
         let mut still = HashMap::new();
         if let Ok(all) = reader.blobs() {
             for (d, info) in all {
                 if self.store.stat(&d).is_none() {
                     f.blobs_missing += 1;
                     f.blob_bytes_missing += info.size;
-                    let since = self.missing_since.get(&d).copied().unwrap_or(now);
+                    let since = self.missing_since.get(&d).copied().unwrap_or(first_possible);
                     f.blob_rpo_ms = f.blob_rpo_ms.max(now.duration_since(since).as_millis() as u64);
                     still.insert(d, since);
                 }
