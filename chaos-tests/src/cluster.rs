@@ -56,6 +56,8 @@ pub struct Cluster {
     links: BTreeMap<(u64, u64), watch::Sender<LinkState>>,
     bin: PathBuf,
     broken: Option<(u64, String)>,
+    /// The backup node's id, if there is one.
+    pub backup: Option<u64>,
     /// Nodes that exited by themselves and were started again, with their last log lines.
     pub crashes: Vec<(u64, String)>,
     _dir: tempfile::TempDir,
@@ -86,18 +88,22 @@ impl Cluster {
     /// they commit, or otherwise as `RAFTYARD_FAULT` says: the suite must catch it.
     ///
     /// With `disk = Some(bytes)`, each node's data directory is a tmpfs of that size (mounting
-    /// needs root), so [`Cluster::fill_disk`] can fill it.
+    /// needs root), so [`Cluster::fill_disk`] can fill it. With `backup`, node `n + 1` is
+    /// started as a backup (its links through proxies too); [`Cluster::add_backup`] adds it.
     pub async fn start(
         bin: &Path,
         n: u64,
         broken: Option<(u64, String)>,
         with_relay: bool,
         disk: Option<u64>,
+        backup: bool,
     ) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("raftyard-chaos-").tempdir()?;
         let mut free = FreeAddrs::new();
         let relay = if with_relay { Some(Relay::configure(bin, dir.path(), n, &mut free)?) } else { None };
-        let ids: Vec<u64> = (1..=n).collect();
+        let voters: Vec<u64> = (1..=n).collect();
+        let backup = backup.then_some(n + 1);
+        let ids: Vec<u64> = (1..=n + backup.is_some() as u64).collect();
         let mut addrs = BTreeMap::new();
         for &id in &ids {
             addrs.insert(id, (free.next()?.to_string(), free.next()?.to_string()));
@@ -133,21 +139,22 @@ impl Cluster {
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
+            let role = if Some(id) == backup { "role = \"backup\"\n" } else { "" };
             let mut cfg = format!(
-                "[node]\nid = {id}\ndata_dir = {:?}\n[registry]\nlisten = \"{registry}\"\n\
+                "[node]\nid = {id}\n{role}data_dir = {:?}\n[registry]\nlisten = \"{registry}\"\n\
                  [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
                  [cluster]\nlisten = \"{peer}\"\n",
                 data
             );
             let dial: Vec<String> = via[&id].iter().map(|(a, p)| format!("\"{a}\" = \"{p}\"")).collect();
             cfg.push_str(&format!("dial_via = {{ {} }}\n", dial.join(", ")));
-            for &m in &ids {
+            for &m in voters.iter().filter(|_| Some(id) != backup) {
                 cfg.push_str(&format!(
                     "[[cluster.members]]\nid = {m}\npeer = \"{}\"\nregistry = \"{}\"\n",
                     addrs[&m].1, addrs[&m].0
                 ));
             }
-            if let Some(r) = &relay {
+            if let Some(r) = relay.as_ref().filter(|_| Some(id) != backup) {
                 cfg.push_str(&r.link(id));
             }
             let config = dir.path().join(format!("node{id}.toml"));
@@ -165,7 +172,8 @@ impl Cluster {
             });
         }
         drop(free);
-        let mut c = Cluster { nodes, relay, links, bin: bin.to_path_buf(), broken, crashes: Vec::new(), _dir: dir };
+        let mut c =
+            Cluster { nodes, relay, links, bin: bin.to_path_buf(), broken, backup, crashes: Vec::new(), _dir: dir };
         c.start_relay().await?;
         for id in ids.iter().rev() {
             c.spawn(*id)?;
@@ -184,8 +192,26 @@ impl Cluster {
         &mut self.nodes[id as usize - 1]
     }
 
+    /// The voters.
     pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).filter(|&id| Some(id) != self.backup).collect()
+    }
+
+    /// The voters and the backup.
+    pub fn all_ids(&self) -> Vec<u64> {
         self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Adds the backup node (`raftyard cluster add-backup` through node 1).
+    pub async fn add_backup(&self) -> Result<()> {
+        let Some(id) = self.backup else { return Ok(()) };
+        let n = self.node(id);
+        let out = Command::new(&self.bin)
+            .args(["cluster", "add-backup", "--node", &self.node(1).peer, "--id", &id.to_string()])
+            .args(["--peer", &n.peer, "--registry", &n.registry])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cluster add-backup: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
     }
 
     fn spawn(&mut self, id: u64) -> Result<()> {
@@ -344,7 +370,7 @@ impl Cluster {
 
     /// Every link between `a` and the others, both ways, to `state`.
     pub fn set_links_of(&self, a: u64, state: LinkState) {
-        for id in self.ids() {
+        for id in self.all_ids() {
             if id != a {
                 self.set_link(a, id, state);
                 self.set_link(id, a, state);
@@ -373,13 +399,13 @@ impl Cluster {
                 *votes.entry(l).or_default() += 1;
             }
         }
-        votes.into_iter().find(|(_, v)| *v > self.nodes.len() / 2).map(|(l, _)| l)
+        votes.into_iter().find(|(_, v)| *v > self.ids().len() / 2).map(|(l, _)| l)
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for id in self.ids() {
+        for id in self.all_ids() {
             self.kill(id);
         }
         self.kill_relay();

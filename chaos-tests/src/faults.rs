@@ -56,6 +56,8 @@ pub enum Target {
     Leader,
     /// The k-th follower (modulo their number).
     Follower(usize),
+    /// The backup node (with `--backup`).
+    Backup,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,7 +72,8 @@ pub struct Step {
 }
 
 /// One fault at a time: 1–4 s of fault, 1–3 s of calm, from 1.5 s until 1 s before the end.
-pub fn schedule(seed: u64, duration: Duration, mix: &[Kind]) -> Vec<Step> {
+/// With a backup node, one fault in five (not the relay's) hits it.
+pub fn schedule(seed: u64, duration: Duration, mix: &[Kind], backup: bool) -> Vec<Step> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut steps = Vec::new();
     let mut t = Duration::from_millis(1500);
@@ -83,17 +86,21 @@ pub fn schedule(seed: u64, duration: Duration, mix: &[Kind]) -> Vec<Step> {
             return steps;
         }
         let kind = mix[rng.gen_range(0..mix.len())];
-        let target = if rng.gen_bool(0.5) { Target::Leader } else { Target::Follower(rng.gen_range(0..8)) };
+        let mut target = if rng.gen_bool(0.5) { Target::Leader } else { Target::Follower(rng.gen_range(0..8)) };
         let delay = Duration::from_millis(rng.gen_range(5..60));
+        if backup && rng.gen_ratio(1, 5) && kind != Kind::Relay {
+            target = Target::Backup;
+        }
         steps.push(Step { at: t, kind, target, hold, delay });
         t += hold + Duration::from_millis(rng.gen_range(1000..3000));
     }
 }
 
 /// The node a step hits, given the current leader (node 1 when none is known).
-pub fn resolve(target: Target, leader: Option<u64>, ids: &[u64]) -> u64 {
+pub fn resolve(target: Target, leader: Option<u64>, ids: &[u64], backup: Option<u64>) -> u64 {
     let leader = leader.unwrap_or(ids[0]);
     match target {
+        Target::Backup => backup.unwrap_or(leader),
         Target::Leader => leader,
         Target::Follower(k) => {
             let f: Vec<u64> = ids.iter().copied().filter(|&i| i != leader).collect();
@@ -109,7 +116,7 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
         Kind::Restart => c.restart(node).await?,
         Kind::Isolate => c.set_links_of(node, LinkState::CUT),
         Kind::OneWay => {
-            for other in c.ids().into_iter().filter(|&o| o != node) {
+            for other in c.all_ids().into_iter().filter(|&o| o != node) {
                 c.set_link(node, other, LinkState { forward: Mode::Hold, backward: Mode::Pass });
                 c.set_link(other, node, LinkState { forward: Mode::Pass, backward: Mode::Hold });
             }
@@ -126,7 +133,7 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
 /// Undoes every fault: links pass, paused nodes continue, killed nodes start again.
 pub async fn heal(c: &mut Cluster) -> anyhow::Result<()> {
     c.heal_links();
-    for id in c.ids() {
+    for id in c.all_ids() {
         c.free_disk(id);
         if c.node(id).paused {
             c.resume(id);
@@ -142,11 +149,11 @@ mod tests {
 
     #[test]
     fn a_seed_gives_the_same_schedule() {
-        let a = schedule(7, Duration::from_secs(60), &Kind::ALL);
-        let b = schedule(7, Duration::from_secs(60), &Kind::ALL);
+        let a = schedule(7, Duration::from_secs(60), &Kind::ALL, false);
+        let b = schedule(7, Duration::from_secs(60), &Kind::ALL, false);
         assert!(!a.is_empty());
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
-        assert_ne!(format!("{a:?}"), format!("{:?}", schedule(8, Duration::from_secs(60), &Kind::ALL)));
+        assert_ne!(format!("{a:?}"), format!("{:?}", schedule(8, Duration::from_secs(60), &Kind::ALL, false)));
         assert!(a.iter().all(|s| s.at + s.hold < Duration::from_secs(60)));
     }
 }

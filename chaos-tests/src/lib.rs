@@ -45,6 +45,9 @@ pub struct Options {
     pub broken: Option<(u64, String)>,
     /// Put a tunnel relay in front of the nodes; clients also go through its shared endpoint.
     pub relay: bool,
+    /// Add a backup node: faults hit it too, and after healing it must hold every acknowledged
+    /// blob and manifest and converge to the voters' state.
+    pub backup: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -143,7 +146,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     let mut tries = 0;
     let disk = o.faults.contains(&faults::Kind::Disk).then_some(DISK_BYTES);
     let mut cluster = loop {
-        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk).await {
+        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk, o.backup).await {
             Ok(c) => break c,
             Err(e) if tries < 2 => {
                 tries += 1;
@@ -161,7 +164,12 @@ pub async fn run(o: &Options) -> Result<Report> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let nodes: Vec<(u64, String)> = cluster.nodes.iter().map(|n| (n.id, n.registry.clone())).collect();
+    cluster.add_backup().await?;
+    // the voters take the load; the backup is checked after healing
+    let nodes: Vec<(u64, String)> =
+        cluster.ids().into_iter().map(|id| (id, cluster.node(id).registry.clone())).collect();
+    let everyone: Vec<(u64, String)> =
+        cluster.all_ids().into_iter().map(|id| (id, cluster.node(id).registry.clone())).collect();
     let (config_digest, config_len) = workload::setup(&http, &nodes[0].1).await?;
     // where clients go: every node, and (as "node 0") the relay's shared endpoint
     let mut targets = nodes.clone();
@@ -213,12 +221,15 @@ pub async fn run(o: &Options) -> Result<Report> {
     };
 
     let mut records = Vec::new();
-    for step in faults::schedule(o.seed, o.duration, &o.faults) {
+    for step in faults::schedule(o.seed, o.duration, &o.faults, o.backup) {
         tokio::time::sleep_until((start + step.at).into()).await;
         let leader = cluster.leader(&http).await;
         // the relay fault hits the relay, reported as node 0
-        let node =
-            if step.kind == faults::Kind::Relay { 0 } else { faults::resolve(step.target, leader, &cluster.ids()) };
+        let node = if step.kind == faults::Kind::Relay {
+            0
+        } else {
+            faults::resolve(step.target, leader, &cluster.ids(), cluster.backup)
+        };
         faults::apply(&mut cluster, &step, node).await?;
         // from when the fault is in place (filling a disk takes a moment)
         let at = start.elapsed();
@@ -262,7 +273,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     }
     let terms_seen = leaders.lock().unwrap().len();
 
-    let converged = converge(&http, &nodes, Duration::from_secs(60)).await;
+    let converged = converge(&http, &everyone, Duration::from_secs(60)).await;
     let converged_after_ms = match &converged {
         Ok(()) => Some(healed.elapsed().as_millis() as u64),
         Err(e) => {
@@ -272,6 +283,13 @@ pub async fn run(o: &Options) -> Result<Report> {
     };
 
     eprintln!("converged after {:?}", healed.elapsed());
+    // the backup holds every blob itself (a read could be served by fetching from a peer)
+    if let Some(b) = cluster.backup {
+        let addr = cluster.node(b).registry.clone();
+        if let Err(e) = backup_complete(&http, &addr, Duration::from_secs(60)).await {
+            violations.push(format!("backup node {b}: {e}"));
+        }
+    }
     // final reads of every key on every node join the history
     let now_us = |t: Instant| t.duration_since(start).as_micros() as u64;
     for (id, addr) in &nodes {
@@ -317,7 +335,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     eprintln!("final reads done after {:?}", healed.elapsed());
     // every acknowledged blob and manifest on every node (16 reads at a time)
     let mut reads = Vec::new();
-    for (id, addr) in &nodes {
+    for (id, addr) in &everyone {
         for b in &h.blobs {
             let url = format!("http://{addr}/v2/{}/blobs/{}", workload::BLOB_REPO, b.digest);
             reads.push((*id, url, b.digest.clone(), None));
@@ -327,8 +345,8 @@ pub async fn run(o: &Options) -> Result<Report> {
             reads.push((*id, url, d.clone(), Some(bytes)));
         }
     }
-    // every acknowledged delete holds on every node
-    for (id, addr) in &nodes {
+    // every acknowledged delete holds on every node (and the backup)
+    for (id, addr) in &everyone {
         for g in &h.deleted {
             let url = format!("http://{addr}/v2/{}/{}/{}", workload::GONE_REPO, g.what, g.digest);
             match http.get(&url).header("accept", workload::OCI_MANIFEST).timeout(Duration::from_secs(10)).send().await
@@ -430,6 +448,27 @@ async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {
     let r = http.get(url).header("accept", workload::OCI_MANIFEST).timeout(Duration::from_secs(30)).send().await?;
     anyhow::ensure!(r.status() == 200, "{}", r.status());
     Ok(r.bytes().await?.to_vec())
+}
+
+/// Waits until the backup at `addr` reports no blob missing.
+async fn backup_complete(http: &reqwest::Client, addr: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = match http.get(format!("http://{addr}/metrics")).timeout(Duration::from_secs(5)).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let missing = text
+            .lines()
+            .find_map(|l| l.strip_prefix("raftyard_backup_blobs_missing ").and_then(|v| v.trim().parse::<f64>().ok()));
+        if missing == Some(0.0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("still missing {missing:?} blobs {} s after healing", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until every node reports the same applied index and state digest twice in a row.

@@ -41,6 +41,10 @@ struct Cli {
     /// and the `relay` fault (kill -9 of the relay) joins the default mix.
     #[arg(long)]
     relay: bool,
+    /// Add a backup node (`cluster add-backup`): faults hit it too, and after healing it must
+    /// hold every acknowledged blob and manifest and converge to the voters' state.
+    #[arg(long)]
+    backup: bool,
     /// The raftyard binary [default: target/release/raftyard next to this workspace].
     #[arg(long)]
     raftyard: Option<PathBuf>,
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         faults,
         broken: cli.broken_node.map(|id| (id, cli.broken_how.clone())),
         relay: cli.relay,
+        backup: cli.backup,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     match rt.block_on(chaos_tests::run(&opts)) {

@@ -23,6 +23,7 @@ fn options(
     faults: Vec<chaos_tests::faults::Kind>,
     broken: Option<(u64, &str)>,
     relay: bool,
+    backup: bool,
 ) -> chaos_tests::Options {
     chaos_tests::Options {
         bin: raftyard(),
@@ -34,15 +35,17 @@ fn options(
         faults,
         broken: broken.map(|(id, how)| (id, how.to_string())),
         relay,
+        backup,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_healthy_cluster_survives_every_kind_of_fault() {
-    // with a relay in front: clients also go through its shared endpoint, and it is killed too
+    // with a relay in front: clients also go through its shared endpoint, and it is killed
+    // too; and with a backup node, which must end up with everything
     let mut faults = chaos_tests::faults::Kind::ALL.to_vec();
     faults.push(chaos_tests::faults::Kind::Relay);
-    let report = chaos_tests::run(&options(20261129, 45, faults, None, true)).await.unwrap();
+    let report = chaos_tests::run(&options(20261129, 45, faults, None, true, true)).await.unwrap();
     println!("{}", report.human());
     assert!(report.faults.len() >= 5, "faults were injected");
     assert!(report.acked_writes > 100 && report.acked_blobs > 20, "the load made progress");
@@ -52,7 +55,8 @@ async fn a_healthy_cluster_survives_every_kind_of_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_acknowledges_before_committing_is_caught() {
-    let report = chaos_tests::run(&options(7, 12, Vec::new(), Some((1, "ack-before-commit")), false)).await.unwrap();
+    let report =
+        chaos_tests::run(&options(7, 12, Vec::new(), Some((1, "ack-before-commit")), false, false)).await.unwrap();
     println!("{}", report.human());
     assert!(!report.violations.is_empty(), "the broken node went unnoticed");
     assert!(
@@ -66,7 +70,7 @@ async fn a_node_that_acknowledges_before_committing_is_caught() {
 async fn a_node_that_serves_deleted_content_is_caught() {
     // slow peer links make the broken node's state lag behind the deletes it serves reads of
     let faults = vec![chaos_tests::faults::Kind::Slow];
-    let report = chaos_tests::run(&options(8, 15, faults, Some((2, "stale-reads")), false)).await.unwrap();
+    let report = chaos_tests::run(&options(8, 15, faults, Some((2, "stale-reads")), false, false)).await.unwrap();
     println!("{}", report.human());
     assert!(
         report.violations.iter().any(|v| v.contains("after its delete was acknowledged")),
