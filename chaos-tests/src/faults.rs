@@ -130,6 +130,29 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
     Ok(())
 }
 
+/// Undoes one fault on `node`; `others` are the faults still in place (link faults are
+/// recomputed from them).
+pub async fn heal_one(c: &mut Cluster, step: &Step, node: u64, others: &[(&Step, u64)]) -> anyhow::Result<()> {
+    match step.kind {
+        Kind::Kill | Kind::Restart => c.start_again(node).await?,
+        Kind::Pause => c.resume(node),
+        Kind::Disk => {
+            c.free_disk(node);
+            c.start_again(node).await?;
+        }
+        Kind::Relay => c.start_relay().await?,
+        Kind::Isolate | Kind::OneWay | Kind::Slow => {
+            c.heal_links();
+            for (s, n) in others {
+                if matches!(s.kind, Kind::Isolate | Kind::OneWay | Kind::Slow) {
+                    apply(c, s, *n).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Undoes every fault: links pass, paused nodes continue, killed nodes start again.
 pub async fn heal(c: &mut Cluster) -> anyhow::Result<()> {
     c.heal_links();

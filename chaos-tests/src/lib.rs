@@ -48,6 +48,9 @@ pub struct Options {
     /// Add a backup node: faults hit it too, and after healing it must hold every acknowledged
     /// blob and manifest and converge to the voters' state.
     pub backup: bool,
+    /// Independent fault streams at once (1: one fault at a time). Stream 0 is the schedule of
+    /// `seed` alone; a fault whose node another fault holds is skipped.
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,9 +223,38 @@ pub async fn run(o: &Options) -> Result<Report> {
         })
     };
 
-    let mut records = Vec::new();
-    for step in faults::schedule(o.seed, o.duration, &o.faults, o.backup) {
-        tokio::time::sleep_until((start + step.at).into()).await;
+    // the schedule: `concurrency` independent streams of faults, merged by time
+    let steps: Vec<faults::Step> = (0..o.concurrency.max(1) as u64)
+        .flat_map(|k| {
+            faults::schedule(o.seed.wrapping_add(k.wrapping_mul(0x9E37_79B9)), o.duration, &o.faults, o.backup)
+        })
+        .collect();
+    let mut events: Vec<(Duration, bool, usize)> = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        events.push((s.at, true, i));
+        events.push((s.at + s.hold, false, i));
+    }
+    events.sort();
+    let mut records: Vec<Option<FaultRecord>> = steps.iter().map(|_| None).collect();
+    let mut active: BTreeMap<usize, u64> = BTreeMap::new();
+    for (when, begin, i) in events {
+        tokio::time::sleep_until((start + when).into()).await;
+        let step = &steps[i];
+        if !begin {
+            if let Some(node) = active.remove(&i) {
+                faults::heal_one(
+                    &mut cluster,
+                    step,
+                    node,
+                    &active.iter().map(|(&j, &n)| (&steps[j], n)).collect::<Vec<_>>(),
+                )
+                .await?;
+                if let Some(r) = records[i].as_mut() {
+                    r.healed_at_ms = start.elapsed().as_millis() as u64;
+                }
+            }
+            continue;
+        }
         let leader = cluster.leader(&http).await;
         // the relay fault hits the relay, reported as node 0
         let node = if step.kind == faults::Kind::Relay {
@@ -230,21 +262,30 @@ pub async fn run(o: &Options) -> Result<Report> {
         } else {
             faults::resolve(step.target, leader, &cluster.ids(), cluster.backup)
         };
-        faults::apply(&mut cluster, &step, node).await?;
+        if active.values().any(|&n| n == node) {
+            eprintln!(
+                "{:>6} ms: {:?} on node {node} skipped: a fault already holds it",
+                start.elapsed().as_millis(),
+                step.kind
+            );
+            continue;
+        }
+        faults::apply(&mut cluster, step, node).await?;
         // from when the fault is in place (filling a disk takes a moment)
         let at = start.elapsed();
         eprintln!("{:>6} ms: {:?} on node {node} ({:?}) for {:?}", at.as_millis(), step.kind, step.target, step.hold);
-        tokio::time::sleep(step.hold).await;
-        faults::heal(&mut cluster).await?;
-        records.push(FaultRecord {
+        active.insert(i, node);
+        records[i] = Some(FaultRecord {
             at_ms: at.as_millis() as u64,
             kind: step.kind,
             target: step.target,
             node,
-            healed_at_ms: start.elapsed().as_millis() as u64,
+            healed_at_ms: 0,
             write_gap_ms: None,
         });
     }
+    let mut records: Vec<FaultRecord> = records.into_iter().flatten().collect();
+    records.sort_by_key(|r| r.at_ms);
     tokio::time::sleep_until((start + o.duration).into()).await;
     stop.set();
     for c in clients {

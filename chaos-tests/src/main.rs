@@ -45,6 +45,10 @@ struct Cli {
     /// hold every acknowledged blob and manifest and converge to the voters' state.
     #[arg(long)]
     backup: bool,
+    /// Independent fault streams at once: 2 or more overlap faults (a majority can be lost for
+    /// a while); a fault whose node another fault holds is skipped.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
     /// The raftyard binary [default: target/release/raftyard next to this workspace].
     #[arg(long)]
     raftyard: Option<PathBuf>,
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         broken: cli.broken_node.map(|id| (id, cli.broken_how.clone())),
         relay: cli.relay,
         backup: cli.backup,
+        concurrency: cli.concurrency,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     match rt.block_on(chaos_tests::run(&opts)) {

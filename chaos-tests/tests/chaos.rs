@@ -36,6 +36,7 @@ fn options(
         broken: broken.map(|(id, how)| (id, how.to_string())),
         relay,
         backup,
+        concurrency: 1,
     }
 }
 
