@@ -66,16 +66,52 @@ pub fn fetch_sources(members: &[(NodeId, NodeAddr, bool)], me: NodeId, holders: 
     held.into_iter().chain(rest).map(|(_, a, _)| a.peer.clone()).collect()
 }
 
+/// A byte rate shared by concurrent transfers: each chunk waits for its turn on a virtual
+/// clock that advances by `len / rate` per chunk.
+#[derive(Clone)]
+pub struct Throttle {
+    bytes_per_sec: f64,
+    next: Arc<std::sync::Mutex<tokio::time::Instant>>,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Throttle {
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            next: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `len` more bytes fit in the rate.
+    pub async fn take(&self, len: usize) {
+        let start = {
+            let mut next = self.next.lock().unwrap();
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + std::time::Duration::from_secs_f64(len as f64 / self.bytes_per_sec);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
 /// Blob transfers with peers for one node.
 #[derive(Clone)]
 pub struct BlobPeers {
     peers: Arc<Peers>,
     store: Arc<BlobStore>,
+    /// Limits the rate of fetches (see [`BlobPeers::throttled`]).
+    throttle: Option<Throttle>,
 }
 
 impl BlobPeers {
     pub fn new(peers: Arc<Peers>, store: Arc<BlobStore>) -> Self {
-        BlobPeers { peers, store }
+        BlobPeers { peers, store, throttle: None }
+    }
+
+    /// The same, with fetches limited to `bytes_per_sec` altogether (0: unlimited).
+    pub fn throttled(mut self, bytes_per_sec: u64) -> Self {
+        self.throttle = (bytes_per_sec > 0).then(|| Throttle::new(bytes_per_sec));
+        self
     }
 
     /// The connections to peers.
@@ -103,7 +139,17 @@ impl BlobPeers {
             .await
             .map_err(|s| perr(s.message().to_string()))?
             .into_inner();
-        let body = stream.map(|r| r.map(|c: BlobChunk| c.data).map_err(|s| s.message().to_string()));
+        let throttle = self.throttle.clone();
+        let body = stream.then(move |r| {
+            let throttle = throttle.clone();
+            async move {
+                let r = r.map(|c: BlobChunk| c.data).map_err(|s| s.message().to_string());
+                if let (Ok(data), Some(t)) = (&r, &throttle) {
+                    t.take(data.len()).await;
+                }
+                r
+            }
+        });
         let size = self.store.put_stream(repo.clone(), digest, None, Box::pin(body)).await?;
         debug!(%digest, peer = %addr, size, "blob fetched from peer");
         Ok(size)
@@ -173,5 +219,33 @@ impl BlobPeers {
             return Err(perr(format!("stored {got} bytes of {size}")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn throttle_holds_concurrent_transfers_to_the_rate() {
+        let t = Throttle::new(4 << 20);
+        let started = tokio::time::Instant::now();
+        // 2 MiB in 64 KiB chunks from two tasks at 4 MiB/s: about 0.5 s
+        let tasks: Vec<_> = (0..2)
+            .map(|_| {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    for _ in 0..16 {
+                        t.take(64 << 10).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_millis(450), "{took:?}");
+        assert!(took < std::time::Duration::from_millis(1500), "{took:?}");
     }
 }

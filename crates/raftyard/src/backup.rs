@@ -329,12 +329,7 @@ pub async fn restore_repo(
     let r = snap.repository(repo)?;
     anyhow::ensure!(!r.manifests.is_empty() || !r.blobs.is_empty(), "repository {repo} is not in this backup");
     let store = store_at(dir)?;
-    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(3600));
-    if let Some(ca) = ca {
-        let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
-        http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-    }
-    let http = http.build()?;
+    let http = crate::http_client(Duration::from_secs(3600), ca.as_deref())?;
     let base = to.trim_end_matches('/');
     let bar = bytes_bar(r.blobs.iter().map(|(_, s)| s).sum(), &format!("{repo}: {} blobs", r.blobs.len()));
     let mut pushed = 0;

@@ -56,6 +56,9 @@ pub struct ClusterSection {
     /// Nodes (this one included) that must hold a new blob durably before an upload is
     /// acknowledged. 0: a majority of the voters.
     pub blob_write_quorum: usize,
+    /// Limit of the repair worker's fetches (how a backup gets every blob, how a node that was
+    /// down catches up), MiB/s for all of them together. 0: unlimited.
+    pub fetch_limit_mib_per_sec: u64,
     /// Mutual TLS on the peer port (`raftyard certs cluster` makes the files). Absent: plain
     /// gRPC, for peer ports that only listen on loopback or a private, trusted network.
     pub tls: Option<PeerTlsSection>,
@@ -178,6 +181,7 @@ impl Default for ClusterSection {
             members: Vec::new(),
             join: false,
             blob_write_quorum: 0,
+            fetch_limit_mib_per_sec: 0,
             tls: None,
             dial_via: Default::default(),
         }

@@ -6,6 +6,17 @@
 //! (`main.rs`) is only the command line over these; tests start nodes in-process with
 //! [`node::start`]. No registry, storage or consensus logic lives here.
 
+/// An HTTP client for the registry API, trusting `ca` (PEM) too if given.
+pub fn http_client(timeout: std::time::Duration, ca: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context;
+    let mut builder = reqwest::Client::builder().timeout(timeout);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build()?)
+}
+
 pub mod admin;
 pub mod backup;
 pub mod certs;

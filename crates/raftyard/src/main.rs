@@ -89,6 +89,23 @@ struct PeerTlsArgs {
     tls_dir: Option<PathBuf>,
 }
 
+/// The node `cluster add` and `cluster add-backup` add.
+#[derive(clap::Args)]
+struct NewMember {
+    /// Peer address of any member.
+    #[arg(long, default_value = "127.0.0.1:5100")]
+    node: String,
+    /// Id of the new node.
+    #[arg(long)]
+    id: u64,
+    /// Peer address of the new node.
+    #[arg(long)]
+    peer: String,
+    /// Registry address of the new node.
+    #[arg(long)]
+    registry: String,
+}
+
 #[derive(Subcommand)]
 enum ClusterCmd {
     /// Leader, term, members and roles, log/commit/applied index and missing blobs per node.
@@ -102,18 +119,8 @@ enum ClusterCmd {
     },
     /// Add a node (started with `cluster.join = true`): learner, catch up, then voter.
     Add {
-        /// Peer address of any member.
-        #[arg(long, default_value = "127.0.0.1:5100")]
-        node: String,
-        /// Id of the new node.
-        #[arg(long)]
-        id: u64,
-        /// Peer address of the new node.
-        #[arg(long)]
-        peer: String,
-        /// Registry address of the new node.
-        #[arg(long)]
-        registry: String,
+        #[command(flatten)]
+        new: NewMember,
         /// Keep it a learner (never a voter).
         #[arg(long)]
         learner: bool,
@@ -121,18 +128,8 @@ enum ClusterCmd {
     /// Add a backup node (started with `node.role = "backup"`): a learner that is never
     /// promoted, follows the whole log and fetches every blob.
     AddBackup {
-        /// Peer address of any member.
-        #[arg(long, default_value = "127.0.0.1:5100")]
-        node: String,
-        /// Id of the backup node.
-        #[arg(long)]
-        id: u64,
-        /// Peer address of the backup node.
-        #[arg(long)]
-        peer: String,
-        /// Registry address of the backup node.
-        #[arg(long)]
-        registry: String,
+        #[command(flatten)]
+        new: NewMember,
     },
     /// After the primaries are lost: turn a STOPPED backup's data into a cluster with that node
     /// as its only voter. `raftyard serve` with its config then runs it writable; add nodes
@@ -264,10 +261,10 @@ fn main() -> anyhow::Result<()> {
             let tls = tls.tls_dir;
             match cmd {
                 ClusterCmd::Status { node, json } => admin::status(&node, json, &tls).await,
-                ClusterCmd::Add { node, id, peer, registry, learner } => {
+                ClusterCmd::Add { new: NewMember { node, id, peer, registry }, learner } => {
                     admin::add(&node, id, peer, registry, learner, &tls).await
                 }
-                ClusterCmd::AddBackup { node, id, peer, registry } => {
+                ClusterCmd::AddBackup { new: NewMember { node, id, peer, registry } } => {
                     admin::add(&node, id, peer, registry, true, &tls).await
                 }
                 ClusterCmd::Recover { data_dir, id } => admin::recover(&data_dir, id).await,

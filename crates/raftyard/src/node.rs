@@ -150,7 +150,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     };
     let lag_monitor = LagMonitor::new(meta.clone(), blobs.clone(), peers.clone(), lag.clone()).spawn(stop.clone());
     let blob_peers = BlobPeers::new(peers, blobs.clone());
-    let repair = RepairWorker::new(meta.clone(), blobs.clone(), blob_peers.clone()).spawn(stop.clone());
+    let fetches = blob_peers.clone().throttled(cfg.cluster.fetch_limit_mib_per_sec << 20);
+    let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches).spawn(stop.clone());
     let reg = Registry::new(
         blobs.clone(),
         meta.clone(),
@@ -270,12 +271,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub async fn print_events(node: &str, mut since: u64, follow: bool, ca: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(90));
-    if let Some(ca) = ca {
-        let pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
-        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-    }
-    let client = builder.build()?;
+    let client = crate::http_client(Duration::from_secs(90), ca.as_deref())?;
     let base = node.trim_end_matches('/');
     loop {
         let wait = if follow { 30 } else { 0 };

@@ -316,6 +316,18 @@ pub async fn pull_image(c: &reqwest::Client, n: &Node, repo: &str, tag: &str, di
     }
 }
 
+/// The `[cluster.tls]` section of node `id`, with the files of `certs/n<id>/` (from
+/// `raftyard certs cluster --node n1 …`).
+pub fn peer_tls_section(certs: &Path, id: u64) -> String {
+    let d = certs.join(format!("n{id}"));
+    format!(
+        "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        d.join("ca.pem"),
+        d.join("cert.pem"),
+        d.join("key.pem")
+    )
+}
+
 /// A cluster of `raftyard` processes on loopback ports.
 pub struct Cluster {
     _dir: tempfile::TempDir,
@@ -334,15 +346,7 @@ impl Cluster {
     /// Peer ports with mutual TLS, node `id` using `certs/n<id>/` (from `raftyard certs cluster`).
     pub fn start_tls(n: u64, certs: &Path) -> Cluster {
         let certs = certs.to_path_buf();
-        Self::start_configured(n, "", move |id| {
-            let d = certs.join(format!("n{id}"));
-            format!(
-                "[cluster.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-                d.join("ca.pem"),
-                d.join("cert.pem"),
-                d.join("key.pem")
-            )
-        })
+        Self::start_configured(n, "", move |id| peer_tls_section(&certs, id))
     }
 
     pub fn start_configured(n: u64, raft_extra: &str, cluster_extra: impl Fn(u64) -> String) -> Cluster {
