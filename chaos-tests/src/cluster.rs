@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 
-use crate::proxy::{self, LinkState};
+use crate::proxy::{self, LinkState, Mode};
 
 pub struct Node {
     pub id: u64,
@@ -58,6 +58,8 @@ pub struct Cluster {
     broken: Option<(u64, String)>,
     /// The backup node's id, if there is one.
     pub backup: Option<u64>,
+    /// A node whose links are always delayed, and by how much.
+    distant: Option<(u64, Duration)>,
     /// Nodes that exited by themselves and were started again, with their last log lines.
     pub crashes: Vec<(u64, String)>,
     _dir: tempfile::TempDir,
@@ -172,8 +174,17 @@ impl Cluster {
             });
         }
         drop(free);
-        let mut c =
-            Cluster { nodes, relay, links, bin: bin.to_path_buf(), broken, backup, crashes: Vec::new(), _dir: dir };
+        let mut c = Cluster {
+            nodes,
+            relay,
+            links,
+            bin: bin.to_path_buf(),
+            broken,
+            backup,
+            distant: None,
+            crashes: Vec::new(),
+            _dir: dir,
+        };
         c.start_relay().await?;
         for id in ids.iter().rev() {
             c.spawn(*id)?;
@@ -378,10 +389,21 @@ impl Cluster {
         }
     }
 
+    /// Every link passes again, but those of the distant node (see [`Cluster::set_distant`]).
     pub fn heal_links(&self) {
         for l in self.links.values() {
             let _ = l.send(LinkState::PASS);
         }
+        if let Some((id, delay)) = self.distant {
+            self.set_links_of(id, LinkState { forward: Mode::Delay(delay), backward: Mode::Delay(delay) });
+        }
+    }
+
+    /// Node `id`'s peer links are delayed by `delay` each way for the whole run (a member far
+    /// away), faults' healing included.
+    pub fn set_distant(&mut self, id: u64, delay: Duration) {
+        self.distant = Some((id, delay));
+        self.heal_links();
     }
 
     /// Health of node `id`, if it answers within a second.

@@ -48,6 +48,9 @@ pub struct Options {
     /// Add a backup node: faults hit it too, and after healing it must hold every acknowledged
     /// blob and manifest and converge to the voters' state.
     pub backup: bool,
+    /// A node whose peer links are delayed this much each way for the whole run (a member far
+    /// away).
+    pub distant: Option<(u64, Duration)>,
     /// Independent fault streams at once (1: one fault at a time). Stream 0 is the schedule of
     /// `seed` alone; a fault whose node another fault holds is skipped.
     pub concurrency: usize,
@@ -168,6 +171,9 @@ pub async fn run(o: &Options) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.add_backup().await?;
+    if let Some((id, delay)) = o.distant {
+        cluster.set_distant(id, delay);
+    }
     // the voters take the load; the backup is checked after healing
     let nodes: Vec<(u64, String)> =
         cluster.ids().into_iter().map(|id| (id, cluster.node(id).registry.clone())).collect();

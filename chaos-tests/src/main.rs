@@ -45,6 +45,10 @@ struct Cli {
     /// hold every acknowledged blob and manifest and converge to the voters' state.
     #[arg(long)]
     backup: bool,
+    /// ID:MS — node ID's peer links are delayed MS milliseconds each way for the whole run (a
+    /// member far away).
+    #[arg(long, value_parser = parse_distant)]
+    distant: Option<(u64, Duration)>,
     /// Independent fault streams at once: 2 or more overlap faults (a majority can be lost for
     /// a while); a fault whose node another fault holds is skipped.
     #[arg(long, default_value_t = 1)]
@@ -55,6 +59,11 @@ struct Cli {
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+fn parse_distant(s: &str) -> Result<(u64, Duration), String> {
+    let (id, ms) = s.split_once(':').ok_or("expected ID:MS")?;
+    Ok((id.parse().map_err(|_| "bad node id")?, Duration::from_millis(ms.parse().map_err(|_| "bad milliseconds")?)))
 }
 
 fn main() -> ExitCode {
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
         relay: cli.relay,
         backup: cli.backup,
         concurrency: cli.concurrency,
+        distant: cli.distant,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     match rt.block_on(chaos_tests::run(&opts)) {

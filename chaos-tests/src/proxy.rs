@@ -60,35 +60,50 @@ pub fn spawn(listener: TcpListener, target: SocketAddr) -> watch::Sender<LinkSta
     tx
 }
 
+/// Copies `from` to `to` as the link's mode says: `Delay(d)` holds each chunk until `d` after
+/// it arrived (latency, not a bandwidth limit: chunks behind it are read meanwhile), `Hold`
+/// holds everything until the mode changes.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut state: watch::Receiver<LinkState>,
     mode: fn(&LinkState) -> Mode,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let m = mode(&state.borrow());
-            match m {
-                Mode::Pass => break,
-                Mode::Delay(d) => {
-                    tokio::time::sleep(d).await;
-                    break;
-                }
-                Mode::Hold => {
-                    if state.changed().await.is_err() {
-                        return;
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if tx.send((tokio::time::Instant::now(), buf[..n].to_vec())).await.is_err() {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((arrived, chunk)) = rx.recv().await {
+            loop {
+                let m = mode(&state.borrow());
+                match m {
+                    Mode::Pass => break,
+                    Mode::Delay(d) => {
+                        tokio::time::sleep_until(arrived + d).await;
+                        break;
+                    }
+                    Mode::Hold => {
+                        if state.changed().await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
+    };
+    // the reader ends at EOF; what it queued is still written
+    tokio::join!(reader, writer);
 }

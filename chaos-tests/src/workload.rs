@@ -78,6 +78,8 @@ pub struct History {
     /// Acknowledged manifests: digest → bytes.
     pub manifests: Vec<(String, Vec<u8>)>,
     pub deleted: Vec<Deleted>,
+    /// Pushed to [`GONE_REPO`], to be deleted: (what, digest, acknowledged at µs).
+    pub to_delete: Vec<(&'static str, String, u64)>,
     pub violations: Vec<String>,
     /// (invoke, completion) times (µs) of the availability probe's acknowledged writes.
     pub write_oks: Vec<(u64, u64)>,
@@ -290,7 +292,29 @@ pub async fn client(
                 h.blobs.push(AckedBlob { digest: d, size, node });
             }
         } else if roll < 93 {
-            // push a blob or a manifest to GONE_REPO, then delete it by digest
+            // push a blob or a manifest to GONE_REPO; or delete one pushed at least 300 ms ago
+            // (so that every node has it) by digest, then read it through another node
+            let old = {
+                let mut h = history.lock().unwrap();
+                let ripe = h.to_delete.iter().position(|p| p.2 + 300_000 <= invoke);
+                ripe.filter(|_| rng.gen_bool(0.6)).map(|i| h.to_delete.swap_remove(i))
+            };
+            if let Some((what, d, _)) = old {
+                let r = http.delete(format!("http://{addr}/v2/{GONE_REPO}/{what}/{d}")).timeout(TIMEOUT).send().await;
+                let mut ops = 1;
+                if r.is_ok_and(|r| r.status() == 202) {
+                    let g = Deleted { what, digest: d, acked_us: now(), node };
+                    history.lock().unwrap().deleted.push(g.clone());
+                    // at once, through another node: the likeliest stale read
+                    let (other, addr) = load.nodes[rng.gen_range(0..load.nodes.len())].clone();
+                    ops += 1;
+                    if let Some(v) = read_deleted(&http, other, &addr, &g, now()).await {
+                        history.lock().unwrap().violations.push(v);
+                    }
+                }
+                history.lock().unwrap().blob_ops += ops;
+                continue;
+            }
             let manifest = rng.gen_bool(0.5);
             let (what, pushed, d) = if manifest {
                 let m = load.manifest("chaos.gone", format!("c{c}-{n}-{seed}"));
@@ -309,22 +333,12 @@ pub async fn client(
                 let d = digest_of(if rng.gen_bool(0.3) { "sha512" } else { "sha256" }, &data);
                 ("blobs", push_blob(&http, &addr, GONE_REPO, &data, &d, rng.gen_bool(0.4)).await == Some(true), d)
             };
-            let mut ops = 1;
+            let mut h = history.lock().unwrap();
+            h.blob_ops += 1;
             if pushed {
-                ops += 1;
-                let r = http.delete(format!("http://{addr}/v2/{GONE_REPO}/{what}/{d}")).timeout(TIMEOUT).send().await;
-                if r.is_ok_and(|r| r.status() == 202) {
-                    let g = Deleted { what, digest: d, acked_us: now(), node };
-                    history.lock().unwrap().deleted.push(g.clone());
-                    // at once, through another node: the likeliest stale read
-                    let (other, addr) = load.nodes[rng.gen_range(0..load.nodes.len())].clone();
-                    ops += 1;
-                    if let Some(v) = read_deleted(&http, other, &addr, &g, now()).await {
-                        history.lock().unwrap().violations.push(v);
-                    }
-                }
+                let at = now();
+                h.to_delete.push((what, d, at));
             }
-            history.lock().unwrap().blob_ops += ops;
         } else if roll < 96 {
             // read something whose delete was acknowledged: it must be gone
             let pick = {
