@@ -16,7 +16,8 @@ use tracing::{debug, info, warn};
 
 use crate::blobs::{fetch_sources, BlobPeers};
 
-/// Pause between scans when there was nothing to do, unless new entries are applied.
+/// Pause between scans when there was nothing to do (on a backup: unless new entries are
+/// applied).
 const IDLE_SCAN: Duration = Duration::from_secs(2);
 /// Shortest pause between scans: new entries wake the worker at most this often.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
@@ -46,9 +47,15 @@ impl RepairWorker {
                 let applied = self.meta.reader().applied_index();
                 let worked = self.round().await;
                 let pause = if worked { Duration::from_millis(50) } else { IDLE_SCAN };
-                // new entries may link new blobs: look again soon (a backup fetches them then)
+                // on a backup, new entries may link new blobs: look again soon. (Voters get new
+                // blobs with the push; a scan reads every blob's placement, so they do not
+                // scan after every entry.)
                 let reader = self.meta.reader().clone();
+                let backup = self.meta.is_backup();
                 let newer = async move {
+                    if !backup {
+                        return std::future::pending().await;
+                    }
                     reader.wait_applied(applied + 1).await;
                     tokio::time::sleep(MIN_PAUSE).await;
                 };
