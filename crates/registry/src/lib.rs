@@ -120,6 +120,13 @@ impl Registry {
         })
     }
 
+    /// Whether a blob or manifest found by digest in the local state may be served without a
+    /// read barrier: only while nothing is ever deleted (content under a digest never changes
+    /// then), or on a node broken on purpose (`Fault::StaleReads`).
+    pub(crate) fn local_digest_reads(&self) -> bool {
+        !self.cfg.delete_enabled || self.cfg.fault == Some(Fault::StaleReads)
+    }
+
     pub fn meta(&self) -> &MetaNode {
         &self.meta
     }

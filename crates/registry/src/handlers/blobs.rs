@@ -55,7 +55,7 @@ pub(crate) async fn linked_size(
     name: &RepoName,
     digest: &Digest,
 ) -> Result<Option<u64>, RegistryError> {
-    if !reg.cfg.delete_enabled || reg.cfg.fault == Some(crate::Fault::StaleReads) {
+    if reg.local_digest_reads() {
         if let Some(s) = reg.meta.reader().blob_link(name, digest)? {
             return Ok(Some(s));
         }
@@ -103,7 +103,7 @@ pub(crate) async fn get(
 
 pub(crate) async fn delete(reg: &Registry, name: &RepoName, digest: &str) -> HandlerResult {
     let digest = parse_digest(digest)?;
-    if !reg.cfg.delete_enabled || reg.cfg.fault == Some(crate::Fault::StaleReads) {
+    if !reg.cfg.delete_enabled {
         return Err(RegistryError::Unsupported("deletion is disabled".into()));
     }
     reg.meta.propose(vec![Event::BlobUnlinked { repo: name.clone(), digest: digest.clone() }]).await?;

@@ -45,7 +45,7 @@ pub(crate) async fn resolve(
             Ok((d, rec))
         }
         Reference::Digest(d) => {
-            if !reg.cfg.delete_enabled || reg.cfg.fault == Some(crate::Fault::StaleReads) {
+            if reg.local_digest_reads() {
                 if let Some(rec) = reader.manifest(name, d)? {
                     return Ok((d.clone(), rec));
                 }
