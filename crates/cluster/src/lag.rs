@@ -12,10 +12,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use raftyard_blobstore::BlobStore;
 use raftyard_raft::MetaNode;
+use raftyard_types::event::now_ms;
 use raftyard_types::Digest;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -58,10 +59,6 @@ impl Lag {
     pub fn get(&self) -> LagFigures {
         self.0.lock().unwrap().clone()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 pub struct LagMonitor {

@@ -99,9 +99,7 @@ impl BackupSnapshot {
     pub async fn open(&self, dir: &Path) -> Result<StateReader, StartError> {
         let db = sled::Config::new().path(dir).open()?;
         let mut sm = StateMachine::open(&db)?;
-        sm.install_snapshot(&self.0.meta, Box::new(Cursor::new(self.0.data.clone())))
-            .await
-            .map_err(|e| StartError::Storage(e.to_string()))?;
+        sm.install_snapshot(&self.0.meta, Box::new(Cursor::new(self.0.data.clone()))).await?;
         Ok(sm.reader())
     }
 
@@ -121,12 +119,10 @@ impl BackupSnapshot {
             last_membership: StoredMembership::new(last, membership),
             snapshot_id: format!("restored-{}", self.0.meta.snapshot_id),
         };
-        sm.install_snapshot(&meta, Box::new(Cursor::new(self.0.data.clone())))
-            .await
-            .map_err(|e| StartError::Storage(e.to_string()))?;
+        sm.install_snapshot(&meta, Box::new(Cursor::new(self.0.data.clone()))).await?;
         if let Some(last) = last {
             // the log starts after the snapshot
-            log.purge(last).await.map_err(|e| StartError::Storage(e.to_string()))?;
+            log.purge(last).await?;
         }
         db.flush_async().await?;
         Ok(())

@@ -89,7 +89,8 @@ impl LogStore {
         bincode::deserialize(v).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Read, e))
     }
 
-    /// Appends `entry` durably outside of Raft (offline recovery; see [`crate::recover`]).
+    /// Appends `entry` outside of Raft (offline recovery; see [`crate::recover`]); the caller
+    /// flushes the database.
     pub fn append_offline(&self, entry: &Entry<TypeConfig>) -> Result<(), sled::Error> {
         let bytes = bincode::serialize(entry).map_err(|e| sled::Error::Unsupported(e.to_string()))?;
         self.log.insert(idx_key(entry.get_log_id().index), bytes)?;

@@ -331,22 +331,18 @@ impl MetaNode {
     /// and must stop, to be started again on its data once the cause is fixed.
     pub async fn failed(&self) -> String {
         let mut rx = self.raft.metrics();
-        loop {
-            let fatal = match &rx.borrow().running_state {
-                Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(e) = fatal {
-                return e;
-            }
-            if rx.changed().await.is_err() {
-                if let Err(e) = &rx.borrow().running_state {
-                    if !matches!(e, openraft::error::Fatal::Stopped) {
-                        return e.to_string();
-                    }
-                }
-                return std::future::pending().await;
-            }
+        let fatal = |m: &openraft::RaftMetrics<NodeId, NodeAddr>| match &m.running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        let seen = match rx.wait_for(|m| fatal(m).is_some()).await {
+            Ok(m) => fatal(&m),
+            Err(_) => None,
+        };
+        // Raft's final metrics stay readable after their sender is gone
+        match seen.or_else(|| fatal(&rx.borrow())) {
+            Some(e) => e,
+            None => std::future::pending().await,
         }
     }
 
@@ -368,6 +364,12 @@ pub enum StartError {
 
 impl From<std::io::Error> for StartError {
     fn from(e: std::io::Error) -> Self {
+        StartError::Storage(e.to_string())
+    }
+}
+
+impl From<crate::StorageError> for StartError {
+    fn from(e: crate::StorageError) -> Self {
         StartError::Storage(e.to_string())
     }
 }

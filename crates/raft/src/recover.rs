@@ -30,23 +30,19 @@ pub struct Recovered {
     pub index: u64,
 }
 
-fn err(e: impl std::fmt::Display) -> StartError {
-    StartError::Storage(e.to_string())
-}
-
 /// The members this storage knows: the latest membership in its log, else its state's.
 async fn membership(
     log: &mut LogStore,
     sm: &mut StateMachine,
 ) -> Result<(Membership<NodeId, NodeAddr>, Option<LogId>, Option<LogId>), StartError> {
-    let (applied, stored) = sm.applied_state().await.map_err(err)?;
-    let state = log.get_log_state().await.map_err(err)?;
+    let (applied, stored) = sm.applied_state().await?;
+    let state = log.get_log_state().await?;
     let last = state.last_log_id.or(applied);
     let mut m = stored.membership().clone();
     if let Some(last) = last {
         let from = applied.map(|l| l.index + 1).unwrap_or(0);
         if from <= last.index {
-            for e in log.try_get_log_entries(from..=last.index).await.map_err(err)? {
+            for e in log.try_get_log_entries(from..=last.index).await? {
                 if let EntryPayload::Membership(new) = e.payload {
                     m = new;
                 }

@@ -13,12 +13,14 @@ use tonic::transport::Channel;
 /// `cert.pem` and `key.pem` (one node's directory from `raftyard certs cluster`).
 pub type TlsDir = Option<std::path::PathBuf>;
 
-async fn client(addr: &str, tls: &TlsDir) -> anyhow::Result<AdminClient<Channel>> {
-    let tls = match tls {
-        Some(d) => Some(PeerTls::load_dir(d)?),
-        None => None,
-    };
-    let ch = raftyard_cluster::peers::endpoint(addr, tls.as_ref())?
+/// The peer TLS material of `tls`, if given.
+pub(crate) fn peer_tls(tls: &TlsDir) -> anyhow::Result<Option<PeerTls>> {
+    Ok(tls.as_deref().map(PeerTls::load_dir).transpose()?)
+}
+
+/// An admin client of the peer port at `addr`.
+pub(crate) async fn client(addr: &str, tls: &TlsDir) -> anyhow::Result<AdminClient<Channel>> {
+    let ch = raftyard_cluster::peers::endpoint(addr, peer_tls(tls)?.as_ref())?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(600))
         .connect()

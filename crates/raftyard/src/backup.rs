@@ -12,15 +12,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
-use raftyard_cluster::pb::admin_client::AdminClient;
 use raftyard_cluster::pb::BackupRequest;
-use raftyard_cluster::{BlobPeers, PeerTls, Peers};
+use raftyard_cluster::{BlobPeers, Peers};
 use raftyard_raft::backup::BackupSnapshot;
 use raftyard_raft::NodeAddr;
 use raftyard_types::{Digest, RepoName};
@@ -97,27 +96,14 @@ fn bytes_bar(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-fn peers(tls: &TlsDir) -> anyhow::Result<Arc<Peers>> {
-    let tls = match tls {
-        Some(d) => Some(PeerTls::load_dir(d)?),
-        None => None,
-    };
-    Ok(Arc::new(Peers::with_tls(tls)))
-}
-
 /// `backup create`: a snapshot from `node` (a peer address) and the blobs it references.
 pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> {
-    let peers = peers(tls)?;
     let started = std::time::Instant::now();
     let spinner = ProgressBar::new_spinner();
     spinner.set_message(format!("taking a snapshot on {node}"));
     spinner.enable_steady_tick(Duration::from_millis(120));
-    let ch = peers.channel(node).with_context(|| format!("peer address {node}"))?;
-    let mut stream = AdminClient::new(ch)
+    let mut stream = crate::admin::client(node, tls)
+        .await?
         .max_decoding_message_size(64 << 20)
         .backup(BackupRequest {})
         .await
@@ -142,7 +128,7 @@ pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> 
     // the node first, then the other members of its cluster
     let mut sources = vec![node.to_string()];
     sources.extend(snap.members().into_iter().map(|(_, a)| a.peer).filter(|p| p != node));
-    let fetcher = BlobPeers::new(peers, store.clone());
+    let fetcher = BlobPeers::new(Arc::new(Peers::with_tls(crate::admin::peer_tls(tls)?)), store.clone());
     let repo = RepoName::parse("raftyard-backup").expect("valid name");
     let bar = bytes_bar(to_copy, &format!("{} blobs", missing.len()));
     let failed: Vec<String> = futures::stream::iter(missing.iter().cloned())
@@ -174,7 +160,7 @@ pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> 
         sha256: hex::encode(sha2::Sha256::digest(&bytes)),
         index: snap.index(),
         term: snap.term(),
-        taken_ms: now_ms(),
+        taken_ms: raftyard_types::event::now_ms(),
         node: node.to_string(),
         blobs: blobs.len() as u64,
         bytes: total,

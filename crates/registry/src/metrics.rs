@@ -65,7 +65,7 @@ impl Metrics {
         }
         drop(m);
         let rm = reg.meta.raft().metrics().borrow().clone();
-        let gauges = [
+        let mut gauges = vec![
             ("raftyard_raft_term", "Current Raft term.", rm.current_term as f64),
             ("raftyard_raft_last_log_index", "Last Raft log index.", rm.last_log_index.unwrap_or(0) as f64),
             (
@@ -81,12 +81,9 @@ impl Metrics {
             ),
             ("raftyard_open_uploads", "Open upload sessions on this node.", reg.blobs.open_uploads() as f64),
         ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
         let lag = reg.lag.get();
         if lag.measured && reg.meta.is_backup() {
-            let backup = [
+            gauges.extend([
                 (
                     "raftyard_backup_leader_reachable",
                     "1 if the leader answered the last lag measurement.",
@@ -96,11 +93,6 @@ impl Metrics {
                     "raftyard_backup_lag_entries",
                     "Committed log entries not yet applied on this backup.",
                     lag.entries_behind as f64,
-                ),
-                (
-                    "raftyard_backup_rpo_seconds",
-                    "Seconds of acknowledged metadata writes this backup could be missing.",
-                    lag.rpo_ms as f64 / 1000.0,
                 ),
                 ("raftyard_backup_blobs_missing", "Blobs this backup has yet to fetch.", lag.blobs_missing as f64),
                 (
@@ -113,13 +105,18 @@ impl Metrics {
                     "For how long the oldest blob this backup lacks has been missing here.",
                     lag.blob_rpo_ms as f64 / 1000.0,
                 ),
-            ];
-            for (name, help, v) in backup {
-                if name == "raftyard_backup_rpo_seconds" && !lag.rpo_known {
-                    continue;
-                }
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            ]);
+            // unknown until the leader first answered or a command was applied here
+            if lag.rpo_known {
+                gauges.push((
+                    "raftyard_backup_rpo_seconds",
+                    "Seconds of acknowledged metadata writes this backup could be missing.",
+                    lag.rpo_ms as f64 / 1000.0,
+                ));
             }
+        }
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
         let mut r = Response::new(full(out));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

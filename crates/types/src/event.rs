@@ -129,13 +129,14 @@ pub struct Command {
     pub events: Vec<Event>,
 }
 
+/// Wall-clock time, milliseconds since the Unix epoch: the clock commands are stamped with.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 impl Command {
     pub fn new(events: Vec<Event>) -> Self {
-        let time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Command { time_ms, events }
+        Command { time_ms: now_ms(), events }
     }
 }
 
