@@ -15,7 +15,7 @@ use crate::log_store::LogStore;
 use crate::node::{MetaNode, ProposeError, StartError};
 use crate::state::{dec, enc, BlobInfo, StateMachine, StoredSnapshot};
 use crate::ManifestRecord;
-use crate::{keys, NodeAddr, NodeId, StateReader};
+use crate::{keys, NodeAddr, NodeId, StateReader, StorageWatch};
 
 /// One key and value of the state.
 type KeyValue = (Vec<u8>, Vec<u8>);
@@ -98,7 +98,7 @@ impl BackupSnapshot {
     /// Installs the state in a new sled database under `dir` and returns a reader of it.
     pub async fn open(&self, dir: &Path) -> Result<StateReader, StartError> {
         let db = sled::Config::new().path(dir).open()?;
-        let mut sm = StateMachine::open(&db)?;
+        let mut sm = StateMachine::open(&db, StorageWatch::offline())?;
         sm.install_snapshot(&self.0.meta, Box::new(Cursor::new(self.0.data.clone()))).await?;
         Ok(sm.reader())
     }
@@ -111,7 +111,8 @@ impl BackupSnapshot {
             return Err(StartError::Storage(format!("{} is not empty", dir.display())));
         }
         let db = sled::Config::new().path(dir).open()?;
-        let (mut log, mut sm) = (LogStore::open(&db)?, StateMachine::open(&db)?);
+        let watch = StorageWatch::offline();
+        let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, watch)?);
         let last = self.0.meta.last_log_id;
         let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, addr)]));
         let meta = SnapshotMeta {

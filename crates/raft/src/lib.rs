@@ -18,6 +18,7 @@ pub mod network;
 pub mod node;
 pub mod recover;
 pub mod state;
+pub mod watchdog;
 
 use std::io::Cursor;
 
@@ -25,8 +26,9 @@ use raftyard_types::event::VersionedCommand;
 use raftyard_types::Outcome;
 use serde::{Deserialize, Serialize};
 
-pub use node::{LeaderLink, MetaNode, MetaNodeConfig, ProposeError, StartError};
+pub use node::{Failure, LeaderLink, MetaNode, MetaNodeConfig, ProposeError, StartError};
 pub use state::{ManifestRecord, StateReader};
+pub use watchdog::StorageWatch;
 
 pub use raftyard_types::event::NodeId;
 

@@ -7,6 +7,7 @@ use std::ops::{Bound, RangeBounds};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, RaftLogId, RaftLogReader, Vote};
 
+use crate::watchdog::StorageWatch;
 use crate::{storage_err, LogId, NodeId, StorageError, TypeConfig};
 
 const VOTE: &[u8] = b"vote";
@@ -20,13 +21,19 @@ pub struct LogStore {
     log: sled::Tree,
     raft: sled::Tree,
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    watch: StorageWatch,
 }
 
 /// Group commit off Raft's core loop: appends queue their callback; one thread flushes sled
 /// once for everything queued and then acknowledges those appends, in order. Awaiting the
 /// flush inside `append` would stall Raft (heartbeats, votes, read-index checks) for the
-/// length of every fsync.
-fn spawn_flusher(db: sled::Db) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> {
+/// length of every fsync. Each flush runs under the storage watchdog: one that never returns
+/// stops the node instead of holding every append for ever.
+fn spawn_flusher(
+    db: sled::Db,
+    watch: StorageWatch,
+    hang_when: Option<std::path::PathBuf>,
+) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>> {
     let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
     std::thread::Builder::new()
         .name("raft-log-flush".into())
@@ -34,7 +41,16 @@ fn spawn_flusher(db: sled::Db) -> std::sync::mpsc::Sender<LogFlushed<TypeConfig>
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter());
-                let res = db.flush().map(|_| ());
+                let res = watch.run("raft log flush", || {
+                    if hang_when.as_ref().is_some_and(|p| p.exists()) {
+                        // the deliberate fault: a device that never completes the write
+                        tracing::warn!("deliberate fault: the raft log flush hangs");
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    db.flush().map(|_| ())
+                });
                 for cb in batch {
                     cb.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
                 }
@@ -49,12 +65,24 @@ fn idx_key(i: u64) -> [u8; 8] {
 }
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens the log's trees; every blocking call runs under `watch`.
+    pub fn open(db: &sled::Db, watch: StorageWatch) -> Result<Self, sled::Error> {
+        Self::open_with_fault(db, watch, None)
+    }
+
+    /// The same, with the deliberate fault of the tests: once the file `hang_when` exists,
+    /// log flushes never return (a wedged disk).
+    pub fn open_with_fault(
+        db: &sled::Db,
+        watch: StorageWatch,
+        hang_when: Option<std::path::PathBuf>,
+    ) -> Result<Self, sled::Error> {
         Ok(LogStore {
             db: db.clone(),
             log: db.open_tree("log")?,
             raft: db.open_tree("raft")?,
-            flusher: spawn_flusher(db.clone()),
+            flusher: spawn_flusher(db.clone(), watch.clone(), hang_when),
+            watch,
         })
     }
 
@@ -76,13 +104,23 @@ impl LogStore {
         subject: ErrorSubject<NodeId>,
     ) -> Result<(), StorageError> {
         let bytes = bincode::serialize(v).map_err(|e| storage_err(subject.clone(), ErrorVerb::Write, e))?;
-        self.raft.insert(key, bytes).map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
+        self.watch
+            .run("raft metadata write", || self.raft.insert(key, bytes))
+            .map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
         Ok(())
     }
 
     async fn flush(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
+        let _g = self.watch.enter("raft log flush");
         self.db.flush_async().await.map_err(|e| storage_err(subject, ErrorVerb::Write, e))?;
         Ok(())
+    }
+
+    /// Applies a batch to the log tree under the watchdog.
+    fn apply_log_batch(&self, batch: sled::Batch, verb: ErrorVerb) -> Result<(), StorageError> {
+        self.watch
+            .run("raft log write", || self.log.apply_batch(batch))
+            .map_err(|e| storage_err(ErrorSubject::Logs, verb, e))
     }
 
     fn decode(v: &[u8]) -> Result<Entry<TypeConfig>, StorageError> {
@@ -171,7 +209,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|err| storage_err(ErrorSubject::Log(*e.get_log_id()), ErrorVerb::Write, err))?;
             batch.insert(&idx_key(e.get_log_id().index), bytes);
         }
-        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.apply_log_batch(batch, ErrorVerb::Write)?;
         // Entries are readable now; durability is acknowledged by the flusher.
         if let Err(std::sync::mpsc::SendError(callback)) = self.flusher.send(callback) {
             callback.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
@@ -185,7 +223,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
             batch.remove(k);
         }
-        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.apply_log_batch(batch, ErrorVerb::Delete)?;
         self.flush(ErrorSubject::Logs).await
     }
 
@@ -198,7 +236,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
             batch.remove(k);
         }
-        self.log.apply_batch(batch).map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        self.apply_log_batch(batch, ErrorVerb::Delete)?;
         Ok(())
     }
 }

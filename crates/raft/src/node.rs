@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::log_store::LogStore;
 use crate::state::{StateMachine, StateReader};
+use crate::watchdog::StorageWatch;
 use crate::{NodeAddr, NodeId, Raft, TypeConfig};
 
 /// Settings of the metadata node.
@@ -43,6 +44,11 @@ pub struct MetaNodeConfig {
     /// its local state without a read barrier (they may be as old as its lag, and go on when no
     /// leader can be reached). Once a voter (after `raftyard cluster recover`) it is like any.
     pub backup: bool,
+    /// A storage operation (an append, a flush, an apply) that takes longer stops the node:
+    /// its device is wedged, and waiting longer commits nothing.
+    pub storage_deadline: Duration,
+    /// The deliberate fault of the tests: once this file exists, log flushes never return.
+    pub hang_log_flush_when: Option<PathBuf>,
 }
 
 impl MetaNodeConfig {
@@ -59,6 +65,8 @@ impl MetaNodeConfig {
             snapshot_every: 5000,
             keep_logs: 1000,
             backup: false,
+            storage_deadline: Duration::from_secs(20),
+            hang_log_flush_when: None,
         }
     }
 }
@@ -107,6 +115,7 @@ pub struct MetaNode {
     db: sled::Db,
     link: Option<Arc<dyn LeaderLink>>,
     backup: bool,
+    watch: StorageWatch,
 }
 
 /// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
@@ -135,8 +144,9 @@ impl MetaNode {
     ) -> Result<Self, StartError> {
         std::fs::create_dir_all(&cfg.dir)?;
         let db = sled::Config::new().path(&cfg.dir).mode(sled::Mode::HighThroughput).open()?;
-        let log = LogStore::open(&db)?;
-        let sm = StateMachine::open(&db)?;
+        let watch = StorageWatch::new(cfg.storage_deadline);
+        let log = LogStore::open_with_fault(&db, watch.clone(), cfg.hang_log_flush_when.clone())?;
+        let sm = StateMachine::open(&db, watch.clone())?;
         let reader = sm.reader();
         // openraft 0.9 uses its heartbeat interval as the timeout of every append: a follower
         // further away than that (or with a slower fsync) would never acknowledge anything. So
@@ -156,7 +166,7 @@ impl MetaNode {
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
         tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
-        let node = MetaNode { id: cfg.id, raft, reader, db, link, backup: cfg.backup };
+        let node = MetaNode { id: cfg.id, raft, reader, db, link, backup: cfg.backup, watch };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
                 info!(id = cfg.id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
@@ -180,6 +190,11 @@ impl MetaNode {
 
     pub fn reader(&self) -> &StateReader {
         &self.reader
+    }
+
+    /// The deadlines on this node's storage operations.
+    pub fn storage(&self) -> &StorageWatch {
+        &self.watch
     }
 
     /// Members of the current membership: id, addresses, and whether it votes.
@@ -327,9 +342,17 @@ impl MetaNode {
     }
 
     /// Resolves when Raft stops on its own because of an error (its storage failed: a full
-    /// disk, an I/O error); never after a normal shutdown. Such a node can no longer take part
-    /// and must stop, to be started again on its data once the cause is fixed.
-    pub async fn failed(&self) -> String {
+    /// disk, an I/O error), or a storage operation outlived its deadline; never after a normal
+    /// shutdown. Such a node can no longer take part and must stop, to be started again on its
+    /// data once the cause is fixed.
+    pub async fn failed(&self) -> Failure {
+        tokio::select! {
+            e = self.raft_failed() => Failure::Error(e),
+            e = self.watch.stuck() => Failure::Stuck(e),
+        }
+    }
+
+    async fn raft_failed(&self) -> String {
         let mut rx = self.raft.metrics();
         let fatal = |m: &openraft::RaftMetrics<NodeId, NodeAddr>| match &m.running_state {
             Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
@@ -346,10 +369,40 @@ impl MetaNode {
         }
     }
 
-    /// Stops Raft and flushes storage.
+    /// Stops Raft and flushes storage, within `SHUTDOWN_DEADLINE`: a core or a flush stuck on
+    /// a wedged device is left behind (the process is about to end; what was acknowledged is
+    /// on disk already).
     pub async fn shutdown(&self) {
-        let _ = self.raft.shutdown().await;
-        let _ = self.db.flush_async().await;
+        let r = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+            let _ = self.raft.shutdown().await;
+            let _ = self.db.flush_async().await;
+        })
+        .await;
+        if r.is_err() {
+            tracing::error!("Raft or its storage did not stop within {SHUTDOWN_DEADLINE:?}; leaving it behind");
+        }
+    }
+}
+
+/// How long [`MetaNode::shutdown`] waits for Raft and the final flush.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why a metadata node can no longer take part.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// Raft stopped on a storage error (the process may stop in order).
+    Error(String),
+    /// A storage operation never completed: threads are blocked in it, and an orderly stop
+    /// would wait on them. The process should end at once.
+    Stuck(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Error(e) => write!(f, "{e}"),
+            Failure::Stuck(e) => write!(f, "storage stuck: {e}"),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use openraft::{Entry, EntryPayload, Membership, RaftLogReader};
 use crate::log_store::LogStore;
 use crate::node::StartError;
 use crate::state::StateMachine;
-use crate::{LogId, NodeAddr, NodeId, TypeConfig};
+use crate::{LogId, NodeAddr, NodeId, StorageWatch, TypeConfig};
 
 /// What [`single_voter`] did.
 #[derive(Debug)]
@@ -59,7 +59,8 @@ pub async fn single_voter(dir: &Path, id: Option<NodeId>) -> Result<Recovered, S
         return Err(StartError::Storage(format!("{} holds no metadata storage", dir.display())));
     }
     let db = sled::Config::new().path(dir).open()?;
-    let (mut log, mut sm) = (LogStore::open(&db)?, StateMachine::open(&db)?);
+    let watch = StorageWatch::offline();
+    let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, watch)?);
     let (m, applied, last) = membership(&mut log, &mut sm).await?;
     let last = last.ok_or_else(|| StartError::Storage("the log is empty: this node never joined".into()))?;
     let id = match id {

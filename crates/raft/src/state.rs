@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::keys;
+use crate::watchdog::StorageWatch;
 use crate::{storage_err, LogId, NodeAddr, NodeId, StorageError, TypeConfig};
 
 /// A stored manifest.
@@ -389,15 +390,17 @@ pub struct StateMachine {
     state: sled::Tree,
     snap: sled::Tree,
     applied_tx: Arc<watch::Sender<u64>>,
+    watch: StorageWatch,
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens the state's trees; every blocking write runs under `watch`.
+    pub fn open(db: &sled::Db, watch: StorageWatch) -> Result<Self, sled::Error> {
         let state = db.open_tree("state")?;
         let snap = db.open_tree("snapshot")?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
-        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx) })
+        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), watch })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -440,7 +443,8 @@ impl StateMachine {
             }
         };
         tx.put(keys::APPLIED.to_vec(), enc(&log_id));
-        self.state.apply_batch(tx.into_batch())?;
+        let batch = tx.into_batch();
+        self.watch.run("state apply", || self.state.apply_batch(batch))?;
         Ok(outcome)
     }
 
@@ -478,11 +482,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        // Copy the state now, while no entry is being applied: the snapshot is consistent.
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> =
-            self.state.iter().filter_map(|kv| kv.ok()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-        let (applied, membership) = self.read_applied().unwrap_or((None, Membership::default()));
-        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), pairs, applied, membership }
+        // Copy the state now, while no entry is being applied: the snapshot is consistent. A read
+        // error fails the build (a snapshot missing keys would be installed as the whole state).
+        let _g = self.watch.enter("snapshot read");
+        let copy = self
+            .state
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Pairs, sled::Error>>()
+            .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+            .and_then(|pairs| self.read_applied().map(|(applied, membership)| (pairs, applied, membership)));
+        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), copy: Some(copy), watch: self.watch.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -510,6 +520,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.insert(keys::APPLIED, enc(&l));
         }
         batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
+        let _g = self.watch.enter("snapshot install");
         self.state.apply_batch(batch).map_err(werr)?;
         let stored = StoredSnapshot { meta: meta.clone(), data };
         self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
@@ -523,26 +534,42 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+/// A copy of the state: its pairs, applied log id and membership.
+type StateCopy = (Pairs, Option<LogId>, Membership);
+
 /// Builds a snapshot from a copy of the state taken by `get_snapshot_builder`.
 pub struct SnapshotBuilder {
     db: sled::Db,
     snap: sled::Tree,
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
-    applied: Option<LogId>,
-    membership: Membership,
+    /// The state's pairs, applied log id and membership, or why they could not be read.
+    copy: Option<Result<StateCopy, StorageError>>,
+    watch: StorageWatch,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = enc(&self.pairs);
-        let snapshot_id = match self.applied {
+        let (pairs, applied, membership) = self
+            .copy
+            .take()
+            .unwrap_or_else(|| Err(storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, "built twice")))?;
+        let data = enc(&pairs);
+        let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
             None => format!("0-0-{}", data.len()),
         };
-        let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
-        self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
+        let _g = self.watch.enter("snapshot write");
+        // A snapshot installed from the leader while this one was being built may be newer:
+        // the stored snapshot only ever moves forward.
+        let newer = |cur: &sled::IVec| dec::<StoredSnapshot>(cur).is_some_and(|c| c.meta.last_log_id > applied);
+        let stored = enc(&StoredSnapshot { meta: meta.clone(), data: data.clone() });
+        self.snap
+            .fetch_and_update(b"current", |cur| match cur {
+                Some(c) if newer(&sled::IVec::from(c)) => Some(c.to_vec()),
+                _ => Some(stored.clone()),
+            })
+            .map_err(werr)?;
         // The state machine is flushed too, so logs purged after this snapshot are never needed.
         self.db.flush_async().await.map_err(werr)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })

@@ -3,7 +3,7 @@
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use raftyard_raft::state::StateMachine;
-use raftyard_raft::TypeConfig;
+use raftyard_raft::{StorageWatch, TypeConfig};
 use raftyard_types::event::VersionedCommand;
 use raftyard_types::{Command, Digest, Event, Rejection, RepoName, Tag};
 
@@ -17,7 +17,7 @@ impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let sm = StateMachine::open(&db).unwrap();
+        let sm = StateMachine::open(&db, StorageWatch::offline()).unwrap();
         Fixture { _dir: dir, sm, next: 1 }
     }
 

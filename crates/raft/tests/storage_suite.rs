@@ -4,7 +4,7 @@
 use openraft::testing::{StoreBuilder, Suite};
 use raftyard_raft::log_store::LogStore;
 use raftyard_raft::state::StateMachine;
-use raftyard_raft::{StorageError, TypeConfig};
+use raftyard_raft::{StorageError, StorageWatch, TypeConfig};
 
 struct SledBuilder;
 
@@ -12,8 +12,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new().path(dir.path()).open().expect("sled");
-        let log = LogStore::open(&db).expect("log store");
-        let sm = StateMachine::open(&db).expect("state machine");
+        let log = LogStore::open(&db, StorageWatch::offline()).expect("log store");
+        let sm = StateMachine::open(&db, StorageWatch::offline()).expect("state machine");
         Ok((dir, log, sm))
     }
 }

@@ -153,6 +153,10 @@ pub struct RaftSection {
     pub snapshot_every: u64,
     /// Log entries kept behind the latest snapshot for lagging followers.
     pub keep_logs: u64,
+    /// A metadata storage operation (a log append or flush, an apply) that has not completed
+    /// after this many milliseconds stops the node with an error (a wedged device): it is
+    /// started again on its data by its supervisor, instead of staying up without committing.
+    pub storage_deadline_ms: u64,
 }
 
 impl Default for NodeSection {
@@ -197,6 +201,7 @@ impl Default for RaftSection {
             election_timeout_max_ms: 400,
             snapshot_every: 5000,
             keep_logs: 1000,
+            storage_deadline_ms: 20_000,
         }
     }
 }
@@ -212,6 +217,10 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node.id > 0, "node.id must be > 0");
         anyhow::ensure!(self.raft.heartbeat_ms > 0, "raft.heartbeat_ms must be > 0");
+        anyhow::ensure!(
+            self.raft.storage_deadline_ms >= 1000,
+            "raft.storage_deadline_ms must be at least 1000: a busy disk's fsync can take a second"
+        );
         anyhow::ensure!(
             self.raft.election_timeout_min_ms > self.raft.heartbeat_ms.max(self.raft.append_timeout_ms)
                 && self.raft.election_timeout_max_ms > self.raft.election_timeout_min_ms,

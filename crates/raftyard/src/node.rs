@@ -11,7 +11,7 @@ use raftyard_blobstore::{BlobStore, BlobStoreConfig};
 use raftyard_cluster::{
     BlobPeers, GrpcLeaderLink, Lag, LagMonitor, LocalHttpSlot, PeerNetwork, PeerServices, PeerTls, Peers, RepairWorker,
 };
-use raftyard_raft::{MetaNode, MetaNodeConfig, NodeAddr};
+use raftyard_raft::{Failure, MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{LocalRegistry, Registry, RegistryConfig, TlsFiles};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -54,10 +54,17 @@ pub struct RunningNode {
     pub addr: NodeAddr,
     pub meta: MetaNode,
     stop: CancellationToken,
+    /// Why the node stopped by itself, if it did.
+    failure: Arc<OnceLock<Failure>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl RunningNode {
+    /// Why the node stopped by itself (its metadata storage failed or is stuck), if it did.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.get()
+    }
+
     /// Stops accepting, drains in-flight requests, stops Raft and flushes storage.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
@@ -65,15 +72,40 @@ impl RunningNode {
     }
 }
 
+/// How long a stopping node may take, from SIGTERM (or a failure) to the end of the process:
+/// the registry's drain, then the peer port and Raft, each under its own deadline.
+const STOP_DEADLINE: Duration = Duration::from_secs(50);
+
+/// Exit status of a node whose storage stopped answering.
+const EXIT_STORAGE_STUCK: i32 = 75;
+
 /// Runs a node until SIGTERM or Ctrl-C, or until it fails (then with an error, so that its
-/// supervisor starts it again).
+/// supervisor starts it again). The process always ends: within [`STOP_DEADLINE`] of the
+/// signal, at once on a second signal, and at once when its storage is stuck (threads blocked
+/// in it would hold an orderly stop for ever; what was acknowledged is on disk already).
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let node = start(cfg).await?;
     tokio::select! {
         _ = shutdown_signal() => {}
         _ = node.stop.cancelled() => {}
     }
-    node.stop().await
+    if let Some(f @ Failure::Stuck(_)) = node.failure() {
+        error!(failure = %f, "metadata storage is stuck: exiting now");
+        std::process::exit(EXIT_STORAGE_STUCK);
+    }
+    tokio::select! {
+        r = tokio::time::timeout(STOP_DEADLINE, node.stop()) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                error!("the node did not stop within {STOP_DEADLINE:?}: exiting");
+                std::process::exit(1);
+            }
+        },
+        _ = shutdown_signal() => {
+            warn!("second signal: exiting without finishing the drain");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Opens storage, binds the ports and starts every part of a node; returns once it serves.
@@ -111,6 +143,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;
     meta_cfg.keep_logs = cfg.raft.keep_logs;
     meta_cfg.backup = cfg.node.role == crate::config::Role::Backup;
+    meta_cfg.storage_deadline = Duration::from_millis(cfg.raft.storage_deadline_ms);
+    let fault = deliberate_fault()?;
+    if fault == Some(DeliberateFault::HangLogFlush) {
+        meta_cfg.hang_log_flush_when = Some(data.join(HANG_LOG_FLUSH_MARKER));
+    }
     let peer_tls = match &cfg.cluster.tls {
         Some(t) => Some(PeerTls::load(&t.ca, &t.cert, &t.key).context("loading the peer TLS files")?),
         None => None,
@@ -161,19 +198,23 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),
             blob_write_quorum: cfg.cluster.blob_write_quorum,
-            fault: deliberate_fault()?,
+            fault: match fault {
+                Some(DeliberateFault::Registry(f)) => Some(f),
+                _ => None,
+            },
         },
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
-    let agent = start_agent(&cfg, listener.local_addr()?, peer_bound)?;
+    let ready = spawn_readiness(reg.clone(), stop.clone());
+    let agent = start_agent(&cfg, listener.local_addr()?, peer_bound, ready)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
     let registry_addr = listener.local_addr()?;
     let peer_addr = peer_bound;
-    // a node whose metadata storage failed stops (crash-only): started again on its data, it
-    // recovers from its log like after a kill
-    let failure = Arc::new(OnceLock::new());
+    // a node whose metadata storage failed or is stuck stops (crash-only): started again on
+    // its data, it recovers from its log like after a kill
+    let failure: Arc<OnceLock<Failure>> = Arc::new(OnceLock::new());
     tokio::spawn({
         let (meta, stop, failure) = (meta.clone(), stop.clone(), failure.clone());
         async move {
@@ -190,6 +231,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     let task = {
         let stop = stop.clone();
         let meta = meta.clone();
+        let failure = failure.clone();
         tokio::spawn(async move {
             if let Some(agent) = agent {
                 // leave the relays first, so no new visitor arrives while the registry drains
@@ -217,16 +259,80 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
             served.map_err(Into::into)
         })
     };
-    Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, task })
+    Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, failure, task })
 }
 
-/// The chaos suite's deliberately broken node: `RAFTYARD_FAULT` (see `RegistryConfig::fault`).
-fn deliberate_fault() -> anyhow::Result<Option<raftyard_registry::Fault>> {
+/// A node broken on purpose, for the tests and the chaos suite to prove they catch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeliberateFault {
+    /// One of the registry's (see `RegistryConfig::fault`).
+    Registry(raftyard_registry::Fault),
+    /// `hang-log-flush`: once the file [`HANG_LOG_FLUSH_MARKER`] exists in the data directory,
+    /// Raft log flushes never return (a wedged disk).
+    HangLogFlush,
+}
+
+/// The file whose creation wedges the log flushes of a node started with
+/// `RAFTYARD_FAULT=hang-log-flush`.
+pub const HANG_LOG_FLUSH_MARKER: &str = "hang-log-flush";
+
+/// `RAFTYARD_FAULT`, if set.
+fn deliberate_fault() -> anyhow::Result<Option<DeliberateFault>> {
     let Ok(name) = std::env::var("RAFTYARD_FAULT") else { return Ok(None) };
-    let fault = raftyard_registry::Fault::parse(&name)
-        .ok_or_else(|| anyhow::anyhow!("RAFTYARD_FAULT={name:?}: not one of {}", raftyard_registry::Fault::NAMES))?;
+    let fault = match name.as_str() {
+        "hang-log-flush" => DeliberateFault::HangLogFlush,
+        _ => DeliberateFault::Registry(raftyard_registry::Fault::parse(&name).ok_or_else(|| {
+            anyhow::anyhow!("RAFTYARD_FAULT={name:?}: not one of hang-log-flush, {}", raftyard_registry::Fault::NAMES)
+        })?),
+    };
     warn!(?fault, "RAFTYARD_FAULT: this node is deliberately BROKEN");
     Ok(Some(fault))
+}
+
+/// Readiness checks fail for this long in a row before the relay's visitors are turned away:
+/// a leader election is shorter, and must not turn every node away at once.
+const UNREADY_AFTER: Duration = Duration::from_secs(3);
+
+/// Checks every second until `stop` whether this node should take the relay's shared traffic,
+/// and publishes it for the tunnel agent's gate: it must be a voter (a learner's copies do not
+/// count toward a push's quorum) and ready ([`Registry::not_ready`]). It takes traffic once a
+/// check passes (a restarted node only after it caught up), and stops after checks failed for
+/// [`UNREADY_AFTER`].
+fn spawn_readiness(reg: Arc<Registry>, stop: CancellationToken) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        loop {
+            let me = reg.meta().id();
+            let voter = reg.meta().members().iter().any(|(id, _, v)| *id == me && *v);
+            let reason = match voter {
+                true => reg.not_ready().await,
+                false => Some("not a voter".to_string()),
+            };
+            match reason {
+                None => {
+                    failing_since = None;
+                    if !tx.send_replace(true) {
+                        info!("ready: taking traffic from the relay");
+                    }
+                }
+                Some(reason) => {
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if *tx.borrow() && since.elapsed() >= UNREADY_AFTER {
+                        warn!(%reason, "not ready: the relay's visitors go to other nodes");
+                        tx.send_replace(false);
+                    }
+                }
+            }
+            // a node that is not taking traffic looks again soon, so that it does once it can
+            let every = if *tx.borrow() { Duration::from_secs(1) } else { Duration::from_millis(100) };
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    rx
 }
 
 /// The tunnel agent, if relays are configured: the shared service `registry` and this node's
@@ -235,6 +341,7 @@ fn start_agent(
     cfg: &Config,
     registry: std::net::SocketAddr,
     peer: std::net::SocketAddr,
+    ready: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Option<raftyard_tunnel::Agent>> {
     if cfg.tunnel.relay.is_empty() {
         return Ok(None);
@@ -256,8 +363,13 @@ fn start_agent(
     if cfg.tunnel.peer_service {
         services.push(raftyard_tunnel::LocalService { name: format!("peer-{id}"), local: local(peer) });
     }
-    let agent = raftyard_tunnel::Agent::start(&format!("node{}", cfg.node.id), &cfg.tunnel.relay, &services)
-        .context("starting the tunnel agent")?;
+    // the shared service only takes visitors while this node is ready, so the relay sends them
+    // to nodes that can serve; this node's own services always do (its own endpoint is how an
+    // operator reaches it, and a node catching up needs its peer service)
+    let gate = raftyard_tunnel::Gate { services: vec!["registry".into()], ready };
+    let agent =
+        raftyard_tunnel::Agent::start_gated(&format!("node{}", cfg.node.id), &cfg.tunnel.relay, &services, Some(gate))
+            .context("starting the tunnel agent")?;
     info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");
     Ok(Some(agent))
 }

@@ -21,6 +21,7 @@ async fn clients_through_the_shared_endpoint_while_nodes_die() {
     let mut cl = Cluster::start_configured(3, "", |id| relay.link(id));
     cl.leader(Duration::from_secs(20)).await;
     relay.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
     let shared = relay.shared().to_string();
 
     // visitors that connect and never send a byte take nothing from anyone else
@@ -108,6 +109,7 @@ async fn two_relays_at_once_and_a_relay_restart() {
     cl.leader(Duration::from_secs(20)).await;
     a.wait_agents(3, Duration::from_secs(20)).await;
     b.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
 
     let src = dir.path().join("src");
     let index = write_layout(&src, 43);
@@ -183,6 +185,7 @@ async fn pushes_and_pulls_through_the_relay_while_followers_are_killed_and_resta
     let cl = Cluster::start_configured(3, "", |id| relay.link(id));
     let leader = cl.leader(Duration::from_secs(20)).await;
     relay.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
     let base = format!("http://{}", relay.shared());
     let cl = std::sync::Arc::new(std::sync::Mutex::new(cl));
 

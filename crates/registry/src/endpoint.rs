@@ -21,6 +21,9 @@ pub enum Endpoint {
     Events,
     /// `/v2/_raftyard/health`: liveness and Raft role (raftyard extension).
     Health,
+    /// `/v2/_raftyard/ready`: whether this node should take traffic now (raftyard extension):
+    /// 200, or 503 with the reason.
+    Ready,
     /// `/v2/_raftyard/state-digest`: a digest of this node's applied metadata state, to compare
     /// nodes (raftyard extension).
     StateDigest,
@@ -59,6 +62,7 @@ impl Endpoint {
             Endpoint::Catalog => "catalog",
             Endpoint::Events => "events",
             Endpoint::Health => "health",
+            Endpoint::Ready => "ready",
             Endpoint::StateDigest => "state_digest",
             Endpoint::Manifest { .. } => "manifest",
             Endpoint::Blob { .. } => "blob",
@@ -77,6 +81,7 @@ impl Endpoint {
             | Endpoint::Catalog
             | Endpoint::Events
             | Endpoint::Health
+            | Endpoint::Ready
             | Endpoint::StateDigest
             | Endpoint::Metrics => get_head,
             Endpoint::Tags { .. } | Endpoint::Referrers { .. } => get_head,
@@ -106,6 +111,7 @@ pub fn parse_endpoint(method: &Method, raw_path: &str) -> Result<Endpoint, Regis
             "_catalog" => Endpoint::Catalog,
             "_raftyard/events" => Endpoint::Events,
             "_raftyard/health" => Endpoint::Health,
+            "_raftyard/ready" => Endpoint::Ready,
             "_raftyard/state-digest" => Endpoint::StateDigest,
             _ => parse_repo_path(rest)?,
         }
@@ -183,6 +189,7 @@ mod tests {
         assert_eq!(p(Method::GET, "/v2").unwrap(), Endpoint::Base);
         assert_eq!(p(Method::GET, "/v2/_catalog").unwrap(), Endpoint::Catalog);
         assert_eq!(p(Method::GET, "/v2/_raftyard/events").unwrap(), Endpoint::Events);
+        assert_eq!(p(Method::GET, "/v2/_raftyard/ready").unwrap(), Endpoint::Ready);
         assert!(matches!(p(Method::POST, "/v2/"), Err(RegistryError::MethodNotAllowed)));
         assert!(matches!(p(Method::GET, "/v1/"), Err(RegistryError::NotFound)));
     }

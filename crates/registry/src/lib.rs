@@ -75,6 +75,11 @@ impl Default for RegistryConfig {
     }
 }
 
+/// A storage operation running longer makes a node not ready.
+pub const SLOW_STORAGE: Duration = Duration::from_secs(3);
+/// How long a readiness check waits for its read barrier.
+pub const READY_BARRIER: Duration = Duration::from_secs(2);
+
 /// Everything a request handler needs.
 pub struct Registry {
     pub(crate) blobs: Arc<BlobStore>,
@@ -125,6 +130,28 @@ impl Registry {
     /// then), or on a node broken on purpose (`Fault::StaleReads`).
     pub(crate) fn local_digest_reads(&self) -> bool {
         !self.cfg.delete_enabled || self.cfg.fault == Some(Fault::StaleReads)
+    }
+
+    /// Why this node should not take traffic now, or `None` when it should: its Raft stopped,
+    /// a storage operation has been running for over [`SLOW_STORAGE`], or (on a voter) a read
+    /// barrier does not complete within [`READY_BARRIER`] — no leader can be reached, or this
+    /// node is too far behind to answer reads in time. A backup serves from its own state, so
+    /// only its own health counts.
+    pub async fn not_ready(&self) -> Option<String> {
+        if let Err(e) = &self.meta.raft().metrics().borrow().running_state {
+            return Some(format!("raft stopped: {e}"));
+        }
+        if let Some((what, age)) = self.meta.storage().oldest().filter(|(_, age)| *age > SLOW_STORAGE) {
+            return Some(format!("storage operation {what:?} running for {:.1} s", age.as_secs_f64()));
+        }
+        if self.meta.is_backup() {
+            return None;
+        }
+        match tokio::time::timeout(READY_BARRIER, self.meta.read_barrier()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("read barrier failed: {e}")),
+            Err(_) => Some(format!("read barrier not done within {READY_BARRIER:?}: no leader, or far behind")),
+        }
     }
 
     pub fn meta(&self) -> &MetaNode {

@@ -42,9 +42,39 @@ struct Link {
     token: String,
     server_name: ServerName<'static>,
     tls: TlsConnector,
-    services: Arc<HashMap<String, String>>,
+    services: Arc<Services>,
     status: Arc<Mutex<LinkStatus>>,
     meter: Arc<Meter>,
+}
+
+/// Services whose visitors are turned away while a readiness signal is false: the relay hears
+/// at once that the service is down here and takes the visitor to another agent. A node uses
+/// it for its shared registry service, so that a node that cannot serve (no leader reachable,
+/// far behind after a restart, storage stalled) gets no traffic through the relay.
+pub struct Gate {
+    pub services: Vec<String>,
+    pub ready: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The local services by name, and the gate some of them are behind.
+struct Services {
+    local: HashMap<String, String>,
+    gate: Option<Gate>,
+}
+
+impl Services {
+    /// Where a visitor of `service` goes now, or why it cannot.
+    fn target(&self, service: &str) -> std::io::Result<&str> {
+        let Some(local) = self.local.get(service) else {
+            return Err(std::io::Error::other(format!("no service {service:?}")));
+        };
+        match &self.gate {
+            Some(g) if !*g.ready.borrow() && g.services.iter().any(|s| s == service) => {
+                Err(std::io::Error::other(format!("service {service:?} is not ready here")))
+            }
+            _ => Ok(local),
+        }
+    }
 }
 
 /// A running agent. Dropping it does not stop it; call [`Agent::stop`].
@@ -60,8 +90,18 @@ impl Agent {
     /// Starts one connection task per relay. `default_name` names the agent where a link does
     /// not set `name`.
     pub fn start(default_name: &str, links: &[RelayLink], services: &[LocalService]) -> Result<Agent, Error> {
-        let services: Arc<HashMap<String, String>> =
-            Arc::new(services.iter().map(|s| (s.name.clone(), s.local.clone())).collect());
+        Self::start_gated(default_name, links, services, None)
+    }
+
+    /// The same, with some services turned away while `gate` says not ready.
+    pub fn start_gated(
+        default_name: &str,
+        links: &[RelayLink],
+        services: &[LocalService],
+        gate: Option<Gate>,
+    ) -> Result<Agent, Error> {
+        let services =
+            Arc::new(Services { local: services.iter().map(|s| (s.name.clone(), s.local.clone())).collect(), gate });
         let stop = CancellationToken::new();
         let meter = Arc::new(Meter::default());
         let mut statuses = Vec::new();
@@ -157,7 +197,7 @@ async fn session(link: &Link) -> Result<(), String> {
             version: proto::VERSION,
             agent: link.name.clone(),
             token: link.token.clone(),
-            services: link.services.keys().cloned().collect(),
+            services: link.services.local.keys().cloned().collect(),
             heartbeat_timeout_ms: link.cfg.heartbeat_timeout().as_millis() as u64,
         };
         proto::write_frame(&mut tls, &hello).await.map_err(|e| format!("hello: {e}"))?;
@@ -272,9 +312,9 @@ fn pooled_channel(
         if !stop.is_cancelled() {
             tokio::spawn(pooled_channel(pool.clone(), stop));
         }
-        let local = match pool.ctx.services.get(&service) {
-            Some(target) => dial(target).await,
-            None => Err(std::io::Error::other(format!("no service {service:?}"))),
+        let local = match pool.ctx.services.target(&service) {
+            Ok(target) => dial(target).await,
+            Err(e) => Err(e),
         };
         let local = match local {
             Ok(l) => l,
@@ -303,7 +343,7 @@ async fn dial(addr: &str) -> std::io::Result<TcpStream> {
 /// What a data-channel task needs from its link, owned.
 struct Ctx {
     relay: String,
-    services: Arc<HashMap<String, String>>,
+    services: Arc<Services>,
     splice: bool,
     meter: Arc<Meter>,
 }
@@ -330,10 +370,15 @@ fn link_ctx(link: &Link) -> Ctx {
 /// forwards. If the local service cannot be reached the relay hears so at once and tries
 /// another agent.
 async fn data_channel(ctx: Ctx, nonce: Nonce, service: String, tx: mpsc::Sender<AgentMsg>) {
-    let Some(target) = ctx.services.get(&service) else {
-        let _ = tx.try_send(AgentMsg::OpenFailed(nonce));
-        return;
+    let target = match ctx.services.target(&service) {
+        Ok(t) => t.to_string(),
+        Err(e) => {
+            debug!(%service, error = %e, "visitor turned away");
+            let _ = tx.try_send(AgentMsg::OpenFailed(nonce));
+            return;
+        }
     };
+    let target = target.as_str();
     let (local, data) = tokio::join!(dial(target), dial(&ctx.relay));
     // the preamble goes out only once the local side is up: a channel the relay pairs with a
     // visitor must lead somewhere

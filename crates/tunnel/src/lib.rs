@@ -22,7 +22,7 @@ pub mod pump;
 pub mod relay;
 mod tls;
 
-pub use agent::{Agent, LinkStatus};
+pub use agent::{Agent, Gate, LinkStatus};
 pub use config::{AgentFile, LocalService, RelayConfig, RelayLink};
 pub use relay::{Relay, RelayAddrs};
 

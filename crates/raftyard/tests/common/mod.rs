@@ -26,6 +26,8 @@ pub struct Extra<'a> {
     pub cluster: &'a str,
     /// Lines for the `[node]` section (e.g. `role = "backup"`).
     pub node: &'a str,
+    /// Environment of the process (e.g. `RAFTYARD_FAULT`).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// A running `raftyard serve` process. Killed (SIGKILL) on drop.
@@ -37,6 +39,7 @@ pub struct Node {
     pub data: PathBuf,
     pub log: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Starts `cmd` (logging to `log`) and waits until `addr` accepts connections; panics with the
@@ -76,6 +79,7 @@ impl Node {
             data: PathBuf::new(),
             log: PathBuf::new(),
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -88,6 +92,7 @@ impl Node {
             data: data.to_path_buf(),
             log: data.with_extension("log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         n.spawn();
         n
@@ -98,7 +103,8 @@ impl Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftyard"));
         cmd.args(["serve", "--listen", &self.addr, "--peer-listen", &self.peer, "--data-dir"])
             .arg(&self.data)
-            .args(&self.extra);
+            .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(start_listening(&mut cmd, &self.log, &self.addr, Duration::from_secs(30)));
     }
 
@@ -124,7 +130,7 @@ impl Node {
         members: &[(u64, String, String)],
         extra: &Extra,
     ) -> Node {
-        let Extra { join, raft: raft_extra, cluster: cluster_extra, node: node_extra } = extra;
+        let Extra { join, raft: raft_extra, cluster: cluster_extra, node: node_extra, env } = extra;
         let cfg = dir.join(format!("node{id}.toml"));
         let mut text = format!("[node]\nid = {id}\n{node_extra}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
         // the extra TOML first: its leading keys belong to [cluster]; tables after it are fine
@@ -141,6 +147,7 @@ impl Node {
             data: data.clone(),
             log: data.with_extension("log"),
             extra: vec!["--config".into(), cfg.to_string_lossy().into_owned()],
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         n.spawn();
         n
@@ -181,6 +188,30 @@ impl Node {
         let mut c = self.child.take().expect("running");
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait().unwrap()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit status, or `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut().expect("running");
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /v2/_raftyard/ready`: the status and the reason given, if it answers.
+    pub async fn ready(&self) -> Option<(u16, String)> {
+        let r = client().get(self.url("/v2/_raftyard/ready")).timeout(Duration::from_secs(5)).send().await.ok()?;
+        let status = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.ok()?;
+        Some((status, v["reason"].as_str().unwrap_or_default().to_string()))
     }
 
     pub fn pid(&self) -> u32 {
@@ -372,6 +403,24 @@ impl Cluster {
             .collect();
         nodes.reverse();
         Cluster { _dir: dir, nodes }
+    }
+
+    /// Waits until every running node answers `/v2/_raftyard/ready` with 200 (and so takes the
+    /// relay's shared traffic a moment later).
+    pub async fn ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            loop {
+                let r = n.ready().await;
+                if r.as_ref().is_some_and(|(status, _)| *status == 200) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node {} not ready: {r:?}", n.addr);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        // the agent's gate follows readiness within its check interval
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// Index (0-based) of the node every live node agrees is the leader.

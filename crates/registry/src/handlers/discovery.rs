@@ -174,3 +174,13 @@ pub(crate) async fn health(reg: &Registry) -> HandlerResult {
     });
     Ok(json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"), false))
 }
+
+/// `GET /v2/_raftyard/ready`: 200 while this node should take traffic, else 503 with the
+/// reason (see [`Registry::not_ready`]). For load balancers and the relay's agent.
+pub(crate) async fn ready(reg: &Registry) -> HandlerResult {
+    let (status, body) = match reg.not_ready().await {
+        None => (StatusCode::OK, json!({ "ready": true })),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, json!({ "ready": false, "reason": reason })),
+    };
+    Ok(json_response(status, serde_json::to_vec(&body).expect("json"), false))
+}

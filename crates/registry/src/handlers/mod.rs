@@ -80,6 +80,7 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> 
     match ep {
         Endpoint::Base => Ok(json_response(StatusCode::OK, b"{}".to_vec(), method == Method::HEAD)),
         Endpoint::Health => discovery::health(reg).await,
+        Endpoint::Ready => discovery::ready(reg).await,
         Endpoint::StateDigest => discovery::state_digest(reg).await,
         Endpoint::Metrics => Ok(reg.metrics.render(reg)),
         Endpoint::Catalog => discovery::catalog(reg, &q).await,

@@ -1,0 +1,142 @@
+//! Deadlines on storage waits. sled offers none: a write or flush whose IO never completes
+//! (a wedged device; a failed write in sled's log that wakes no waiter) blocks its thread for
+//! ever, and with it openraft's core, so the node would stay up, answer probes and commit
+//! nothing. Every blocking sled call of this crate runs inside a [`StorageWatch`] guard; a
+//! thread of its own looks at the guards and, once one is older than the deadline, reports the
+//! storage stuck ([`StorageWatch::stuck`]). The node then stops (crash-only: its data is safe to
+//! start again), instead of limping on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+struct Inner {
+    deadline: Duration,
+    next: AtomicU64,
+    /// The storage operations in progress: what, and since when.
+    ops: Mutex<HashMap<u64, (&'static str, Instant)>>,
+    /// Set once an operation outlived the deadline.
+    stuck: watch::Sender<Option<String>>,
+}
+
+/// Watches the storage operations of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct StorageWatch {
+    inner: Arc<Inner>,
+}
+
+/// One storage operation in progress; it ends when the guard drops.
+pub struct Guard {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.inner.ops.lock().unwrap().remove(&self.id);
+    }
+}
+
+impl StorageWatch {
+    /// Starts the watching thread; it ends when the last handle is dropped.
+    pub fn new(deadline: Duration) -> Self {
+        let (stuck, _) = watch::channel(None);
+        let inner = Arc::new(Inner { deadline, next: AtomicU64::new(0), ops: Mutex::new(HashMap::new()), stuck });
+        let weak = Arc::downgrade(&inner);
+        let every = (deadline / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        std::thread::Builder::new()
+            .name("storage-watch".into())
+            .spawn(move || watch_loop(weak, every))
+            .expect("spawn the storage watchdog");
+        StorageWatch { inner }
+    }
+
+    /// For offline tools (recovery, restore), where nobody waits on the answer: a deadline
+    /// of an hour.
+    pub fn offline() -> Self {
+        Self::new(Duration::from_secs(3600))
+    }
+
+    /// Marks the start of a storage operation named `what`; it ends when the guard drops.
+    pub fn enter(&self, what: &'static str) -> Guard {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.inner.ops.lock().unwrap().insert(id, (what, Instant::now()));
+        Guard { inner: self.inner.clone(), id }
+    }
+
+    /// Runs a blocking storage call under a guard.
+    pub fn run<T>(&self, what: &'static str, f: impl FnOnce() -> T) -> T {
+        let _g = self.enter(what);
+        f()
+    }
+
+    /// The oldest operation in progress and its age.
+    pub fn oldest(&self) -> Option<(&'static str, Duration)> {
+        let ops = self.inner.ops.lock().unwrap();
+        ops.values().min_by_key(|(_, at)| *at).map(|(what, at)| (*what, at.elapsed()))
+    }
+
+    /// Resolves once a storage operation outlived the deadline, with what it was.
+    pub async fn stuck(&self) -> String {
+        let mut rx = self.inner.stuck.subscribe();
+        let seen = rx.wait_for(|s| s.is_some()).await.ok().and_then(|s| s.clone());
+        match seen {
+            Some(s) => s,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether a storage operation outlived the deadline.
+    pub fn is_stuck(&self) -> bool {
+        self.inner.stuck.borrow().is_some()
+    }
+}
+
+fn watch_loop(weak: Weak<Inner>, every: Duration) {
+    loop {
+        std::thread::sleep(every);
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stuck.borrow().is_some() {
+            return;
+        }
+        let late = {
+            let ops = inner.ops.lock().unwrap();
+            ops.values().filter(|(_, at)| at.elapsed() > inner.deadline).min_by_key(|(_, at)| *at).copied()
+        };
+        if let Some((what, at)) = late {
+            let msg = format!(
+                "storage operation {what:?} has not completed after {:.1} s (deadline {:.1} s)",
+                at.elapsed().as_secs_f64(),
+                inner.deadline.as_secs_f64()
+            );
+            tracing::error!("{msg}");
+            inner.stuck.send_replace(Some(msg));
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_operation_past_the_deadline_is_reported_and_a_quick_one_is_not() {
+        let w = StorageWatch::new(Duration::from_millis(200));
+        for _ in 0..20 {
+            w.run("quick", || std::thread::sleep(Duration::from_millis(5)));
+        }
+        assert!(!w.is_stuck());
+        assert!(w.oldest().is_none());
+        let started = Instant::now();
+        let hang = w.enter("flush");
+        let msg = tokio::time::timeout(Duration::from_secs(5), w.stuck()).await.expect("reported");
+        assert!(msg.contains("\"flush\""), "{msg}");
+        assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+        assert!(w.is_stuck());
+        drop(hang);
+    }
+}
