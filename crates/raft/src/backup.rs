@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
-use openraft::{Membership, SnapshotMeta, StoredMembership};
+use openraft::{Membership, SnapshotMeta, StoredMembership, Vote};
 use raftyard_types::Digest;
 
 use crate::log_store::LogStore;
@@ -124,6 +124,10 @@ impl BackupSnapshot {
         if let Some(last) = last {
             // the log starts after the snapshot
             log.purge(last).await?;
+            // Raft orders log ids by term first: a node that started in term 1 would append
+            // after (T, N) at (1, N + 1), which sorts below it, and never commit anything. A vote
+            // in the snapshot's term makes its first election move past it.
+            log.save_vote(&Vote::new(last.leader_id.term, id)).await?;
         }
         db.flush_async().await?;
         Ok(())

@@ -290,10 +290,16 @@ fn backup_record(dir: &std::path::Path) -> serde_json::Value {
 /// and `restore --repo` pushing one repository into another registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn online_backup_create_verify_restore() {
-    let cl = Cluster::start(3);
-    let leader = cl.leader(Duration::from_secs(20)).await;
+    let mut cl = Cluster::start(3);
+    let first_leader = cl.leader(Duration::from_secs(20)).await;
     let c = client();
-    let a = push_image(&c, &cl.nodes[leader], REPO, "a", b"image-a").await;
+    let a = push_image(&c, &cl.nodes[first_leader], REPO, "a", b"image-a").await;
+    // a failover first, so that the snapshot's term is past the one a fresh node starts in
+    cl.nodes[first_leader].kill9();
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    cl.nodes[first_leader].spawn();
+    let term = cl.nodes[leader].health().await.and_then(|h| h["term"].as_u64()).expect("term in health");
+    assert!(term > 1, "a new leader after the kill: term {term}");
     let other = push_image(&c, &cl.nodes[(leader + 1) % 3], "backup/other", "x", b"other").await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("backup");
@@ -323,7 +329,10 @@ async fn online_backup_create_verify_restore() {
     pull_image(&c, &n, REPO, "a", &a).await;
     pull_image(&c, &n, REPO, "b", &b).await;
     pull_image(&c, &n, "backup/other", "x", &other).await;
-    push_image(&c, &n, REPO, "c", b"image-c").await;
+    // it commits writes: its log moved past the snapshot's term
+    let pushed = tokio::time::timeout(Duration::from_secs(20), push_image(&c, &n, REPO, "c", b"image-c")).await;
+    let c_digest = pushed.expect("a push to the restored node is acknowledged");
+    pull_image(&c, &n, REPO, "c", &c_digest).await;
     n.kill9();
 
     // one repository into another registry; again: nothing to push
