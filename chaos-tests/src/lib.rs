@@ -409,12 +409,36 @@ pub async fn run(o: &Options) -> Result<Report> {
             }
         }
     }
+    // a node that stops answering is given up on after a few timeouts (one violation naming
+    // it), so that the run reaches a verdict instead of waiting out every read
+    let unresponsive: Arc<Mutex<BTreeMap<u64, usize>>> = Default::default();
     let checked = futures::stream::iter(reads)
         .map(|(id, url, digest, manifest)| {
             let http = http.clone();
+            let unresponsive = unresponsive.clone();
             async move {
                 let what = if manifest.is_some() { "manifest" } else { "blob" };
-                match fetch(&http, &url).await {
+                if unresponsive.lock().unwrap().get(&id).is_some_and(|n| *n >= GIVE_UP_AFTER_TIMEOUTS) {
+                    return None;
+                }
+                let r = fetch(&http, &url).await;
+                if let Err(e) = &r {
+                    if e.downcast_ref::<reqwest::Error>().is_some_and(|e| e.is_timeout() || e.is_connect()) {
+                        let mut u = unresponsive.lock().unwrap();
+                        let n = u.entry(id).or_default();
+                        *n += 1;
+                        if *n > GIVE_UP_AFTER_TIMEOUTS {
+                            return None;
+                        }
+                        if *n == GIVE_UP_AFTER_TIMEOUTS {
+                            return Some(format!(
+                                "node {id}: stopped answering after healing ({n} reads timed out or refused); \
+                                 its remaining reads were not made"
+                            ));
+                        }
+                    }
+                }
+                match r {
                     Ok(body) => match manifest {
                         Some(bytes) if &body == bytes => None,
                         None if workload::digest_of(digest.split(':').next().unwrap_or(""), &body) == digest => None,
@@ -491,6 +515,10 @@ async fn wait_relay(relay: &cluster::Relay, nodes: u64) -> Result<()> {
     Ok(())
 }
 
+/// Reads of acknowledged objects from one node that time out (or are refused) before the node
+/// is given up on.
+const GIVE_UP_AFTER_TIMEOUTS: usize = 3;
+
 async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {
     let r = http.get(url).header("accept", workload::OCI_MANIFEST).timeout(Duration::from_secs(30)).send().await?;
     anyhow::ensure!(r.status() == 200, "{}", r.status());
@@ -541,7 +569,24 @@ async fn converge(http: &reqwest::Client, nodes: &[(u64, String)], timeout: Dura
             return Ok(());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("{seen:?}");
+            // name the nodes apart from the most common answer
+            let mut counts: BTreeMap<&Option<(u64, String)>, usize> = BTreeMap::new();
+            for v in &seen {
+                *counts.entry(v).or_default() += 1;
+            }
+            let common = counts.iter().filter(|(v, _)| v.is_some()).max_by_key(|(_, n)| **n).map(|(v, _)| *v);
+            let apart: Vec<String> = nodes
+                .iter()
+                .zip(&seen)
+                .filter(|(_, v)| Some(*v) != common || v.is_none())
+                .map(|((id, _), v)| match v {
+                    Some((applied, d)) => {
+                        format!("node {id} at applied {applied} with state {}", &d[..d.len().min(12)])
+                    }
+                    None => format!("node {id} did not answer"),
+                })
+                .collect();
+            anyhow::bail!("{} (the others: {common:?})", apart.join(", "));
         }
         last = Some(seen);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -33,6 +33,56 @@ pub enum PeerBlobError {
     Store(#[from] raftyard_blobstore::BlobError),
 }
 
+impl PeerBlobError {
+    /// Whether this node's own store refused the blob for want of space.
+    pub fn is_local_space(&self) -> bool {
+        matches!(self, PeerBlobError::Store(raftyard_blobstore::BlobError::StorageFull(_)))
+    }
+}
+
+/// Moves `len` bytes of a peer's blob stream into a bounded channel (the registry's bodies must
+/// be `Sync`, a gRPC stream is not), hashing them when `verify`.
+fn pass_through(
+    mut stream: tonic::Streaming<BlobChunk>,
+    digest: Digest,
+    len: u64,
+    verify: bool,
+) -> mpsc::Receiver<std::io::Result<Bytes>> {
+    let (tx, rx) = mpsc::channel(DEPTH);
+    tokio::spawn(async move {
+        let mut hasher = verify.then(|| digest.algorithm().hasher());
+        let mut left = len;
+        let fail = |msg: String| std::io::Error::other(format!("blob {digest} from a peer: {msg}"));
+        while left > 0 {
+            let item = match stream.message().await {
+                Ok(Some(c)) if !c.data.is_empty() => {
+                    let mut data = c.data;
+                    data.truncate(left.min(data.len() as u64) as usize);
+                    left -= data.len() as u64;
+                    if let Some(h) = &mut hasher {
+                        h.update(&data);
+                    }
+                    // the last chunk goes out only once the whole blob hashed right
+                    match hasher.take_if(|_| left == 0).map(|h| h.finish()) {
+                        Some(actual) if actual != digest => {
+                            warn!(%digest, %actual, "a peer streamed other content than the digest names");
+                            Err(fail(format!("content hashes to {actual}")))
+                        }
+                        _ => Ok(data),
+                    }
+                }
+                Ok(_) => Err(fail(format!("ended {left} bytes early"))),
+                Err(s) => Err(fail(s.message().to_string())),
+            };
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Reads `[offset, offset+len)` of a file in chunks on a blocking thread into a bounded channel.
 pub fn read_chunks(file: Arc<std::fs::File>, offset: u64, len: u64) -> mpsc::Receiver<std::io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(DEPTH);
@@ -121,11 +171,44 @@ impl BlobPeers {
 
     /// Fetches `digest` into the local store from the first of `sources` (peer addresses) that
     /// delivers it completely and correctly. Returns its size.
+    /// A local store that refuses the blob (short of space: [`PeerBlobError::is_local_space`])
+    /// ends the attempt at once: no other source would fare better.
     pub async fn fetch(&self, repo: &RepoName, digest: &Digest, sources: &[String]) -> Result<u64, PeerBlobError> {
         for addr in sources {
             match self.fetch_from(repo, digest, addr).await {
                 Ok(size) => return Ok(size),
+                Err(e) if e.is_local_space() => return Err(e),
                 Err(e) => warn!(%digest, peer = %addr, error = %e, "fetching blob from peer failed"),
+            }
+        }
+        Err(PeerBlobError::NoSource(digest.clone()))
+    }
+
+    /// Streams `len` bytes of `digest` from `offset`, from the first of `sources` that starts
+    /// sending it, without keeping a copy: how a node short of disk space still serves a blob
+    /// it lacks. A whole blob (`offset` 0, `len` its size) is verified on the way: a body that
+    /// does not hash to `digest` ends in an error instead of its last chunk, so the client
+    /// never takes it for complete. Memory stays bounded (a channel of a few chunks).
+    pub async fn stream(
+        &self,
+        digest: &Digest,
+        sources: &[String],
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) -> Result<mpsc::Receiver<std::io::Result<Bytes>>, PeerBlobError> {
+        for addr in sources {
+            let ch = match self.peers.channel(addr) {
+                Ok(ch) => ch,
+                Err(e) => {
+                    warn!(%digest, peer = %addr, error = %e, "no channel to peer");
+                    continue;
+                }
+            };
+            let req = GetBlobRequest { digest: digest.to_string(), offset };
+            match BlobsClient::new(ch).get(req).await {
+                Ok(r) => return Ok(pass_through(r.into_inner(), digest.clone(), len, offset == 0 && len == size)),
+                Err(s) => warn!(%digest, peer = %addr, error = %s.message(), "streaming blob from peer failed"),
             }
         }
         Err(PeerBlobError::NoSource(digest.clone()))

@@ -23,9 +23,10 @@ const IDLE_SCAN: Duration = Duration::from_secs(2);
 const MIN_PAUSE: Duration = Duration::from_millis(100);
 /// Blobs fetched at once.
 const PARALLEL: usize = 4;
-/// Backoff bounds for a blob whose fetch failed.
+/// Backoff bounds for a blob whose fetch failed (its holders down or cut off: they come back
+/// within seconds to minutes, and a node must not stay without a blob much longer than that).
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub struct RepairWorker {
     meta: MetaNode,
@@ -33,11 +34,14 @@ pub struct RepairWorker {
     peers: BlobPeers,
     /// Per blob: when to try again, and the current backoff.
     failed: HashMap<Digest, (Instant, Duration)>,
+    /// Placements of blobs fetched here whose proposal failed: proposed again next round (the
+    /// blob is here now, so no scan would find it missing again).
+    unrecorded: Vec<Event>,
 }
 
 impl RepairWorker {
     pub fn new(meta: MetaNode, store: Arc<BlobStore>, peers: BlobPeers) -> Self {
-        RepairWorker { meta, store, peers, failed: HashMap::new() }
+        RepairWorker { meta, store, peers, failed: HashMap::new(), unrecorded: Vec::new() }
     }
 
     /// Runs until `stop` is cancelled.
@@ -90,18 +94,23 @@ impl RepairWorker {
 
     /// One pass over the missing blobs; returns whether anything was fetched.
     async fn round(&mut self) -> bool {
+        if let Err(e) = self.store.check_space() {
+            // not the sources' fault: no per-blob backoff; look again once space comes back
+            debug!(error = %e, "repair waits for free space");
+            return false;
+        }
         let due = self.due();
         if due.is_empty() {
-            return false;
+            return self.record(Vec::new()).await;
         }
         debug!(missing = due.len(), "repair round");
         let repo = RepoName::parse("raftyard-repair").expect("valid name");
-        let results: Vec<(Digest, Result<u64, String>)> = futures::stream::iter(due)
+        let results: Vec<(Digest, Result<u64, crate::blobs::PeerBlobError>)> = futures::stream::iter(due)
             .map(|(d, sources)| {
                 let peers = self.peers.clone();
                 let repo = repo.clone();
                 async move {
-                    let r = peers.fetch(&repo, &d, &sources).await.map_err(|e| e.to_string());
+                    let r = peers.fetch(&repo, &d, &sources).await;
                     (d, r)
                 }
             })
@@ -116,6 +125,7 @@ impl RepairWorker {
                     debug!(digest = %d, size, "blob repaired from a peer");
                     placed.push(Event::BlobPlaced { digest: d, size, node: self.meta.id() });
                 }
+                Err(e) if e.is_local_space() => debug!(digest = %d, "repair waits for free space"),
                 Err(e) => {
                     let backoff = self.failed.get(&d).map(|(_, b)| (*b * 2).min(BACKOFF_MAX)).unwrap_or(BACKOFF_MIN);
                     debug!(digest = %d, error = %e, ?backoff, "blob repair failed");
@@ -123,14 +133,24 @@ impl RepairWorker {
                 }
             }
         }
+        self.record(placed).await
+    }
+
+    /// Proposes the placements of blobs fetched here (with those whose proposal failed
+    /// before), in one proposal: a backup catching up fetches hundreds of blobs a second.
+    /// Returns whether there was anything to record.
+    async fn record(&mut self, mut placed: Vec<Event>) -> bool {
+        placed.append(&mut self.unrecorded);
         if placed.is_empty() {
             return false;
         }
-        // one proposal for the round: a backup catching up fetches hundreds of blobs a second
         let n = placed.len();
-        match self.meta.propose(placed).await {
+        match self.meta.propose(placed.clone()).await {
             Ok(()) => info!(blobs = n, "blobs repaired from peers"),
-            Err(e) => warn!(blobs = n, error = %e, "blobs repaired but their placement not recorded"),
+            Err(e) => {
+                warn!(blobs = n, error = %e, "blobs repaired but their placement not recorded: trying again");
+                self.unrecorded = placed;
+            }
         }
         true
     }

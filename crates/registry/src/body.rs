@@ -39,7 +39,12 @@ pub fn materialize(mut resp: http::Response<Body>) -> http::Response<Body> {
 
 /// Streams `len` bytes of `file` from `offset`, read in chunks on a blocking thread.
 pub fn file_range(file: Arc<File>, offset: u64, len: u64) -> Body {
-    let rx = raftyard_cluster::blobs::read_chunks(file, offset, len);
+    channel(raftyard_cluster::blobs::read_chunks(file, offset, len))
+}
+
+/// A body fed by a channel of chunks (an error ends it abruptly: the client sees a broken
+/// transfer, never a short one taken for complete).
+pub fn channel(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
     let stream = tokio_stream_from(rx).map(|r| r.map(Frame::data));
     BodyExt::boxed(StreamBody::new(stream))
 }

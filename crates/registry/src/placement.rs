@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use raftyard_cluster::ReplicaSet;
 use raftyard_raft::NodeId;
 use raftyard_types::{Algorithm, Digest, Event, RepoName};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::RegistryError;
 use crate::Registry;
@@ -136,20 +136,58 @@ impl Registry {
         Ok(())
     }
 
-    /// Makes sure this node holds `digest`, fetching it from a holder if needed.
-    pub(crate) async fn ensure_local(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
+    /// Where the bytes of a blob this node serves come from: its own copy, fetched first from
+    /// a holder if it lacks one (and the placement recorded); or, when this node is short of
+    /// disk space, straight from a peer without a copy kept — a full disk refuses writes, never
+    /// reads. `range` is the part to serve (start, length) of the blob's `size` bytes.
+    pub(crate) async fn locate(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        range: (u64, u64),
+    ) -> Result<BlobSource, RegistryError> {
         if self.blobs.stat(digest).is_some() {
-            return Ok(());
+            return Ok(BlobSource::Local);
         }
         let me = self.meta.id();
         let holders: Vec<u64> = self.meta.reader().blob_info(digest)?.map(|i| i.holders).unwrap_or_default();
         let sources = raftyard_cluster::blobs::fetch_sources(&self.meta.members(), me, &holders);
-        let size =
-            self.peers.fetch(repo, digest, &sources).await.map_err(|e| RegistryError::Unavailable(e.to_string()))?;
-        info!(%digest, size, "blob fetched from a peer");
-        self.meta.propose(vec![Event::BlobPlaced { digest: digest.clone(), size, node: me }]).await?;
-        Ok(())
+        let space = self.blobs.check_space();
+        if space.is_ok() {
+            match self.peers.fetch(repo, digest, &sources).await {
+                Ok(size) => {
+                    info!(%digest, size, "blob fetched from a peer");
+                    // the copy is here and verified: serve it even if the placement cannot be
+                    // recorded now (placements are a hint; every member is a fetch source)
+                    if let Err(e) =
+                        self.meta.propose(vec![Event::BlobPlaced { digest: digest.clone(), size, node: me }]).await
+                    {
+                        warn!(%digest, error = %e, "blob fetched, its placement not recorded");
+                    }
+                    return Ok(BlobSource::Local);
+                }
+                Err(e) if e.is_local_space() => {}
+                Err(e) => return Err(RegistryError::Unavailable(e.to_string())),
+            }
+        }
+        debug!(%digest, "short of disk space: serving the blob from a peer without keeping it");
+        let (start, len) = range;
+        let rx = self
+            .peers
+            .stream(digest, &sources, start, len, size)
+            .await
+            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        Ok(BlobSource::Peer(crate::body::channel(rx)))
     }
+}
+
+/// Where the bytes of one blob read come from.
+pub(crate) enum BlobSource {
+    /// This node's own file.
+    Local,
+    /// A peer's, streamed through.
+    Peer(crate::body::Body),
 }
 
 /// Passes every chunk of `body` to `replicas` before the local store gets it.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::body::{empty, FileRange};
 use crate::error::RegistryError;
+use crate::placement::BlobSource;
 use crate::Registry;
 
 pub(crate) fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
@@ -72,19 +73,30 @@ pub(crate) async fn get(
     head: bool,
 ) -> HandlerResult {
     let digest = parse_digest(digest)?;
-    if linked_size(reg, name, &digest).await?.is_none() {
+    let Some(size) = linked_size(reg, name, &digest).await? else {
         return Err(RegistryError::BlobUnknown);
-    }
-    reg.ensure_local(name, &digest).await?;
-    let (file, size) = reg.blobs.open_blob(&digest)?;
+    };
     let range = parse_range(header_str(headers, header::RANGE), size)?;
     let (status, start, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, size),
     };
     let mut resp = Response::new(empty());
-    if !head {
-        resp.extensions_mut().insert(FileRange { file: Arc::new(file), offset: start, len });
+    match reg.locate(name, &digest, size, (start, len)).await? {
+        BlobSource::Local => {
+            let (file, stored) = reg.blobs.open_blob(&digest)?;
+            if stored != size {
+                return Err(RegistryError::Internal(format!("blob {digest}: {stored} bytes here, {size} linked")));
+            }
+            if !head {
+                resp.extensions_mut().insert(FileRange { file: Arc::new(file), offset: start, len });
+            }
+        }
+        BlobSource::Peer(body) => {
+            if !head {
+                *resp.body_mut() = body;
+            }
+        }
     }
     *resp.status_mut() = status;
     let h = resp.headers_mut();
