@@ -61,6 +61,9 @@ fn body_from_parts(mut parts: Streaming<pb::HttpPart>) -> HttpBody {
         while let Some(p) = parts.next().await {
             let item = match p {
                 Ok(pb::HttpPart { part: Some(http_part::Part::Data(d)) }) => Ok(Frame::data(d)),
+                Ok(pb::HttpPart { part: Some(http_part::Part::Abort(why)) }) => {
+                    Err(std::io::Error::other(format!("the forwarded body broke: {why}")))
+                }
                 Ok(_) => continue,
                 Err(s) => Err(std::io::Error::other(s.message().to_string())),
             };
@@ -141,7 +144,10 @@ where
         pb::HttpHead { method: parts.method.as_str().to_string(), uri, status: 0, headers: head_of(&parts.headers) };
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(pump(tx, head, body));
-    let requests = ReceiverStream::new(rx).filter_map(|r| async move { r.ok() });
+    // A request stream has no error item, and ending it would tell the owner the body is
+    // complete: a body error travels as an abort part instead.
+    let requests = ReceiverStream::new(rx)
+        .map(|r| r.unwrap_or_else(|s| pb::HttpPart { part: Some(http_part::Part::Abort(s.message().to_string())) }));
     let mut replies = pb::uploads_client::UploadsClient::new(channel).forward(requests).await?.into_inner();
     let head = match replies.next().await {
         Some(Ok(pb::HttpPart { part: Some(http_part::Part::Head(h)) })) => h,
