@@ -94,6 +94,16 @@ impl BlobStore {
         fs::metadata(self.path_of(digest)).ok().map(|m| m.len())
     }
 
+    /// The size of a held blob once it is durable: its directory entry is synced (its bytes
+    /// were before it got its name), so a blob found present may be acknowledged as stored.
+    pub fn durable_stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        let Some(size) = self.stat(digest) else { return Ok(None) };
+        if self.cfg.fsync {
+            fsync_dir(self.path_of(digest).parent().expect("blob path has a parent"))?;
+        }
+        Ok(Some(size))
+    }
+
     /// Opens a held blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<(File, u64)> {
         match File::open(self.path_of(digest)) {
@@ -297,9 +307,11 @@ fn commit_file(file: File, tmp: &Path, target: &Path, fsync: bool) -> Result<()>
     drop(file);
     if target.exists() {
         fs::remove_file(tmp)?;
-        return Ok(());
+    } else {
+        fs::rename(tmp, target)?;
     }
-    fs::rename(tmp, target)?;
+    // also when the file was there already: a concurrent commit of the same digest may have
+    // renamed it without its directory synced yet, and this commit is about to be acknowledged
     if fsync {
         fsync_dir(target.parent().expect("blob path has a parent"))?;
     }

@@ -155,7 +155,7 @@ impl pb::blobs_server::Blobs for PeerServices {
         };
         let d = digest(&header.digest)?;
         let repo = RepoName::parse(&header.repo).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.blobs.stat(&d) == Some(header.size) {
+        if self.blobs.durable_stat(&d).map_err(|e| Status::internal(e.to_string()))? == Some(header.size) {
             // Content addressing: the same digest is the same bytes.
             return Ok(Response::new(pb::PutBlobReply { size: header.size }));
         }
