@@ -246,7 +246,18 @@ impl Config {
             ids.sort_unstable();
             ids.dedup();
             anyhow::ensure!(ids.len() == c.members.len(), "cluster.members has duplicate ids");
+            anyhow::ensure!(
+                c.blob_write_quorum <= c.members.len(),
+                "cluster.blob_write_quorum = {} exceeds the {} members: no upload could ever be acknowledged",
+                c.blob_write_quorum,
+                c.members.len()
+            );
         }
+        anyhow::ensure!(
+            !self.tunnel.peer_service || c.tls.is_some(),
+            "tunnel.peer_service publishes the peer port (Raft, blob transfers, admin) through the relay: \
+             it needs [cluster.tls] (mutual TLS), or anyone reaching the relay could act as a member"
+        );
         Ok(())
     }
 
@@ -265,6 +276,20 @@ mod tests {
         assert_eq!(c.registry.listen.to_string(), "127.0.0.1:5000");
         assert_eq!(c.node.data_dir, PathBuf::from("./raftyard-data"));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let members = "[[cluster.members]]\nid = 1\npeer = \"a:1\"\nregistry = \"a:2\"\n\
+                       [[cluster.members]]\nid = 2\npeer = \"b:1\"\nregistry = \"b:2\"\n";
+        let c: Config = toml::from_str(&format!("[cluster]\nblob_write_quorum = 3\n{members}")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("blob_write_quorum"), "{e}");
+        let c: Config = toml::from_str(&format!("[cluster]\nblob_write_quorum = 2\n{members}")).unwrap();
+        c.validate().unwrap();
+        let c: Config = toml::from_str("[tunnel]\npeer_service = true\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.tls"), "{e}");
     }
 
     #[test]

@@ -26,10 +26,14 @@ impl Registry {
         }
     }
 
-    /// Copies besides this node's that a new blob needs before its upload is acknowledged.
+    /// Copies on other voters that a new blob needs before its upload is acknowledged: the
+    /// write quorum counts voters' copies only, this node's only if it votes (a learner that
+    /// takes a push does not make up for a voter's copy).
     fn replicas_needed(&self) -> usize {
-        let voters = self.meta.members().iter().filter(|(_, _, v)| *v).count().max(1);
-        self.write_quorum(voters).saturating_sub(1)
+        let members = self.meta.members();
+        let voters = members.iter().filter(|(_, _, v)| *v).count().max(1);
+        let me_votes = members.iter().any(|(id, _, v)| *id == self.meta.id() && *v);
+        self.write_quorum(voters).saturating_sub(usize::from(me_votes))
     }
 
     /// The other voters: where new blobs go. Learners (backups) fetch theirs afterwards, so a
@@ -109,23 +113,30 @@ impl Registry {
         acked: Vec<NodeId>,
     ) -> Result<(), RegistryError> {
         let me = self.meta.id();
+        let voters = self.meta.members().iter().filter(|(_, _, v)| *v).count();
+        if self.cfg.blob_write_quorum > voters {
+            return Err(RegistryError::Unavailable(format!(
+                "cluster.blob_write_quorum = {} exceeds the {voters} voters: no upload can be acknowledged",
+                self.cfg.blob_write_quorum
+            )));
+        }
         let needed = self.replicas_needed();
-        let mut holders = vec![me];
-        holders.extend(acked);
-        if holders.len() <= needed {
-            let rest: Vec<_> = self.targets().into_iter().filter(|(id, _)| !holders.contains(id)).collect();
-            debug!(%digest, have = holders.len(), needed = needed + 1, "pushing the blob to reach the write quorum");
-            holders.extend(self.peers.replicate(repo, digest, rest, needed + 1 - holders.len()).await);
-            if holders.len() <= needed {
+        // other voters holding a verified copy (replication goes to voters only)
+        let mut others = acked;
+        if others.len() < needed {
+            let rest: Vec<_> = self.targets().into_iter().filter(|(id, _)| !others.contains(id)).collect();
+            debug!(%digest, have = others.len(), needed, "pushing the blob to other voters to reach the write quorum");
+            others.extend(self.peers.replicate(repo, digest, rest, needed - others.len()).await);
+            if others.len() < needed {
                 return Err(RegistryError::Unavailable(format!(
-                    "blob {digest} reached {} of the {} nodes the write quorum needs",
-                    holders.len(),
-                    needed + 1
+                    "blob {digest} reached {} of the {needed} other voters the write quorum needs",
+                    others.len()
                 )));
             }
         }
         let mut events = vec![Event::BlobLinked { repo: repo.clone(), digest: digest.clone(), size }];
-        events.extend(holders.into_iter().map(|node| Event::BlobPlaced { digest: digest.clone(), size, node }));
+        let holders = std::iter::once(me).chain(others);
+        events.extend(holders.map(|node| Event::BlobPlaced { digest: digest.clone(), size, node }));
         self.meta.propose(events).await?;
         Ok(())
     }
