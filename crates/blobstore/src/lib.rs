@@ -43,7 +43,7 @@ pub enum BlobError {
 
 impl From<std::io::Error> for BlobError {
     fn from(e: std::io::Error) -> Self {
-        if e.kind() == std::io::ErrorKind::StorageFull {
+        if matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) {
             BlobError::StorageFull(e.to_string())
         } else {
             BlobError::Io(e)

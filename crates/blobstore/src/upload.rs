@@ -96,7 +96,7 @@ where
                 // The file may now hold a prefix of buf; cut it back so file and hash agree.
                 let _ = file.set_len(start + written);
                 let _ = std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start + written));
-                return (file, hasher, written, Err(BlobError::Io(e)));
+                return (file, hasher, written, Err(e.into()));
             }
             hasher.update(&buf);
             written += buf.len() as u64;
@@ -149,5 +149,22 @@ where
             (file, hasher, written, result)
         }
         Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk while writing a blob is `StorageFull` (507 at the API), not a generic I/O
+    /// error (500): `/dev/full` answers every write with ENOSPC.
+    #[tokio::test]
+    async fn a_full_disk_while_writing_is_storage_full() {
+        let file = File::options().write(true).open("/dev/full").expect("/dev/full");
+        let hasher = raftyard_types::Algorithm::Sha256.hasher();
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![7u8; 1 << 20]))]);
+        let (_, _, written, r) = write_stream(file, hasher, body).await;
+        assert_eq!(written, 0);
+        assert!(matches!(r, Err(BlobError::StorageFull(_))), "{r:?}");
     }
 }

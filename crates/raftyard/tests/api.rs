@@ -52,6 +52,7 @@ async fn relay_env() -> Env {
     let cl = Cluster::start_configured(3, "", |id| relay.link(id));
     cl.leader(std::time::Duration::from_secs(20)).await;
     relay.wait_agents(3, std::time::Duration::from_secs(20)).await;
+    cl.ready(std::time::Duration::from_secs(20)).await;
     let shared = Node::remote(relay.shared());
     Env { _dir: Some(dir), _cluster: Some(cl), _relay: Some(relay), node: Some(shared), target: 0, c: client() }
 }
@@ -471,6 +472,12 @@ async fn index_tags_by_query_and_tag_listing(e: Env) {
     assert_eq!(v["tags"], json!([]));
     let v: serde_json::Value = list("?last=amd64").await.json().await.unwrap();
     assert_eq!(v["tags"], json!(["arm64", "latest"]));
+    // a page size that is not a number is a bad request, not an unsupported method
+    for bad in ["?n=x", "?n=-1"] {
+        let r = list(bad).await;
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(error_code(r).await, "PAGINATION_NUMBER_INVALID", "{bad}");
+    }
     let r = e.get("/v2/unknown/tags/list").await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
@@ -610,6 +617,9 @@ async fn event_journal_over_http_and_cli() {
     let e = env();
     let md = push_image(&e.c, e.n(), "ev", "v1", b"e").await;
     e.delete("/v2/ev/manifests/v1").await;
+    let r = e.get("/v2/_raftyard/events?since=yesterday").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "PAGINATION_NUMBER_INVALID");
     let text = e.get("/v2/_raftyard/events?since=0").await.text().await.unwrap();
     let entries: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let kinds: Vec<String> = entries

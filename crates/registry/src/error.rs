@@ -35,6 +35,10 @@ pub enum RegistryError {
     SizeInvalid(String),
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
+    /// A page size or position that is not a number (`n`, `since`, `limit`): 400, with the
+    /// code CNCF Distribution gives it.
+    #[error("invalid pagination parameter: {0}")]
+    PaginationInvalid(String),
     #[error("{0}")]
     Denied(String),
     /// A chunk that does not continue the upload: 416 with the upload's state.
@@ -71,6 +75,7 @@ impl RegistryError {
             | ManifestBlobUnknown(_)
             | ManifestInvalid(_)
             | NameInvalid(_)
+            | PaginationInvalid(_)
             | SizeInvalid(_) => StatusCode::BAD_REQUEST,
             ManifestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Unsupported(_) | MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -99,6 +104,7 @@ impl RegistryError {
             NameUnknown | NotFound => "NAME_UNKNOWN",
             SizeInvalid(_) | BlobRange { .. } | TooLarge => "SIZE_INVALID",
             Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
+            PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             Denied(_) => "DENIED",
             Unavailable(_) => "UNAVAILABLE",
             InsufficientStorage(_) | Internal(_) => "UNKNOWN",

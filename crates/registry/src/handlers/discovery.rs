@@ -25,7 +25,7 @@ fn page_size(q: &[(String, String)]) -> Result<usize, RegistryError> {
         Some(n) => n
             .parse::<usize>()
             .map(|n| n.min(MAX_PAGE))
-            .map_err(|_| RegistryError::Unsupported(format!("invalid page size n={n:?}"))),
+            .map_err(|_| RegistryError::PaginationInvalid(format!("n={n:?}"))),
     }
 }
 
@@ -124,7 +124,7 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     let num = |k: &str, d: u64| -> Result<u64, RegistryError> {
         query(q, k)
             .filter(|v| !v.is_empty())
-            .map_or(Ok(d), |v| v.parse().map_err(|_| RegistryError::Unsupported(format!("invalid {k}={v:?}"))))
+            .map_or(Ok(d), |v| v.parse().map_err(|_| RegistryError::PaginationInvalid(format!("{k}={v:?}"))))
     };
     let since = num("since", 0)?;
     let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
