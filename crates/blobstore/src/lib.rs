@@ -34,6 +34,9 @@ pub enum BlobError {
     BlobUnknown,
     #[error("request body: {0}")]
     Body(String),
+    /// Too many upload sessions open, on the node or for one client.
+    #[error("too many uploads: {0}")]
+    TooManyUploads(String),
     /// The disk is full, or its free space is below the configured reserve.
     #[error("insufficient storage: {0}")]
     StorageFull(String),

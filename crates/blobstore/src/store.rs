@@ -25,6 +25,26 @@ pub struct BlobStoreConfig {
     /// Upload data is refused while the filesystem has less free space than this: the reserve
     /// keeps room for the metadata log, so a disk filled by blobs does not stop the node.
     pub min_free_bytes: u64,
+    /// Upload sessions of clients open at once on this node (0: no limit); past it a new one is
+    /// refused with [`BlobError::TooManyUploads`]. Transfers between nodes are not counted.
+    pub max_sessions: usize,
+    /// The same, per client (0: no limit).
+    pub max_sessions_per_client: usize,
+}
+
+impl BlobStoreConfig {
+    /// A store under `root` whose session ids start with `owner`: fsync on, no reserve, no
+    /// caps on sessions.
+    pub fn new(root: PathBuf, owner: impl Into<String>) -> Self {
+        BlobStoreConfig {
+            root,
+            owner: owner.into(),
+            fsync: true,
+            min_free_bytes: 0,
+            max_sessions: 0,
+            max_sessions_per_client: 0,
+        }
+    }
 }
 
 /// Content-addressed blob files plus the upload sessions of this node.
@@ -32,7 +52,15 @@ pub struct BlobStore {
     cfg: BlobStoreConfig,
     blobs: PathBuf,
     uploads: PathBuf,
-    sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
+    sessions: Mutex<HashMap<String, Entry>>,
+}
+
+/// One upload session, the client that started it (`None`: a transfer between nodes), and
+/// what its status needs, readable while a request writes to it.
+struct Entry {
+    session: Arc<tokio::sync::Mutex<Session>>,
+    client: Option<String>,
+    status: (RepoName, Algorithm, Arc<std::sync::atomic::AtomicU64>),
 }
 
 /// Bytes available to an unprivileged writer on the filesystem holding `path`.
@@ -141,30 +169,65 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Starts an upload session for `repo`, hashing with `algorithm`.
-    pub fn start_upload(&self, repo: RepoName, algorithm: Algorithm) -> Result<String> {
+    /// Starts an upload session for `repo`, hashing with `algorithm`, for `client` (a
+    /// client's address; `None` for a transfer between nodes, which no cap counts). Past the
+    /// caps of open client sessions, on the node or for this client, it is refused.
+    pub fn start_upload(&self, repo: RepoName, algorithm: Algorithm, client: Option<&str>) -> Result<String> {
         self.check_space()?;
         let id = format!("{}-{}", self.cfg.owner, random_hex(16));
-        let path = self.uploads.join(&id);
-        let file = File::options().create_new(true).write(true).open(&path)?;
-        let session = Session::new(id.clone(), repo, path, file, algorithm.hasher());
-        self.sessions.lock().unwrap().insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        let session = Session::new(repo, self.uploads.join(&id), algorithm);
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some(c) = client {
+            let (mut all, mut mine) = (0, 0);
+            for e in sessions.values() {
+                if let Some(other) = &e.client {
+                    all += 1;
+                    mine += usize::from(other == c);
+                }
+            }
+            let cap = |n: usize| n > 0;
+            if cap(self.cfg.max_sessions) && all >= self.cfg.max_sessions {
+                return Err(BlobError::TooManyUploads(format!(
+                    "{all} upload sessions are open on this node, its limit"
+                )));
+            }
+            if cap(self.cfg.max_sessions_per_client) && mine >= self.cfg.max_sessions_per_client {
+                return Err(BlobError::TooManyUploads(format!(
+                    "{mine} upload sessions of this client are open, its limit: finish or cancel some"
+                )));
+            }
+        }
+        let status = (session.repo.clone(), algorithm, session.received.clone());
+        let entry =
+            Entry { session: Arc::new(tokio::sync::Mutex::new(session)), client: client.map(str::to_string), status };
+        sessions.insert(id.clone(), entry);
         debug!(upload = %id, "upload started");
         Ok(id)
     }
 
     fn session(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<Session>>> {
-        self.sessions.lock().unwrap().get(id).cloned().ok_or(BlobError::UploadUnknown)
+        self.sessions.lock().unwrap().get(id).map(|e| e.session.clone()).ok_or(BlobError::UploadUnknown)
+    }
+
+    fn remove_session(&self, id: &str) -> Option<Arc<tokio::sync::Mutex<Session>>> {
+        self.sessions.lock().unwrap().remove(id).map(|e| e.session)
     }
 
     fn lock(&self, id: &str) -> Result<tokio::sync::OwnedMutexGuard<Session>> {
         self.session(id)?.try_lock_owned().map_err(|_| BlobError::UploadBusy)
     }
 
-    /// The repository and current size of an upload session.
+    /// The repository, algorithm and bytes received of an upload session (also while a
+    /// request writes to it).
     pub fn upload_status(&self, id: &str) -> Result<UploadStatus> {
-        let s = self.lock(id)?;
-        Ok(s.status())
+        let sessions = self.sessions.lock().unwrap();
+        let (repo, algorithm, received) = &sessions.get(id).ok_or(BlobError::UploadUnknown)?.status;
+        Ok(UploadStatus {
+            id: id.to_string(),
+            repo: repo.clone(),
+            algorithm: *algorithm,
+            size: received.load(std::sync::atomic::Ordering::Acquire),
+        })
     }
 
     /// Appends a request body to a session. `start`, when given (a `Content-Range`), must equal
@@ -178,40 +241,44 @@ impl BlobStore {
     {
         let mut s = self.lock(id)?;
         self.check_space()?;
+        // waits for the disk thread of an earlier request that was dropped midway
+        let w = s.written.clone().lock_owned().await;
+        let before = w.size;
         if let Some(start) = start {
-            if start != s.size {
-                return Err(BlobError::RangeInvalid { size: s.size });
+            if start != before {
+                return Err(BlobError::RangeInvalid { size: before });
             }
         }
-        let (file, hasher) = s.take_writer()?;
-        let before = s.size;
-        let (file, hasher, written, result) = write_stream(file, hasher, body).await;
-        s.put_writer(file, hasher, written);
+        s.last_active = Instant::now();
+        let (written, result) = write_stream(s.path.clone(), w, s.received.clone(), body).await;
+        s.last_active = Instant::now();
         result?;
         if let Some(len) = len {
             if written != len {
                 return Err(BlobError::SizeInvalid { expected: len, actual: written });
             }
         }
-        debug!(upload = %id, from = before, to = s.size, "chunk appended");
-        Ok(s.size)
+        debug!(upload = %id, from = before, to = before + written, "chunk appended");
+        Ok(before + written)
     }
 
     /// Completes a session: verifies `expected` against what was hashed while streaming, then
     /// makes the blob durable under its digest. The session is gone afterwards, whatever the
     /// outcome (a digest mismatch discards the data).
     pub async fn finish(&self, id: &str, expected: &Digest) -> Result<(RepoName, u64)> {
-        let guard = self.lock(id)?;
-        self.sessions.lock().unwrap().remove(id);
-        let mut session = guard;
-        let (file, hasher) = session.take_writer()?;
-        let size = session.size;
+        let session = self.lock(id)?;
+        self.remove_session(id);
+        let mut w = session.written.clone().lock_owned().await;
+        let hasher = std::mem::replace(&mut w.hasher, session.algorithm.hasher());
+        let size = w.size;
         let repo = session.repo.clone();
         let path = session.path.clone();
         let target = self.path_of(expected);
         let fsync = self.cfg.fsync;
         let expected = expected.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<()> {
+            // (an empty upload never wrote: its file is made here)
+            let file = crate::upload::open_for_write(&path, size)?;
             let actual = if hasher.algorithm() == expected.algorithm() {
                 hasher.finish()
             } else {
@@ -235,7 +302,7 @@ impl BlobStore {
         S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        let id = self.start_upload(repo, expected.algorithm())?;
+        let id = self.start_upload(repo, expected.algorithm(), None)?;
         let r = self.append(&id, None, len, body).await;
         if let Err(e) = r {
             self.cancel(&id);
@@ -246,8 +313,7 @@ impl BlobStore {
 
     /// Cancels a session and frees its space. Unknown ids are ignored.
     pub fn cancel(&self, id: &str) -> bool {
-        let removed = self.sessions.lock().unwrap().remove(id);
-        if let Some(s) = removed {
+        if let Some(s) = self.remove_session(id) {
             if let Ok(s) = s.try_lock() {
                 let _ = fs::remove_file(&s.path);
             } else {
@@ -271,7 +337,9 @@ impl BlobStore {
         let ids: Vec<String> = {
             let map = self.sessions.lock().unwrap();
             map.iter()
-                .filter(|(_, s)| s.try_lock().map(|s| now.duration_since(s.last_active) > max_idle).unwrap_or(false))
+                .filter(|(_, e)| {
+                    e.session.try_lock().map(|s| now.duration_since(s.last_active) > max_idle).unwrap_or(false)
+                })
                 .map(|(id, _)| id.clone())
                 .collect()
         };

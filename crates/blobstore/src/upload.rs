@@ -5,9 +5,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use raftyard_types::{Hasher, RepoName};
+use raftyard_types::{Algorithm, Hasher, RepoName};
 
 use crate::{BlobError, Result};
 
@@ -36,36 +39,44 @@ pub struct UploadStatus {
     pub repo: RepoName,
     /// Bytes received so far.
     pub size: u64,
+    /// The algorithm the session hashes with.
+    pub algorithm: Algorithm,
 }
 
+/// What a session has written: the bytes in its file and their running hash, always in step.
+pub(crate) struct Written {
+    pub hasher: Hasher,
+    pub size: u64,
+}
+
+/// A write in progress holds this; its disk thread lets go when it is done.
+pub(crate) type WrittenGuard = tokio::sync::OwnedMutexGuard<Written>;
+
 pub(crate) struct Session {
-    pub id: String,
     pub repo: RepoName,
     pub path: PathBuf,
-    writer: Option<(File, Hasher)>,
-    pub size: u64,
+    pub algorithm: Algorithm,
+    /// Held by the write in progress, and by its disk thread until that thread is done: a
+    /// request dropped midway (a client timeout, an HTTP/2 stream reset) leaves the thread to
+    /// finish what it was given and hand the state back, so file and hash never part.
+    pub written: Arc<tokio::sync::Mutex<Written>>,
+    /// Bytes received, as of the last chunk written (readable while a write runs).
+    pub received: Arc<AtomicU64>,
     pub last_active: Instant,
 }
 
 impl Session {
-    pub fn new(id: String, repo: RepoName, path: PathBuf, file: File, hasher: Hasher) -> Self {
-        Session { id, repo, path, writer: Some((file, hasher)), size: 0, last_active: Instant::now() }
-    }
-
-    pub fn status(&self) -> UploadStatus {
-        UploadStatus { id: self.id.clone(), repo: self.repo.clone(), size: self.size }
-    }
-
-    pub fn take_writer(&mut self) -> Result<(File, Hasher)> {
-        self.last_active = Instant::now();
-        // A writer is missing only if an earlier request panicked mid-write.
-        self.writer.take().ok_or(BlobError::UploadUnknown)
-    }
-
-    pub fn put_writer(&mut self, file: File, hasher: Hasher, written: u64) {
-        self.writer = Some((file, hasher));
-        self.size += written;
-        self.last_active = Instant::now();
+    /// A session whose file is created by its first write (an idle session holds no file
+    /// descriptor, and no file at all until data comes).
+    pub fn new(repo: RepoName, path: PathBuf, algorithm: Algorithm) -> Self {
+        Session {
+            repo,
+            path,
+            algorithm,
+            written: Arc::new(tokio::sync::Mutex::new(Written { hasher: algorithm.hasher(), size: 0 })),
+            received: Arc::new(AtomicU64::new(0)),
+            last_active: Instant::now(),
+        }
     }
 }
 
@@ -76,36 +87,59 @@ impl Drop for Session {
     }
 }
 
-/// Streams `body` into `file`, hashing every byte exactly once, on a blocking thread fed through
-/// a bounded channel (so network receive, hashing and writing overlap, and memory stays bounded).
-/// Returns the writer back with the number of bytes that reached both the file and the hash.
-pub(crate) async fn write_stream<S, E>(file: File, hasher: Hasher, mut body: S) -> (File, Hasher, u64, Result<()>)
+/// Opens a session's file for its next write: created by the first, cut back to what the
+/// hash covers (nothing past it can be there but the tail of a failed write), positioned at
+/// its end.
+pub(crate) fn open_for_write(path: &std::path::Path, size: u64) -> std::io::Result<File> {
+    use std::io::Seek;
+    let mut f = File::options().create(true).write(true).truncate(false).open(path)?;
+    if f.metadata()?.len() != size {
+        f.set_len(size)?;
+    }
+    f.seek(std::io::SeekFrom::Start(size))?;
+    Ok(f)
+}
+
+/// Streams `body` into the session's file at `path`, hashing every byte exactly once, on a
+/// blocking thread fed through a bounded channel (so network receive, hashing and writing
+/// overlap, and memory stays bounded). The thread holds `written` (the bytes so far and their
+/// hash) and updates it as it goes; it opens the file itself and closes it when done, so no
+/// descriptor outlives a write. Returns the bytes that reached both the file and the hash.
+pub(crate) async fn write_stream<S, E>(
+    path: PathBuf,
+    mut written: WrittenGuard,
+    received: Arc<AtomicU64>,
+    mut body: S,
+) -> (u64, Result<()>)
 where
     S: Stream<Item = std::result::Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
     let disk = tokio::task::spawn_blocking(move || {
-        let mut file = file;
-        let mut hasher = hasher;
-        let mut written = 0u64;
-        let start = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = written.size;
+        let mut file = match open_for_write(&path, start) {
+            Ok(f) => f,
+            Err(e) => return (0, Err(BlobError::from(e))),
+        };
+        let mut n = 0u64;
         let mut flushed = 0u64;
         while let Some(buf) = rx.blocking_recv() {
             if let Err(e) = file.write_all(&buf) {
                 // The file may now hold a prefix of buf; cut it back so file and hash agree.
-                let _ = file.set_len(start + written);
-                let _ = std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start + written));
-                return (file, hasher, written, Err(e.into()));
+                let _ = file.set_len(start + n);
+                return (n, Err(e.into()));
             }
-            hasher.update(&buf);
-            written += buf.len() as u64;
-            if written - flushed >= WRITEBACK_EVERY {
-                start_writeback(&file, start + flushed, written - flushed);
-                flushed = written;
+            written.hasher.update(&buf);
+            n += buf.len() as u64;
+            written.size = start + n;
+            received.store(start + n, Ordering::Release);
+            if n - flushed >= WRITEBACK_EVERY {
+                start_writeback(&file, start + flushed, n - flushed);
+                flushed = n;
             }
         }
-        (file, hasher, written, Ok(()))
+        (n, Ok(()))
     });
 
     let mut body_err = None;
@@ -140,13 +174,13 @@ where
     }
     drop(tx);
     match disk.await {
-        Ok((file, hasher, written, disk_result)) => {
+        Ok((n, disk_result)) => {
             let result = match (disk_result, body_err) {
                 (Err(e), _) => Err(e),
                 (Ok(()), Some(e)) => Err(e),
                 (Ok(()), None) => Ok(()),
             };
-            (file, hasher, written, result)
+            (n, result)
         }
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
@@ -160,11 +194,11 @@ mod tests {
     /// error (500): `/dev/full` answers every write with ENOSPC.
     #[tokio::test]
     async fn a_full_disk_while_writing_is_storage_full() {
-        let file = File::options().write(true).open("/dev/full").expect("/dev/full");
-        let hasher = raftyard_types::Algorithm::Sha256.hasher();
+        let written = Arc::new(tokio::sync::Mutex::new(Written { hasher: Algorithm::Sha256.hasher(), size: 0 }));
         let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![7u8; 1 << 20]))]);
-        let (_, _, written, r) = write_stream(file, hasher, body).await;
-        assert_eq!(written, 0);
+        let received = Arc::new(AtomicU64::new(0));
+        let (n, r) = write_stream("/dev/full".into(), written.lock_owned().await, received, body).await;
+        assert_eq!(n, 0);
         assert!(matches!(r, Err(BlobError::StorageFull(_))), "{r:?}");
     }
 }

@@ -1,13 +1,12 @@
 //! Blob store behaviour: chunked appends, digest verification, crash-safety of the layout.
 
 use bytes::Bytes;
-use futures::stream;
+use futures::{stream, StreamExt as _};
 use raftyard_blobstore::{BlobError, BlobStore, BlobStoreConfig};
 use raftyard_types::{Algorithm, Digest, RepoName};
 
 fn store(dir: &std::path::Path) -> BlobStore {
-    BlobStore::open(BlobStoreConfig { root: dir.to_path_buf(), owner: "n1".into(), fsync: true, min_free_bytes: 0 })
-        .unwrap()
+    BlobStore::open(BlobStoreConfig::new(dir.to_path_buf(), "n1")).unwrap()
 }
 
 fn body(chunks: Vec<Vec<u8>>) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin + Send {
@@ -24,7 +23,7 @@ async fn chunked_upload_verifies_and_commits() {
     let s = store(dir.path());
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let digest = Digest::sha256(&data);
-    let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
+    let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
     assert!(id.starts_with("n1-"));
     let n = s.append(&id, Some(0), Some(1_000_000), body(vec![data[..1_000_000].to_vec()])).await.unwrap();
     assert_eq!(n, 1_000_000);
@@ -59,7 +58,7 @@ async fn sha512_and_algorithm_switch() {
     s.put_stream(repo(), &d512, Some(7), body(vec![b"pay".to_vec(), b"load".to_vec()])).await.unwrap();
     assert_eq!(s.stat(&d512), Some(7));
     // session hashed sha256 but client finishes with sha512: verified by re-hashing
-    let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
+    let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
     s.append(&id, None, None, body(vec![b"other".to_vec()])).await.unwrap();
     let d = Digest::of(Algorithm::Sha512, b"other");
     s.finish(&id, &d).await.unwrap();
@@ -70,7 +69,7 @@ async fn sha512_and_algorithm_switch() {
 async fn size_mismatch_and_body_error_keep_consistent_offset() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
+    let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
     let failing = stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(std::io::Error::other("client went away"))]);
     let e = s.append(&id, Some(0), None, failing).await.unwrap_err();
     assert!(matches!(e, BlobError::Body(_)));
@@ -86,7 +85,7 @@ async fn reopening_discards_sessions_but_keeps_blobs() {
     let id = {
         let s = store(dir.path());
         s.put_stream(repo(), &d, None, body(vec![b"kept".to_vec()])).await.unwrap();
-        let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
+        let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
         s.append(&id, None, None, body(vec![b"partial".to_vec()])).await.unwrap();
         std::mem::forget(s); // simulate a crash: no destructors run
         id
@@ -101,11 +100,11 @@ async fn reopening_discards_sessions_but_keeps_blobs() {
 async fn expire_and_cancel() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
+    let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
     assert_eq!(s.expire_uploads(std::time::Duration::from_secs(3600)), 0);
     assert_eq!(s.expire_uploads(std::time::Duration::ZERO), 1);
     assert!(!s.cancel(&id));
-    let id = s.start_upload(repo(), Algorithm::Sha256).unwrap();
+    let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
     assert!(s.cancel(&id));
     assert_eq!(s.open_uploads(), 0);
 }
@@ -117,19 +116,81 @@ async fn uploads_are_refused_below_the_free_space_reserve() {
     assert!(free > 0);
     let open = |reserve| {
         BlobStore::open(BlobStoreConfig {
-            root: dir.path().to_path_buf(),
-            owner: "n1".into(),
-            fsync: true,
             min_free_bytes: reserve,
+            ..BlobStoreConfig::new(dir.path().to_path_buf(), "n1")
         })
         .unwrap()
     };
     let full = open(free + (1 << 40));
-    match full.start_upload(repo(), Algorithm::Sha256) {
+    match full.start_upload(repo(), Algorithm::Sha256, None) {
         Err(BlobError::StorageFull(m)) => assert!(m.contains("reserve"), "{m}"),
         other => panic!("expected StorageFull, got {other:?}"),
     }
     let roomy = open(1);
-    let id = roomy.start_upload(repo(), Algorithm::Sha256).unwrap();
+    let id = roomy.start_upload(repo(), Algorithm::Sha256, None).unwrap();
     roomy.append(&id, None, None, body(vec![vec![1, 2, 3]])).await.unwrap();
+}
+
+/// Client sessions are capped on the node and per client; transfers between nodes are not
+/// counted; a finished or cancelled session frees its place. An idle session holds no file.
+#[tokio::test]
+async fn upload_sessions_are_capped_per_node_and_per_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BlobStoreConfig {
+        max_sessions: 5,
+        max_sessions_per_client: 3,
+        ..BlobStoreConfig::new(dir.path().to_path_buf(), "n1")
+    };
+    let s = BlobStore::open(cfg).unwrap();
+    let a: Vec<String> = (0..3).map(|_| s.start_upload(repo(), Algorithm::Sha256, Some("10.0.0.1")).unwrap()).collect();
+    assert!(matches!(s.start_upload(repo(), Algorithm::Sha256, Some("10.0.0.1")), Err(BlobError::TooManyUploads(_))));
+    // idle sessions hold no file until their first data
+    assert_eq!(std::fs::read_dir(dir.path().join("uploads")).unwrap().count(), 0);
+    let _b: Vec<String> =
+        (0..2).map(|_| s.start_upload(repo(), Algorithm::Sha256, Some("10.0.0.2")).unwrap()).collect();
+    let e = s.start_upload(repo(), Algorithm::Sha256, Some("10.0.0.3")).unwrap_err();
+    assert!(matches!(&e, BlobError::TooManyUploads(m) if m.contains("node")), "{e:?}");
+    // transfers between nodes go on
+    let peer = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
+    s.cancel(&peer);
+    // a finished and a cancelled session free two places
+    s.append(&a[0], None, None, body(vec![b"x".to_vec()])).await.unwrap();
+    s.finish(&a[0], &Digest::sha256(b"x")).await.unwrap();
+    s.cancel(&a[1]);
+    s.start_upload(repo(), Algorithm::Sha256, Some("10.0.0.3")).unwrap();
+    s.start_upload(repo(), Algorithm::Sha256, Some("10.0.0.1")).unwrap();
+}
+
+/// A request dropped while it writes (a client timeout, an HTTP/2 stream reset) leaves the
+/// session whole: the bytes its disk thread wrote and their hash stay together, and the upload
+/// goes on from there.
+#[tokio::test]
+async fn a_write_dropped_midway_keeps_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(store(dir.path()));
+    let id = s.start_upload(repo(), Algorithm::Sha256, None).unwrap();
+    let first = vec![5u8; 3 << 20];
+    // a body that delivers 3 MiB, then never ends
+    let stalled = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(first.clone()))])
+        .chain(futures::stream::pending());
+    let write = {
+        let (s, id) = (s.clone(), id.clone());
+        tokio::spawn(async move { s.append(&id, Some(0), None, Box::pin(stalled)).await })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.upload_status(&id).map(|st| st.size).unwrap_or(0) < first.len() as u64 {
+        assert!(std::time::Instant::now() < deadline, "the first bytes never arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    write.abort();
+    let _ = write.await;
+    // the session is there, with what was written, and takes the rest
+    let size = s.upload_status(&id).unwrap().size;
+    assert_eq!(size, first.len() as u64);
+    let rest = b"and the rest".to_vec();
+    s.append(&id, Some(size), None, body(vec![rest.clone()])).await.unwrap();
+    let mut all = first;
+    all.extend(rest);
+    s.finish(&id, &Digest::sha256(&all)).await.unwrap();
+    assert_eq!(s.stat(&Digest::sha256(&all)), Some(all.len() as u64));
 }

@@ -196,7 +196,7 @@ impl PeerServices {
             .algorithm
             .parse()
             .map_err(|e: raftyard_types::DigestError| Status::invalid_argument(e.to_string()))?;
-        let id = self.blobs.start_upload(repo, alg).map_err(|e| Status::internal(e.to_string()))?;
+        let id = self.blobs.start_upload(repo, alg, None).map_err(|e| Status::internal(e.to_string()))?;
         // Data parts feed one append; the finish part (or the end of the stream) ends it.
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(4);
         let reader = tokio::spawn(async move {

@@ -81,7 +81,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 fn store_at(dir: &Path) -> anyhow::Result<Arc<BlobStore>> {
-    let cfg = BlobStoreConfig { root: dir.to_path_buf(), owner: "backup".into(), fsync: true, min_free_bytes: 0 };
+    let cfg = BlobStoreConfig::new(dir.to_path_buf(), "backup");
     Ok(Arc::new(BlobStore::open(cfg).with_context(|| format!("opening the blobs of {}", dir.display()))?))
 }
 

@@ -123,6 +123,12 @@ pub struct RegistrySection {
     pub delete_enabled: bool,
     /// Seconds after which an idle upload session is discarded.
     pub upload_idle_timeout_secs: u64,
+    /// Upload sessions open at once on this node; past it a new one gets `429 TOOMANYREQUESTS`.
+    /// 0: no limit. A session holds no file descriptor while idle.
+    pub max_upload_sessions: usize,
+    /// The same per client address (0: no limit). Behind the relay every visitor has the
+    /// agent's address, so they share this limit.
+    pub max_upload_sessions_per_client: usize,
     /// Serve HTTPS with this certificate and key (PEM). Absent: plain HTTP.
     pub tls: Option<TlsSection>,
 }
@@ -171,6 +177,8 @@ impl Default for RegistrySection {
             listen: "127.0.0.1:5000".parse().expect("valid address"),
             delete_enabled: true,
             upload_idle_timeout_secs: 3600,
+            max_upload_sessions: 4096,
+            max_upload_sessions_per_client: 256,
             tls: None,
         }
     }

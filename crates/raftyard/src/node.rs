@@ -114,10 +114,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let blobs = Arc::new(
         BlobStore::open(BlobStoreConfig {
-            root: data.clone(),
-            owner: format!("n{}", cfg.node.id),
-            fsync: true,
             min_free_bytes: cfg.node.min_free_mb << 20,
+            max_sessions: cfg.registry.max_upload_sessions,
+            max_sessions_per_client: cfg.registry.max_upload_sessions_per_client,
+            ..BlobStoreConfig::new(data.clone(), format!("n{}", cfg.node.id))
         })
         .context("opening the blob store")?,
     );

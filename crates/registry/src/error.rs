@@ -58,6 +58,9 @@ pub enum RegistryError {
     /// Metadata could not be committed (no leader, no quorum) — safe to retry.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// A limit on concurrent work of this client or node was reached: 429, retry later.
+    #[error("too many requests: {0}")]
+    TooManyRequests(String),
     /// This node's disk is full (or below its reserve): 507, safe to retry on another node.
     #[error("insufficient storage on this node: {0}")]
     InsufficientStorage(String),
@@ -84,6 +87,7 @@ impl RegistryError {
             TagConflict { .. } => StatusCode::PRECONDITION_FAILED,
             TooLarge => StatusCode::URI_TOO_LONG,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -107,6 +111,7 @@ impl RegistryError {
             PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             Denied(_) => "DENIED",
             Unavailable(_) => "UNAVAILABLE",
+            TooManyRequests(_) => "TOOMANYREQUESTS",
             InsufficientStorage(_) | Internal(_) => "UNKNOWN",
         }
     }
@@ -148,6 +153,9 @@ impl RegistryError {
             RegistryError::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            RegistryError::TooManyRequests(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            }
             _ => {}
         }
         resp
@@ -168,6 +176,7 @@ impl From<BlobError> for RegistryError {
             BlobError::BlobUnknown => RegistryError::BlobUnknown,
             e @ BlobError::Body(_) => RegistryError::BlobUploadInvalid(e.to_string()),
             BlobError::StorageFull(m) => RegistryError::InsufficientStorage(m),
+            BlobError::TooManyUploads(m) => RegistryError::TooManyRequests(m),
             BlobError::Io(e) => RegistryError::Internal(format!("storage: {e}")),
         }
     }

@@ -88,6 +88,7 @@ fn parse(buf: &[u8]) -> Parse {
 pub(crate) async fn serve(
     reg: &Registry,
     mut stream: TcpStream,
+    peer: std::net::SocketAddr,
     first_timeout: Duration,
     idle_timeout: Duration,
     shutdown: &tokio_util::sync::CancellationToken,
@@ -115,7 +116,9 @@ pub(crate) async fn serve(
         };
         buf.advance(simple.head_len);
         let head = simple.req.method() == http::Method::HEAD;
-        let resp = crate::handlers::respond(reg, simple.req).await;
+        let mut req = simple.req;
+        req.extensions_mut().insert(crate::ClientAddr(peer.ip()));
+        let resp = crate::handlers::respond(reg, req).await;
         if write_response(&mut stream, resp, head).await.is_err() || simple.close || shutdown.is_cancelled() {
             return Outcome::Done;
         }

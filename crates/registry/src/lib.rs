@@ -93,6 +93,12 @@ pub struct Registry {
     pub(crate) lag: raftyard_cluster::Lag,
 }
 
+/// The address of the client a request came from, as its connection shows it (a request
+/// extension set by the server). Behind the relay it is the local agent's address, so the
+/// relay's visitors share one; a request forwarded by another node has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// This node's registry answering requests other nodes forward to its upload sessions.
 pub struct LocalRegistry(pub Arc<Registry>);
 

@@ -57,15 +57,20 @@ impl Registry {
         Some(Arc::new(tokio::sync::Mutex::new(ReplicaSet::open(self.peers.peers(), targets, repo, algorithm))))
     }
 
-    /// Replicas of a session, opened when the session started.
-    pub(crate) fn open_session_replicas(&self, id: &str, repo: &RepoName, algorithm: Algorithm) {
-        if let Some(r) = self.new_replicas(repo, algorithm) {
-            self.replicas.lock().unwrap().insert(id.to_string(), r);
+    /// The replicas of a session, opened with its first data (a session that never gets any
+    /// costs its peers nothing).
+    pub(crate) fn session_replicas(&self, id: &str, repo: &RepoName) -> Result<Option<Replicas>, RegistryError> {
+        if let Some(r) = self.replicas.lock().unwrap().get(id).cloned() {
+            return Ok(Some(r));
         }
-    }
-
-    pub(crate) fn session_replicas(&self, id: &str) -> Option<Replicas> {
-        self.replicas.lock().unwrap().get(id).cloned()
+        let st = self.blobs.upload_status(id)?;
+        if st.size > 0 {
+            // data came before without replicas (they were dropped after a local failure):
+            // the write quorum is reached by copying the finished blob
+            return Ok(None);
+        }
+        let Some(r) = self.new_replicas(repo, st.algorithm) else { return Ok(None) };
+        Ok(Some(self.replicas.lock().unwrap().entry(id.to_string()).or_insert(r).clone()))
     }
 
     /// Forgets a session's replicas; the peers discard what they received.

@@ -95,13 +95,14 @@ pub async fn serve(
         fast.spawn(async move {
             let svc = {
                 let reg = reg.clone();
-                service_fn(move |req| {
+                service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(crate::ClientAddr(peer.ip()));
                     let reg = reg.clone();
                     async move { Ok::<_, std::convert::Infallible>(crate::handle(reg, req).await) }
                 })
             };
             let res = match tls {
-                None => match fastpath::serve(&reg, stream, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &stop).await {
+                None => match fastpath::serve(&reg, stream, peer, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &stop).await {
                     fastpath::Outcome::Done => return,
                     fastpath::Outcome::HandOff(io) => {
                         watcher.watch(builder.serve_connection(TokioIo::new(*io), svc).into_owned()).await

@@ -122,6 +122,7 @@ pub(crate) async fn start<B: ReqBody>(
     q: &[(String, String)],
     req: Request<B>,
 ) -> HandlerResult {
+    let client = req.extensions().get::<crate::ClientAddr>().map(|c| c.0.to_string());
     if let Some(mount) = query(q, "mount") {
         if let Ok(digest) = Digest::parse(mount) {
             if let Some(r) = try_mount(reg, &name, &digest, query(q, "from")).await? {
@@ -129,8 +130,7 @@ pub(crate) async fn start<B: ReqBody>(
             }
         }
         // Not mountable: the spec says to open an ordinary session instead.
-        let id = reg.blobs.start_upload(name.clone(), Algorithm::Sha256)?;
-        reg.open_session_replicas(&id, &name, Algorithm::Sha256);
+        let id = reg.blobs.start_upload(name.clone(), Algorithm::Sha256, client.as_deref())?;
         return accepted(&name, &id, 0, StatusCode::ACCEPTED);
     }
     if let Some(d) = query(q, "digest") {
@@ -155,8 +155,7 @@ pub(crate) async fn start<B: ReqBody>(
         None | Some("") => Algorithm::Sha256,
         Some(a) => a.parse::<Algorithm>().map_err(RegistryError::from)?,
     };
-    let id = reg.blobs.start_upload(name.clone(), algorithm)?;
-    reg.open_session_replicas(&id, &name, algorithm);
+    let id = reg.blobs.start_upload(name.clone(), algorithm, client.as_deref())?;
     accepted(&name, &id, 0, StatusCode::ACCEPTED)
 }
 
@@ -195,7 +194,7 @@ async fn append<B: ReqBody>(
     len: Option<u64>,
     req: Request<B>,
 ) -> Result<u64, RegistryError> {
-    let replicas = reg.session_replicas(id);
+    let replicas = reg.session_replicas(id, name)?;
     let r = reg.blobs.append(id, start, len, tee(body_stream(req), replicas)).await;
     if let Err(BlobError::Io(_)) = &r {
         reg.abort_replicas(id).await;
