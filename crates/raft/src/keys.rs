@@ -5,7 +5,8 @@
 //! |---|---|---|
 //! | `m/` | `applied`, `membership` | bincode of LogId / StoredMembership |
 //! | `b/` | repo `\0` digest | blob size (u64 BE): the blob is linked in the repo |
-//! | `B/` | digest | [`crate::state::BlobInfo`] (size, holders) |
+//! | `B/` | digest | [`crate::state::BlobInfo`] (size, holders): present while a repo links it |
+//! | `L/` | digest `\0` repo | empty: the repositories linking a blob (reverse of `b/`) |
 //! | `M/` | repo `\0` digest | [`crate::state::ManifestRecord`] |
 //! | `t/` | repo `\0` tag | digest string |
 //! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
@@ -13,6 +14,8 @@
 //! | `j/` | index (u64 BE) | versioned journal entry |
 
 pub const APPLIED: &[u8] = b"m/applied";
+/// Version of the state's layout (u32 BE); absent: 1, before the `L/` index.
+pub const LAYOUT: &[u8] = b"m/layout";
 pub const MEMBERSHIP: &[u8] = b"m/membership";
 
 fn join(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
@@ -32,6 +35,17 @@ pub fn link(repo: &str, digest: &str) -> Vec<u8> {
 pub fn blob(digest: &str) -> Vec<u8> {
     join(b"B/", &[digest])
 }
+pub fn linked_by(digest: &str, repo: &str) -> Vec<u8> {
+    join(b"L/", &[digest, repo])
+}
+/// Prefix of the repositories linking a blob.
+pub fn links_of(digest: &str) -> Vec<u8> {
+    let mut k = join(b"L/", &[digest]);
+    k.push(0);
+    k
+}
+/// Prefix of every blob link.
+pub const LINKS: &[u8] = b"b/";
 pub fn manifest(repo: &str, digest: &str) -> Vec<u8> {
     join(b"M/", &[repo, digest])
 }

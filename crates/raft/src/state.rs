@@ -116,6 +116,7 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
     match ev {
         Event::BlobLinked { repo, digest, size } => {
             tx.put(keys::link(repo.as_str(), &digest.to_string()), size.to_be_bytes().to_vec());
+            tx.put(keys::linked_by(&digest.to_string(), repo.as_str()), vec![]);
             tx.put(keys::repo(repo.as_str()), vec![]);
             let bk = keys::blob(&digest.to_string());
             if !tx.has(&bk)? {
@@ -123,15 +124,26 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
             }
         }
         Event::BlobUnlinked { repo, digest } => {
-            let k = keys::link(repo.as_str(), &digest.to_string());
+            let ds = digest.to_string();
+            let k = keys::link(repo.as_str(), &ds);
             if !tx.has(&k)? {
                 return Ok(Err(Rejection::BlobUnknown(digest.clone())));
             }
             tx.del(k);
+            tx.del(keys::linked_by(&ds, repo.as_str()));
+            // unlinked everywhere: the blob is gone from the registry (no mount finds it, no
+            // node fetches it any more); its files are garbage for collection
+            if tx.scan(&keys::links_of(&ds))?.is_empty() {
+                tx.del(keys::blob(&ds));
+            }
         }
         Event::BlobPlaced { digest, size, node } => {
             let bk = keys::blob(&digest.to_string());
-            let mut info: BlobInfo = tx.get(&bk)?.and_then(|v| dec(&v)).unwrap_or_default();
+            // a placement arriving after the blob's last link went (a late repair) records
+            // nothing: it must not bring the blob back
+            let Some(mut info) = tx.get(&bk)?.and_then(|v| dec::<BlobInfo>(&v)) else {
+                return Ok(Ok(()));
+            };
             info.size = *size;
             if !info.holders.contains(node) {
                 info.holders.push(*node);
@@ -393,10 +405,36 @@ pub struct StateMachine {
     watch: StorageWatch,
 }
 
+/// The current version of the state's layout.
+const LAYOUT: u32 = 2;
+
+/// Brings a state written by an earlier version to the current layout, in one batch; derived
+/// keys only, so every node that does it ends with the same state.
+/// - 1 → 2: the `L/` index of the repositories linking each blob, built from `b/`.
+fn migrate(state: &sled::Tree) -> Result<(), sled::Error> {
+    let version = state.get(keys::LAYOUT)?.and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes));
+    if version.unwrap_or(1) >= LAYOUT {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for kv in state.scan_prefix(keys::LINKS) {
+        let (k, _) = kv?;
+        if let Some((repo, digest)) = keys::suffix(&k, keys::LINKS).split_once('\0') {
+            batch.insert(keys::linked_by(digest, repo), vec![]);
+        }
+    }
+    batch.insert(keys::LAYOUT, LAYOUT.to_be_bytes().to_vec());
+    state.apply_batch(batch)?;
+    tracing::info!(layout = LAYOUT, "metadata state migrated to the current layout");
+    Ok(())
+}
+
 impl StateMachine {
-    /// Opens the state's trees; every blocking write runs under `watch`.
+    /// Opens the state's trees (migrating an earlier layout); every blocking write runs under
+    /// `watch`.
     pub fn open(db: &sled::Db, watch: StorageWatch) -> Result<Self, sled::Error> {
         let state = db.open_tree("state")?;
+        migrate(&state)?;
         let snap = db.open_tree("snapshot")?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
@@ -522,6 +560,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
         let _g = self.watch.enter("snapshot install");
         self.state.apply_batch(batch).map_err(werr)?;
+        // a snapshot taken by an earlier version
+        migrate(&self.state).map_err(werr)?;
         let stored = StoredSnapshot { meta: meta.clone(), data };
         self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
         self.db.flush_async().await.map_err(werr)?;

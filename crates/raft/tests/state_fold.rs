@@ -155,3 +155,69 @@ async fn unlink_and_placement() {
         Err(Rejection::BlobUnknown(d(1)))
     );
 }
+
+/// Deletion means gone: a blob unlinked from its last repository leaves the registry (no
+/// placement, so no node fetches it and no mount finds it), while a blob still linked
+/// elsewhere stays; a late placement does not bring a deleted blob back.
+#[tokio::test]
+async fn unlinking_the_last_link_removes_the_blob() {
+    let mut f = Fixture::new();
+    f.apply(vec![
+        Event::BlobLinked { repo: repo("a"), digest: d(1), size: 5 },
+        Event::BlobLinked { repo: repo("b"), digest: d(1), size: 5 },
+        Event::BlobPlaced { digest: d(1), size: 5, node: 1 },
+    ])
+    .await
+    .unwrap();
+    let reader = f.sm.reader();
+    f.apply(vec![Event::BlobUnlinked { repo: repo("a"), digest: d(1) }]).await.unwrap();
+    assert_eq!(reader.blob_info(&d(1)).unwrap().unwrap().holders, vec![1], "still linked in b");
+    assert_eq!(reader.blobs().unwrap().len(), 1);
+    f.apply(vec![Event::BlobUnlinked { repo: repo("b"), digest: d(1) }]).await.unwrap();
+    assert_eq!(reader.blob_info(&d(1)).unwrap(), None, "unlinked everywhere");
+    assert!(reader.blobs().unwrap().is_empty());
+    f.apply(vec![Event::BlobPlaced { digest: d(1), size: 5, node: 2 }]).await.unwrap();
+    assert_eq!(reader.blob_info(&d(1)).unwrap(), None, "a late placement records nothing");
+    // pushed again: known again, with its new placements
+    f.apply(vec![
+        Event::BlobLinked { repo: repo("c"), digest: d(1), size: 5 },
+        Event::BlobPlaced { digest: d(1), size: 5, node: 3 },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(reader.blob_info(&d(1)).unwrap().unwrap().holders, vec![3]);
+}
+
+/// A state written before the `L/` index existed gets it when opened: unlinking then still
+/// knows which other repositories link a blob.
+#[tokio::test]
+async fn an_earlier_layout_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let sm = StateMachine::open(&db, StorageWatch::offline()).unwrap();
+        drop(sm);
+        // what version 1 wrote: links and placements, no reverse index, no layout marker
+        let state = db.open_tree("state").unwrap();
+        let ds = d(1).to_string();
+        for k in state.iter().keys() {
+            state.remove(k.unwrap()).unwrap();
+        }
+        for r in ["a", "b"] {
+            let mut k = format!("b/{r}").into_bytes();
+            k.push(0);
+            k.extend_from_slice(ds.as_bytes());
+            state.insert(k, 5u64.to_be_bytes().to_vec()).unwrap();
+        }
+        let info = bincode::serialize(&raftyard_raft::state::BlobInfo { size: 5, holders: vec![1] }).unwrap();
+        state.insert(format!("B/{ds}").into_bytes(), info).unwrap();
+        db.flush().unwrap();
+    }
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let sm = StateMachine::open(&db, StorageWatch::offline()).unwrap();
+    let mut f = Fixture { _dir: dir, sm, next: 1 };
+    f.apply(vec![Event::BlobUnlinked { repo: repo("a"), digest: d(1) }]).await.unwrap();
+    assert!(f.sm.reader().blob_info(&d(1)).unwrap().is_some(), "b still links it");
+    f.apply(vec![Event::BlobUnlinked { repo: repo("b"), digest: d(1) }]).await.unwrap();
+    assert!(f.sm.reader().blob_info(&d(1)).unwrap().is_none());
+}

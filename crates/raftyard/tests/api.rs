@@ -317,6 +317,14 @@ async fn cross_repository_mounts(e: Env) {
     let unknown = sha256(b"unknown");
     let r = e.post(&format!("/v2/dst3/blobs/uploads/?mount={unknown}&from=src/repo")).await;
     assert_eq!(r.status(), 202);
+    // deleted from every repository that linked it, a blob is gone: a mount without `from`
+    // does not bring it back
+    let gone = push_blob(&e.c, e.n(), "src/once", b"deleted everywhere").await;
+    let r = e.c.delete(e.n().url(&format!("/v2/src/once/blobs/{gone}"))).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = e.post(&format!("/v2/dst4/blobs/uploads/?mount={gone}")).await;
+    assert_eq!(r.status(), 202, "an ordinary session, not a mount");
+    assert_eq!(e.get(&format!("/v2/dst4/blobs/{gone}")).await.status(), 404);
 }
 
 async fn manifests_push_pull_negotiate_and_validate(e: Env) {
