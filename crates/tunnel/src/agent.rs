@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -287,7 +287,12 @@ fn pooled_channel(
     Box::pin(async move {
         let ready = async {
             let mut s = dial(&pool.ctx.relay).await?;
-            s.write_all(&proto::pool_preamble(pool.session, &pool.key)).await?;
+            s.write_all(&proto::pool_preamble(pool.session)).await?;
+            let mut challenge: proto::Challenge = [0; 16];
+            tokio::time::timeout(CONNECT_TIMEOUT, s.read_exact(&mut challenge))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            s.write_all(&proto::pool_proof(&pool.key, pool.session, &challenge)).await?;
             let service = proto::read_activation(&mut s).await?;
             Ok::<_, std::io::Error>((s, service))
         };

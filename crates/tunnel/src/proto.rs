@@ -6,20 +6,27 @@
 //!   opens with `Hello`; the relay answers `Welcome` or `Refused`.
 //! - a **data channel** starts with [`DATA_MAGIC`] and a 16-byte nonce the relay sent in an
 //!   `Open` over the control connection; after those 20 bytes it carries one visitor's raw bytes.
-//! - a **pooled data channel** is opened ahead of need: [`POOL_MAGIC`], the session id and the
-//!   pool key from `Welcome`. It waits idle until the relay activates it with the service name
-//!   (one length byte, then the name); the agent answers [`ACTIVATED`] once the local service is
-//!   connected (or [`NOT_ACTIVATED`]), and from then on it carries one visitor's raw bytes.
+//! - a **pooled data channel** is opened ahead of need: [`POOL_MAGIC`] and the session id; the
+//!   relay answers a fresh 16-byte challenge, and the agent proves it holds the session's pool
+//!   key (sent in `Welcome`, inside TLS) with [`pool_proof`], an HMAC-SHA256 over the session and
+//!   the challenge. The key itself never crosses the plain connection, so whoever watches the
+//!   agent→relay path learns nothing that opens a channel. The channel then waits idle until the
+//!   relay activates it with the service name (one length byte, then the name); the agent
+//!   answers [`ACTIVATED`] once the local service is connected (or [`NOT_ACTIVATED`]), and from
+//!   then on it carries one visitor's raw bytes.
+//!
+//! The data channel's nonce crosses in clear too, but it is single-use and unknown until the
+//! agent presents it: by then the relay has paired it, and a copy is refused.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// First bytes of a data channel opened on request.
 pub const DATA_MAGIC: [u8; 4] = *b"RYD1";
 /// First bytes of a pooled data channel.
-pub const POOL_MAGIC: [u8; 4] = *b"RYP1";
+pub const POOL_MAGIC: [u8; 4] = *b"RYP2";
 /// The agent's answer to an activation: the local service is connected.
 pub const ACTIVATED: u8 = b'+';
 /// The agent's answer to an activation: the local service could not be reached.
@@ -95,13 +102,26 @@ pub fn data_preamble(nonce: &Nonce) -> [u8; 20] {
     p
 }
 
-/// The preamble of a pooled data channel.
-pub fn pool_preamble(session: u64, key: &[u8; 16]) -> [u8; 28] {
-    let mut p = [0u8; 28];
+/// The preamble of a pooled data channel: the magic and the session id.
+pub fn pool_preamble(session: u64) -> [u8; 12] {
+    let mut p = [0u8; 12];
     p[..4].copy_from_slice(&POOL_MAGIC);
-    p[4..12].copy_from_slice(&session.to_be_bytes());
-    p[12..].copy_from_slice(key);
+    p[4..].copy_from_slice(&session.to_be_bytes());
     p
+}
+
+/// The relay's challenge to a pooled data channel.
+pub type Challenge = [u8; 16];
+
+/// Proof that a pooled channel belongs to `session`: HMAC-SHA256 keyed with the session's pool
+/// key over the session id and the relay's challenge for this channel.
+pub fn pool_proof(key: &[u8; 16], session: u64, challenge: &Challenge) -> [u8; 32] {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"raftyard pooled channel");
+    mac.update(&session.to_be_bytes());
+    mac.update(challenge);
+    mac.finalize().into_bytes().into()
 }
 
 /// The activation of a pooled channel: the service name, length-prefixed.
@@ -136,5 +156,14 @@ mod tests {
         big.extend(vec![0u8; 16]);
         let e = read_frame::<_, AgentMsg>(&mut big.as_slice()).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_pool_proof_depends_on_the_key_the_session_and_the_challenge() {
+        let p = pool_proof(&[1; 16], 7, &[2; 16]);
+        assert_eq!(p, pool_proof(&[1; 16], 7, &[2; 16]));
+        assert_ne!(p, pool_proof(&[3; 16], 7, &[2; 16]));
+        assert_ne!(p, pool_proof(&[1; 16], 8, &[2; 16]));
+        assert_ne!(p, pool_proof(&[1; 16], 7, &[4; 16]));
     }
 }

@@ -34,6 +34,8 @@ pub enum Refusal {
     Timeout,
     UnknownNonce,
     UnknownSession,
+    /// A pooled data channel whose proof of its session does not verify.
+    BadProof,
     Busy,
 }
 
@@ -47,6 +49,7 @@ impl Refusal {
             Refusal::Timeout => "timeout",
             Refusal::UnknownNonce => "unknown_nonce",
             Refusal::UnknownSession => "unknown_session",
+            Refusal::BadProof => "bad_proof",
             Refusal::Busy => "busy",
         }
     }
@@ -513,10 +516,11 @@ async fn data_channel(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let deadline = state.handshake_timeout;
+    let started = tokio::time::Instant::now();
     let preamble = async {
         let mut magic = [0u8; 4];
         stream.read_exact(&mut magic).await?;
-        let mut rest = vec![0u8; if magic == proto::POOL_MAGIC { 24 } else { 16 }];
+        let mut rest = vec![0u8; if magic == proto::POOL_MAGIC { 8 } else { 16 }];
         stream.read_exact(&mut rest).await?;
         Ok::<_, std::io::Error>((magic, rest))
     };
@@ -525,8 +529,8 @@ async fn data_channel(
         Ok(Err(_)) => return state.refuse(Refusal::BadHello, peer, "data channel closed in its preamble"),
         Err(_) => return state.refuse(Refusal::Timeout, peer, "data-channel preamble too slow"),
     };
-    drop(permit);
     if magic == proto::DATA_MAGIC {
+        drop(permit);
         let nonce: Nonce = rest[..].try_into().expect("16 bytes");
         let waiter = state.pending.lock().unwrap().remove(&nonce);
         match waiter {
@@ -537,16 +541,31 @@ async fn data_channel(
         }
     } else if magic == proto::POOL_MAGIC {
         let id = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
-        let key: [u8; 16] = rest[8..].try_into().expect("16 bytes");
         let session = state.sessions.lock().unwrap().values().find(|s| s.id == id).cloned();
-        match session {
-            Some(s) if bool::from(s.pool_key.ct_eq(&key)) && !s.closed.is_cancelled() => {
-                let mut pool = s.pool.lock().unwrap();
-                if pool.len() < proto::MAX_POOL {
-                    pool.push(stream);
-                }
-            }
-            _ => state.refuse(Refusal::UnknownSession, peer, "pooled channel for no live session"),
+        let Some(s) = session.filter(|s| !s.closed.is_cancelled()) else {
+            return state.refuse(Refusal::UnknownSession, peer, "pooled channel for no live session");
+        };
+        // the channel proves it belongs to the session: a fresh challenge, answered with an
+        // HMAC under the session's pool key (which never crosses this plain connection)
+        let challenge: proto::Challenge = rand::random();
+        let proved = async {
+            stream.write_all(&challenge).await?;
+            let mut proof = [0u8; 32];
+            stream.read_exact(&mut proof).await?;
+            Ok::<_, std::io::Error>(proof)
+        };
+        let proof = match tokio::time::timeout_at(started + deadline, proved).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return state.refuse(Refusal::BadHello, peer, "pooled channel closed before its proof"),
+            Err(_) => return state.refuse(Refusal::Timeout, peer, "pooled channel's proof too slow"),
+        };
+        drop(permit);
+        if !bool::from(proto::pool_proof(&s.pool_key, id, &challenge).ct_eq(&proof)) {
+            return state.refuse(Refusal::BadProof, peer, "pooled channel with a wrong proof");
+        }
+        let mut pool = s.pool.lock().unwrap();
+        if pool.len() < proto::MAX_POOL {
+            pool.push(stream);
         }
     } else {
         state.refuse(Refusal::BadHello, peer, "bad data-channel preamble");

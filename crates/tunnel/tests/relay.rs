@@ -419,3 +419,49 @@ async fn an_agent_that_stops_answering_is_skipped_then_dropped() {
     b.stop().await;
     relay.stop().await;
 }
+
+/// Pooled data channels are bound to their session by a proof, not by a key sent in clear:
+/// someone who learnt a live session's id (it crosses the plain path) and answers the relay's
+/// challenge with anything but an HMAC under the session's pool key is refused and counted, and
+/// gets no visitor; the agent's own channels keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_channel_without_the_sessions_proof_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let cfg = relay_config(dir.path(), "127.0.0.1:0".parse().unwrap(), &[("shared", "127.0.0.1:0".parse().unwrap())]);
+    let relay = start_relay(&cfg).await;
+    let ctl = relay.addrs.control;
+    let a = Agent::start("a", &[link(dir.path(), ctl, "a", TOKEN_A)], &[local("shared", echo("A").await)]).unwrap();
+    relay.wait_agents("shared", 1).await;
+    let session = loop {
+        if let Some(s) = a.status()[0].session {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for (i, proof) in [[0u8; 32], raftyard_tunnel::proto::pool_proof(&[9; 16], session, &[0; 16])].iter().enumerate() {
+        let mut s = TcpStream::connect(ctl).await.unwrap();
+        s.write_all(&raftyard_tunnel::proto::pool_preamble(session)).await.unwrap();
+        let mut challenge = [0u8; 16];
+        s.read_exact(&mut challenge).await.unwrap();
+        s.write_all(proof).await.unwrap();
+        // refused: closed without an activation
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)), "attempt {i}: {n:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = relay.status().await;
+        if st["refused"]["bad_proof"].as_u64() == Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not counted: {st:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..6 {
+        assert_eq!(visit(relay.addrs.services["shared"]).await, "A");
+    }
+    a.stop().await;
+    relay.stop().await;
+}
