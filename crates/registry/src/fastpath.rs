@@ -94,25 +94,12 @@ pub(crate) async fn serve(
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Outcome {
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut timeout = first_timeout;
+    let mut wait = first_timeout;
     loop {
-        // Read a complete head.
-        let simple = loop {
-            if !buf.is_empty() {
-                match parse(&buf) {
-                    Parse::Simple(s) => break s,
-                    Parse::HandOff => return Outcome::HandOff(Box::new(Prefixed::new(buf.freeze(), stream))),
-                    Parse::Partial => {}
-                }
-            }
-            let read = tokio::select! {
-                r = tokio::time::timeout(timeout, stream.read_buf(&mut buf)) => r,
-                _ = shutdown.cancelled(), if buf.is_empty() => return Outcome::Done,
-            };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Outcome::Done,
-                Ok(Ok(_)) => {}
-            }
+        let simple = match read_head(&mut stream, &mut buf, wait, first_timeout, shutdown).await {
+            Head::Simple(s) => s,
+            Head::HandOff => return Outcome::HandOff(Box::new(Prefixed::new(buf.freeze(), stream))),
+            Head::Done => return Outcome::Done,
         };
         buf.advance(simple.head_len);
         let head = simple.req.method() == http::Method::HEAD;
@@ -122,7 +109,48 @@ pub(crate) async fn serve(
         if write_response(&mut stream, resp, head).await.is_err() || simple.close || shutdown.is_cancelled() {
             return Outcome::Done;
         }
-        timeout = idle_timeout;
+        wait = idle_timeout;
+    }
+}
+
+/// What reading a request head gave.
+#[allow(clippy::large_enum_variant)] // lives for one request
+enum Head {
+    Simple(Simple),
+    HandOff,
+    Done,
+}
+
+/// Reads one request head into `buf`: its first byte within `wait` (a new connection's, or an
+/// idle one's between requests), and the whole head within `head_timeout` of that first byte,
+/// however the bytes trickle in (a deadline, not a timeout per read).
+async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    wait: Duration,
+    head_timeout: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Head {
+    let now = tokio::time::Instant::now();
+    let mut deadline = if buf.is_empty() { now + wait } else { now + head_timeout };
+    loop {
+        if !buf.is_empty() {
+            match parse(buf) {
+                Parse::Simple(s) => return Head::Simple(s),
+                Parse::HandOff => return Head::HandOff,
+                Parse::Partial => {}
+            }
+        }
+        let was_empty = buf.is_empty();
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.read_buf(buf)) => r,
+            _ = shutdown.cancelled(), if buf.is_empty() => return Head::Done,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Head::Done,
+            Ok(Ok(_)) if was_empty => deadline = tokio::time::Instant::now() + head_timeout,
+            Ok(Ok(_)) => {}
+        }
     }
 }
 
@@ -239,6 +267,35 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A head trickled in a byte at a time does not hold the connection past the head
+    /// deadline; a head that comes in time is read.
+    #[tokio::test]
+    async fn a_trickled_head_meets_its_deadline() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let trickle = tokio::spawn(async move {
+            for b in b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: yes\r\n\r\n".iter() {
+                if client.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let started = std::time::Instant::now();
+        let mut buf = BytesMut::new();
+        let head = read_head(&mut server, &mut buf, Duration::from_secs(5), Duration::from_millis(300), &stop).await;
+        assert!(matches!(head, Head::Done));
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(600), "the trickle held the connection for {took:?}");
+        trickle.abort();
+
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = BytesMut::new();
+        let head = read_head(&mut server, &mut buf, Duration::from_secs(5), Duration::from_millis(300), &stop).await;
+        assert!(matches!(head, Head::Simple(s) if s.req.uri().path() == "/v2/"));
+    }
 
     #[test]
     fn parses_bodiless_requests_and_hands_off_the_rest() {
