@@ -303,12 +303,13 @@ impl BlobStore {
         E: std::fmt::Display,
     {
         let id = self.start_upload(repo, expected.algorithm(), None)?;
-        let r = self.append(&id, None, len, body).await;
-        if let Err(e) = r {
-            self.cancel(&id);
-            return Err(e);
-        }
-        Ok(self.finish(&id, expected).await?.1)
+        // a caller that gives up midway (a client timeout during a read-through fetch) leaves
+        // no session behind: nobody else knows its id
+        let guard = CancelOnDrop { store: self, id: &id };
+        self.append(&id, None, len, body).await?;
+        let size = self.finish(&id, expected).await?.1;
+        std::mem::forget(guard);
+        Ok(size)
     }
 
     /// Cancels a session and frees its space. Unknown ids are ignored.
@@ -348,6 +349,18 @@ impl BlobStore {
             self.cancel(id);
         }
         ids.len()
+    }
+}
+
+/// Cancels an internal upload session when dropped (forgotten once the session finished).
+struct CancelOnDrop<'a> {
+    store: &'a BlobStore,
+    id: &'a str,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        self.store.cancel(self.id);
     }
 }
 

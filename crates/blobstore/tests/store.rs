@@ -194,3 +194,31 @@ async fn a_write_dropped_midway_keeps_the_session() {
     s.finish(&id, &Digest::sha256(&all)).await.unwrap();
     assert_eq!(s.stat(&Digest::sha256(&all)), Some(all.len() as u64));
 }
+
+/// A whole-blob write whose caller gives up midway (a client timeout during a read-through
+/// fetch) leaves no session and no file behind.
+#[tokio::test]
+async fn an_abandoned_put_stream_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(store(dir.path()));
+    let data = vec![3u8; 2 << 20];
+    let stalled = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data.clone()))])
+        .chain(futures::stream::pending());
+    let put = {
+        let s = s.clone();
+        tokio::spawn(async move { s.put_stream(repo(), &Digest::sha256(&data), None, Box::pin(stalled)).await })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.open_uploads() == 0 || std::fs::read_dir(dir.path().join("uploads")).unwrap().count() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the write never started");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    put.abort();
+    let _ = put.await;
+    assert_eq!(s.open_uploads(), 0, "no session left");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::read_dir(dir.path().join("uploads")).unwrap().count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the partial file stays");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
