@@ -127,11 +127,19 @@ async fn backup_follows_a_loaded_cluster_and_recovers_it_alone() {
     let human = cli(&["cluster", "status", "--node", &p4]);
     assert!(human.contains("backup 4:") && human.contains("RPO"), "{human}");
 
+    // a failover first, so that the log the backup holds is past term 1 when it is recovered
+    let mut cl = cl;
+    cl.nodes[leader].kill9();
+    let new_leader = cl.leader(Duration::from_secs(20)).await;
+    cl.nodes[leader].spawn();
+    let term = cl.nodes[new_leader].health().await.and_then(|h| h["term"].as_u64()).unwrap();
+    assert!(term > 1, "term {term} after the leader kill");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
     // all three primaries die at once, under load
     let rpo_at_kill = metric(&backup, "raftyard_backup_rpo_seconds").await.unwrap();
     let blob_rpo_at_kill = metric(&backup, "raftyard_backup_blob_rpo_seconds").await.unwrap();
     let killed_at = Instant::now();
-    let mut cl = cl;
     for n in &mut cl.nodes {
         n.kill9();
     }

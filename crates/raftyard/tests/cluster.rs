@@ -306,3 +306,59 @@ async fn peer_port_with_mutual_tls() {
     cli(&["certs", "cluster", "--node", "n1", "--out", &other_dir]);
     cli_fails(&["cluster", "status", "--node", &cl.nodes[a].peer, "--tls-dir", &format!("{other_dir}/n1")]);
 }
+
+/// A push through a learner is acknowledged only once a write quorum of voters holds the blob:
+/// the learner's own copy does not count. With one voter killed and another paused, only the
+/// leader takes the learner's replica at once; the push must wait for the paused voter's copy
+/// (two of three voters), not settle for the leader's plus the learner's. The command that
+/// links the blob names its holders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_through_a_learner_needs_a_quorum_of_voters() {
+    let mut cl = Cluster::start(3);
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let learner = Node::start_member(dir.path(), 4, &r4, &p4, &[], true);
+    let out = cli(&[
+        "cluster",
+        "add",
+        "--node",
+        &cl.nodes[leader].peer,
+        "--id",
+        "4",
+        "--peer",
+        &p4,
+        "--registry",
+        &r4,
+        "--learner",
+    ]);
+    assert!(out.contains("learner"), "{out}");
+    let c = client();
+    push_blob(&c, &learner, "learner/app", b"warm up").await;
+
+    cl.nodes[(leader + 1) % 3].kill9();
+    let paused = cl.nodes[(leader + 2) % 3].pid() as i32;
+    unsafe { libc::kill(paused, libc::SIGSTOP) };
+    let resume = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        unsafe { libc::kill(paused, libc::SIGCONT) };
+    });
+    let d = push_blob(&c, &learner, "learner/app", &vec![7u8; 256 << 10]).await;
+    resume.await.unwrap();
+    let text =
+        c.get(learner.url("/v2/_raftyard/events?since=0&limit=10000")).send().await.unwrap().text().await.unwrap();
+    let linked = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["events"].as_array().unwrap().iter().any(|ev| ev["type"] == "BlobLinked" && ev["digest"] == d))
+        .expect("the command that linked the blob");
+    let holders: Vec<u64> = linked["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|ev| ev["type"] == "BlobPlaced")
+        .map(|ev| ev["node"].as_u64().unwrap())
+        .collect();
+    let voters = holders.iter().filter(|n| (1..=3).contains(*n)).count();
+    assert!(voters >= 2, "blob {d} acknowledged with holders {holders:?}: {voters} voters");
+}
