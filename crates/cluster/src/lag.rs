@@ -10,17 +10,15 @@
 //! - otherwise, or when no leader answers: the proposal time of the last command applied here
 //!   (every command is stamped by the leader that proposed it), if that is later.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use raftyard_blobstore::BlobStore;
 use raftyard_raft::MetaNode;
 use raftyard_types::event::now_ms;
-use raftyard_types::Digest;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::missing::Missing;
 use crate::pb;
 use crate::peers::Peers;
 
@@ -63,19 +61,15 @@ impl Lag {
 
 pub struct LagMonitor {
     meta: MetaNode,
-    store: Arc<BlobStore>,
+    missing: Missing,
     peers: Arc<Peers>,
     lag: Lag,
     t_safe_ms: u64,
-    missing_since: HashMap<Digest, Instant>,
-    /// When the previous measurement ran: a blob first found missing now may have been
-    /// missing since just after it.
-    last_measured: Option<Instant>,
 }
 
 impl LagMonitor {
-    pub fn new(meta: MetaNode, store: Arc<BlobStore>, peers: Arc<Peers>, lag: Lag) -> Self {
-        LagMonitor { meta, store, peers, lag, t_safe_ms: 0, missing_since: HashMap::new(), last_measured: None }
+    pub fn new(meta: MetaNode, missing: Missing, peers: Arc<Peers>, lag: Lag) -> Self {
+        LagMonitor { meta, missing, peers, lag, t_safe_ms: 0 }
     }
 
     /// Measures every [`EVERY`] while this node is a backup, until `stop`.
@@ -127,22 +121,12 @@ impl LagMonitor {
         f.rpo_known = self.t_safe_ms > 0;
         f.rpo_ms = if f.rpo_known { now_ms().saturating_sub(self.t_safe_ms) } else { 0 };
 
-        let now = Instant::now();
-        let first_possible = self.last_measured.unwrap_or(now);
-        self.last_measured = Some(now);
-        let mut still = HashMap::new();
-        if let Ok(all) = reader.blobs() {
-            for (d, info) in all {
-                if self.store.stat(&d).is_none() {
-                    f.blobs_missing += 1;
-                    f.blob_bytes_missing += info.size;
-                    let since = self.missing_since.get(&d).copied().unwrap_or(first_possible);
-                    f.blob_rpo_ms = f.blob_rpo_ms.max(now.duration_since(since).as_millis() as u64);
-                    still.insert(d, since);
-                }
-            }
-        }
-        self.missing_since = still;
+        // the blobs still to fetch, from the index (no scan of every placement)
+        self.missing.refresh();
+        let (count, bytes, oldest) = self.missing.figures();
+        f.blobs_missing = count;
+        f.blob_bytes_missing = bytes;
+        f.blob_rpo_ms = oldest.map_or(0, |since| since.elapsed().as_millis() as u64);
         f
     }
 }

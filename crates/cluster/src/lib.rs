@@ -3,7 +3,8 @@
 //!
 //! Owns the tonic services and clients: the openraft network ([`network`]), forwarding of
 //! proposals and read indexes to the leader ([`link`]), blob streaming between nodes
-//! ([`blobs`]), the repair worker that converges blob holdings ([`repair`]), a backup's lag
+//! ([`blobs`]), the index of the blobs this node lacks ([`missing`]), the repair worker that
+//! converges blob holdings ([`repair`]), a backup's lag
 //! figures ([`lag`]), and membership/status ([`admin`]). Protobuf stays at this edge: conversions live in
 //! [`codec`], and the other crates never see prost types. It does not serve the registry
 //! API; the registry crate uses it.
@@ -17,6 +18,7 @@ pub mod codec;
 pub mod forward;
 pub mod lag;
 pub mod link;
+pub mod missing;
 pub mod network;
 pub mod peers;
 pub mod repair;
@@ -33,6 +35,7 @@ pub use blobs::BlobPeers;
 pub use forward::{forward, HttpBody, LocalHttp, LocalHttpSlot};
 pub use lag::{Lag, LagFigures, LagMonitor};
 pub use link::GrpcLeaderLink;
+pub use missing::Missing;
 pub use network::PeerNetwork;
 pub use peers::Peers;
 pub use repair::RepairWorker;

@@ -1,7 +1,8 @@
 //! The repair worker: converges this node's blob holdings to the placement policy (every node
-//! holds every blob). Its work list is derived from the replicated state — blobs the registry
-//! knows that this node lacks — so it survives restarts without a queue of its own; failed
-//! fetches back off exponentially per blob.
+//! holds every blob). Its work list is the [`Missing`] index — blobs the registry knows that
+//! this node lacks — derived from the replicated state and kept up to date from the journal,
+//! so it survives restarts without a queue of its own and costs nothing while nothing is
+//! missing; failed fetches back off exponentially per blob.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,11 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::blobs::{fetch_sources, BlobPeers};
+use crate::missing::Missing;
 
-/// Pause between scans when there was nothing to do (on a backup: unless new entries are
-/// applied).
-const IDLE_SCAN: Duration = Duration::from_secs(2);
-/// Shortest pause between scans: new entries wake the worker at most this often.
+/// Longest pause when there is nothing to do: new entries and backoff expiries wake the worker
+/// sooner.
+const IDLE: Duration = Duration::from_secs(30);
+/// Shortest pause between rounds: new entries wake the worker at most this often.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
 /// Blobs fetched at once.
 const PARALLEL: usize = 4;
@@ -30,6 +32,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub struct RepairWorker {
     meta: MetaNode,
+    missing: Missing,
     store: Arc<BlobStore>,
     peers: BlobPeers,
     /// Per blob: when to try again, and the current backoff.
@@ -40,8 +43,8 @@ pub struct RepairWorker {
 }
 
 impl RepairWorker {
-    pub fn new(meta: MetaNode, store: Arc<BlobStore>, peers: BlobPeers) -> Self {
-        RepairWorker { meta, store, peers, failed: HashMap::new(), unrecorded: Vec::new() }
+    pub fn new(meta: MetaNode, store: Arc<BlobStore>, peers: BlobPeers, missing: Missing) -> Self {
+        RepairWorker { meta, missing, store, peers, failed: HashMap::new(), unrecorded: Vec::new() }
     }
 
     /// Runs until `stop` is cancelled.
@@ -49,17 +52,16 @@ impl RepairWorker {
         tokio::spawn(async move {
             loop {
                 let applied = self.meta.reader().applied_index();
+                self.missing.refresh();
                 let worked = self.round().await;
-                let pause = if worked { Duration::from_millis(50) } else { IDLE_SCAN };
-                // on a backup, new entries may link new blobs: look again soon. (Voters get new
-                // blobs with the push; a scan reads every blob's placement, so they do not
-                // scan after every entry.)
+                // the next backoff expiry, if sooner than the idle pause
+                let now = Instant::now();
+                let retry = self.failed.values().map(|(at, _)| at.saturating_duration_since(now)).min();
+                let pause = if worked { Duration::from_millis(50) } else { retry.unwrap_or(IDLE).min(IDLE) };
+                // new entries may link blobs this node lacks: look again soon (cheap: the
+                // index folds in only the new entries)
                 let reader = self.meta.reader().clone();
-                let backup = self.meta.is_backup();
                 let newer = async move {
-                    if !backup {
-                        return std::future::pending().await;
-                    }
                     reader.wait_applied(applied + 1).await;
                     tokio::time::sleep(MIN_PAUSE).await;
                 };
@@ -73,19 +75,21 @@ impl RepairWorker {
     }
 
     /// Blobs the registry knows that this node lacks and may try now, with their holders.
-    fn due(&self) -> Vec<(Digest, Vec<String>)> {
-        let Ok(all) = self.meta.reader().blobs() else {
-            return vec![];
-        };
+    fn due(&mut self) -> Vec<(Digest, Vec<String>)> {
+        let wants = self.missing.wants();
         let me = self.meta.id();
         let members = self.meta.members();
         let now = Instant::now();
-        all.into_iter()
-            .filter(|(d, _)| self.store.stat(d).is_none())
+        // backoffs of blobs no longer missing (fetched by a read, deleted) are forgotten
+        let wanted: std::collections::HashSet<&Digest> = wants.iter().map(|(d, _)| d).collect();
+        self.failed.retain(|d, _| wanted.contains(d));
+        let reader = self.meta.reader();
+        wants
+            .iter()
             .filter(|(d, _)| self.failed.get(d).is_none_or(|(at, _)| *at <= now))
-            .map(|(d, info)| {
-                let sources = fetch_sources(&members, me, &info.holders);
-                (d, sources)
+            .filter_map(|(d, _)| {
+                let info = reader.blob_info(d).ok().flatten()?;
+                Some((d.clone(), fetch_sources(&members, me, &info.holders)))
             })
             // no peer known yet (a node that has not learnt the membership): not a failure
             .filter(|(_, sources)| !sources.is_empty())
@@ -119,6 +123,7 @@ impl RepairWorker {
             .await;
         let mut placed = Vec::new();
         for (d, r) in results {
+            self.missing.resolve(&d);
             match r {
                 Ok(size) => {
                     self.failed.remove(&d);

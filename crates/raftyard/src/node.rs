@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
 use raftyard_cluster::{
-    BlobPeers, GrpcLeaderLink, Lag, LagMonitor, LocalHttpSlot, PeerNetwork, PeerServices, PeerTls, Peers, RepairWorker,
+    BlobPeers, GrpcLeaderLink, Lag, LagMonitor, LocalHttpSlot, Missing, PeerNetwork, PeerServices, PeerTls, Peers,
+    RepairWorker,
 };
 use raftyard_raft::{Failure, MetaNode, MetaNodeConfig, NodeAddr};
 use raftyard_registry::{LocalRegistry, Registry, RegistryConfig, TlsFiles};
@@ -185,10 +186,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         Some(t) => Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone() }.acceptor()?),
         None => None,
     };
-    let lag_monitor = LagMonitor::new(meta.clone(), blobs.clone(), peers.clone(), lag.clone()).spawn(stop.clone());
+    let missing = Missing::new(meta.clone(), blobs.clone());
+    let lag_monitor = LagMonitor::new(meta.clone(), missing.clone(), peers.clone(), lag.clone()).spawn(stop.clone());
     let blob_peers = BlobPeers::new(peers, blobs.clone());
     let fetches = blob_peers.clone().throttled(cfg.cluster.fetch_limit_mib_per_sec << 20);
-    let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches).spawn(stop.clone());
+    let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches, missing).spawn(stop.clone());
     let reg = Registry::new(
         blobs.clone(),
         meta.clone(),
