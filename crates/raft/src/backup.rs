@@ -147,9 +147,10 @@ impl MetaNode {
             .await
             .map_err(|_| unavailable("not built within 120 s".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        let v =
-            self.db().open_tree("snapshot").and_then(|t| t.get(b"current")).map_err(|e| unavailable(e.to_string()))?;
-        let s = v.and_then(|v| dec::<StoredSnapshot>(&v)).ok_or_else(|| unavailable("no snapshot stored".into()))?;
+        let tree = self.db().open_tree("snapshot").map_err(|e| unavailable(e.to_string()))?;
+        let s = crate::state::load_stored_snapshot(&tree)
+            .map_err(|e| unavailable(e.to_string()))?
+            .ok_or_else(|| unavailable("no snapshot stored".into()))?;
         Ok(BackupSnapshot(s))
     }
 }

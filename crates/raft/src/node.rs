@@ -49,6 +49,9 @@ pub struct MetaNodeConfig {
     pub storage_deadline: Duration,
     /// The deliberate fault of the tests: once this file exists, log flushes never return.
     pub hang_log_flush_when: Option<PathBuf>,
+    /// Bytes of sled's page cache (sled's own default is 1 GiB). Reads past it come from the
+    /// operating system's page cache.
+    pub cache_bytes: u64,
 }
 
 impl MetaNodeConfig {
@@ -67,6 +70,7 @@ impl MetaNodeConfig {
             backup: false,
             storage_deadline: Duration::from_secs(20),
             hang_log_flush_when: None,
+            cache_bytes: 32 << 20,
         }
     }
 }
@@ -143,7 +147,11 @@ impl MetaNode {
         link: Option<Arc<dyn LeaderLink>>,
     ) -> Result<Self, StartError> {
         std::fs::create_dir_all(&cfg.dir)?;
-        let db = sled::Config::new().path(&cfg.dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(&cfg.dir)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cfg.cache_bytes)
+            .open()?;
         let watch = StorageWatch::new(cfg.storage_deadline);
         let log = LogStore::open_with_fault(&db, watch.clone(), cfg.hang_log_flush_when.clone())?;
         let sm = StateMachine::open(&db, watch.clone())?;

@@ -403,6 +403,8 @@ pub struct StateMachine {
     snap: sled::Tree,
     applied_tx: Arc<watch::Sender<u64>>,
     watch: StorageWatch,
+    /// Held while the stored snapshot is compared and replaced.
+    snap_lock: Arc<std::sync::Mutex<()>>,
 }
 
 /// The current version of the state's layout.
@@ -438,7 +440,7 @@ impl StateMachine {
         let snap = db.open_tree("snapshot")?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
-        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), watch })
+        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), watch, snap_lock: Default::default() })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -487,8 +489,90 @@ impl StateMachine {
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        let v = self.snap.get(b"current").map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(v.and_then(|v| dec(&v)))
+        load_stored_snapshot(&self.snap).map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
+    }
+}
+
+/// Keys of the `snapshot` tree: the latest snapshot's meta and its data, written in one batch.
+/// (`current`, a bincode [`StoredSnapshot`] of both, is what earlier versions wrote.)
+const SNAP_META: &[u8] = b"meta";
+const SNAP_DATA: &[u8] = b"data";
+const SNAP_LEGACY: &[u8] = b"current";
+
+/// The stored snapshot of a `snapshot` tree, if any.
+pub(crate) fn load_stored_snapshot(snap: &sled::Tree) -> Result<Option<StoredSnapshot>, sled::Error> {
+    if let (Some(meta), Some(data)) = (snap.get(SNAP_META)?, snap.get(SNAP_DATA)?) {
+        return Ok(dec(&meta).map(|meta| StoredSnapshot { meta, data: data.to_vec() }));
+    }
+    Ok(snap.get(SNAP_LEGACY)?.and_then(|v| dec(&v)))
+}
+
+/// The log id of the stored snapshot, read without its data.
+fn stored_snapshot_log_id(snap: &sled::Tree) -> Result<Option<LogId>, sled::Error> {
+    if let Some(meta) = snap.get(SNAP_META)? {
+        return Ok(dec::<SnapshotMeta<NodeId, NodeAddr>>(&meta).and_then(|m| m.last_log_id));
+    }
+    // an earlier version's: the meta comes first in its encoding
+    Ok(snap.get(SNAP_LEGACY)?.and_then(|v| dec::<SnapshotMeta<NodeId, NodeAddr>>(&v)).and_then(|m| m.last_log_id))
+}
+
+/// Stores a snapshot as the latest one.
+fn store_snapshot(snap: &sled::Tree, meta: &SnapshotMeta<NodeId, NodeAddr>, data: &[u8]) -> Result<(), sled::Error> {
+    let mut batch = sled::Batch::default();
+    batch.insert(SNAP_META, enc(meta));
+    batch.insert(SNAP_DATA, data);
+    batch.remove(SNAP_LEGACY);
+    snap.apply_batch(batch)
+}
+
+/// The state's pairs in the snapshot data format (the bincode of `Vec<(Vec<u8>, Vec<u8>)>`:
+/// a u64 count, then each key and value as a u64 length and its bytes, little endian),
+/// written straight from the iterator: no copy of the pairs besides the encoding itself.
+fn encode_pairs(
+    pairs: impl Iterator<Item = Result<(sled::IVec, sled::IVec), sled::Error>>,
+) -> Result<Vec<u8>, sled::Error> {
+    let mut out = vec![0u8; 8];
+    let mut n: u64 = 0;
+    for kv in pairs {
+        let (k, v) = kv?;
+        for part in [&k[..], &v[..]] {
+            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+        n += 1;
+    }
+    out[..8].copy_from_slice(&n.to_le_bytes());
+    Ok(out)
+}
+
+/// The pairs of snapshot data, borrowed from it.
+fn decode_pairs(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+    let bad = || "snapshot data is truncated".to_string();
+    let mut rest = data;
+    let mut take = |len: usize| -> Result<&[u8], String> {
+        let (a, b) = rest.split_at_checked(len).ok_or_else(bad)?;
+        rest = b;
+        Ok(a)
+    };
+    let n = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let klen = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+        let k = take(klen)?;
+        let vlen = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+        let v = take(vlen)?;
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// Gives memory freed after a snapshot (the size of the whole state, for a moment) back to the
+/// operating system, so that it does not stay in the process's resident size.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -523,14 +607,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Copy the state now, while no entry is being applied: the snapshot is consistent. A read
         // error fails the build (a snapshot missing keys would be installed as the whole state).
         let _g = self.watch.enter("snapshot read");
-        let copy = self
-            .state
-            .iter()
-            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<Pairs, sled::Error>>()
+        let copy = encode_pairs(self.state.iter())
             .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
-            .and_then(|pairs| self.read_applied().map(|(applied, membership)| (pairs, applied, membership)));
-        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), copy: Some(copy), watch: self.watch.clone() }
+            .and_then(|data| self.read_applied().map(|(applied, membership)| (data, applied, membership)));
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snap: self.snap.clone(),
+            copy: Some(copy),
+            watch: self.watch.clone(),
+            lock: self.snap_lock.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -544,28 +630,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let sig = Some(meta.signature());
         let data = snapshot.into_inner();
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = bincode::deserialize(&data)
-            .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
         let werr = |e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e);
-        let mut batch = sled::Batch::default();
-        for kv in self.state.iter() {
-            batch.remove(kv.map_err(werr)?.0);
-        }
-        for (k, v) in pairs {
-            batch.insert(k, v);
-        }
-        if let Some(l) = meta.last_log_id {
-            batch.insert(keys::APPLIED, enc(&l));
-        }
-        batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
         let _g = self.watch.enter("snapshot install");
-        self.state.apply_batch(batch).map_err(werr)?;
+        {
+            let pairs = decode_pairs(&data)
+                .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
+            let mut batch = sled::Batch::default();
+            for kv in self.state.iter() {
+                batch.remove(kv.map_err(werr)?.0);
+            }
+            for (k, v) in pairs {
+                batch.insert(k, v);
+            }
+            if let Some(l) = meta.last_log_id {
+                batch.insert(keys::APPLIED, enc(&l));
+            }
+            batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
+            self.state.apply_batch(batch).map_err(werr)?;
+        }
         // a snapshot taken by an earlier version
         migrate(&self.state).map_err(werr)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.snap.insert(b"current", enc(&stored)).map_err(werr)?;
+        {
+            let _l = self.snap_lock.lock().unwrap();
+            store_snapshot(&self.snap, meta, &data).map_err(werr)?;
+        }
+        drop(data);
         self.db.flush_async().await.map_err(werr)?;
         self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        release_freed_memory();
         Ok(())
     }
 
@@ -574,8 +666,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// A copy of the state: its pairs, applied log id and membership.
-type StateCopy = (Pairs, Option<LogId>, Membership);
+/// A copy of the state: its pairs (encoded as snapshot data), applied log id and membership.
+type StateCopy = (Vec<u8>, Option<LogId>, Membership);
 
 /// Builds a snapshot from a copy of the state taken by `get_snapshot_builder`.
 pub struct SnapshotBuilder {
@@ -584,15 +676,16 @@ pub struct SnapshotBuilder {
     /// The state's pairs, applied log id and membership, or why they could not be read.
     copy: Option<Result<StateCopy, StorageError>>,
     watch: StorageWatch,
+    /// Held while the stored snapshot is compared and replaced.
+    lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (pairs, applied, membership) = self
+        let (data, applied, membership) = self
             .copy
             .take()
             .unwrap_or_else(|| Err(storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, "built twice")))?;
-        let data = enc(&pairs);
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
             None => format!("0-0-{}", data.len()),
@@ -600,18 +693,36 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let _g = self.watch.enter("snapshot write");
-        // A snapshot installed from the leader while this one was being built may be newer:
-        // the stored snapshot only ever moves forward.
-        let newer = |cur: &sled::IVec| dec::<StoredSnapshot>(cur).is_some_and(|c| c.meta.last_log_id > applied);
-        let stored = enc(&StoredSnapshot { meta: meta.clone(), data: data.clone() });
-        self.snap
-            .fetch_and_update(b"current", |cur| match cur {
-                Some(c) if newer(&sled::IVec::from(c)) => Some(c.to_vec()),
-                _ => Some(stored.clone()),
-            })
-            .map_err(werr)?;
+        {
+            // A snapshot installed from the leader while this one was being built may be
+            // newer: the stored snapshot only ever moves forward.
+            let _l = self.lock.lock().unwrap();
+            if stored_snapshot_log_id(&self.snap).map_err(werr)? <= applied {
+                store_snapshot(&self.snap, &meta, &data).map_err(werr)?;
+            }
+        }
         // The state machine is flushed too, so logs purged after this snapshot are never needed.
         self.db.flush_async().await.map_err(werr)?;
+        release_freed_memory();
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed encoding is the bincode of the pairs that earlier versions wrote (and that
+    /// backups hold), both ways.
+    #[test]
+    fn snapshot_data_is_the_bincode_of_the_pairs() {
+        let pairs: Pairs = vec![(b"a".to_vec(), vec![]), (b"b/x\0y".to_vec(), vec![1, 2, 3]), (vec![], b"z".to_vec())];
+        let ivecs = pairs.iter().map(|(k, v)| Ok((sled::IVec::from(k.as_slice()), sled::IVec::from(v.as_slice()))));
+        let data = encode_pairs(ivecs).unwrap();
+        assert_eq!(data, bincode::serialize(&pairs).unwrap());
+        let back: Vec<(Vec<u8>, Vec<u8>)> =
+            decode_pairs(&data).unwrap().into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(back, pairs);
+        assert!(decode_pairs(&data[..data.len() - 1]).is_err());
     }
 }

@@ -163,6 +163,9 @@ pub struct RaftSection {
     /// after this many milliseconds stops the node with an error (a wedged device): it is
     /// started again on its data by its supervisor, instead of staying up without committing.
     pub storage_deadline_ms: u64,
+    /// MiB of memory for the metadata database's own cache (sled's page cache); what does not
+    /// fit is read through the operating system's page cache.
+    pub cache_mib: u64,
 }
 
 impl Default for NodeSection {
@@ -210,6 +213,7 @@ impl Default for RaftSection {
             snapshot_every: 5000,
             keep_logs: 1000,
             storage_deadline_ms: 20_000,
+            cache_mib: 32,
         }
     }
 }

@@ -145,6 +145,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     meta_cfg.keep_logs = cfg.raft.keep_logs;
     meta_cfg.backup = cfg.node.role == crate::config::Role::Backup;
     meta_cfg.storage_deadline = Duration::from_millis(cfg.raft.storage_deadline_ms);
+    meta_cfg.cache_bytes = cfg.raft.cache_mib << 20;
     let fault = deliberate_fault()?;
     if fault == Some(DeliberateFault::HangLogFlush) {
         meta_cfg.hang_log_flush_when = Some(data.join(HANG_LOG_FLUSH_MARKER));
