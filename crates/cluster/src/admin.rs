@@ -106,6 +106,9 @@ impl pb::admin_server::Admin for PeerServices {
         let m = req.into_inner();
         let addr = NodeAddr { peer: m.peer.clone(), registry: m.registry.clone() };
         info!(id = m.id, peer = %m.peer, "adding a learner");
+        // A leader just elected has not committed the membership it started with yet; a change
+        // waits for that (a read index on the leader does) instead of failing.
+        let _ = self.meta.read_index_local().await;
         // Blocks until the learner has caught up with the log (or a snapshot).
         self.meta.raft().add_learner(m.id, addr, true).await.map_err(write_error)?;
         if m.learner_only {
@@ -130,6 +133,7 @@ impl pb::admin_server::Admin for PeerServices {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         info!(id, is_voter, "removing a member");
+        let _ = self.meta.read_index_local().await;
         self.meta.raft().change_membership(change, false).await.map_err(write_error)?;
         Ok(Response::new(pb::AdminReply { message: format!("node {id} removed") }))
     }
