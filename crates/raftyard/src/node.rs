@@ -209,8 +209,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
-    let ready = spawn_readiness(reg.clone(), stop.clone());
-    let agent = start_agent(&cfg, listener.local_addr()?, peer_bound, ready)?;
+    let agent = start_agent(&cfg, listener.local_addr()?, peer_bound, &reg, &stop)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
     let registry_addr = listener.local_addr()?;
@@ -344,11 +343,13 @@ fn start_agent(
     cfg: &Config,
     registry: std::net::SocketAddr,
     peer: std::net::SocketAddr,
-    ready: tokio::sync::watch::Receiver<bool>,
+    reg: &Arc<Registry>,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Option<raftyard_tunnel::Agent>> {
     if cfg.tunnel.relay.is_empty() {
         return Ok(None);
     }
+    let ready = spawn_readiness(reg.clone(), stop.clone());
     let local = |mut a: std::net::SocketAddr| {
         if a.ip().is_unspecified() {
             a.set_ip(match a {
