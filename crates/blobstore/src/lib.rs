@@ -6,12 +6,16 @@
 //! the file was fsynced and renamed under its digest, and the directory was fsynced. A crash at
 //! any instant therefore leaves either nothing or the whole verified blob.
 //!
+//! It also keeps the data directory's reserve of space for the metadata log ([`Reserve`]).
+//!
 //! This crate knows nothing about repositories' metadata, Raft or HTTP: the caller decides
 //! which blobs are visible where; this crate only keeps bytes safe.
 
+mod reserve;
 mod store;
 mod upload;
 
+pub use reserve::{Action as ReserveAction, Reserve};
 pub use store::{free_bytes, BlobStore, BlobStoreConfig};
 pub use upload::UploadStatus;
 

@@ -100,6 +100,11 @@ pub struct NodeSection {
     /// Blob uploads are refused (507) while the data directory's filesystem has less free
     /// space than this, so the metadata log always has room.
     pub min_free_mb: u64,
+    /// MiB kept in reserve for the metadata log (a ballast file in the data directory): released
+    /// when the filesystem has less than 32 MiB free, so that the metadata can still be written
+    /// while blob writes are refused, and a node stopped by a full disk starts again; allocated
+    /// again once there is room. 0: none.
+    pub meta_reserve_mb: u64,
     /// `voter` (default) or `backup`: a non-voting follower with a full copy that serves
     /// pulls from its local state, refuses pushes, fetches every blob, and never initialises
     /// a cluster (it waits for `raftyard cluster add-backup`).
@@ -170,7 +175,13 @@ pub struct RaftSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        NodeSection { id: 1, data_dir: PathBuf::from("./raftyard-data"), min_free_mb: 256, role: Role::Voter }
+        NodeSection {
+            id: 1,
+            data_dir: PathBuf::from("./raftyard-data"),
+            min_free_mb: 256,
+            meta_reserve_mb: 64,
+            role: Role::Voter,
+        }
     }
 }
 
@@ -229,6 +240,10 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node.id > 0, "node.id must be > 0");
         anyhow::ensure!(self.raft.heartbeat_ms > 0, "raft.heartbeat_ms must be > 0");
+        anyhow::ensure!(
+            self.node.meta_reserve_mb == 0 || self.node.min_free_mb > self.node.meta_reserve_mb,
+            "node.min_free_mb must exceed node.meta_reserve_mb: blob writes must stop before the metadata's reserve is used"
+        );
         anyhow::ensure!(
             self.raft.storage_deadline_ms >= 1000,
             "raft.storage_deadline_ms must be at least 1000: a busy disk's fsync can take a second"

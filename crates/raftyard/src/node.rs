@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use raftyard_blobstore::{BlobStore, BlobStoreConfig};
+use raftyard_blobstore::{BlobStore, BlobStoreConfig, Reserve};
 use raftyard_cluster::{
     BlobPeers, GrpcLeaderLink, Lag, LagMonitor, LocalHttpSlot, Missing, PeerNetwork, PeerServices, PeerTls, Peers,
     RepairWorker,
@@ -135,6 +135,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         registry: cfg.cluster.advertise_registry.clone().unwrap_or(listener.local_addr()?.to_string()),
     };
 
+    // the metadata's reserve first: released now if the disk is full (this node may have
+    // stopped on it), so that the metadata opens and the node catches up
+    let reserve = Arc::new(Reserve::new(data.join(META_RESERVE), cfg.node.meta_reserve_mb << 20, RESERVE_LOW));
+    if let Err(e) = reserve.adjust() {
+        warn!(error = %e, "could not adjust the metadata reserve");
+    }
     let mut meta_cfg = MetaNodeConfig::new(cfg.node.id, data.join("meta"), me.clone());
     meta_cfg.initial_members = initial_members(&cfg, &me);
     meta_cfg.heartbeat_ms = cfg.raft.heartbeat_ms;
@@ -209,6 +215,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
+    let reserve_keeper = tokio::spawn(keep_reserve(reserve));
     let agent = start_agent(&cfg, listener.local_addr()?, peer_bound, &reg, &stop)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
@@ -245,6 +252,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
             }
             let served = raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await;
             upkeep.abort();
+            reserve_keeper.abort();
             stop.cancel();
             let _ = repair.await;
             let _ = lag_monitor.await;
@@ -262,6 +270,23 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
         })
     };
     Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, failure, task })
+}
+
+/// The metadata's reserve of disk space, in the data directory.
+const META_RESERVE: &str = "meta-reserve";
+/// Free space below which the reserve is released.
+const RESERVE_LOW: u64 = 32 << 20;
+
+/// Adjusts the metadata reserve to the free space every 2 s (released when the disk is nearly
+/// full, made again when there is room).
+async fn keep_reserve(reserve: Arc<Reserve>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let r = reserve.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r.adjust()).await {
+            warn!(error = %e, "could not adjust the metadata reserve");
+        }
+    }
 }
 
 /// A node broken on purpose, for the tests and the chaos suite to prove they catch it.

@@ -140,3 +140,93 @@ async fn sigterm_ends_a_node_whose_storage_hangs() {
     eprintln!("exited {status:?} {:?} after SIGTERM", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(55), "within the stop deadline: {:?}", started.elapsed());
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk reaches the blobs, not the metadata: on a small filesystem filled to the last
+/// byte by another writer, the node releases its metadata reserve, refuses blob uploads (507)
+/// and goes on committing manifest pushes; once room comes back it takes blobs again and puts
+/// its reserve back. (Mounting the tmpfs needs root, as the chaos suite's disk fault does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_refuses_blobs_and_keeps_committing_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=192m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .expect("mount");
+    assert!(st.success(), "mounting a tmpfs needs root (the chaos suite's disk fault does too)");
+    let _mounted = Tmpfs(data.clone());
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(&cfg, "[node]\nmin_free_mb = 96\nmeta_reserve_mb = 64\n").unwrap();
+    let n = Node::start_with(&data, &["--config", cfg.to_str().unwrap()]);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.join("meta-reserve").exists() {
+        assert!(Instant::now() < deadline, "no reserve made");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = push_image(&c, &n, "full/app", "base", b"base layer").await;
+
+    // another writer fills the disk to the last byte
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // the reserve goes to the metadata
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while data.join("meta-reserve").exists() {
+        assert!(Instant::now() < deadline, "the reserve was not released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // blobs are refused; manifests over the blobs already there are committed
+    let r = c
+        .post(n.url(&format!("/v2/full/app/blobs/uploads/?digest={}", sha256(b"new"))))
+        .body(b"new".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 507);
+    let m: serde_json::Value = serde_json::from_slice(
+        &c.get(n.url("/v2/full/app/manifests/base"))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    for i in 0..200 {
+        let mut m = m.clone();
+        m["annotations"] = serde_json::json!({ "i": i.to_string() });
+        let bytes = serde_json::to_vec(&m).unwrap();
+        let r = put_manifest(&c, &n, "full/app", &format!("t{i}"), &bytes, OCI_MANIFEST).await;
+        assert_eq!(r.status(), 201, "manifest {i} on a full disk: {}", r.text().await.unwrap());
+    }
+    pull_image(&c, &n, "full/app", "base", &base).await;
+
+    // room again: blobs are taken, and the reserve comes back
+    std::fs::remove_file(&filler).unwrap();
+    push_image(&c, &n, "full/app", "after", b"after").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.join("meta-reserve").exists() {
+        assert!(Instant::now() < deadline, "the reserve did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(n);
+}
