@@ -98,7 +98,7 @@ impl BackupSnapshot {
     /// Installs the state in a new sled database under `dir` and returns a reader of it.
     pub async fn open(&self, dir: &Path) -> Result<StateReader, StartError> {
         let db = sled::Config::new().path(dir).open()?;
-        let mut sm = StateMachine::open(&db, StorageWatch::offline())?;
+        let mut sm = StateMachine::open(&db, dir, StorageWatch::offline())?;
         sm.install_snapshot(&self.0.meta, Box::new(Cursor::new(self.0.data.clone()))).await?;
         Ok(sm.reader())
     }
@@ -112,7 +112,7 @@ impl BackupSnapshot {
         }
         let db = sled::Config::new().path(dir).open()?;
         let watch = StorageWatch::offline();
-        let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, watch)?);
+        let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, dir, watch)?);
         let last = self.0.meta.last_log_id;
         let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, addr)]));
         let meta = SnapshotMeta {
@@ -147,8 +147,9 @@ impl MetaNode {
             .await
             .map_err(|_| unavailable("not built within 120 s".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        let tree = self.db().open_tree("snapshot").map_err(|e| unavailable(e.to_string()))?;
-        let s = crate::state::load_stored_snapshot(&tree)
+        let s = self
+            .snapshots()
+            .load()
             .map_err(|e| unavailable(e.to_string()))?
             .ok_or_else(|| unavailable("no snapshot stored".into()))?;
         Ok(BackupSnapshot(s))

@@ -120,6 +120,7 @@ pub struct MetaNode {
     link: Option<Arc<dyn LeaderLink>>,
     backup: bool,
     watch: StorageWatch,
+    snapshots: crate::state::SnapshotStore,
 }
 
 /// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
@@ -154,7 +155,8 @@ impl MetaNode {
             .open()?;
         let watch = StorageWatch::new(cfg.storage_deadline);
         let log = LogStore::open_with_fault(&db, watch.clone(), cfg.hang_log_flush_when.clone())?;
-        let sm = StateMachine::open(&db, watch.clone())?;
+        let sm = StateMachine::open(&db, &cfg.dir, watch.clone())?;
+        let snapshots = sm.snapshots();
         let reader = sm.reader();
         // openraft 0.9 uses its heartbeat interval as the timeout of every append: a follower
         // further away than that (or with a slower fsync) would never acknowledge anything. So
@@ -174,7 +176,7 @@ impl MetaNode {
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
         tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
-        let node = MetaNode { id: cfg.id, raft, reader, db, link, backup: cfg.backup, watch };
+        let node = MetaNode { id: cfg.id, raft, reader, db, link, backup: cfg.backup, watch, snapshots };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
                 info!(id = cfg.id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
@@ -188,8 +190,9 @@ impl MetaNode {
         self.id
     }
 
-    pub(crate) fn db(&self) -> &sled::Db {
-        &self.db
+    /// Where the latest snapshot is kept.
+    pub(crate) fn snapshots(&self) -> &crate::state::SnapshotStore {
+        &self.snapshots
     }
 
     pub fn raft(&self) -> &Raft {

@@ -60,7 +60,7 @@ pub async fn single_voter(dir: &Path, id: Option<NodeId>) -> Result<Recovered, S
     }
     let db = sled::Config::new().path(dir).open()?;
     let watch = StorageWatch::offline();
-    let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, watch)?);
+    let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, dir, watch)?);
     let (m, applied, last) = membership(&mut log, &mut sm).await?;
     let last = last.ok_or_else(|| StartError::Storage("the log is empty: this node never joined".into()))?;
     let id = match id {

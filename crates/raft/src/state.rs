@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -400,11 +401,9 @@ impl StateReader {
 pub struct StateMachine {
     db: sled::Db,
     state: sled::Tree,
-    snap: sled::Tree,
+    snap: SnapshotStore,
     applied_tx: Arc<watch::Sender<u64>>,
     watch: StorageWatch,
-    /// Held while the stored snapshot is compared and replaced.
-    snap_lock: Arc<std::sync::Mutex<()>>,
 }
 
 /// The current version of the state's layout.
@@ -432,15 +431,20 @@ fn migrate(state: &sled::Tree) -> Result<(), sled::Error> {
 }
 
 impl StateMachine {
-    /// Opens the state's trees (migrating an earlier layout); every blocking write runs under
-    /// `watch`.
-    pub fn open(db: &sled::Db, watch: StorageWatch) -> Result<Self, sled::Error> {
+    /// Opens the state's trees (migrating an earlier layout) of the database at `dir`, where
+    /// snapshot files live too; every blocking write runs under `watch`.
+    pub fn open(db: &sled::Db, dir: &Path, watch: StorageWatch) -> Result<Self, sled::Error> {
         let state = db.open_tree("state")?;
         migrate(&state)?;
-        let snap = db.open_tree("snapshot")?;
+        let snap = SnapshotStore::open(db, dir)?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
-        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), watch, snap_lock: Default::default() })
+        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), watch })
+    }
+
+    /// Where the latest snapshot is kept.
+    pub(crate) fn snapshots(&self) -> SnapshotStore {
+        self.snap.clone()
     }
 
     pub fn reader(&self) -> StateReader {
@@ -489,40 +493,91 @@ impl StateMachine {
     }
 
     fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        load_stored_snapshot(&self.snap).map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
+        self.snap.load().map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
     }
 }
 
-/// Keys of the `snapshot` tree: the latest snapshot's meta and its data, written in one batch.
-/// (`current`, a bincode [`StoredSnapshot`] of both, is what earlier versions wrote.)
+/// Where the latest snapshot is kept: its meta in the `snapshot` tree, its data in a file of
+/// its own beside the database (named in the tree), so that sled never holds or rewrites a value
+/// the size of the whole state. Earlier versions kept the data in the tree (`data`, or both in
+/// one bincode `current`); those are still read.
+#[derive(Clone)]
+pub(crate) struct SnapshotStore {
+    tree: sled::Tree,
+    dir: PathBuf,
+    /// Held while the stored snapshot is compared and replaced.
+    lock: Arc<std::sync::Mutex<()>>,
+}
+
 const SNAP_META: &[u8] = b"meta";
+const SNAP_FILE: &[u8] = b"file";
 const SNAP_DATA: &[u8] = b"data";
 const SNAP_LEGACY: &[u8] = b"current";
 
-/// The stored snapshot of a `snapshot` tree, if any.
-pub(crate) fn load_stored_snapshot(snap: &sled::Tree) -> Result<Option<StoredSnapshot>, sled::Error> {
-    if let (Some(meta), Some(data)) = (snap.get(SNAP_META)?, snap.get(SNAP_DATA)?) {
-        return Ok(dec(&meta).map(|meta| StoredSnapshot { meta, data: data.to_vec() }));
+impl SnapshotStore {
+    pub(crate) fn open(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
+        Ok(SnapshotStore { tree: db.open_tree("snapshot")?, dir: dir.to_path_buf(), lock: Default::default() })
     }
-    Ok(snap.get(SNAP_LEGACY)?.and_then(|v| dec(&v)))
-}
 
-/// The log id of the stored snapshot, read without its data.
-fn stored_snapshot_log_id(snap: &sled::Tree) -> Result<Option<LogId>, sled::Error> {
-    if let Some(meta) = snap.get(SNAP_META)? {
-        return Ok(dec::<SnapshotMeta<NodeId, NodeAddr>>(&meta).and_then(|m| m.last_log_id));
+    /// The latest snapshot, if any.
+    pub(crate) fn load(&self) -> std::io::Result<Option<StoredSnapshot>> {
+        let meta = self.tree.get(SNAP_META).map_err(io)?.and_then(|m| dec::<SnapshotMeta<NodeId, NodeAddr>>(&m));
+        if let (Some(meta), Some(file)) = (meta.clone(), self.tree.get(SNAP_FILE).map_err(io)?) {
+            let data = std::fs::read(self.dir.join(String::from_utf8_lossy(&file).as_ref()))?;
+            return Ok(Some(StoredSnapshot { meta, data }));
+        }
+        if let (Some(meta), Some(data)) = (meta, self.tree.get(SNAP_DATA).map_err(io)?) {
+            return Ok(Some(StoredSnapshot { meta, data: data.to_vec() }));
+        }
+        Ok(self.tree.get(SNAP_LEGACY).map_err(io)?.and_then(|v| dec(&v)))
     }
-    // an earlier version's: the meta comes first in its encoding
-    Ok(snap.get(SNAP_LEGACY)?.and_then(|v| dec::<SnapshotMeta<NodeId, NodeAddr>>(&v)).and_then(|m| m.last_log_id))
-}
 
-/// Stores a snapshot as the latest one.
-fn store_snapshot(snap: &sled::Tree, meta: &SnapshotMeta<NodeId, NodeAddr>, data: &[u8]) -> Result<(), sled::Error> {
-    let mut batch = sled::Batch::default();
-    batch.insert(SNAP_META, enc(meta));
-    batch.insert(SNAP_DATA, data);
-    batch.remove(SNAP_LEGACY);
-    snap.apply_batch(batch)
+    /// The log id of the latest snapshot, read without its data.
+    fn log_id(&self) -> std::io::Result<Option<LogId>> {
+        if let Some(meta) = self.tree.get(SNAP_META).map_err(io)? {
+            return Ok(dec::<SnapshotMeta<NodeId, NodeAddr>>(&meta).and_then(|m| m.last_log_id));
+        }
+        // an earlier version's: the meta comes first in its encoding
+        let legacy = self.tree.get(SNAP_LEGACY).map_err(io)?;
+        Ok(legacy.and_then(|v| dec::<SnapshotMeta<NodeId, NodeAddr>>(&v)).and_then(|m| m.last_log_id))
+    }
+
+    /// Stores a snapshot as the latest one; with `only_if_newer`, not over a newer one (a
+    /// snapshot installed from the leader while this one was built). The data file is durable
+    /// before the tree names it; the caller flushes the tree.
+    fn store(&self, meta: &SnapshotMeta<NodeId, NodeAddr>, data: &[u8], only_if_newer: bool) -> std::io::Result<()> {
+        let _l = self.lock.lock().unwrap();
+        if only_if_newer && self.log_id()? > meta.last_log_id {
+            return Ok(());
+        }
+        let name = match meta.last_log_id {
+            Some(l) => format!("snapshot-{}-{}.data", l.leader_id.term, l.index),
+            None => "snapshot-0-0.data".to_string(),
+        };
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join(&name))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAP_META, enc(meta));
+        batch.insert(SNAP_FILE, name.as_bytes());
+        batch.remove(SNAP_DATA);
+        batch.remove(SNAP_LEGACY);
+        self.tree.apply_batch(batch).map_err(io)?;
+        // the files of earlier snapshots go (once the tree names the new one, none is needed)
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let f = e.file_name().to_string_lossy().into_owned();
+            if f.starts_with("snapshot-") && f != name {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The state's pairs in the snapshot data format (the bincode of `Vec<(Vec<u8>, Vec<u8>)>`:
@@ -545,8 +600,11 @@ fn encode_pairs(
     Ok(out)
 }
 
+/// Key/value pairs borrowed from snapshot data.
+type BorrowedPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// The pairs of snapshot data, borrowed from it.
-fn decode_pairs(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, String> {
+fn decode_pairs(data: &[u8]) -> Result<BorrowedPairs<'_>, String> {
     let bad = || "snapshot data is truncated".to_string();
     let mut rest = data;
     let mut take = |len: usize| -> Result<&[u8], String> {
@@ -610,13 +668,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let copy = encode_pairs(self.state.iter())
             .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
             .and_then(|data| self.read_applied().map(|(applied, membership)| (data, applied, membership)));
-        SnapshotBuilder {
-            db: self.db.clone(),
-            snap: self.snap.clone(),
-            copy: Some(copy),
-            watch: self.watch.clone(),
-            lock: self.snap_lock.clone(),
-        }
+        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), copy: Some(copy), watch: self.watch.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -650,10 +702,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // a snapshot taken by an earlier version
         migrate(&self.state).map_err(werr)?;
-        {
-            let _l = self.snap_lock.lock().unwrap();
-            store_snapshot(&self.snap, meta, &data).map_err(werr)?;
-        }
+        self.snap
+            .store(meta, &data, false)
+            .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e))?;
         drop(data);
         self.db.flush_async().await.map_err(werr)?;
         self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
@@ -672,12 +723,10 @@ type StateCopy = (Vec<u8>, Option<LogId>, Membership);
 /// Builds a snapshot from a copy of the state taken by `get_snapshot_builder`.
 pub struct SnapshotBuilder {
     db: sled::Db,
-    snap: sled::Tree,
+    snap: SnapshotStore,
     /// The state's pairs, applied log id and membership, or why they could not be read.
     copy: Option<Result<StateCopy, StorageError>>,
     watch: StorageWatch,
-    /// Held while the stored snapshot is compared and replaced.
-    lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -693,14 +742,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let _g = self.watch.enter("snapshot write");
-        {
-            // A snapshot installed from the leader while this one was being built may be
-            // newer: the stored snapshot only ever moves forward.
-            let _l = self.lock.lock().unwrap();
-            if stored_snapshot_log_id(&self.snap).map_err(werr)? <= applied {
-                store_snapshot(&self.snap, &meta, &data).map_err(werr)?;
-            }
-        }
+        // A snapshot installed from the leader while this one was being built may be newer:
+        // the stored snapshot only ever moves forward.
+        self.snap.store(&meta, &data, true).map_err(|e| werr(sled::Error::Io(e)))?;
         // The state machine is flushed too, so logs purged after this snapshot are never needed.
         self.db.flush_async().await.map_err(werr)?;
         release_freed_memory();
@@ -711,6 +755,49 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A built snapshot's data is a file beside the database (the tree holds its meta and the
+    /// file's name); earlier snapshots' files go; a snapshot kept the earlier way, whole in the
+    /// tree, is still read.
+    #[tokio::test]
+    async fn snapshots_live_in_files_and_earlier_ones_still_read() {
+        use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        let files = || -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with("snapshot-"))
+                .collect();
+            v.sort();
+            v
+        };
+        for index in [1u64, 2] {
+            let entry = Entry::<TypeConfig> {
+                log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
+                payload: EntryPayload::Blank,
+            };
+            sm.apply([entry]).await.unwrap();
+            let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+            assert_eq!(files(), vec![format!("snapshot-3-{index}.data")]);
+            let current = sm.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(current.meta, built.meta);
+            assert_eq!(current.snapshot.into_inner(), built.snapshot.into_inner());
+        }
+        assert!(sm.snap.tree.get(SNAP_DATA).unwrap().is_none());
+
+        // the way earlier versions kept it
+        let old = sm.snap.load().unwrap().unwrap();
+        sm.snap.tree.remove(SNAP_META).unwrap();
+        sm.snap.tree.remove(SNAP_FILE).unwrap();
+        sm.snap.tree.insert(SNAP_LEGACY, enc(&old)).unwrap();
+        let loaded = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(loaded.meta, old.meta);
+        assert_eq!(loaded.snapshot.into_inner(), old.data);
+    }
 
     /// The streamed encoding is the bincode of the pairs that earlier versions wrote (and that
     /// backups hold), both ways.

@@ -17,7 +17,7 @@ impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let sm = StateMachine::open(&db, StorageWatch::offline()).unwrap();
+        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
         Fixture { _dir: dir, sm, next: 1 }
     }
 
@@ -195,7 +195,7 @@ async fn an_earlier_layout_is_migrated_on_open() {
     let dir = tempfile::tempdir().unwrap();
     {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let sm = StateMachine::open(&db, StorageWatch::offline()).unwrap();
+        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
         drop(sm);
         // what version 1 wrote: links and placements, no reverse index, no layout marker
         let state = db.open_tree("state").unwrap();
@@ -214,7 +214,7 @@ async fn an_earlier_layout_is_migrated_on_open() {
         db.flush().unwrap();
     }
     let db = sled::Config::new().path(dir.path()).open().unwrap();
-    let sm = StateMachine::open(&db, StorageWatch::offline()).unwrap();
+    let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
     let mut f = Fixture { _dir: dir, sm, next: 1 };
     f.apply(vec![Event::BlobUnlinked { repo: repo("a"), digest: d(1) }]).await.unwrap();
     assert!(f.sm.reader().blob_info(&d(1)).unwrap().is_some(), "b still links it");

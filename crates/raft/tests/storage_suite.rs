@@ -13,7 +13,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new().path(dir.path()).open().expect("sled");
         let log = LogStore::open(&db, StorageWatch::offline()).expect("log store");
-        let sm = StateMachine::open(&db, StorageWatch::offline()).expect("state machine");
+        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).expect("state machine");
         Ok((dir, log, sm))
     }
 }
