@@ -311,10 +311,11 @@ async fn peer_port_with_mutual_tls() {
 /// the learner's own copy does not count. With one voter killed and another paused, only the
 /// leader takes the learner's replica at once; the push must wait for the paused voter's copy
 /// (two of three voters), not settle for the leader's plus the learner's. The command that
-/// links the blob names its holders.
+/// links the blob names its holders. Elections are slow here, so that the paused voter, back,
+/// hears the leader before its own election timer (run out during the pause) would fire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_push_through_a_learner_needs_a_quorum_of_voters() {
-    let mut cl = Cluster::start(3);
+    let mut cl = Cluster::start_with(3, "election_timeout_min_ms = 4000\nelection_timeout_max_ms = 6000\n");
     let leader = cl.leader(Duration::from_secs(20)).await;
     let dir = tempfile::tempdir().unwrap();
     let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));

@@ -132,7 +132,13 @@ impl Node {
     ) -> Node {
         let Extra { join, raft: raft_extra, cluster: cluster_extra, node: node_extra, env } = extra;
         let cfg = dir.join(format!("node{id}.toml"));
-        let mut text = format!("[node]\nid = {id}\n{node_extra}\n[raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n{raft_extra}\n[cluster]\njoin = {join}\n");
+        // quick elections unless the test sets its own timeouts
+        let elections = if raft_extra.contains("election_timeout") {
+            ""
+        } else {
+            "election_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n"
+        };
+        let mut text = format!("[node]\nid = {id}\n{node_extra}\n[raft]\nheartbeat_ms = 50\n{elections}{raft_extra}\n[cluster]\njoin = {join}\n");
         // the extra TOML first: its leading keys belong to [cluster]; tables after it are fine
         text.push_str(cluster_extra);
         for (mid, mpeer, mreg) in members {
