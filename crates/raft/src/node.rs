@@ -52,6 +52,9 @@ pub struct MetaNodeConfig {
     /// Bytes of sled's page cache (sled's own default is 1 GiB). Reads past it come from the
     /// operating system's page cache.
     pub cache_bytes: u64,
+    /// A stuck storage operation ends the whole process at once (the binary's choice; a node
+    /// run inside a test process only reports it through [`MetaNode::failed`]).
+    pub exit_on_stuck_storage: bool,
 }
 
 impl MetaNodeConfig {
@@ -71,6 +74,7 @@ impl MetaNodeConfig {
             storage_deadline: Duration::from_secs(20),
             hang_log_flush_when: None,
             cache_bytes: 32 << 20,
+            exit_on_stuck_storage: false,
         }
     }
 }
@@ -148,12 +152,18 @@ impl MetaNode {
         link: Option<Arc<dyn LeaderLink>>,
     ) -> Result<Self, StartError> {
         std::fs::create_dir_all(&cfg.dir)?;
+        // watched from the start: opening the database can hang on a wedged disk too
+        let watch = match cfg.exit_on_stuck_storage {
+            true => StorageWatch::exiting(cfg.storage_deadline),
+            false => StorageWatch::new(cfg.storage_deadline),
+        };
+        let opening = watch.enter("metadata database open");
         let db = sled::Config::new()
             .path(&cfg.dir)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cfg.cache_bytes)
             .open()?;
-        let watch = StorageWatch::new(cfg.storage_deadline);
+        drop(opening);
         let log = LogStore::open_with_fault(&db, watch.clone(), cfg.hang_log_flush_when.clone())?;
         let sm = StateMachine::open(&db, &cfg.dir, watch.clone())?;
         let snapshots = sm.snapshots();

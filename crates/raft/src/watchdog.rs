@@ -13,8 +13,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+/// Exit status of a process ended by a stuck storage operation ([`StorageWatch::exiting`]).
+pub const EXIT_STORAGE_STUCK: i32 = 75;
+
 struct Inner {
     deadline: Duration,
+    /// End the process once an operation is stuck.
+    exit: bool,
     next: AtomicU64,
     /// The storage operations in progress: what, and since when.
     ops: Mutex<HashMap<u64, (&'static str, Instant)>>,
@@ -43,8 +48,20 @@ impl Drop for Guard {
 impl StorageWatch {
     /// Starts the watching thread; it ends when the last handle is dropped.
     pub fn new(deadline: Duration) -> Self {
+        Self::start(deadline, false)
+    }
+
+    /// The same, and the watching thread itself ends the process (status
+    /// [`EXIT_STORAGE_STUCK`]) once an operation is stuck: a process whose threads are blocked
+    /// in storage may not get far enough to act on [`StorageWatch::stuck`] (a node still
+    /// opening its database, a runtime whose every worker waits on the disk).
+    pub fn exiting(deadline: Duration) -> Self {
+        Self::start(deadline, true)
+    }
+
+    fn start(deadline: Duration, exit: bool) -> Self {
         let (stuck, _) = watch::channel(None);
-        let inner = Arc::new(Inner { deadline, next: AtomicU64::new(0), ops: Mutex::new(HashMap::new()), stuck });
+        let inner = Arc::new(Inner { deadline, exit, next: AtomicU64::new(0), ops: Mutex::new(HashMap::new()), stuck });
         let weak = Arc::downgrade(&inner);
         let every = (deadline / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
         std::thread::Builder::new()
@@ -114,6 +131,12 @@ fn watch_loop(weak: Weak<Inner>, every: Duration) {
             );
             tracing::error!("{msg}");
             inner.stuck.send_replace(Some(msg));
+            if inner.exit {
+                tracing::error!(
+                    "metadata storage is stuck: the process ends now (crash-only: its data is safe to start again)"
+                );
+                std::process::exit(EXIT_STORAGE_STUCK);
+            }
             return;
         }
     }

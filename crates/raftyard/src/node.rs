@@ -77,22 +77,19 @@ impl RunningNode {
 /// the registry's drain, then the peer port and Raft, each under its own deadline.
 const STOP_DEADLINE: Duration = Duration::from_secs(50);
 
-/// Exit status of a node whose storage stopped answering.
-const EXIT_STORAGE_STUCK: i32 = 75;
-
 /// Runs a node until SIGTERM or Ctrl-C, or until it fails (then with an error, so that its
 /// supervisor starts it again). The process always ends: within [`STOP_DEADLINE`] of the
 /// signal, at once on a second signal, and at once when its storage is stuck (threads blocked
 /// in it would hold an orderly stop for ever; what was acknowledged is on disk already).
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let node = start(cfg).await?;
+    let node = start_node(cfg, true).await?;
     tokio::select! {
         _ = shutdown_signal() => {}
         _ = node.stop.cancelled() => {}
     }
     if let Some(f @ Failure::Stuck(_)) = node.failure() {
         error!(failure = %f, "metadata storage is stuck: exiting now");
-        std::process::exit(EXIT_STORAGE_STUCK);
+        std::process::exit(raftyard_raft::watchdog::EXIT_STORAGE_STUCK);
     }
     tokio::select! {
         r = tokio::time::timeout(STOP_DEADLINE, node.stop()) => match r {
@@ -110,7 +107,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Opens storage, binds the ports and starts every part of a node; returns once it serves.
+/// A stuck storage operation is reported by [`RunningNode::failure`] (the process goes on).
 pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
+    start_node(cfg, false).await
+}
+
+/// [`start`]; with `exit_on_stuck_storage`, a stuck storage operation ends the process at
+/// once, even while the node is still starting (the binary's way).
+async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<RunningNode> {
     let data = cfg.node.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let blobs = Arc::new(
@@ -152,6 +156,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
     meta_cfg.backup = cfg.node.role == crate::config::Role::Backup;
     meta_cfg.storage_deadline = Duration::from_millis(cfg.raft.storage_deadline_ms);
     meta_cfg.cache_bytes = cfg.raft.cache_mib << 20;
+    meta_cfg.exit_on_stuck_storage = exit_on_stuck_storage;
     let fault = deliberate_fault()?;
     if fault == Some(DeliberateFault::HangLogFlush) {
         meta_cfg.hang_log_flush_when = Some(data.join(HANG_LOG_FLUSH_MARKER));
