@@ -363,3 +363,47 @@ async fn a_push_through_a_learner_needs_a_quorum_of_voters() {
     let voters = holders.iter().filter(|n| (1..=3).contains(*n)).count();
     assert!(voters >= 2, "blob {d} acknowledged with holders {holders:?}: {voters} voters");
 }
+
+/// A node short of disk space refuses blob writes, never reads: a blob it lacks is streamed
+/// from a peer to the client, whole or by range, without a copy kept (node 3 here is set to
+/// keep more free space than any disk has).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_short_of_space_serves_blobs_it_lacks_from_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let members: Vec<(u64, String, String)> =
+        (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()))).collect();
+    let mut nodes: Vec<Node> = members
+        .iter()
+        .rev()
+        .map(|(id, peer, reg)| {
+            let node = if *id == 3 { "min_free_mb = 100000000" } else { "" };
+            Node::start_member_with(dir.path(), *id, reg, peer, &members, &Extra { node, ..Extra::default() })
+        })
+        .collect();
+    nodes.reverse();
+    let cl = Cluster::from_nodes(dir, nodes);
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let writer = if leader == 2 { 0 } else { leader };
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let d = push_blob(&c, &cl.nodes[writer], "short/app", &data).await;
+    let short = &cl.nodes[2];
+    let r = c
+        .post(short.url(&format!("/v2/short/app/blobs/uploads/?digest={}", sha256(b"x"))))
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 507, "uploads to the node short of space are refused");
+    for _ in 0..2 {
+        let r = c.get(short.url(&format!("/v2/short/app/blobs/{d}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), d);
+    }
+    let r =
+        c.get(short.url(&format!("/v2/short/app/blobs/{d}"))).header("range", "bytes=1000-1999").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), &data[1000..2000]);
+    let hex = d.strip_prefix("sha256:").unwrap();
+    assert!(!short.data.join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "no copy kept");
+}

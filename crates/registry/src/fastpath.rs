@@ -156,7 +156,11 @@ async fn read_head<S: AsyncRead + Unpin>(
 
 async fn write_response(stream: &mut TcpStream, mut resp: Response<Body>, head: bool) -> io::Result<()> {
     let file = resp.extensions_mut().remove::<FileRange>();
-    let body = if head || file.is_some() {
+    let has_len = resp.headers().contains_key(http::header::CONTENT_LENGTH);
+    // a body of declared length is streamed after the head (a blob relayed from a peer may be
+    // gigabytes); one without (small, built in memory) is gathered to give its length
+    let stream_body = !head && file.is_none() && has_len;
+    let body = if head || file.is_some() || stream_body {
         Bytes::new()
     } else {
         resp.body_mut().collect().await.map_err(io::Error::other)?.to_bytes()
@@ -168,7 +172,6 @@ async fn write_response(stream: &mut TcpStream, mut resp: Response<Body>, head: 
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let has_len = resp.headers().contains_key(http::header::CONTENT_LENGTH);
     for (k, v) in resp.headers() {
         out.extend_from_slice(k.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -185,6 +188,14 @@ async fn write_response(stream: &mut TcpStream, mut resp: Response<Body>, head: 
     stream.write_all(&out).await?;
     if let Some(f) = file {
         send_file(stream, &f).await?;
+    }
+    if stream_body {
+        // an error mid-body ends the connection: the client sees fewer bytes than declared
+        while let Some(frame) = resp.body_mut().frame().await {
+            if let Ok(data) = frame.map_err(io::Error::other)?.into_data() {
+                stream.write_all(&data).await?;
+            }
+        }
     }
     Ok(())
 }

@@ -372,6 +372,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Nodes started by the test itself, in id order, living in `dir`.
+    pub fn from_nodes(dir: tempfile::TempDir, nodes: Vec<Node>) -> Cluster {
+        Cluster { _dir: dir, nodes }
+    }
+
     pub fn start(n: u64) -> Cluster {
         Self::start_with(n, "")
     }
