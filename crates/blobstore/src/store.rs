@@ -10,7 +10,7 @@ use futures::Stream;
 use raftyard_types::{Algorithm, Digest, Hasher, RepoName};
 use tracing::{debug, warn};
 
-use crate::upload::{write_stream, Session, UploadStatus};
+use crate::upload::{write_stream, Session, SpaceCheck, UploadStatus};
 use crate::{BlobError, Result};
 
 /// Settings of the blob store.
@@ -158,15 +158,7 @@ impl BlobStore {
         if self.cfg.min_free_bytes == 0 {
             return Ok(());
         }
-        let free = free_bytes(&self.cfg.root)?;
-        if free < self.cfg.min_free_bytes {
-            return Err(BlobError::StorageFull(format!(
-                "{} MiB free, below the reserve of {} MiB",
-                free >> 20,
-                self.cfg.min_free_bytes >> 20
-            )));
-        }
-        Ok(())
+        SpaceCheck { root: self.cfg.root.clone(), min_free: self.cfg.min_free_bytes }.check()
     }
 
     /// Starts an upload session for `repo`, hashing with `algorithm`, for `client` (a
@@ -250,7 +242,9 @@ impl BlobStore {
             }
         }
         s.last_active = Instant::now();
-        let (written, result) = write_stream(s.path.clone(), w, s.received.clone(), body).await;
+        let space = (self.cfg.min_free_bytes > 0)
+            .then(|| SpaceCheck { root: self.cfg.root.clone(), min_free: self.cfg.min_free_bytes });
+        let (written, result) = write_stream(s.path.clone(), w, s.received.clone(), space, body).await;
         s.last_active = Instant::now();
         result?;
         if let Some(len) = len {
@@ -277,8 +271,24 @@ impl BlobStore {
         let fsync = self.cfg.fsync;
         let expected = expected.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<()> {
-            // (an empty upload never wrote: its file is made here)
-            let file = crate::upload::open_for_write(&path, size)?;
+            // the session lives until the file is committed: dropping it removes the file, and
+            // a request dropped meanwhile must not have it removed under this commit
+            let _session = session;
+            let file = match size {
+                // an empty upload never wrote: its file is made here
+                0 => crate::upload::open_for_write(&path, 0)?,
+                // the file holds exactly the hashed bytes, or it is not committed
+                _ => {
+                    let f = File::options().write(true).open(&path)?;
+                    let len = f.metadata()?.len();
+                    if len != size {
+                        return Err(BlobError::Io(io::Error::other(format!(
+                            "upload file holds {len} bytes, {size} were hashed"
+                        ))));
+                    }
+                    f
+                }
+            };
             let actual = if hasher.algorithm() == expected.algorithm() {
                 hasher.finish()
             } else {

@@ -87,6 +87,26 @@ impl Drop for Session {
     }
 }
 
+/// The free-space reserve a write must leave: checked every [`WRITEBACK_EVERY`] bytes.
+pub(crate) struct SpaceCheck {
+    pub root: PathBuf,
+    pub min_free: u64,
+}
+
+impl SpaceCheck {
+    pub(crate) fn check(&self) -> Result<()> {
+        let free = crate::store::free_bytes(&self.root)?;
+        if free < self.min_free {
+            return Err(BlobError::StorageFull(format!(
+                "{} MiB free, below the reserve of {} MiB",
+                free >> 20,
+                self.min_free >> 20
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Opens a session's file for its next write: created by the first, cut back to what the
 /// hash covers (nothing past it can be there but the tail of a failed write), positioned at
 /// its end.
@@ -109,6 +129,7 @@ pub(crate) async fn write_stream<S, E>(
     path: PathBuf,
     mut written: WrittenGuard,
     received: Arc<AtomicU64>,
+    space: Option<SpaceCheck>,
     mut body: S,
 ) -> (u64, Result<()>)
 where
@@ -137,6 +158,10 @@ where
             if n - flushed >= WRITEBACK_EVERY {
                 start_writeback(&file, start + flushed, n - flushed);
                 flushed = n;
+                // a long write stops at the reserve too, not only a write that starts below it
+                if let Some(Err(e)) = space.as_ref().map(SpaceCheck::check) {
+                    return (n, Err(e));
+                }
             }
         }
         (n, Ok(()))
@@ -197,7 +222,7 @@ mod tests {
         let written = Arc::new(tokio::sync::Mutex::new(Written { hasher: Algorithm::Sha256.hasher(), size: 0 }));
         let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(vec![7u8; 1 << 20]))]);
         let received = Arc::new(AtomicU64::new(0));
-        let (n, r) = write_stream("/dev/full".into(), written.lock_owned().await, received, body).await;
+        let (n, r) = write_stream("/dev/full".into(), written.lock_owned().await, received, None, body).await;
         assert_eq!(n, 0);
         assert!(matches!(r, Err(BlobError::StorageFull(_))), "{r:?}");
     }

@@ -196,7 +196,7 @@ async fn append<B: ReqBody>(
 ) -> Result<u64, RegistryError> {
     let replicas = reg.session_replicas(id, name)?;
     let r = reg.blobs.append(id, start, len, tee(body_stream(req), replicas)).await;
-    if let Err(BlobError::Io(_)) = &r {
+    if let Err(BlobError::Io(_) | BlobError::StorageFull(_)) = &r {
         reg.abort_replicas(id).await;
     }
     r.map_err(|e| fix_range(e, name, id))
