@@ -157,7 +157,7 @@ impl MetaNode {
             true => StorageWatch::exiting(cfg.storage_deadline),
             false => StorageWatch::new(cfg.storage_deadline),
         };
-        let opening = watch.enter("metadata database open");
+        let opening = watch.enter_bulk("metadata database open");
         let db = sled::Config::new()
             .path(&cfg.dir)
             .mode(sled::Mode::HighThroughput)

@@ -521,6 +521,8 @@ impl SnapshotStore {
 
     /// The latest snapshot, if any.
     pub(crate) fn load(&self) -> std::io::Result<Option<StoredSnapshot>> {
+        // not while a snapshot is being stored: meta, file name and file belong together
+        let _l = self.lock.lock().unwrap();
         let meta = self.tree.get(SNAP_META).map_err(io)?.and_then(|m| dec::<SnapshotMeta<NodeId, NodeAddr>>(&m));
         if let (Some(meta), Some(file)) = (meta.clone(), self.tree.get(SNAP_FILE).map_err(io)?) {
             let data = std::fs::read(self.dir.join(String::from_utf8_lossy(&file).as_ref()))?;
@@ -569,6 +571,9 @@ impl SnapshotStore {
         batch.remove(SNAP_DATA);
         batch.remove(SNAP_LEGACY);
         self.tree.apply_batch(batch).map_err(io)?;
+        // durable before the earlier files go: a crash must not leave the tree naming a file
+        // that is gone
+        self.tree.flush().map_err(io)?;
         // the files of earlier snapshots go (once the tree names the new one, none is needed)
         for e in std::fs::read_dir(&self.dir)?.flatten() {
             let f = e.file_name().to_string_lossy().into_owned();
@@ -664,7 +669,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         // Copy the state now, while no entry is being applied: the snapshot is consistent. A read
         // error fails the build (a snapshot missing keys would be installed as the whole state).
-        let _g = self.watch.enter("snapshot read");
+        let _g = self.watch.enter_bulk("snapshot read");
         let copy = encode_pairs(self.state.iter())
             .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
             .and_then(|data| self.read_applied().map(|(applied, membership)| (data, applied, membership)));
@@ -683,7 +688,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let sig = Some(meta.signature());
         let data = snapshot.into_inner();
         let werr = |e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e);
-        let _g = self.watch.enter("snapshot install");
+        let _g = self.watch.enter_bulk("snapshot install");
         {
             let pairs = decode_pairs(&data)
                 .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
@@ -741,7 +746,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
-        let _g = self.watch.enter("snapshot write");
+        let _g = self.watch.enter_bulk("snapshot write");
         // A snapshot installed from the leader while this one was being built may be newer:
         // the stored snapshot only ever moves forward.
         self.snap.store(&meta, &data, true).map_err(|e| werr(sled::Error::Io(e)))?;

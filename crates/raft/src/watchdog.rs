@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+/// How long an operation whose time grows with the state may take ([`StorageWatch::enter_bulk`]):
+/// a snapshot of a very large registry is written at disk speed, not in milliseconds.
+pub const BULK_DEADLINE: Duration = Duration::from_secs(1800);
+
 /// Exit status of a process ended by a stuck storage operation ([`StorageWatch::exiting`]).
 pub const EXIT_STORAGE_STUCK: i32 = 75;
 
@@ -21,8 +25,8 @@ struct Inner {
     /// End the process once an operation is stuck.
     exit: bool,
     next: AtomicU64,
-    /// The storage operations in progress: what, and since when.
-    ops: Mutex<HashMap<u64, (&'static str, Instant)>>,
+    /// The storage operations in progress: what, since when, and whether bulk.
+    ops: Mutex<HashMap<u64, (&'static str, Instant, bool)>>,
     /// Set once an operation outlived the deadline.
     stuck: watch::Sender<Option<String>>,
 }
@@ -79,8 +83,20 @@ impl StorageWatch {
 
     /// Marks the start of a storage operation named `what`; it ends when the guard drops.
     pub fn enter(&self, what: &'static str) -> Guard {
+        self.enter_as(what, false)
+    }
+
+    /// The same for an operation whose time grows with the size of the state (a snapshot read,
+    /// written or installed; opening the database): held to [`BULK_DEADLINE`] instead, and not
+    /// counted by [`StorageWatch::oldest`], so that a large snapshot neither stops a node nor
+    /// makes it unready.
+    pub fn enter_bulk(&self, what: &'static str) -> Guard {
+        self.enter_as(what, true)
+    }
+
+    fn enter_as(&self, what: &'static str, bulk: bool) -> Guard {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        self.inner.ops.lock().unwrap().insert(id, (what, Instant::now()));
+        self.inner.ops.lock().unwrap().insert(id, (what, Instant::now(), bulk));
         Guard { inner: self.inner.clone(), id }
     }
 
@@ -90,10 +106,13 @@ impl StorageWatch {
         f()
     }
 
-    /// The oldest operation in progress and its age.
+    /// The oldest operation in progress that is not bulk, and its age.
     pub fn oldest(&self) -> Option<(&'static str, Duration)> {
         let ops = self.inner.ops.lock().unwrap();
-        ops.values().min_by_key(|(_, at)| *at).map(|(what, at)| (*what, at.elapsed()))
+        ops.values()
+            .filter(|(_, _, bulk)| !bulk)
+            .min_by_key(|(_, at, _)| *at)
+            .map(|(what, at, _)| (*what, at.elapsed()))
     }
 
     /// Resolves once a storage operation outlived the deadline, with what it was.
@@ -121,13 +140,15 @@ fn watch_loop(weak: Weak<Inner>, every: Duration) {
         }
         let late = {
             let ops = inner.ops.lock().unwrap();
-            ops.values().filter(|(_, at)| at.elapsed() > inner.deadline).min_by_key(|(_, at)| *at).copied()
+            let limit = |bulk: bool| if bulk { BULK_DEADLINE.max(inner.deadline) } else { inner.deadline };
+            ops.values().filter(|(_, at, bulk)| at.elapsed() > limit(*bulk)).min_by_key(|(_, at, _)| *at).copied()
         };
-        if let Some((what, at)) = late {
+        if let Some((what, at, bulk)) = late {
+            let deadline = if bulk { BULK_DEADLINE.max(inner.deadline) } else { inner.deadline };
             let msg = format!(
                 "storage operation {what:?} has not completed after {:.1} s (deadline {:.1} s)",
                 at.elapsed().as_secs_f64(),
-                inner.deadline.as_secs_f64()
+                deadline.as_secs_f64()
             );
             tracing::error!("{msg}");
             inner.stuck.send_replace(Some(msg));
@@ -161,5 +182,17 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
         assert!(w.is_stuck());
         drop(hang);
+    }
+
+    #[tokio::test]
+    async fn a_bulk_operation_has_a_long_deadline_and_does_not_count_as_slow() {
+        let w = StorageWatch::new(Duration::from_millis(100));
+        let bulk = w.enter_bulk("snapshot write");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!w.is_stuck(), "a bulk operation past the ordinary deadline is not stuck");
+        assert!(w.oldest().is_none(), "nor slow for readiness");
+        let _quick = w.enter("apply");
+        assert_eq!(w.oldest().map(|(what, _)| what), Some("apply"));
+        drop(bulk);
     }
 }
