@@ -122,7 +122,7 @@ impl LagMonitor {
         f.rpo_ms = if f.rpo_known { now_ms().saturating_sub(self.t_safe_ms) } else { 0 };
 
         // the blobs still to fetch, from the index (no scan of every placement)
-        self.missing.refresh();
+        self.missing.refresh_off_runtime().await;
         let (count, bytes, oldest) = self.missing.figures();
         f.blobs_missing = count;
         f.blob_bytes_missing = bytes;

@@ -81,6 +81,13 @@ impl Missing {
         }
     }
 
+    /// [`Missing::refresh`] on a blocking thread: the first one stats every blob the registry
+    /// knows, and any one reads the journal from disk.
+    pub async fn refresh_off_runtime(&self) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.refresh()).await;
+    }
+
     /// Re-checks one blob after this node fetched it (or failed to).
     pub fn resolve(&self, d: &Digest) {
         let mut inner = self.inner.lock().unwrap();

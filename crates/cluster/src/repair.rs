@@ -52,7 +52,7 @@ impl RepairWorker {
         tokio::spawn(async move {
             loop {
                 let applied = self.meta.reader().applied_index();
-                self.missing.refresh();
+                self.missing.refresh_off_runtime().await;
                 let worked = self.round().await;
                 // the next backoff expiry, if sooner than the idle pause
                 let now = Instant::now();
