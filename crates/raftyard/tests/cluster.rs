@@ -369,19 +369,10 @@ async fn a_push_through_a_learner_needs_a_quorum_of_voters() {
 /// keep more free space than any disk has).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_short_of_space_serves_blobs_it_lacks_from_a_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    let members: Vec<(u64, String, String)> =
-        (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()))).collect();
-    let mut nodes: Vec<Node> = members
-        .iter()
-        .rev()
-        .map(|(id, peer, reg)| {
-            let node = if *id == 3 { "min_free_mb = 100000000" } else { "" };
-            Node::start_member_with(dir.path(), *id, reg, peer, &members, &Extra { node, ..Extra::default() })
-        })
-        .collect();
-    nodes.reverse();
-    let cl = Cluster::from_nodes(dir, nodes);
+    let cl = Cluster::start_each(3, |id| Extra {
+        node: if id == 3 { "min_free_mb = 100000000" } else { "" },
+        ..Extra::default()
+    });
     let leader = cl.leader(Duration::from_secs(20)).await;
     let c = client();
     let writer = if leader == 2 { 0 } else { leader };

@@ -11,20 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Three members on fixed ports; node 3 runs with `env`, every node with `raft` in `[raft]`.
-fn cluster_with(dir: &std::path::Path, raft: &str, env3: &[(&str, &str)]) -> Vec<Node> {
-    let members: Vec<(u64, String, String)> =
-        (1..=3).map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()))).collect();
-    let mut nodes: Vec<Node> = members
-        .iter()
-        .rev()
-        .map(|(id, peer, reg)| {
-            let env = if *id == 3 { env3 } else { &[] };
-            Node::start_member_with(dir, *id, reg, peer, &members, &Extra { raft, env, ..Extra::default() })
-        })
-        .collect();
-    nodes.reverse();
-    nodes
+/// Three members; node 3 runs with `env3`, every node with `raft` in `[raft]`.
+fn cluster_with<'a>(raft: &'a str, env3: &'a [(&'a str, &'a str)]) -> Cluster {
+    Cluster::start_each(3, |id| Extra { raft, env: if id == 3 { env3 } else { &[] }, ..Extra::default() })
 }
 
 async fn wait_ready(n: &Node, want: bool, timeout: Duration) -> String {
@@ -72,11 +61,11 @@ async fn leader_not_3(nodes: &mut [Node]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_whose_log_flush_hangs_exits_and_comes_back_clean() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster_with(dir.path(), "storage_deadline_ms = 2000\n", &[("RAFTYARD_FAULT", "hang-log-flush")]);
+    let mut cl = cluster_with("storage_deadline_ms = 2000\n", &[("RAFTYARD_FAULT", "hang-log-flush")]);
+    let nodes = &mut cl.nodes;
     let c = client();
-    let leader = leader_not_3(&mut nodes).await;
-    for n in &nodes {
+    let leader = leader_not_3(nodes).await;
+    for n in nodes.iter() {
         wait_ready(n, true, Duration::from_secs(20)).await;
     }
     let before = push_image(&c, &nodes[leader], "failstop/app", "before", b"before").await;
@@ -106,7 +95,7 @@ async fn a_node_whose_log_flush_hangs_exits_and_comes_back_clean() {
     for (tag, d) in &during {
         pull_image(&c, &nodes[2], "failstop/app", tag, d).await;
     }
-    let leader = leader_of(&nodes).await;
+    let leader = leader_of(nodes).await;
     let after = push_image(&c, &nodes[leader], "failstop/app", "after", b"after").await;
     pull_image(&c, &nodes[2], "failstop/app", "after", &after).await;
 
@@ -122,11 +111,11 @@ async fn a_node_whose_log_flush_hangs_exits_and_comes_back_clean() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_ends_a_node_whose_storage_hangs() {
-    let dir = tempfile::tempdir().unwrap();
     // a deadline far away: only SIGTERM can end it here
-    let mut nodes = cluster_with(dir.path(), "storage_deadline_ms = 600000\n", &[("RAFTYARD_FAULT", "hang-log-flush")]);
+    let mut cl = cluster_with("storage_deadline_ms = 600000\n", &[("RAFTYARD_FAULT", "hang-log-flush")]);
+    let nodes = &mut cl.nodes;
     let c = client();
-    let leader = leader_not_3(&mut nodes).await;
+    let leader = leader_not_3(nodes).await;
     wait_ready(&nodes[2], true, Duration::from_secs(20)).await;
     std::fs::write(nodes[2].data.join("hang-log-flush"), b"").unwrap();
     push_image(&c, &nodes[leader], "failstop/term", "a", b"a").await;

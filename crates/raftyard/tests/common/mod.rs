@@ -372,8 +372,19 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Nodes started by the test itself, in id order, living in `dir`.
-    pub fn from_nodes(dir: tempfile::TempDir, nodes: Vec<Node>) -> Cluster {
+    /// Members 1..=n on fixed loopback ports, each started with what `extra(id)` gives (the
+    /// lowest id last, so that it initialises the cluster once the others listen).
+    pub fn start_each<'a>(n: u64, extra: impl Fn(u64) -> Extra<'a>) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<(u64, String, String)> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut nodes: Vec<Node> = members
+            .iter()
+            .rev()
+            .map(|(id, peer, reg)| Node::start_member_with(dir.path(), *id, reg, peer, &members, &extra(*id)))
+            .collect();
+        nodes.reverse();
         Cluster { _dir: dir, nodes }
     }
 
