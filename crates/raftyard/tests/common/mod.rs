@@ -403,28 +403,8 @@ impl Cluster {
     }
 
     pub fn start_configured(n: u64, raft_extra: &str, cluster_extra: impl Fn(u64) -> String) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let members: Vec<(u64, String, String)> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port())))
-            .collect();
-        // start in reverse so that the initialising node (lowest id) comes up last
-        let mut nodes: Vec<Node> = members
-            .iter()
-            .rev()
-            .map(|(id, peer, reg)| {
-                let extra = cluster_extra(*id);
-                Node::start_member_with(
-                    dir.path(),
-                    *id,
-                    reg,
-                    peer,
-                    &members,
-                    &Extra { join: false, raft: raft_extra, cluster: &extra, ..Extra::default() },
-                )
-            })
-            .collect();
-        nodes.reverse();
-        Cluster { _dir: dir, nodes }
+        let extras: Vec<String> = (1..=n).map(cluster_extra).collect();
+        Self::start_each(n, |id| Extra { raft: raft_extra, cluster: &extras[id as usize - 1], ..Extra::default() })
     }
 
     /// Waits until every running node answers `/v2/_raftyard/ready` with 200 (and so takes the
