@@ -227,7 +227,12 @@ impl MetaNode {
 
     /// Whether this node is a backup now: started as one and not a voter.
     pub fn is_backup(&self) -> bool {
-        self.backup && !self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.id)
+        self.backup && !self.is_voter()
+    }
+
+    /// Whether this node votes in the current membership.
+    pub fn is_voter(&self) -> bool {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.id)
     }
 
     /// Waits until some node is leader (and this node knows it), up to `timeout`.

@@ -335,9 +335,7 @@ fn spawn_readiness(reg: Arc<Registry>, stop: CancellationToken) -> tokio::sync::
     tokio::spawn(async move {
         let mut failing_since: Option<tokio::time::Instant> = None;
         loop {
-            let me = reg.meta().id();
-            let voter = reg.meta().members().iter().any(|(id, _, v)| *id == me && *v);
-            let reason = match voter {
+            let reason = match reg.meta().is_voter() {
                 true => reg.not_ready().await,
                 false => Some("not a voter".to_string()),
             };

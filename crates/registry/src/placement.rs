@@ -30,10 +30,8 @@ impl Registry {
     /// write quorum counts voters' copies only, this node's only if it votes (a learner that
     /// takes a push does not make up for a voter's copy).
     fn replicas_needed(&self) -> usize {
-        let members = self.meta.members();
-        let voters = members.iter().filter(|(_, _, v)| *v).count().max(1);
-        let me_votes = members.iter().any(|(id, _, v)| *id == self.meta.id() && *v);
-        self.write_quorum(voters).saturating_sub(usize::from(me_votes))
+        let voters = self.meta.members().iter().filter(|(_, _, v)| *v).count().max(1);
+        self.write_quorum(voters).saturating_sub(usize::from(self.meta.is_voter()))
     }
 
     /// The other voters: where new blobs go. Learners (backups) fetch theirs afterwards, so a
