@@ -395,6 +395,9 @@ async fn a_node_short_of_space_serves_blobs_it_lacks_from_a_peer() {
         c.get(short.url(&format!("/v2/short/app/blobs/{d}"))).header("range", "bytes=1000-1999").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), &data[1000..2000]);
+    let r = c.head(short.url(&format!("/v2/short/app/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], data.len().to_string().as_str());
     let hex = d.strip_prefix("sha256:").unwrap();
     assert!(!short.data.join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "no copy kept");
 }

@@ -153,13 +153,14 @@ impl Registry {
     /// Where the bytes of a blob this node serves come from: its own copy, fetched first from
     /// a holder if it lacks one (and the placement recorded); or, when this node is short of
     /// disk space, straight from a peer without a copy kept — a full disk refuses writes, never
-    /// reads. `range` is the part to serve (start, length) of the blob's `size` bytes.
+    /// reads. `range` is the part to serve (start, length) of the blob's `size` bytes; `None`
+    /// for a `HEAD`, which needs no bytes (and opens no stream to a peer).
     pub(crate) async fn locate(
         &self,
         repo: &RepoName,
         digest: &Digest,
         size: u64,
-        range: (u64, u64),
+        range: Option<(u64, u64)>,
     ) -> Result<BlobSource, RegistryError> {
         if self.blobs.stat(digest).is_some() {
             return Ok(BlobSource::Local);
@@ -167,8 +168,7 @@ impl Registry {
         let me = self.meta.id();
         let holders: Vec<u64> = self.meta.reader().blob_info(digest)?.map(|i| i.holders).unwrap_or_default();
         let sources = raftyard_cluster::blobs::fetch_sources(&self.meta.members(), me, &holders);
-        let space = self.blobs.check_space();
-        if space.is_ok() {
+        if self.blobs.check_space().is_ok() {
             match self.peers.fetch(repo, digest, &sources).await {
                 Ok(size) => {
                     info!(%digest, size, "blob fetched from a peer");
@@ -185,8 +185,8 @@ impl Registry {
                 Err(e) => return Err(RegistryError::Unavailable(e.to_string())),
             }
         }
+        let Some((start, len)) = range else { return Ok(BlobSource::Peer(crate::body::empty())) };
         debug!(%digest, "short of disk space: serving the blob from a peer without keeping it");
-        let (start, len) = range;
         let rx = self
             .peers
             .stream(digest, &sources, start, len, size)

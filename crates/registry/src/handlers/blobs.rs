@@ -82,7 +82,7 @@ pub(crate) async fn get(
         None => (StatusCode::OK, 0, size),
     };
     let mut resp = Response::new(empty());
-    match reg.locate(name, &digest, size, (start, len)).await? {
+    match reg.locate(name, &digest, size, (!head).then_some((start, len))).await? {
         BlobSource::Local => {
             let (file, stored) = reg.blobs.open_blob(&digest)?;
             if stored != size {
@@ -92,11 +92,7 @@ pub(crate) async fn get(
                 resp.extensions_mut().insert(FileRange { file: Arc::new(file), offset: start, len });
             }
         }
-        BlobSource::Peer(body) => {
-            if !head {
-                *resp.body_mut() = body;
-            }
-        }
+        BlobSource::Peer(body) => *resp.body_mut() = body,
     }
     *resp.status_mut() = status;
     let h = resp.headers_mut();
