@@ -155,10 +155,13 @@ impl BlobStore {
 
     /// Fails with [`BlobError::StorageFull`] while free space is below the reserve.
     pub fn check_space(&self) -> Result<()> {
-        if self.cfg.min_free_bytes == 0 {
-            return Ok(());
-        }
-        SpaceCheck { root: self.cfg.root.clone(), min_free: self.cfg.min_free_bytes }.check()
+        self.space_check().map_or(Ok(()), |c| c.check())
+    }
+
+    /// The free-space reserve writes must leave, if one is configured.
+    fn space_check(&self) -> Option<SpaceCheck> {
+        (self.cfg.min_free_bytes > 0)
+            .then(|| SpaceCheck { root: self.cfg.root.clone(), min_free: self.cfg.min_free_bytes })
     }
 
     /// Starts an upload session for `repo`, hashing with `algorithm`, for `client` (a
@@ -242,9 +245,7 @@ impl BlobStore {
             }
         }
         s.last_active = Instant::now();
-        let space = (self.cfg.min_free_bytes > 0)
-            .then(|| SpaceCheck { root: self.cfg.root.clone(), min_free: self.cfg.min_free_bytes });
-        let (written, result) = write_stream(s.path.clone(), w, s.received.clone(), space, body).await;
+        let (written, result) = write_stream(s.path.clone(), w, s.received.clone(), self.space_check(), body).await;
         s.last_active = Instant::now();
         result?;
         if let Some(len) = len {
