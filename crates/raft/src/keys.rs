@@ -12,6 +12,11 @@
 //! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
 //! | `R/` | repo | empty: the repository exists (catalog) |
 //! | `j/` | index (u64 BE) | versioned journal entry |
+//! | `a/u/` | user name | [`raftyard_types::access::UserRecord`] |
+//! | `a/r/` | robot token id | [`raftyard_types::access::RobotRecord`] |
+//! | `a/g/` | subject key `\0` pattern | [`raftyard_types::access::Actions`] |
+//! | `a/keys` | | token signing keys, oldest first |
+//! | `a/version` | | u64 BE: bumped by every change of who may do what |
 
 pub const APPLIED: &[u8] = b"m/applied";
 /// Version of the state's layout (u32 BE); absent: 1, before the `L/` index.
@@ -76,6 +81,27 @@ pub fn journal(index: u64) -> Vec<u8> {
     k
 }
 pub const JOURNAL: &[u8] = b"j/";
+
+pub const USERS: &[u8] = b"a/u/";
+pub fn user(name: &str) -> Vec<u8> {
+    join(USERS, &[name])
+}
+pub const ROBOTS: &[u8] = b"a/r/";
+pub fn robot(id: &str) -> Vec<u8> {
+    join(ROBOTS, &[id])
+}
+pub const GRANTS: &[u8] = b"a/g/";
+pub fn grant(subject: &str, repos: &str) -> Vec<u8> {
+    join(GRANTS, &[subject, repos])
+}
+/// Prefix of the grants of one subject.
+pub fn grants_of(subject: &str) -> Vec<u8> {
+    let mut k = join(GRANTS, &[subject]);
+    k.push(0);
+    k
+}
+pub const SIGNING_KEYS: &[u8] = b"a/keys";
+pub const ACCESS_VERSION: &[u8] = b"a/version";
 
 /// The part of `key` after `prefix`, as UTF-8.
 pub fn suffix<'a>(key: &'a [u8], prefix: &[u8]) -> &'a str {

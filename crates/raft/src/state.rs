@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
+use raftyard_types::access::{AccessState, Actions, Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord, KEYS_KEPT};
 use raftyard_types::event::VersionedJournalEntry;
 use raftyard_types::{Command, Digest, Event, JournalEntry, Outcome, Rejection, RepoName, Tag};
 use serde::{Deserialize, Serialize};
@@ -228,7 +229,95 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 tx.del(keys::blob(&d.to_string()));
             }
         }
+        ev => return apply_access_event(tx, ev),
     }
+    Ok(Ok(()))
+}
+
+/// Applies a change of who may do what, and bumps the access version that caches watch.
+fn apply_access_event(tx: &mut Tx, ev: &Event) -> Result<Result<(), Rejection>, sled::Error> {
+    match ev {
+        Event::UserPut { name, record, replace } => {
+            let k = keys::user(name);
+            if !replace && tx.has(&k)? {
+                return Ok(Err(Rejection::UserExists(name.clone())));
+            }
+            tx.put(k, enc(record));
+        }
+        Event::UserPassword { name, password_hash } => {
+            let k = keys::user(name);
+            let Some(mut u) = tx.get(&k)?.and_then(|v| dec::<UserRecord>(&v)) else {
+                return Ok(Err(Rejection::UserUnknown(name.clone())));
+            };
+            u.password_hash = password_hash.clone();
+            tx.put(k, enc(&u));
+        }
+        Event::UserRemoved { name } => {
+            let k = keys::user(name);
+            if !tx.has(&k)? {
+                return Ok(Err(Rejection::UserUnknown(name.clone())));
+            }
+            tx.del(k);
+            for (k, _) in tx.scan(&keys::grants_of(&Subject::User(name.clone()).key()))? {
+                tx.del(k);
+            }
+        }
+        Event::GrantAdded(g) => {
+            let k = keys::grant(&g.subject.key(), g.repos.as_str());
+            let had = tx.get(&k)?.and_then(|v| dec::<Actions>(&v)).unwrap_or_default();
+            tx.put(k, enc(&had.union(g.actions)));
+        }
+        Event::GrantRevoked { subject, repos, actions } => {
+            let k = keys::grant(&subject.key(), repos.as_str());
+            let Some(had) = tx.get(&k)?.and_then(|v| dec::<Actions>(&v)) else {
+                return Ok(Err(Rejection::GrantUnknown));
+            };
+            let left = had.without(*actions);
+            if left.is_empty() {
+                tx.del(k);
+            } else {
+                tx.put(k, enc(&left));
+            }
+        }
+        Event::RobotAdded { id, record } => {
+            tx.put(keys::robot(id), enc(record));
+        }
+        Event::RobotRevoked { id } => {
+            let k = keys::robot(id);
+            if !tx.has(&k)? {
+                return Ok(Err(Rejection::RobotUnknown(id.clone())));
+            }
+            tx.del(k);
+            for (k, _) in tx.scan(&keys::grants_of(&Subject::Robot(id.clone()).key()))? {
+                tx.del(k);
+            }
+        }
+        Event::RobotUsed { id, at_ms } => {
+            // bookkeeping only: does not change what anyone may do, so no version bump
+            let k = keys::robot(id);
+            if let Some(mut r) = tx.get(&k)?.and_then(|v| dec::<RobotRecord>(&v)) {
+                if r.last_used_ms.map_or(true, |t| t < *at_ms) {
+                    r.last_used_ms = Some(*at_ms);
+                    tx.put(k, enc(&r));
+                }
+            }
+            return Ok(Ok(()));
+        }
+        Event::SigningKeyAdded { key, only_if_none } => {
+            let mut all: Vec<SigningKey> =
+                tx.get(keys::SIGNING_KEYS)?.and_then(|v| dec(&v)).unwrap_or_default();
+            if *only_if_none && !all.is_empty() {
+                return Ok(Ok(()));
+            }
+            all.push(key.clone());
+            let drop = all.len().saturating_sub(KEYS_KEPT);
+            all.drain(..drop);
+            tx.put(keys::SIGNING_KEYS.to_vec(), enc(&all));
+        }
+        _ => unreachable!("apply_event handles every other event"),
+    }
+    let v = tx.get(keys::ACCESS_VERSION)?.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(u64::from_be_bytes);
+    tx.put(keys::ACCESS_VERSION.to_vec(), (v.unwrap_or(0) + 1).to_be_bytes().to_vec());
     Ok(Ok(()))
 }
 
@@ -370,6 +459,51 @@ impl StateReader {
             }
         }
         Ok(out)
+    }
+
+    /// Bumped by every applied change of who may do what: a cache of [`Self::access`] is
+    /// current while this has not moved.
+    pub fn access_version(&self) -> std::io::Result<u64> {
+        Ok(self
+            .tree
+            .get(keys::ACCESS_VERSION)
+            .map_err(io)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Every user, robot token, grant and signing key, with the access version they are at.
+    pub fn access(&self) -> std::io::Result<(u64, AccessState)> {
+        // one consistent view: re-read if an apply moved the version meanwhile
+        loop {
+            let v = self.access_version()?;
+            let mut s = AccessState::default();
+            for kv in self.tree.scan_prefix(keys::USERS) {
+                let (k, val) = kv.map_err(io)?;
+                if let Some(u) = dec::<UserRecord>(&val) {
+                    s.users.insert(keys::suffix(&k, keys::USERS).to_string(), u);
+                }
+            }
+            for kv in self.tree.scan_prefix(keys::ROBOTS) {
+                let (k, val) = kv.map_err(io)?;
+                if let Some(r) = dec::<RobotRecord>(&val) {
+                    s.robots.insert(keys::suffix(&k, keys::ROBOTS).to_string(), r);
+                }
+            }
+            for kv in self.tree.scan_prefix(keys::GRANTS) {
+                let (k, val) = kv.map_err(io)?;
+                let Some((subject, repos)) = keys::suffix(&k, keys::GRANTS).split_once('\0') else { continue };
+                if let (Some(subject), Ok(repos), Some(actions)) =
+                    (Subject::parse_key(subject), RepoGlob::parse(repos), dec::<Actions>(&val))
+                {
+                    s.grants.push(Grant { subject, repos, actions });
+                }
+            }
+            s.keys = self.tree.get(keys::SIGNING_KEYS).map_err(io)?.and_then(|v| dec(&v)).unwrap_or_default();
+            if self.access_version()? == v {
+                return Ok((v, s));
+            }
+        }
     }
 
     /// The latest journal entry (the last command applied here), if any.

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord};
 use crate::digest::Digest;
 use crate::name::{RepoName, Tag};
 
@@ -71,6 +72,52 @@ pub enum Event {
         digests: Vec<Digest>,
         as_of: u64,
     },
+    /// A user of the cluster state is created (`replace`: or replaced; otherwise rejected if
+    /// it exists).
+    UserPut {
+        name: String,
+        record: UserRecord,
+        replace: bool,
+    },
+    /// A user's password hash changes.
+    UserPassword {
+        name: String,
+        password_hash: String,
+    },
+    /// A user goes, and every grant naming it.
+    UserRemoved {
+        name: String,
+    },
+    /// Adds actions to what a subject may do on the repositories a pattern matches.
+    GrantAdded(Grant),
+    /// Takes actions away from a subject's grant on exactly this pattern (the grant goes when
+    /// none are left).
+    GrantRevoked {
+        subject: Subject,
+        repos: RepoGlob,
+        actions: crate::access::Actions,
+    },
+    /// A robot token is created (its grants travel as `GrantAdded` in the same command).
+    RobotAdded {
+        id: String,
+        record: RobotRecord,
+    },
+    /// A robot token goes, and every grant naming it.
+    RobotRevoked {
+        id: String,
+    },
+    /// A robot token was used (recorded at most about once a minute per node).
+    RobotUsed {
+        id: String,
+        at_ms: u64,
+    },
+    /// A new token signing key becomes the current one; only the newest
+    /// [`crate::access::KEYS_KEPT`] are kept. With `only_if_none`, applies only while the
+    /// cluster has no key (the first one, made by whichever leader gets there first).
+    SigningKeyAdded {
+        key: SigningKey,
+        only_if_none: bool,
+    },
 }
 
 impl Event {
@@ -85,6 +132,21 @@ impl Event {
             | Event::ManifestDeleted { repo, .. } => Some(repo),
             _ => None,
         }
+    }
+
+    /// Whether the event changes who may do what (users, grants, tokens, keys).
+    pub fn is_access(&self) -> bool {
+        matches!(
+            self,
+            Event::UserPut { .. }
+                | Event::UserPassword { .. }
+                | Event::UserRemoved { .. }
+                | Event::GrantAdded(_)
+                | Event::GrantRevoked { .. }
+                | Event::RobotAdded { .. }
+                | Event::RobotRevoked { .. }
+                | Event::SigningKeyAdded { .. }
+        )
     }
 
     /// A JSON view for the event stream: manifest bytes are summarised by their size.
@@ -117,6 +179,24 @@ impl Event {
             Event::BlobsSwept { digests, as_of } => {
                 json!({"type":"BlobsSwept","digests":digests,"asOf":as_of})
             }
+            // secrets (password hashes, token hashes, keys) never leave through the journal view
+            Event::UserPut { name, record, replace } => {
+                json!({"type":"UserPut","user":name,"admin":record.admin,"groups":record.groups,"replace":replace})
+            }
+            Event::UserPassword { name, .. } => json!({"type":"UserPassword","user":name}),
+            Event::UserRemoved { name } => json!({"type":"UserRemoved","user":name}),
+            Event::GrantAdded(g) => {
+                json!({"type":"GrantAdded","subject":g.subject.key(),"repos":g.repos,"actions":g.actions.names()})
+            }
+            Event::GrantRevoked { subject, repos, actions } => {
+                json!({"type":"GrantRevoked","subject":subject.key(),"repos":repos,"actions":actions.names()})
+            }
+            Event::RobotAdded { id, record } => {
+                json!({"type":"RobotAdded","id":id,"name":record.name,"expires":record.expires_ms})
+            }
+            Event::RobotRevoked { id } => json!({"type":"RobotRevoked","id":id}),
+            Event::RobotUsed { id, at_ms } => json!({"type":"RobotUsed","id":id,"at":at_ms}),
+            Event::SigningKeyAdded { key, .. } => json!({"type":"SigningKeyAdded","kid":key.kid}),
         }
     }
 }
@@ -165,6 +245,14 @@ pub enum Rejection {
     ManifestUnknown,
     #[error("tag {tag} does not point at the expected manifest (now {current:?})")]
     TagConflict { tag: Tag, current: Option<Digest> },
+    #[error("no user {0:?}")]
+    UserUnknown(String),
+    #[error("user {0:?} exists")]
+    UserExists(String),
+    #[error("no robot token {0:?}")]
+    RobotUnknown(String),
+    #[error("no such grant")]
+    GrantUnknown,
 }
 
 /// The result of applying one command.

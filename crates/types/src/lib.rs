@@ -1,10 +1,11 @@
 //! Pure data types of raftyard: content digests, repository names, tags and references,
-//! manifest parsing and validation, and the metadata events kept in the Raft log.
+//! manifest parsing and validation, identities and grants with the access policy, and the metadata events kept in the Raft log.
 //!
 //! This crate owns the *vocabulary* every other crate speaks. It performs no IO and has no
 //! async code; everything here is deterministic and unit-tested on its own. It must not depend
 //! on any other raftyard crate.
 
+pub mod access;
 pub mod digest;
 pub mod event;
 pub mod manifest;

@@ -1,0 +1,629 @@
+//! Who is calling and what they may do: authentication and authorization of registry
+//! requests.
+//!
+//! Owns the credential checks (HTTP Basic against the cluster's users, an htpasswd file and
+//! robot tokens; bearer JWTs of the Docker token flow), the token issuing of the built-in
+//! token endpoint, the cache of verified credentials, and the per-address lockout. What a
+//! principal may do is decided by [`raftyard_types::access::AccessState::allowed`] over the
+//! grants in the cluster state, which this crate reads through an [`AccessSource`] and caches
+//! until the state's access version moves. It knows nothing of HTTP routing or Raft: the
+//! registry says which action a request needs, and the binary wires the source up.
+//!
+//! Threat model and modes: `docs/security.md`.
+
+pub mod htpasswd;
+pub mod lockout;
+pub mod password;
+pub mod robot;
+pub mod token;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use raftyard_types::access::{AccessState, Actions, Principal};
+use ring::rand::SecureRandom;
+use sha2::{Digest as _, Sha256};
+
+pub use token::{Claims, Scope, TokenError};
+
+/// How requests authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No authentication: every request may do everything.
+    None,
+    /// HTTP Basic on every request.
+    Basic,
+    /// The Docker token flow: bearer JWTs from the token endpoint.
+    Token,
+}
+
+/// The settings of the auth layer (built from the node's `[auth]` section).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// The Basic realm's name, or the token realm's URL. `None`: "raftyard", or for tokens the
+    /// token endpoint of the host the request was sent to (so that it works through a relay).
+    pub realm: Option<String>,
+    /// The `service` of the token flow (the tokens' audience).
+    pub service: String,
+    /// The `iss` of the tokens this cluster issues.
+    pub issuer: String,
+    /// An htpasswd file of more users.
+    pub htpasswd: Option<PathBuf>,
+    /// Lifetime of an access token.
+    pub token_ttl: Duration,
+    /// Lifetime of a refresh token (`docker login`'s identity token).
+    pub refresh_ttl: Duration,
+    /// Failed attempts a minute from one address before it is locked out (0: never).
+    pub lockout_threshold: u32,
+    pub lockout_duration: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mode: Mode::None,
+            realm: None,
+            service: "raftyard".into(),
+            issuer: "raftyard".into(),
+            htpasswd: None,
+            token_ttl: Duration::from_secs(300),
+            refresh_ttl: Duration::from_secs(30 * 86400),
+            lockout_threshold: 10,
+            lockout_duration: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where the identities and grants come from: the applied cluster state.
+pub trait AccessSource: Send + Sync + 'static {
+    /// Bumped by every change of who may do what.
+    fn version(&self) -> std::io::Result<u64>;
+    fn load(&self) -> std::io::Result<(u64, AccessState)>;
+}
+
+/// A request's caller, once its credentials were checked.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    /// For a bearer token: its claims, which bound what the request may do.
+    pub claims: Option<Claims>,
+    /// Auth is off: everything is allowed.
+    pub open: bool,
+}
+
+impl Caller {
+    pub fn open() -> Caller {
+        Caller { principal: Principal::Anonymous, claims: None, open: true }
+    }
+
+    /// What this request may do in `repo`: a bearer token's `access`, or the grants.
+    pub fn allowed(&self, state: &AccessState, repo: &str) -> Actions {
+        if self.open {
+            return Actions::ALL;
+        }
+        match &self.claims {
+            Some(c) => c.repository_actions(repo),
+            None => state.allowed(&self.principal, repo),
+        }
+    }
+
+    /// Whether `repo` appears in this caller's catalog: it may pull it under the grants.
+    pub fn may_list(&self, state: &AccessState, repo: &str) -> bool {
+        self.open || state.allowed(&self.principal, repo).contains(Actions::PULL)
+    }
+
+    pub fn is_admin(&self, state: &AccessState) -> bool {
+        self.open || state.is_admin(&self.principal)
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        !self.open && self.principal == Principal::Anonymous
+    }
+}
+
+/// Why credentials were refused. The reason goes to metrics and the audit log; the client only
+/// learns that it is unauthorized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("malformed Authorization header")]
+    Malformed,
+    #[error("unknown user or wrong password")]
+    BadPassword,
+    #[error("unknown, revoked or wrong robot token")]
+    BadRobot,
+    #[error("robot token expired")]
+    RobotExpired,
+    #[error("{0}")]
+    Token(TokenError),
+    #[error("this mode does not accept {0} credentials")]
+    WrongScheme(&'static str),
+}
+
+impl Failure {
+    /// A short label for `raftyard_auth_failures_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Malformed => "malformed",
+            Failure::BadPassword => "bad_password",
+            Failure::BadRobot => "bad_robot_token",
+            Failure::RobotExpired => "robot_token_expired",
+            Failure::Token(TokenError::Expired) => "token_expired",
+            Failure::Token(_) => "bad_token",
+            Failure::WrongScheme(_) => "wrong_scheme",
+        }
+    }
+}
+
+/// Credentials as a request carries them.
+#[derive(Clone)]
+pub enum Credentials {
+    None,
+    Basic { user: String, password: String },
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::Basic { user, .. } => write!(f, "Basic({user:?}, <password>)"),
+            Credentials::Bearer(_) => f.write_str("Bearer(<token>)"),
+        }
+    }
+}
+
+impl Credentials {
+    /// Reads the `Authorization` header.
+    pub fn from_headers(h: &http::HeaderMap) -> Result<Credentials, Failure> {
+        let Some(v) = h.get(http::header::AUTHORIZATION) else {
+            return Ok(Credentials::None);
+        };
+        let v = v.to_str().map_err(|_| Failure::Malformed)?.trim();
+        let (scheme, rest) = v.split_once(' ').ok_or(Failure::Malformed)?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("basic") {
+            let raw = base64::engine::general_purpose::STANDARD.decode(rest).map_err(|_| Failure::Malformed)?;
+            let s = String::from_utf8(raw).map_err(|_| Failure::Malformed)?;
+            let (user, password) = s.split_once(':').ok_or(Failure::Malformed)?;
+            Ok(Credentials::Basic { user: user.to_string(), password: password.to_string() })
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            Ok(Credentials::Bearer(rest.to_string()))
+        } else {
+            Err(Failure::Malformed)
+        }
+    }
+}
+
+/// How long a verified password stays trusted without a new check (a change of the state's
+/// users, or a reloaded htpasswd file, forgets it at once).
+const CRED_TTL: Duration = Duration::from_secs(300);
+const CRED_MAX: usize = 10_000;
+/// Password hashes computed at once: each costs tens of MiB and milliseconds of a core.
+const KDF_AT_ONCE: usize = 2;
+/// A robot token's use is recorded this often at most (per node).
+pub const ROBOT_USE_EVERY: Duration = Duration::from_secs(60);
+
+struct CachedCred {
+    principal: Principal,
+    version: u64,
+    at: Instant,
+}
+
+/// The auth layer of one node.
+pub struct Auth {
+    settings: Settings,
+    source: Box<dyn AccessSource>,
+    state: Mutex<Arc<(u64, AccessState)>>,
+    htpasswd: Option<htpasswd::Htpasswd>,
+    creds: Mutex<HashMap<[u8; 32], CachedCred>>,
+    /// Keys the credential cache, so that it is no dictionary for anyone reading memory.
+    cache_key: [u8; 32],
+    kdf: tokio::sync::Semaphore,
+    robots_seen: Mutex<HashMap<String, Instant>>,
+    pub lockout: lockout::Lockout,
+}
+
+/// What the token endpoint answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenReply {
+    pub token: String,
+    pub access_token: String,
+    pub expires_in: u64,
+    pub issued_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Auth {
+    pub fn new(settings: Settings, source: Box<dyn AccessSource>) -> Result<Auth, String> {
+        let htpasswd = settings.htpasswd.as_deref().map(htpasswd::Htpasswd::open).transpose()?;
+        let loaded = source.load().map_err(|e| format!("reading users and grants: {e}"))?;
+        let mut cache_key = [0u8; 32];
+        ring::rand::SystemRandom::new().fill(&mut cache_key).map_err(|_| "no random source".to_string())?;
+        Ok(Auth {
+            lockout: lockout::Lockout::new(settings.lockout_threshold, settings.lockout_duration),
+            settings,
+            source,
+            state: Mutex::new(Arc::new(loaded)),
+            htpasswd,
+            creds: Mutex::default(),
+            cache_key,
+            kdf: tokio::sync::Semaphore::new(KDF_AT_ONCE),
+            robots_seen: Mutex::default(),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.settings.mode
+    }
+
+    /// Identities and grants as applied now (reloaded when the access version moved).
+    pub fn state(&self) -> Arc<(u64, AccessState)> {
+        let cur = self.state.lock().expect("auth state lock").clone();
+        match self.source.version() {
+            Ok(v) if v == cur.0 => cur,
+            Ok(_) => match self.source.load() {
+                Ok(fresh) => {
+                    let fresh = Arc::new(fresh);
+                    *self.state.lock().expect("auth state lock") = fresh.clone();
+                    fresh
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading users and grants failed; using the last copy");
+                    cur
+                }
+            },
+            Err(_) => cur,
+        }
+    }
+
+    /// Checks the credentials. No credentials: the anonymous caller (what anonymous may do is
+    /// up to the grants). Basic credentials are accepted in every mode (the token endpoint and
+    /// admin endpoints need them); bearer tokens only in token mode.
+    pub async fn identify(&self, creds: Credentials) -> Result<Caller, Failure> {
+        if self.settings.mode == Mode::None {
+            return Ok(Caller::open());
+        }
+        match creds {
+            Credentials::None => Ok(Caller { principal: Principal::Anonymous, claims: None, open: false }),
+            Credentials::Basic { user, password } => {
+                let principal = self.check_password(&user, &password).await?;
+                Ok(Caller { principal, claims: None, open: false })
+            }
+            Credentials::Bearer(t) => {
+                if self.settings.mode != Mode::Token {
+                    return Err(Failure::WrongScheme("bearer"));
+                }
+                let claims = self.verify_token(&t, false)?;
+                Ok(Caller { principal: principal_of(&claims), claims: Some(claims), open: false })
+            }
+        }
+    }
+
+    /// A token of this cluster, with its claims.
+    pub fn verify_token(&self, t: &str, refresh: bool) -> Result<Claims, Failure> {
+        let st = self.state();
+        token::verify(&st.1.keys, t, &self.settings.issuer, &self.settings.service, refresh).map_err(Failure::Token)
+    }
+
+    /// Checks a user name and password (or robot token) against, in order: robot tokens, the
+    /// cluster's users, the htpasswd file.
+    pub async fn check_password(&self, user: &str, password: &str) -> Result<Principal, Failure> {
+        let st = self.state();
+        let (version, state) = (&st.0, &st.1);
+        if let Some(id) = robot::id_of(password) {
+            let Some(r) = state.robots.get(id) else { return Err(Failure::BadRobot) };
+            if !robot::matches(password, &r.secret_sha256) {
+                return Err(Failure::BadRobot);
+            }
+            if r.expires_ms.is_some_and(|e| e <= raftyard_types::event::now_ms()) {
+                return Err(Failure::RobotExpired);
+            }
+            return Ok(Principal::Robot { id: id.to_string(), name: r.name.clone() });
+        }
+        let key = self.cred_key(user, password);
+        let from_file = self.htpasswd.as_ref().map(|f| f.lookup(user));
+        if from_file.as_ref().is_some_and(|(_, reloaded)| *reloaded) {
+            self.creds.lock().expect("cred cache").clear();
+        }
+        if let Some(c) = self.creds.lock().expect("cred cache").get(&key) {
+            if c.version == *version && c.at.elapsed() < CRED_TTL {
+                return Ok(c.principal.clone());
+            }
+        }
+        let stored = state.users.get(user).map(|u| u.password_hash.clone()).or(from_file.and_then(|(h, _)| h));
+        let ok = {
+            let _permit = self.kdf.acquire().await.expect("the semaphore is never closed");
+            let (password, target) = (password.to_string(), stored.clone().unwrap_or_else(|| password::decoy().to_string()));
+            tokio::task::spawn_blocking(move || password::verify(&password, &target)).await.unwrap_or(false)
+        };
+        if !ok || stored.is_none() {
+            return Err(Failure::BadPassword);
+        }
+        let principal = Principal::User { name: user.to_string(), groups: vec![] };
+        let mut cache = self.creds.lock().expect("cred cache");
+        if cache.len() >= CRED_MAX {
+            cache.clear();
+        }
+        cache.insert(key, CachedCred { principal: principal.clone(), version: *version, at: Instant::now() });
+        Ok(principal)
+    }
+
+    fn cred_key(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.cache_key);
+        h.update((user.len() as u64).to_be_bytes());
+        h.update(user.as_bytes());
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Whether a use of this robot token should be recorded in the log now (at most once per
+    /// [`ROBOT_USE_EVERY`] per node).
+    pub fn robot_use_due(&self, id: &str) -> bool {
+        let mut seen = self.robots_seen.lock().expect("robot use lock");
+        let now = Instant::now();
+        match seen.get(id) {
+            Some(t) if now.duration_since(*t) < ROBOT_USE_EVERY => false,
+            _ => {
+                if seen.len() > 10_000 {
+                    seen.clear();
+                }
+                seen.insert(id.to_string(), now);
+                true
+            }
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge for a request to `host` (its `Host` header) over
+    /// `scheme`, naming the scope the request needed.
+    pub fn challenge(&self, scheme: &str, host: Option<&str>, scope: Option<&Scope>) -> String {
+        match self.settings.mode {
+            Mode::Token => {
+                let realm = match (&self.settings.realm, host) {
+                    (Some(r), _) => r.clone(),
+                    (None, Some(h)) => format!("{scheme}://{h}{TOKEN_PATH}"),
+                    (None, None) => TOKEN_PATH.to_string(),
+                };
+                let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", quote(&realm), quote(&self.settings.service));
+                if let Some(s) = scope {
+                    c.push_str(&format!(",scope=\"{}\"", quote(&s.to_header())));
+                }
+                c
+            }
+            _ => format!("Basic realm=\"{}\"", quote(self.settings.realm.as_deref().unwrap_or("raftyard"))),
+        }
+    }
+
+    /// A token for `principal` granting what it asked for and may do (the intersection), with
+    /// a refresh token when `offline`. `None` when the cluster has no signing key yet.
+    pub fn issue(&self, principal: &Principal, scopes: &[Scope], offline: bool) -> Option<TokenReply> {
+        let st = self.state();
+        let state = &st.1;
+        let key = state.signing_key()?;
+        let now = unix_now();
+        let mut access = Vec::new();
+        for s in scopes {
+            let granted: Vec<String> = match s.kind.as_str() {
+                "repository" => {
+                    let allowed = state.allowed(principal, &s.name);
+                    let asked = Actions::from_names(s.actions.iter().map(String::as_str));
+                    allowed.intersect(asked).names().into_iter().map(str::to_string).collect()
+                }
+                // the catalog is filtered by the grants, so any known caller may list it
+                "registry" if s.name == "catalog" && *principal != Principal::Anonymous => {
+                    s.actions.iter().filter(|a| *a == "*").cloned().collect()
+                }
+                _ => vec![],
+            };
+            access.push(token::Access { kind: s.kind.clone(), name: s.name.clone(), actions: granted });
+        }
+        let (sub, grp, rid) = match principal {
+            Principal::Anonymous => (String::new(), vec![], None),
+            Principal::User { name, groups } => (name.clone(), groups.clone(), None),
+            Principal::Robot { id, name } => (name.clone(), vec![], Some(id.clone())),
+        };
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            sub: sub.clone(),
+            aud: self.settings.service.clone(),
+            exp: now + self.settings.token_ttl.as_secs(),
+            nbf: now.saturating_sub(1),
+            iat: now,
+            jti: token::jti(),
+            access,
+            grp: grp.clone(),
+            rid: rid.clone(),
+            token_use: None,
+        };
+        let scope = scopes.iter().map(Scope::to_header).collect::<Vec<_>>().join(" ");
+        let t = token::sign(key, &claims);
+        let refresh_token = (offline && *principal != Principal::Anonymous).then(|| {
+            token::sign(
+                key,
+                &Claims {
+                    exp: now + self.settings.refresh_ttl.as_secs(),
+                    access: vec![],
+                    jti: token::jti(),
+                    token_use: Some("refresh".into()),
+                    ..claims.clone()
+                },
+            )
+        });
+        Some(TokenReply {
+            token: t.clone(),
+            access_token: t,
+            expires_in: self.settings.token_ttl.as_secs(),
+            issued_at: rfc3339(now),
+            refresh_token,
+            scope,
+        })
+    }
+
+    /// The principal a refresh token stands for, if it still exists: a robot must not be
+    /// revoked, a user of the cluster state must not be removed.
+    pub fn refresh(&self, t: &str) -> Result<Principal, Failure> {
+        let claims = self.verify_token(t, true)?;
+        let p = principal_of(&claims);
+        let st = self.state();
+        match &p {
+            Principal::Robot { id, .. } if !st.1.robots.contains_key(id) => Err(Failure::BadRobot),
+            Principal::User { name, .. } if self.htpasswd.is_none() && !st.1.users.contains_key(name) => {
+                Err(Failure::BadPassword)
+            }
+            _ => Ok(p),
+        }
+    }
+}
+
+/// Where every node serves the token endpoint.
+pub const TOKEN_PATH: &str = "/auth/token";
+
+fn principal_of(c: &Claims) -> Principal {
+    if let Some(id) = &c.rid {
+        return Principal::Robot { id: id.clone(), name: c.sub.clone() };
+    }
+    if c.sub.is_empty() {
+        return Principal::Anonymous;
+    }
+    Principal::User { name: c.sub.clone(), groups: c.grp.clone() }
+}
+
+fn quote(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+/// Seconds since the epoch as RFC 3339 UTC.
+fn rfc3339(secs: u64) -> String {
+    let days = secs / 86400;
+    let rem = secs % 86400;
+    // civil from days (Howard Hinnant's algorithm)
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftyard_types::access::{Grant, RepoGlob, RobotRecord, Subject, UserRecord};
+
+    struct Fixed(Mutex<(u64, AccessState)>);
+    impl AccessSource for Arc<Fixed> {
+        fn version(&self) -> std::io::Result<u64> {
+            Ok(self.0.lock().unwrap().0)
+        }
+        fn load(&self) -> std::io::Result<(u64, AccessState)> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    fn setup(mode: Mode) -> (Auth, Arc<Fixed>, String) {
+        let mut s = AccessState::default();
+        s.users.insert(
+            "alice".into(),
+            UserRecord { password_hash: password::hash("pw"), admin: false, groups: vec![], created_ms: 0 },
+        );
+        s.grants.push(Grant {
+            subject: Subject::User("alice".into()),
+            repos: RepoGlob::parse("team/**").unwrap(),
+            actions: Actions::PULL.union(Actions::PUSH),
+        });
+        let (id, secret, hash) = robot::generate();
+        s.robots.insert(
+            id.clone(),
+            RobotRecord { name: "ci".into(), secret_sha256: hash, expires_ms: None, created_ms: 0, last_used_ms: None },
+        );
+        s.grants.push(Grant {
+            subject: Subject::Robot(id),
+            repos: RepoGlob::parse("ci/*").unwrap(),
+            actions: Actions::PULL,
+        });
+        s.keys.push(token::new_signing_key(0));
+        let src = Arc::new(Fixed(Mutex::new((1, s))));
+        let auth = Auth::new(Settings { mode, ..Settings::default() }, Box::new(src.clone())).unwrap();
+        (auth, src, secret)
+    }
+
+    fn basic(u: &str, p: &str) -> Credentials {
+        Credentials::Basic { user: u.into(), password: p.into() }
+    }
+
+    #[tokio::test]
+    async fn passwords_robots_and_cache() {
+        let (auth, src, secret) = setup(Mode::Basic);
+        let c = auth.identify(basic("alice", "pw")).await.unwrap();
+        assert_eq!(c.allowed(&auth.state().1, "team/app"), Actions::PULL.union(Actions::PUSH));
+        assert_eq!(auth.identify(basic("alice", "nope")).await.unwrap_err(), Failure::BadPassword);
+        assert_eq!(auth.identify(basic("mallory", "pw")).await.unwrap_err(), Failure::BadPassword);
+        let r = auth.identify(basic("anything", &secret)).await.unwrap();
+        assert!(matches!(r.principal, Principal::Robot { ref name, .. } if name == "ci"));
+        assert_eq!(r.allowed(&auth.state().1, "ci/x"), Actions::PULL);
+        let mut bad = secret.clone();
+        bad.replace_range(secret.len() - 4.., "AAAA");
+        assert_eq!(auth.identify(basic("x", &bad)).await.unwrap_err(), Failure::BadRobot);
+        // a password change (a new access version) forgets the cached credential at once
+        {
+            let mut g = src.0.lock().unwrap();
+            g.0 += 1;
+            g.1.users.get_mut("alice").unwrap().password_hash = password::hash("new");
+        }
+        assert_eq!(auth.identify(basic("alice", "pw")).await.unwrap_err(), Failure::BadPassword);
+        assert!(auth.identify(basic("alice", "new")).await.is_ok());
+        assert!(auth.identify(Credentials::None).await.unwrap().is_anonymous());
+        assert_eq!(
+            auth.identify(Credentials::Bearer("x".into())).await.unwrap_err(),
+            Failure::WrongScheme("bearer")
+        );
+    }
+
+    #[tokio::test]
+    async fn issued_tokens_grant_the_intersection() {
+        let (auth, _, _) = setup(Mode::Token);
+        let alice = Principal::User { name: "alice".into(), groups: vec![] };
+        let scopes = vec![
+            Scope::parse("repository:team/app:pull,push,delete").unwrap(),
+            Scope::parse("repository:other:pull").unwrap(),
+        ];
+        let reply = auth.issue(&alice, &scopes, true).unwrap();
+        let c = auth.identify(Credentials::Bearer(reply.token.clone())).await.unwrap();
+        let st = auth.state();
+        assert_eq!(c.allowed(&st.1, "team/app"), Actions::PULL.union(Actions::PUSH), "delete was not granted");
+        assert_eq!(c.allowed(&st.1, "other"), Actions::NONE);
+        assert_eq!(c.allowed(&st.1, "team/b"), Actions::NONE, "only what the token names");
+        let refresh = reply.refresh_token.unwrap();
+        assert_eq!(auth.refresh(&refresh).unwrap(), alice);
+        assert!(auth.identify(Credentials::Bearer(refresh)).await.is_err(), "a refresh token is no access token");
+        assert!(auth.challenge("https", Some("reg.example:443"), Some(&scopes[0])).starts_with(
+            "Bearer realm=\"https://reg.example:443/auth/token\",service=\"raftyard\",scope=\"repository:team/app:pull,push,delete\""
+        ));
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_996_800), "2026-11-30T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
+}
