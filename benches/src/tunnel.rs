@@ -476,7 +476,7 @@ fn setup(args: &Args, dir: &Path) -> Result<Setup> {
     std::fs::write(
         &node_cfg,
         format!(
-            "[node]\nid = 1\ndata_dir = {:?}\n[registry]\nlisten = \"{reg}\"\n[cluster]\nlisten = \"127.0.0.1:0\"\n[[tunnel.relay]]\n{}",
+            "[node]\nid = 1\ndata_dir = {:?}\n[registry]\nlisten = \"{reg}\"\n[cluster]\nlisten = \"127.0.0.1:0\"\n[auth]\nmode = \"none\"\n[[tunnel.relay]]\n{}",
             dir.join("node-data"),
             link(ctl, true, 4)
         ),

@@ -85,6 +85,9 @@ listen = "127.0.0.1:500$n"
 listen = "127.0.0.1:510$n"
 $(for m in "${nodes[@]}"; do printf '\n[[cluster.members]]\nid = %s\npeer = "127.0.0.1:510%s"\nregistry = "127.0.0.1:500%s"\n' "$m" "$m" "$m"; done)
 
+[auth]
+mode = "none"
+
 [[tunnel.relay]]
 address = "127.0.0.1:7000"
 ca = "$(realpath "$r")/tls/ca.pem"

@@ -33,7 +33,10 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, String> {
             return Err(format!("line {}: not user:hash", i + 1));
         };
         if !crate::password::well_formed(hash) {
-            return Err(format!("line {} (user {user:?}): only bcrypt (htpasswd -B) or argon2 hashes are accepted", i + 1));
+            return Err(format!(
+                "line {} (user {user:?}): only bcrypt (htpasswd -B) or argon2 hashes are accepted",
+                i + 1
+            ));
         }
         users.insert(user.to_string(), hash.to_string());
     }

@@ -348,7 +348,8 @@ impl Auth {
         let stored = state.users.get(user).map(|u| u.password_hash.clone()).or(from_file.and_then(|(h, _)| h));
         let ok = {
             let _permit = self.kdf.acquire().await.expect("the semaphore is never closed");
-            let (password, target) = (password.to_string(), stored.clone().unwrap_or_else(|| password::decoy().to_string()));
+            let (password, target) =
+                (password.to_string(), stored.clone().unwrap_or_else(|| password::decoy().to_string()));
             tokio::task::spawn_blocking(move || password::verify(&password, &target)).await.unwrap_or(false)
         };
         if !ok || stored.is_none() {
@@ -592,10 +593,7 @@ mod tests {
         assert_eq!(auth.identify(basic("alice", "pw")).await.unwrap_err(), Failure::BadPassword);
         assert!(auth.identify(basic("alice", "new")).await.is_ok());
         assert!(auth.identify(Credentials::None).await.unwrap().is_anonymous());
-        assert_eq!(
-            auth.identify(Credentials::Bearer("x".into())).await.unwrap_err(),
-            Failure::WrongScheme("bearer")
-        );
+        assert_eq!(auth.identify(Credentials::Bearer("x".into())).await.unwrap_err(), Failure::WrongScheme("bearer"));
     }
 
     #[tokio::test]

@@ -56,7 +56,7 @@ impl Lockout {
             e.failures = 0;
         }
         e.failures += 1;
-        if e.failures > self.threshold && e.locked_until.map_or(true, |u| u <= now) {
+        if e.failures > self.threshold && e.locked_until.is_none_or(|u| u <= now) {
             e.locked_until = Some(now + self.duration);
             e.failures = 0;
             e.window_start = now;

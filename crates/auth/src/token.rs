@@ -134,7 +134,9 @@ pub fn new_signing_key(now_ms: u64) -> SigningKey {
 
 fn public_point(pkcs8: &[u8]) -> Option<Vec<u8>> {
     let rng = SystemRandom::new();
-    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng).ok().map(|k| k.public_key().as_ref().to_vec())
+    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
+        .ok()
+        .map(|k| k.public_key().as_ref().to_vec())
 }
 
 /// The key id: the first 16 bytes of the SHA-256 of the public point, hex.
@@ -242,7 +244,10 @@ mod tests {
         let c = verify(&keys, &good, "raftyard", "registry", false).unwrap();
         assert_eq!(c.repository_actions("team/app"), Actions::PULL);
         assert_eq!(c.repository_actions("team/other"), Actions::NONE, "a token for another repository");
-        assert_eq!(verify(&keys, &sign(&key, &claims(-120, -400)), "raftyard", "registry", false), Err(TokenError::Expired));
+        assert_eq!(
+            verify(&keys, &sign(&key, &claims(-120, -400)), "raftyard", "registry", false),
+            Err(TokenError::Expired)
+        );
         assert_eq!(
             verify(&keys, &sign(&key, &claims(900, 300)), "raftyard", "registry", false),
             Err(TokenError::NotYetValid)
@@ -250,9 +255,15 @@ mod tests {
         assert_eq!(verify(&keys, &good, "raftyard", "other", false), Err(TokenError::Audience));
         assert_eq!(verify(&keys, &good, "someone", "registry", false), Err(TokenError::Issuer));
         // signed by a key the cluster does not have (under its own kid, then under ours)
-        assert_eq!(verify(&keys, &sign(&other, &claims(300, 0)), "raftyard", "registry", false), Err(TokenError::UnknownKey));
+        assert_eq!(
+            verify(&keys, &sign(&other, &claims(300, 0)), "raftyard", "registry", false),
+            Err(TokenError::UnknownKey)
+        );
         let forged = SigningKey { kid: key.kid.clone(), ..other.clone() };
-        assert_eq!(verify(&keys, &sign(&forged, &claims(300, 0)), "raftyard", "registry", false), Err(TokenError::Signature));
+        assert_eq!(
+            verify(&keys, &sign(&forged, &claims(300, 0)), "raftyard", "registry", false),
+            Err(TokenError::Signature)
+        );
         // alg none
         let body = b64(&serde_json::to_vec(&claims(300, 0)).unwrap());
         let none = format!("{}.{}.", b64(format!(r#"{{"alg":"none","kid":"{}"}}"#, key.kid).as_bytes()), body);

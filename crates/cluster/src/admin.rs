@@ -98,6 +98,11 @@ impl pb::admin_server::Admin for PeerServices {
         Ok(Response::new(futures::stream::iter(chunks)))
     }
 
+    async fn access(&self, req: Request<pb::AccessRequest>) -> Result<Response<pb::AccessReply>, Status> {
+        let remote = req.remote_addr();
+        Ok(Response::new(PeerServices::access(self, req.into_inner(), remote).await?))
+    }
+
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         Ok(Response::new(PeerServices::status(self)))
     }
@@ -136,5 +141,56 @@ impl pb::admin_server::Admin for PeerServices {
         let _ = self.meta.read_index_local().await;
         self.meta.raft().change_membership(change, false).await.map_err(write_error)?;
         Ok(Response::new(pb::AdminReply { message: format!("node {id} removed") }))
+    }
+}
+
+/// The access state as `raftyard user|token|access list` print it: no hash, no key.
+pub fn access_json(s: &raftyard_types::access::AccessState) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "users": s.users.iter().map(|(n, u)| json!({
+            "name": n, "admin": u.admin, "groups": u.groups, "created_ms": u.created_ms,
+        })).collect::<Vec<_>>(),
+        "robots": s.robots.iter().map(|(id, r)| json!({
+            "id": id, "name": r.name, "created_ms": r.created_ms, "expires_ms": r.expires_ms,
+            "last_used_ms": r.last_used_ms,
+        })).collect::<Vec<_>>(),
+        "grants": s.grants.iter().map(|g| json!({
+            "subject": g.subject.key(), "repos": g.repos, "actions": g.actions.names(),
+        })).collect::<Vec<_>>(),
+        "signing_keys": s.keys.iter().map(|k| json!({"kid": k.kid, "created_ms": k.created_ms})).collect::<Vec<_>>(),
+    })
+}
+
+impl PeerServices {
+    /// Applies a change of who may do what (access events only), or lists the access state.
+    pub async fn access(
+        &self,
+        req: pb::AccessRequest,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<pb::AccessReply, Status> {
+        if req.list {
+            self.meta.read_barrier().await.map_err(codec::propose_error_to_status)?;
+            let (_, s) = self.meta.reader().access().map_err(|e| Status::internal(e.to_string()))?;
+            return Ok(pb::AccessReply { index: 0, json: access_json(&s).to_string() });
+        }
+        let events: Vec<raftyard_types::Event> =
+            bincode::deserialize(&req.events).map_err(|e| Status::invalid_argument(format!("events: {e}")))?;
+        if events.is_empty() || !events.iter().all(|e| e.is_access()) {
+            return Err(Status::invalid_argument("only changes of users, tokens, grants and keys go through here"));
+        }
+        let summary: Vec<serde_json::Value> = events.iter().map(|e| e.to_json()).collect();
+        let r = self.meta.propose(events).await;
+        let line = serde_json::json!({
+            "audit": "access_change", "node": self.meta.id(), "actor": req.actor,
+            "from": remote.map(|a| a.to_string()), "events": summary,
+            "result": match &r { Ok(()) => "applied".to_string(), Err(e) => e.to_string() },
+        });
+        tracing::info!(target: "raftyard::audit", "{line}");
+        match r {
+            Ok(()) => Ok(pb::AccessReply { index: self.meta.reader().applied_index(), json: String::new() }),
+            Err(raftyard_raft::ProposeError::Rejected(rej)) => Err(Status::failed_precondition(rej.to_string())),
+            Err(e) => Err(codec::propose_error_to_status(e)),
+        }
     }
 }

@@ -131,5 +131,14 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         Event::ManifestPut { .. } | Event::TagSet { .. } | Event::TagDeleted { .. } | Event::ManifestDeleted { .. } => {
             vec![]
         }
+        Event::UserPut { .. }
+        | Event::UserPassword { .. }
+        | Event::UserRemoved { .. }
+        | Event::GrantAdded(_)
+        | Event::GrantRevoked { .. }
+        | Event::RobotAdded { .. }
+        | Event::RobotRevoked { .. }
+        | Event::RobotUsed { .. }
+        | Event::SigningKeyAdded { .. } => vec![],
     }
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, SnapshotMeta, StoredMembership};
-use raftyard_types::access::{AccessState, Actions, Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord, KEYS_KEPT};
+use raftyard_types::access::{
+    AccessState, Actions, Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord, KEYS_KEPT,
+};
 use raftyard_types::event::VersionedJournalEntry;
 use raftyard_types::{Command, Digest, Event, JournalEntry, Outcome, Rejection, RepoName, Tag};
 use serde::{Deserialize, Serialize};
@@ -296,7 +298,7 @@ fn apply_access_event(tx: &mut Tx, ev: &Event) -> Result<Result<(), Rejection>, 
             // bookkeeping only: does not change what anyone may do, so no version bump
             let k = keys::robot(id);
             if let Some(mut r) = tx.get(&k)?.and_then(|v| dec::<RobotRecord>(&v)) {
-                if r.last_used_ms.map_or(true, |t| t < *at_ms) {
+                if r.last_used_ms.is_none_or(|t| t < *at_ms) {
                     r.last_used_ms = Some(*at_ms);
                     tx.put(k, enc(&r));
                 }
@@ -304,8 +306,7 @@ fn apply_access_event(tx: &mut Tx, ev: &Event) -> Result<Result<(), Rejection>, 
             return Ok(Ok(()));
         }
         Event::SigningKeyAdded { key, only_if_none } => {
-            let mut all: Vec<SigningKey> =
-                tx.get(keys::SIGNING_KEYS)?.and_then(|v| dec(&v)).unwrap_or_default();
+            let mut all: Vec<SigningKey> = tx.get(keys::SIGNING_KEYS)?.and_then(|v| dec(&v)).unwrap_or_default();
             if *only_if_none && !all.is_empty() {
                 return Ok(Ok(()));
             }

@@ -21,6 +21,89 @@ pub struct Config {
     pub cluster: ClusterSection,
     /// Tunnel relays this node's agent dials out to.
     pub tunnel: TunnelSection,
+    /// Who may do what (docs/security.md). Absent: no authentication, which only a node
+    /// listening on loopback without a relay may run with; anywhere else `mode = "none"` must
+    /// be written out.
+    pub auth: Option<AuthSection>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Everyone may do everything.
+    None,
+    /// HTTP Basic on every request: the cluster's users, `htpasswd`, robot tokens.
+    Basic,
+    /// The Docker token flow: every node serves `/auth/token` and accepts its tokens.
+    Token,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub mode: AuthMode,
+    /// The Basic realm's name, or the token realm's URL. Default: `raftyard`, or for tokens
+    /// the token endpoint of the host a request was sent to (so it works through a relay).
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// The token flow's `service` (the tokens' audience).
+    #[serde(default = "default_service")]
+    pub service: String,
+    /// The `iss` of the tokens the cluster issues.
+    #[serde(default = "default_service")]
+    pub issuer: String,
+    /// More users from an htpasswd file (bcrypt, `htpasswd -B`), reloaded when it changes.
+    #[serde(default)]
+    pub htpasswd: Option<PathBuf>,
+    /// Lifetime of an access token, seconds.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u64,
+    /// Lifetime of a refresh token (`docker login`'s identity token), seconds.
+    #[serde(default = "default_refresh_ttl")]
+    pub refresh_ttl_secs: u64,
+    /// Failed authentications a minute from one address before it gets `429` (0: never).
+    #[serde(default = "default_lockout")]
+    pub lockout_threshold: u32,
+    /// How long a locked-out address waits, seconds.
+    #[serde(default = "default_lockout_secs")]
+    pub lockout_secs: u64,
+}
+
+fn default_service() -> String {
+    "raftyard".into()
+}
+fn default_token_ttl() -> u64 {
+    300
+}
+fn default_refresh_ttl() -> u64 {
+    30 * 86400
+}
+fn default_lockout() -> u32 {
+    10
+}
+fn default_lockout_secs() -> u64 {
+    60
+}
+
+impl AuthSection {
+    /// The settings of the auth layer.
+    pub fn settings(&self) -> raftyard_auth::Settings {
+        raftyard_auth::Settings {
+            mode: match self.mode {
+                AuthMode::None => raftyard_auth::Mode::None,
+                AuthMode::Basic => raftyard_auth::Mode::Basic,
+                AuthMode::Token => raftyard_auth::Mode::Token,
+            },
+            realm: self.realm.clone(),
+            service: self.service.clone(),
+            issuer: self.issuer.clone(),
+            htpasswd: self.htpasswd.clone(),
+            token_ttl: Duration::from_secs(self.token_ttl_secs),
+            refresh_ttl: Duration::from_secs(self.refresh_ttl_secs),
+            lockout_threshold: self.lockout_threshold,
+            lockout_duration: Duration::from_secs(self.lockout_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -256,7 +339,40 @@ impl Config {
         for r in &self.tunnel.relay {
             r.validate()?;
         }
+        self.validate_auth()?;
         self.validate_cluster()
+    }
+
+    /// A node reachable from beyond this machine runs with auth unless told otherwise in
+    /// writing.
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        let public = !self.registry.listen.ip().is_loopback();
+        match &self.auth {
+            None => {
+                anyhow::ensure!(
+                    !public && self.tunnel.relay.is_empty(),
+                    "the registry is reachable from other machines ({}) without authentication: \
+                     configure [auth] (mode = \"basic\" or \"token\"), or write mode = \"none\" in [auth] \
+                     to run it open on purpose",
+                    if public {
+                        format!("registry.listen = {}", self.registry.listen)
+                    } else {
+                        "through a relay".into()
+                    }
+                );
+            }
+            Some(a) if a.mode != AuthMode::None => {
+                anyhow::ensure!(
+                    self.cluster.listen.ip().is_loopback() || self.cluster.tls.is_some(),
+                    "with [auth] on, a peer port on a non-loopback address ({}) needs [cluster.tls]: \
+                     the peer port administers users and grants",
+                    self.cluster.listen
+                );
+                anyhow::ensure!(a.token_ttl_secs >= 10, "auth.token_ttl_secs must be at least 10");
+            }
+            Some(_) => {}
+        }
+        Ok(())
     }
 
     /// Checks that only make sense for a cluster.
@@ -320,6 +436,25 @@ mod tests {
     }
 
     #[test]
+    fn a_public_node_needs_auth_written_out() {
+        let c: Config = toml::from_str("[registry]\nlisten = \"0.0.0.0:5000\"\n").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("[auth]"), "{e}");
+        let c: Config = toml::from_str("[registry]\nlisten = \"0.0.0.0:5000\"\n[auth]\nmode = \"none\"\n").unwrap();
+        c.validate().unwrap();
+        let relay =
+            "[[tunnel.relay]]\naddress = \"relay:7000\"\nca = \"/ca.pem\"\ntoken = \"a-token-of-at-least-16-chars\"\n";
+        let c: Config = toml::from_str(relay).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("relay"));
+        let c: Config = toml::from_str(&format!("[auth]\nmode = \"basic\"\n{relay}")).unwrap();
+        c.validate().unwrap();
+        // auth on, and the peer port (which administers users) open to the network without TLS
+        let c: Config = toml::from_str("[auth]\nmode = \"token\"\n[cluster]\nlisten = \"0.0.0.0:5100\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("cluster.tls"));
+        assert!(toml::from_str::<Config>("[auth]\nmode = \"ldapish\"\n").is_err());
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         assert!(toml::from_str::<Config>("[registry]\nlisten = \"0.0.0.0:5000\"\nlisen = 1\n").is_err());
         assert!(toml::from_str::<Config>("[nod]\n").is_err());
@@ -343,6 +478,9 @@ mod tests {
             election_timeout_min_ms = 300
             election_timeout_max_ms = 600
             snapshot_every = 100
+            [auth]
+            mode = "token"
+            htpasswd = "/etc/raftyard/htpasswd"
             [[tunnel.relay]]
             address = "relay.example.org:7000"
             ca = "/etc/raftyard/relay-ca.pem"

@@ -1,6 +1,6 @@
 //! The `raftyard` program as a library: the one configuration struct ([`config`]), the wiring
 //! of the crates into a running node with ordered shutdown ([`node`]), the admin client behind
-//! `raftyard cluster …` ([`admin`]), online backups to a directory (`raftyard backup …`,
+//! `raftyard cluster …` ([`admin`]) and `raftyard user|token|access …` ([`access`]), online backups to a directory (`raftyard backup …`,
 //! [`backup`]), certificate generation ([`certs`]) and the `raftyard relay`
 //! and `raftyard agent` processes ([`tunnel`]). The binary
 //! (`main.rs`) is only the command line over these; tests start nodes in-process with
@@ -17,6 +17,7 @@ pub fn http_client(timeout: std::time::Duration, ca: Option<&std::path::Path>) -
     Ok(builder.build()?)
 }
 
+pub mod access;
 pub mod admin;
 pub mod backup;
 pub mod certs;

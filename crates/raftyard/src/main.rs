@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 use anyhow::Context as _;
 use raftyard::config::Config;
-use raftyard::{admin, backup, certs, node, tunnel};
+use raftyard::{access, admin, backup, certs, node, tunnel};
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
@@ -74,11 +74,199 @@ enum Cmd {
         /// Trust this CA certificate (PEM) for an HTTPS node.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// An admin's user name, when the node has auth on (the password from
+        /// --password-file or stdin).
+        #[arg(long)]
+        user: Option<String>,
+        /// The admin's password file (default with --user: stdin).
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
     },
     /// Make TLS certificates.
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+    /// Users of the cluster (kept in its state; passwords hashed here, never sent).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+    /// Robot tokens: secrets for machines (CI) with grants of their own.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+    /// Grants: who may pull, push or delete which repositories.
+    Access {
+        #[command(subcommand)]
+        cmd: AccessCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+}
+
+/// The node an access command talks to.
+#[derive(clap::Args)]
+struct AtNode {
+    /// Peer address (host:port) of any member.
+    #[arg(long, default_value = "127.0.0.1:5100")]
+    node: String,
+}
+
+/// Where a new password comes from.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct PasswordFrom {
+    /// Read the password from stdin (its first line).
+    #[arg(long)]
+    password_stdin: bool,
+    /// Read the password from this file (its first line).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+impl PasswordFrom {
+    fn read(&self) -> anyhow::Result<String> {
+        match &self.password_file {
+            Some(p) => access::read_password(access::Secret::File(p)),
+            None => access::read_password(access::Secret::Stdin),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user.
+    Add {
+        name: String,
+        /// May do everything, administer nothing else (users and grants go through the peer port).
+        #[arg(long)]
+        admin: bool,
+        /// A group the user is in (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[command(flatten)]
+        password: PasswordFrom,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Change a user's password.
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordFrom,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Remove a user and its grants.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// List the users.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a robot token and print its secret (once): a password for `docker login`.
+    Create {
+        /// A name for it (`token revoke --name`).
+        #[arg(long)]
+        name: String,
+        /// REPOS:ACTIONS, e.g. 'team/*:pull,push' (repeatable).
+        #[arg(long = "grant")]
+        grants: Vec<String>,
+        /// Valid for this long: 30d, 12h, 90m.
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Revoke a robot token (by name or id) and its grants.
+    Revoke {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// List the robot tokens (never their secrets) with their last use.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
+    },
+}
+
+#[derive(clap::Args)]
+struct GrantWho {
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    group: Option<String>,
+    /// A robot token, by name or id.
+    #[arg(long)]
+    token: Option<String>,
+    /// Everyone, without credentials.
+    #[arg(long)]
+    anonymous: bool,
+}
+
+impl From<GrantWho> for access::Who {
+    fn from(w: GrantWho) -> Self {
+        access::Who { user: w.user, group: w.group, token: w.token, anonymous: w.anonymous }
+    }
+}
+
+#[derive(Subcommand)]
+enum AccessCmd {
+    /// Let a user, group, robot token or everyone pull, push or delete in the repositories
+    /// a pattern matches (`*` within a path segment, `**` across segments).
+    Grant {
+        #[command(flatten)]
+        who: GrantWho,
+        #[arg(long)]
+        repos: String,
+        /// pull, push, delete (comma-separated) or *.
+        #[arg(long)]
+        actions: String,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Take actions (default: all) away from a grant on exactly this pattern.
+    Revoke {
+        #[command(flatten)]
+        who: GrantWho,
+        #[arg(long)]
+        repos: String,
+        #[arg(long)]
+        actions: Option<String>,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// List the grants.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Make a new token signing key the current one.
+    RotateKey {
+        #[command(flatten)]
+        at: AtNode,
     },
 }
 
@@ -256,7 +444,19 @@ fn main() -> anyhow::Result<()> {
             let cfg = raftyard_tunnel::AgentFile::load(&config)?;
             tunnel::small_runtime()?.block_on(tunnel::agent(cfg))
         }
-        Cmd::Events { node, since, follow, ca } => runtime()?.block_on(node::print_events(&node, since, follow, ca)),
+        Cmd::Events { node, since, follow, ca, user, password_file } => {
+            let login = match user {
+                Some(u) => {
+                    let from = match &password_file {
+                        Some(p) => access::Secret::File(p),
+                        None => access::Secret::Stdin,
+                    };
+                    Some((u, access::read_password(from)?))
+                }
+                None => None,
+            };
+            runtime()?.block_on(node::print_events(&node, since, follow, ca, login))
+        }
         Cmd::Cluster { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;
             match cmd {
@@ -283,6 +483,49 @@ fn main() -> anyhow::Result<()> {
                     let data_dir = data_dir.context("--data-dir")?;
                     backup::restore(&dir, index, &data_dir, id, raftyard_raft::NodeAddr { peer, registry }).await
                 }
+            }
+        }),
+        Cmd::User { cmd, tls } => {
+            let tls = tls.tls_dir;
+            // read the password before any network work, so a prompt-less pipe is consumed once
+            let pw = match &cmd {
+                UserCmd::Add { password, .. } | UserCmd::Passwd { password, .. } => Some(password.read()?),
+                _ => None,
+            };
+            runtime()?.block_on(async {
+                match cmd {
+                    UserCmd::Add { name, admin, groups, at, .. } => {
+                        access::user_add(&at.node, &tls, &name, admin, groups, pw.as_deref().unwrap_or_default()).await
+                    }
+                    UserCmd::Passwd { name, at, .. } => {
+                        access::user_passwd(&at.node, &tls, &name, pw.as_deref().unwrap_or_default()).await
+                    }
+                    UserCmd::Remove { name, at } => access::user_remove(&at.node, &tls, &name).await,
+                    UserCmd::List { json, at } => access::print(&at.node, &tls, "users", json).await,
+                }
+            })
+        }
+        Cmd::Token { cmd, tls } => runtime()?.block_on(async {
+            let tls = tls.tls_dir;
+            match cmd {
+                TokenCmd::Create { name, grants, expires, at } => {
+                    access::token_create(&at.node, &tls, &name, &grants, expires.as_deref()).await
+                }
+                TokenCmd::Revoke { name, at } => access::token_revoke(&at.node, &tls, &name).await,
+                TokenCmd::List { json, at } => access::print(&at.node, &tls, "robots", json).await,
+            }
+        }),
+        Cmd::Access { cmd, tls } => runtime()?.block_on(async {
+            let tls = tls.tls_dir;
+            match cmd {
+                AccessCmd::Grant { who, repos, actions, at } => {
+                    access::grant(&at.node, &tls, who.into(), &repos, &actions).await
+                }
+                AccessCmd::Revoke { who, repos, actions, at } => {
+                    access::revoke(&at.node, &tls, who.into(), &repos, actions.as_deref()).await
+                }
+                AccessCmd::List { json, at } => access::print(&at.node, &tls, "grants", json).await,
+                AccessCmd::RotateKey { at } => access::rotate_key(&at.node, &tls).await,
             }
         }),
         Cmd::Certs { cmd: CertsCmd::Cluster { nodes, out } } => {

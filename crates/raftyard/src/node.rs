@@ -203,6 +203,25 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let blob_peers = BlobPeers::new(peers, blobs.clone());
     let fetches = blob_peers.clone().throttled(cfg.cluster.fetch_limit_mib_per_sec << 20);
     let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches, missing).spawn(stop.clone());
+    let auth = match &cfg.auth {
+        Some(a) if a.mode != crate::config::AuthMode::None => {
+            let auth = raftyard_auth::Auth::new(
+                a.settings(),
+                Box::new(raftyard_registry::access::StateAccess(meta.reader().clone())),
+            )
+            .map_err(|e| anyhow::anyhow!("[auth]: {e}"))?;
+            info!(mode = ?a.mode, htpasswd = ?a.htpasswd, "authentication on");
+            Some(Arc::new(auth))
+        }
+        Some(_) => {
+            warn!("authentication is off ([auth] mode = \"none\"): anyone who reaches this node may push, delete and read");
+            None
+        }
+        None => {
+            warn!("authentication is off: this registry listens on loopback only; configure [auth] before exposing it");
+            None
+        }
+    };
     let reg = Registry::new(
         blobs.clone(),
         meta.clone(),
@@ -216,7 +235,9 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
                 Some(DeliberateFault::Registry(f)) => Some(f),
                 _ => None,
             },
+            tls: tls.is_some(),
         },
+        auth,
     );
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
@@ -414,13 +435,24 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-pub async fn print_events(node: &str, mut since: u64, follow: bool, ca: Option<PathBuf>) -> anyhow::Result<()> {
+/// With auth on, the journal is for admins: `login` is an admin's user name and password.
+pub async fn print_events(
+    node: &str,
+    mut since: u64,
+    follow: bool,
+    ca: Option<PathBuf>,
+    login: Option<(String, String)>,
+) -> anyhow::Result<()> {
     let client = crate::http_client(Duration::from_secs(90), ca.as_deref())?;
     let base = node.trim_end_matches('/');
     loop {
         let wait = if follow { 30 } else { 0 };
         let url = format!("{base}/v2/_raftyard/events?since={since}&limit=1000&wait={wait}");
-        let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
+        let mut req = client.get(&url);
+        if let Some((user, pw)) = &login {
+            req = req.basic_auth(user, Some(pw));
+        }
+        let resp = req.send().await.with_context(|| format!("GET {url}"))?;
         anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
         let text = resp.text().await?;
         let mut n = 0;

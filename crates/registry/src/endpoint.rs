@@ -41,6 +41,8 @@ pub enum Endpoint {
     Referrers { name: RepoName, digest: String },
     /// `/metrics` (Prometheus text format)
     Metrics,
+    /// `/auth/token`: the token endpoint of the Docker token flow (token auth mode).
+    Token,
 }
 
 impl Endpoint {
@@ -71,6 +73,7 @@ impl Endpoint {
             Endpoint::Tags { .. } => "tags",
             Endpoint::Referrers { .. } => "referrers",
             Endpoint::Metrics => "metrics",
+            Endpoint::Token => "token",
         }
     }
 
@@ -84,6 +87,7 @@ impl Endpoint {
             | Endpoint::Ready
             | Endpoint::StateDigest
             | Endpoint::Metrics => get_head,
+            Endpoint::Token => get_head || *m == Method::POST,
             Endpoint::Tags { .. } | Endpoint::Referrers { .. } => get_head,
             Endpoint::Manifest { .. } => get_head || *m == Method::PUT || *m == Method::DELETE,
             Endpoint::Blob { .. } => get_head || *m == Method::DELETE,
@@ -101,6 +105,8 @@ pub fn parse_endpoint(method: &Method, raw_path: &str) -> Result<Endpoint, Regis
     let path: &str = &decoded;
     let ep = if path == "/metrics" {
         Endpoint::Metrics
+    } else if path == raftyard_auth::TOKEN_PATH {
+        Endpoint::Token
     } else {
         let rest = match path {
             "/v2" => "",

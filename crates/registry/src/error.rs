@@ -41,6 +41,12 @@ pub enum RegistryError {
     PaginationInvalid(String),
     #[error("{0}")]
     Denied(String),
+    /// No valid credentials: 401 with the challenge to send them.
+    #[error("authentication required: {message}")]
+    Unauthorized { challenge: String, message: String },
+    /// Too many failed authentications from this address: 429 for this many seconds.
+    #[error("too many failed authentication attempts from this address; retry in {0} s")]
+    LockedOut(u64),
     /// A chunk that does not continue the upload: 416 with the upload's state.
     #[error("requested range not satisfiable: the upload holds {size} bytes")]
     UploadRange { location: String, size: u64 },
@@ -83,11 +89,12 @@ impl RegistryError {
             ManifestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Unsupported(_) | MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Denied(_) => StatusCode::FORBIDDEN,
+            Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             UploadRange { .. } | BlobRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             TagConflict { .. } => StatusCode::PRECONDITION_FAILED,
             TooLarge => StatusCode::URI_TOO_LONG,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            TooManyRequests(_) | LockedOut(_) => StatusCode::TOO_MANY_REQUESTS,
             InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -110,8 +117,9 @@ impl RegistryError {
             Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
             PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             Denied(_) => "DENIED",
+            Unauthorized { .. } => "UNAUTHORIZED",
             Unavailable(_) => "UNAVAILABLE",
-            TooManyRequests(_) => "TOOMANYREQUESTS",
+            TooManyRequests(_) | LockedOut(_) => "TOOMANYREQUESTS",
             InsufficientStorage(_) | Internal(_) => "UNKNOWN",
         }
     }
@@ -156,6 +164,14 @@ impl RegistryError {
             RegistryError::TooManyRequests(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
             }
+            RegistryError::LockedOut(secs) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            }
+            RegistryError::Unauthorized { challenge, .. } => {
+                if let Ok(v) = HeaderValue::from_str(challenge) {
+                    h.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
             _ => {}
         }
         resp
@@ -199,6 +215,10 @@ impl From<Rejection> for RegistryError {
             Rejection::ManifestBlobUnknown(d) => RegistryError::ManifestBlobUnknown(d),
             Rejection::ManifestUnknown => RegistryError::ManifestUnknown,
             Rejection::TagConflict { tag, current } => RegistryError::TagConflict { tag: tag.to_string(), current },
+            r @ (Rejection::UserUnknown(_)
+            | Rejection::UserExists(_)
+            | Rejection::RobotUnknown(_)
+            | Rejection::GrantUnknown) => RegistryError::Internal(format!("unexpected rejection: {r}")),
         }
     }
 }

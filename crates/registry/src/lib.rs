@@ -7,6 +7,7 @@
 //! [`raftyard_raft::MetaNode`], and keeps bytes in [`raftyard_blobstore::BlobStore`]. It does
 //! not parse configuration files or command lines: the binary wires it up.
 
+pub mod access;
 pub mod body;
 pub mod endpoint;
 pub mod error;
@@ -40,6 +41,8 @@ pub struct RegistryConfig {
     /// A deliberately broken node, for the chaos suite to prove it catches one. Set only from
     /// the environment (`RAFTYARD_FAULT`), never from a config file.
     pub fault: Option<Fault>,
+    /// The API is served over TLS (token realms built from the request's host say `https`).
+    pub tls: bool,
 }
 
 /// The ways a node can be broken on purpose (`RAFTYARD_FAULT=<name>`).
@@ -71,6 +74,7 @@ impl Default for RegistryConfig {
             upload_idle_timeout: Duration::from_secs(3600),
             blob_write_quorum: 0,
             fault: None,
+            tls: false,
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Registry {
     pub(crate) metrics: metrics::Metrics,
     /// This node's lag figures, if it is a backup.
     pub(crate) lag: raftyard_cluster::Lag,
+    /// Who may do what; `None`: everyone everything.
+    pub(crate) auth: access::SharedAuth,
 }
 
 /// The address of the client a request came from, as its connection shows it (a request
@@ -108,6 +114,8 @@ impl raftyard_cluster::LocalHttp for LocalRegistry {
         &self,
         req: http::Request<raftyard_cluster::HttpBody>,
     ) -> http::Response<raftyard_cluster::HttpBody> {
+        let mut req = req;
+        req.extensions_mut().insert(access::Forwarded);
         body::materialize(handlers::respond(&self.0, req).await)
     }
 }
@@ -119,6 +127,7 @@ impl Registry {
         peers: BlobPeers,
         lag: raftyard_cluster::Lag,
         cfg: RegistryConfig,
+        auth: Option<Arc<raftyard_auth::Auth>>,
     ) -> Arc<Self> {
         Arc::new(Registry {
             blobs,
@@ -128,6 +137,7 @@ impl Registry {
             cfg,
             metrics: metrics::Metrics::default(),
             lag,
+            auth,
         })
     }
 

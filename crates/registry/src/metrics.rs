@@ -23,9 +23,21 @@ struct Series {
 #[derive(Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<(&'static str, String, u16), Series>>,
+    auth_failures: Mutex<BTreeMap<&'static str, u64>>,
+    auth_denied: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
+    /// A failed authentication, by reason.
+    pub fn auth_failure(&self, reason: &'static str) {
+        *self.auth_failures.lock().unwrap().entry(reason).or_default() += 1;
+    }
+
+    /// An authenticated request refused for want of a grant.
+    pub fn auth_denied(&self) {
+        self.auth_denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn observe(&self, route: &'static str, method: &str, status: u16, took: Duration) {
         let secs = took.as_secs_f64();
         let mut m = self.series.lock().unwrap();
@@ -114,6 +126,33 @@ impl Metrics {
                     lag.rpo_ms as f64 / 1000.0,
                 ));
             }
+        }
+        if let Some(auth) = &reg.auth {
+            out.push_str("# HELP raftyard_auth_failures_total Failed authentications, by reason.\n");
+            out.push_str("# TYPE raftyard_auth_failures_total counter\n");
+            for (reason, n) in self.auth_failures.lock().unwrap().iter() {
+                let _ = writeln!(out, "raftyard_auth_failures_total{{reason=\"{reason}\"}} {n}");
+            }
+            let counters = [
+                (
+                    "raftyard_auth_denied_total",
+                    "Authenticated requests refused for want of a grant.",
+                    self.auth_denied.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+                (
+                    "raftyard_auth_lockouts_total",
+                    "Client addresses locked out after too many failed authentications.",
+                    auth.lockout.lockouts.load(std::sync::atomic::Ordering::Relaxed),
+                ),
+            ];
+            for (name, help, v) in counters {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            }
+            gauges.push((
+                "raftyard_auth_locked_addresses",
+                "Client addresses locked out now.",
+                auth.lockout.locked_count() as f64,
+            ));
         }
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

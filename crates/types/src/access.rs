@@ -293,8 +293,14 @@ pub enum Principal {
     Anonymous,
     /// A user of the cluster state, the htpasswd file or LDAP, with the groups its source
     /// names (LDAP groups; the state's user record adds its own).
-    User { name: String, groups: Vec<String> },
-    Robot { id: String, name: String },
+    User {
+        name: String,
+        groups: Vec<String>,
+    },
+    Robot {
+        id: String,
+        name: String,
+    },
 }
 
 impl Principal {

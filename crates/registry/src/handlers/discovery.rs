@@ -58,11 +58,21 @@ pub(crate) async fn tags(reg: &Registry, name: &RepoName, q: &[(String, String)]
     Ok(resp)
 }
 
-pub(crate) async fn catalog(reg: &Registry, q: &[(String, String)]) -> HandlerResult {
+/// The catalog lists only the repositories the caller may pull.
+pub(crate) async fn catalog(reg: &Registry, q: &[(String, String)], caller: &raftyard_auth::Caller) -> HandlerResult {
     reg.meta.read_barrier().await?;
     let n = page_size(q)?;
-    let last = query(q, "last").filter(|l| !l.is_empty());
-    let mut repos = if n == 0 { vec![] } else { reg.meta.reader().repos(last, n + 1)? };
+    let mut last = query(q, "last").filter(|l| !l.is_empty()).map(str::to_string);
+    let mut repos = Vec::new();
+    while n > 0 && repos.len() <= n {
+        let batch = reg.meta.reader().repos(last.as_deref(), n + 1)?;
+        let done = batch.len() <= n;
+        last = batch.last().cloned();
+        repos.extend(batch.into_iter().filter(|r| crate::access::may_pull(reg, caller, r)));
+        if done {
+            break;
+        }
+    }
     let link = paginate(&mut repos, n, "/v2/_catalog");
     let body = serde_json::to_vec(&json!({"repositories": repos})).expect("json");
     let mut resp = json_response(StatusCode::OK, body, false);

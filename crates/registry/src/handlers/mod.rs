@@ -68,10 +68,11 @@ pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Resp
     resp
 }
 
-async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> HandlerResult {
+async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, mut req: Request<B>) -> HandlerResult {
     if req.uri().query().is_some_and(|q| q.len() > MAX_QUERY) {
         return Err(RegistryError::TooLarge);
     }
+    crate::access::gate(reg, &ep, &mut req).await?;
     let q = parse_query(req.uri().query());
     let method = req.method().clone();
     if reg.meta.is_backup() && ep.writes(&method) {
@@ -83,7 +84,8 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, req: Request<B>) -> 
         Endpoint::Ready => discovery::ready(reg).await,
         Endpoint::StateDigest => discovery::state_digest(reg).await,
         Endpoint::Metrics => Ok(reg.metrics.render(reg)),
-        Endpoint::Catalog => discovery::catalog(reg, &q).await,
+        Endpoint::Token => crate::access::token_endpoint(reg, req).await,
+        Endpoint::Catalog => discovery::catalog(reg, &q, &crate::access::caller_of(&req)).await,
         Endpoint::Events => discovery::events(reg, &q).await,
         Endpoint::Tags { name } => discovery::tags(reg, &name, &q, method == Method::HEAD).await,
         Endpoint::Referrers { name, digest } => {

@@ -124,8 +124,16 @@ pub(crate) async fn start<B: ReqBody>(
 ) -> HandlerResult {
     let client = req.extensions().get::<crate::ClientAddr>().map(|c| c.0.to_string());
     if let Some(mount) = query(q, "mount") {
-        if let Ok(digest) = Digest::parse(mount) {
-            if let Some(r) = try_mount(reg, &name, &digest, query(q, "from")).await? {
+        // a caller may mount only from a repository it may pull; otherwise (and without
+        // `from`, when auth is on) it uploads as if the blob were not there, and learns nothing
+        let caller = crate::access::caller_of(&req);
+        let from = query(q, "from");
+        let may = match from {
+            Some(f) => crate::access::may_pull(reg, &caller, f),
+            None => caller.open,
+        };
+        if let (true, Ok(digest)) = (may, Digest::parse(mount)) {
+            if let Some(r) = try_mount(reg, &name, &digest, from).await? {
                 return Ok(r);
             }
         }

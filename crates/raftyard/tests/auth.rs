@@ -1,0 +1,621 @@
+//! Access control end to end: users and grants made with the `raftyard` command line, checked
+//! on every endpoint in basic and token mode, with docker, skopeo and podman logging in; robot
+//! tokens; the lockout of one address while another keeps pulling; no secret in the log.
+
+mod common;
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+const ADMIN_PW: &str = "admin-password-1";
+const ALICE_PW: &str = "alice-password-1";
+const BOB_PW: &str = "bob-password-1";
+const CAROL_PW: &str = "carol-password-1";
+
+/// A one-node cluster with `[auth]` set to `mode` (and any more lines of that section).
+fn node_with_auth(dir: &std::path::Path, mode: &str, more: &str) -> Node {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let peer = format!("127.0.0.1:{}", free_port());
+    let section = format!("[auth]\nmode = \"{mode}\"\n{more}");
+    Node::start_member_with(dir, 1, &addr, &peer, &[], &Extra { cluster: &section, ..Extra::default() })
+}
+
+/// Runs `raftyard ARGS` with `input` on stdin; panics with stderr if it fails.
+fn cli_stdin(args: &[&str], input: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_raftyard"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "raftyard {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn add_user(n: &Node, name: &str, pw: &str, more: &[&str]) {
+    let mut args = vec!["user", "add", name, "--password-stdin", "--node", &n.peer];
+    args.extend_from_slice(more);
+    cli_stdin(&args, &format!("{pw}\n"));
+}
+
+fn grant(n: &Node, who: &[&str], repos: &str, actions: &str) {
+    let mut args = vec!["access", "grant", "--repos", repos, "--actions", actions, "--node", &n.peer];
+    args.extend_from_slice(who);
+    cli(&args);
+}
+
+/// An HTTP client that sends Basic credentials on every request.
+fn client_as(user: &str, pw: &str) -> reqwest::Client {
+    let v = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}")));
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, v.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(h)
+        .timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn bearer(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder().default_headers(h).timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+async fn status(c: &reqwest::Client, url: String) -> u16 {
+    c.get(url).send().await.unwrap().status().as_u16()
+}
+
+async fn catalog(c: &reqwest::Client, n: &Node) -> Vec<String> {
+    let r = c.get(n.url("/v2/_catalog")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["repositories"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect()
+}
+
+/// Users, groups and grants as a new user would set them up; the whole grant matrix over HTTP.
+#[tokio::test]
+async fn basic_mode_enforces_the_grant_matrix_on_every_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_with_auth(dir.path(), "basic", "");
+    add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+    add_user(&n, "alice", ALICE_PW, &[]);
+    add_user(&n, "bob", BOB_PW, &["--group", "devs"]);
+    add_user(&n, "carol", CAROL_PW, &[]);
+    grant(&n, &["--user", "alice"], "team/**", "pull,push");
+    grant(&n, &["--group", "devs"], "team/*", "pull");
+    grant(&n, &["--user", "bob"], "bob/*", "*");
+    grant(&n, &["--anonymous"], "public/*", "pull");
+    let listed = cli(&["access", "list", "--json", "--node", &n.peer]);
+    assert!(listed.contains("group:devs") && listed.contains("anonymous"), "{listed}");
+    let users = cli(&["user", "list", "--json", "--node", &n.peer]);
+    assert!(users.contains("\"alice\"") && !users.contains("argon2"), "no hash is ever listed: {users}");
+
+    let admin = client_as("admin", ADMIN_PW);
+    let alice = client_as("alice", ALICE_PW);
+    let bob = client_as("bob", BOB_PW);
+    let carol = client_as("carol", CAROL_PW);
+    let anon = client();
+    let app = push_image(&admin, &n, "team/app", "v1", b"app").await;
+    push_image(&admin, &n, "team/sub/x", "v1", b"sub").await;
+    push_image(&admin, &n, "public/base", "v1", b"base").await;
+    let secret_layer = push_blob(&admin, &n, "other/secret", b"secret layer bytes").await;
+    push_image(&admin, &n, "other/secret", "v1", b"secret").await;
+
+    // the base: 401 with a Basic challenge and the spec's body without credentials
+    let r = anon.get(n.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Basic realm=\"raftyard\"");
+    assert_eq!(error_code(r).await, "UNAUTHORIZED");
+    assert_eq!(status(&client_as("alice", "wrong-password"), n.url("/v2/")).await, 401);
+    assert_eq!(status(&client_as("nobody", ALICE_PW), n.url("/v2/")).await, 401);
+    assert_eq!(status(&carol, n.url("/v2/")).await, 200);
+
+    let m = |repo: &str| n.url(&format!("/v2/{repo}/manifests/v1"));
+    // (caller, repository, expected status of a manifest GET)
+    let matrix: [(&reqwest::Client, &str, &str, u16); 16] = [
+        (&anon, "anonymous", "team/app", 401),
+        (&anon, "anonymous", "public/base", 200),
+        (&carol, "carol", "team/app", 403),
+        (&carol, "carol", "public/base", 200),
+        (&carol, "carol", "no/such/repo", 403),
+        (&alice, "alice", "team/app", 200),
+        (&alice, "alice", "team/sub/x", 200),
+        (&alice, "alice", "other/secret", 403),
+        (&bob, "bob", "team/app", 200),
+        (&bob, "bob", "team/sub/x", 403),
+        (&bob, "bob", "other/secret", 403),
+        (&admin, "admin", "other/secret", 200),
+        (&admin, "admin", "team/sub/x", 200),
+        (&anon, "anonymous", "no/such/repo", 401),
+        (&alice, "alice", "no/such/repo", 403),
+        (&admin, "admin", "no/such/repo", 404),
+    ];
+    for (c, who, repo, want) in matrix {
+        let r = c.get(m(repo)).header("accept", OCI_MANIFEST).send().await.unwrap();
+        let got = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!(got, want, "{who} GET {repo}: {body}");
+        if got == 403 {
+            assert!(body.contains("\"DENIED\""), "{body}");
+            assert!(!body.contains(repo), "a refusal does not echo what exists: {body}");
+        }
+    }
+    // a denial to an anonymous caller names the scope it lacked in the challenge
+    let r = anon.get(m("team/app")).send().await.unwrap();
+    assert_eq!(r.headers()["www-authenticate"], "Basic realm=\"raftyard\"");
+
+    // pushes and deletes
+    let post = |c: &reqwest::Client, repo: &str| c.post(n.url(&format!("/v2/{repo}/blobs/uploads/"))).send();
+    assert_eq!(post(&alice, "team/new").await.unwrap().status(), 202);
+    assert_eq!(post(&alice, "team/deep/new").await.unwrap().status(), 202);
+    assert_eq!(post(&bob, "team/app").await.unwrap().status(), 403);
+    assert_eq!(post(&bob, "bob/own").await.unwrap().status(), 202);
+    assert_eq!(post(&carol, "public/base").await.unwrap().status(), 403);
+    assert_eq!(post(&anon, "public/base").await.unwrap().status(), 401);
+    let del = |c: &reqwest::Client, repo: &str| c.delete(n.url(&format!("/v2/{repo}/manifests/{app}"))).send();
+    assert_eq!(del(&alice, "team/app").await.unwrap().status(), 403, "alice may not delete");
+    push_image(&bob, &n, "bob/own", "v1", b"bob's").await;
+    let r = bob.delete(n.url("/v2/bob/own/manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status(), 202, "bob may delete in bob/*");
+
+    // the catalog lists only what the caller may pull
+    assert_eq!(catalog(&alice, &n).await, ["public/base", "team/app", "team/sub/x"]);
+    assert_eq!(catalog(&bob, &n).await, ["bob/own", "public/base", "team/app"]);
+    assert_eq!(catalog(&carol, &n).await, ["public/base"]);
+    assert_eq!(catalog(&admin, &n).await, ["bob/own", "other/secret", "public/base", "team/app", "team/sub/x"]);
+    assert_eq!(status(&anon, n.url("/v2/_catalog")).await, 401);
+    // pages are pages of what the caller sees
+    let r = alice.get(n.url("/v2/_catalog?n=2")).send().await.unwrap();
+    assert!(r.headers()["link"].to_str().unwrap().contains("last=team%2Fapp"));
+
+    // a mount from a repository the caller may not pull is an ordinary upload: it learns nothing
+    let mount =
+        |from: &str| bob.post(n.url(&format!("/v2/bob/own/blobs/uploads/?mount={secret_layer}&from={from}"))).send();
+    assert_eq!(mount("other/secret").await.unwrap().status(), 202);
+    let team_blob = push_blob(&admin, &n, "team/app", b"shared layer").await;
+    let r =
+        bob.post(n.url(&format!("/v2/bob/own/blobs/uploads/?mount={team_blob}&from=team/app"))).send().await.unwrap();
+    assert_eq!(r.status(), 201, "bob may pull team/app, so he may mount from it");
+    let r = bob.post(n.url(&format!("/v2/bob/own/blobs/uploads/?mount={secret_layer}"))).send().await.unwrap();
+    assert_eq!(r.status(), 202, "a mount without `from` never searches other repositories for a caller");
+
+    // the event journal is for admins; /metrics for admins and a metrics grant
+    assert_eq!(status(&alice, n.url("/v2/_raftyard/events")).await, 403);
+    assert_eq!(status(&anon, n.url("/v2/_raftyard/events")).await, 401);
+    let r = admin.get(n.url("/v2/_raftyard/events?since=0&limit=10000")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let journal = r.text().await.unwrap();
+    assert!(journal.contains("\"UserPut\"") && journal.contains("\"GrantAdded\""), "the journal is the audit trail");
+    assert!(!journal.contains("argon2"), "no hash in the journal's view");
+    assert_eq!(status(&alice, n.url("/metrics")).await, 403);
+    add_user(&n, "prom", "prom-password-1", &[]);
+    grant(&n, &["--user", "prom"], "_raftyard/metrics", "pull");
+    let r = client_as("prom", "prom-password-1").get(n.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = r.text().await.unwrap();
+    assert!(metrics.contains("raftyard_auth_failures_total{reason=\"bad_password\"}"), "{metrics}");
+    assert!(metrics.contains("raftyard_auth_denied_total"), "{metrics}");
+    // health and readiness stay open for load balancers
+    assert_eq!(status(&anon, n.url("/v2/_raftyard/health")).await, 200);
+
+    // revoking and removing take effect at once
+    cli(&["access", "revoke", "--user", "alice", "--repos", "team/**", "--node", &n.peer]);
+    assert_eq!(status(&alice, m("team/app")).await, 403);
+    cli(&["user", "remove", "carol", "--node", &n.peer]);
+    assert_eq!(status(&carol, n.url("/v2/")).await, 401);
+    cli_stdin(&["user", "passwd", "bob", "--password-stdin", "--node", &n.peer], "bob-new-password\n");
+    assert_eq!(status(&bob, n.url("/v2/")).await, 401, "the old password stops working");
+    assert_eq!(status(&client_as("bob", "bob-new-password"), n.url("/v2/")).await, 200);
+
+    let log = std::fs::read_to_string(&n.log).unwrap();
+    for secret in [ADMIN_PW, ALICE_PW, BOB_PW, CAROL_PW, "bob-new-password", "argon2id"] {
+        assert!(!log.contains(secret), "the log holds a secret: {secret}");
+    }
+    assert!(log.contains("\"audit\":\"denied\"") && log.contains("\"audit\":\"access_change\""));
+}
+
+/// Robot tokens as `docker login` passwords; the lockout of one address while another pulls.
+#[tokio::test]
+async fn robot_tokens_and_lockout_of_one_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_with_auth(dir.path(), "basic", "lockout_threshold = 5\n");
+    add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+    let admin = client_as("admin", ADMIN_PW);
+    let digest = push_image(&admin, &n, "team/app", "v1", b"app").await;
+
+    let secret = cli(&["token", "create", "--name", "ci", "--grant", "ci/*:pull,push", "--node", &n.peer]);
+    let secret = secret.trim().to_string();
+    assert!(secret.starts_with("ryt_"), "{secret}");
+    let robot = client_as("ci", &secret);
+    push_image(&robot, &n, "ci/build", "1", b"built").await;
+    assert_eq!(status(&robot, n.url("/v2/team/app/manifests/v1")).await, 403);
+    // last use recorded in the log (at most once a minute)
+    let mut used = false;
+    for _ in 0..50 {
+        let l: serde_json::Value = serde_json::from_str(&cli(&["token", "list", "--json", "--node", &n.peer])).unwrap();
+        if l[0]["last_used_ms"].as_u64().is_some() {
+            used = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(used, "the token's last use is recorded");
+    // an expired token is refused
+    let expired =
+        cli(&["token", "create", "--name", "old", "--grant", "ci/*:pull", "--expires", "0s", "--node", &n.peer]);
+    assert_eq!(status(&client_as("old", expired.trim()), n.url("/v2/")).await, 401);
+    cli(&["token", "revoke", "--name", "ci", "--node", &n.peer]);
+    assert_eq!(status(&robot, n.url("/v2/")).await, 401, "a revoked token stops working");
+
+    // five failures a minute are tolerated from 127.0.0.2; the sixth locks it out, and only it
+    let from2 = |user: &str, pw: &str| {
+        let v = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}")));
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::AUTHORIZATION, v.parse().unwrap());
+        reqwest::Client::builder().local_address(Some("127.0.0.2".parse().unwrap())).default_headers(h).build().unwrap()
+    };
+    let attacker = from2("admin", "guess");
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(status(&attacker, n.url("/v2/")).await);
+        // the other address keeps pulling meanwhile
+        assert_eq!(status(&admin, n.url(&format!("/v2/team/app/manifests/{digest}"))).await, 200);
+    }
+    assert_eq!(codes, [401, 401, 401, 401, 401, 401, 429, 429], "locked after the sixth failure");
+    let r = from2("admin", ADMIN_PW).get(n.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 429, "locked out even with the right password");
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    let metrics = admin.get(n.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("raftyard_auth_lockouts_total 1"), "{metrics}");
+    assert!(metrics.contains("raftyard_auth_locked_addresses 1"), "{metrics}");
+    let log = std::fs::read_to_string(&n.log).unwrap();
+    assert!(!log.contains(&secret) && !log.contains(expired.trim()), "a robot secret reached the log");
+}
+
+fn jwt_claims(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// The Docker token flow by hand: challenges, the token endpoint (GET with Basic, the OAuth2
+/// POST with password and refresh token), the granted intersection, tokens for other
+/// repositories.
+#[tokio::test]
+async fn token_mode_challenges_and_issues_the_intersection() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_with_auth(dir.path(), "token", "");
+    add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+    add_user(&n, "alice", ALICE_PW, &[]);
+    grant(&n, &["--user", "alice"], "team/**", "pull,push");
+    let anon = client();
+    let r = anon.get(n.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let realm = format!("http://{}/auth/token", n.addr);
+    assert_eq!(r.headers()["www-authenticate"], format!("Bearer realm=\"{realm}\",service=\"raftyard\"").as_str());
+    let r = anon.get(n.url("/v2/team/app/manifests/v1")).send().await.unwrap();
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        format!("Bearer realm=\"{realm}\",service=\"raftyard\",scope=\"repository:team/app:pull\"").as_str()
+    );
+    // a token for alice, asking more than she may: she gets pull and push, not delete
+    let alice = client_as("alice", ALICE_PW);
+    let r = alice
+        .get(format!("{realm}?service=raftyard&scope=repository:team/app:pull,push,delete&offline_token=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let claims = jwt_claims(&token);
+    assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull", "push"]));
+    assert_eq!(claims["sub"], "alice");
+    assert!(v["refresh_token"].is_string());
+    let with = bearer(&token);
+    let digest = push_image(&with, &n, "team/app", "v1", b"by token").await;
+    assert_eq!(status(&with, n.url("/v2/team/app/manifests/v1")).await, 200);
+    let r = with.delete(n.url(&format!("/v2/team/app/manifests/{digest}"))).send().await.unwrap();
+    assert_eq!(r.status(), 403, "delete was not granted, and alice may not get it");
+    // the token names one repository: for another one alice may use, a new challenge
+    let r = with.get(n.url("/v2/team/other/manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("scope=\"repository:team/other:pull\""));
+    assert_eq!(status(&with, n.url("/v2/other/x/manifests/v1")).await, 403);
+    // wrong password at the token endpoint; garbage and forged bearer tokens at the API
+    assert_eq!(status(&client_as("alice", "nope"), format!("{realm}?scope=repository:team/app:pull")).await, 401);
+    assert_eq!(status(&bearer("not.a.token"), n.url("/v2/")).await, 401);
+    let mut forged = token.clone();
+    forged.truncate(forged.len() - 4);
+    forged.push_str("AAAA");
+    assert_eq!(status(&bearer(&forged), n.url("/v2/team/app/manifests/v1")).await, 401);
+    // a Basic caller in token mode may still reach the API (curl, scripts)
+    assert_eq!(status(&alice, n.url("/v2/team/app/manifests/v1")).await, 200);
+
+    // the OAuth2 POST: password grant, then the refresh token docker keeps as identity token
+    let form = [
+        ("grant_type", "password"),
+        ("username", "alice"),
+        ("password", ALICE_PW),
+        ("service", "raftyard"),
+        ("scope", "repository:team/app:pull"),
+        ("access_type", "offline"),
+        ("client_id", "test"),
+    ];
+    let v: serde_json::Value = anon.post(&realm).form(&form).send().await.unwrap().json().await.unwrap();
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    assert_eq!(jwt_claims(v["access_token"].as_str().unwrap())["access"][0]["actions"], serde_json::json!(["pull"]));
+    let form = [
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh.as_str()),
+        ("service", "raftyard"),
+        ("scope", "repository:team/app:pull,push"),
+        ("client_id", "test"),
+    ];
+    let r = anon.post(&realm).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        jwt_claims(v["access_token"].as_str().unwrap())["access"][0]["actions"],
+        serde_json::json!(["pull", "push"])
+    );
+    assert_eq!(status(&bearer(&refresh), n.url("/v2/")).await, 401, "a refresh token is no access token");
+    let r = anon
+        .post(&realm)
+        .form(&[("grant_type", "password"), ("username", "alice"), ("password", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // a rotated key keeps the old tokens valid until they expire
+    cli(&["access", "rotate-key", "--node", &n.peer]);
+    assert_eq!(status(&with, n.url("/v2/team/app/manifests/v1")).await, 200);
+    // the catalog needs its scope, then lists what the holder may pull
+    assert_eq!(status(&with, n.url("/v2/_catalog")).await, 401);
+    let v: serde_json::Value =
+        alice.get(format!("{realm}?scope=registry:catalog:*")).send().await.unwrap().json().await.unwrap();
+    let cat = bearer(v["token"].as_str().unwrap());
+    push_image(&client_as("admin", ADMIN_PW), &n, "other/x", "v1", b"x").await;
+    assert_eq!(catalog(&cat, &n).await, ["team/app"]);
+}
+
+/// docker, skopeo and podman log in and push and pull, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_log_in_in_both_modes() {
+    for mode in ["basic", "token"] {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node_with_auth(dir.path(), mode, "");
+        add_user(&n, "alice", ALICE_PW, &[]);
+        grant(&n, &["--user", "alice"], "team/**", "pull,push");
+        add_user(&n, "eve", "eve-password-1", &[]);
+
+        // docker: login (stored under its own config dir), push, pull
+        let cfg = dir.path().join("docker-config");
+        let docker = |args: &[&str]| {
+            let mut c = Command::new("docker");
+            c.arg("--config").arg(&cfg).args(args);
+            c
+        };
+        let login = |user: &str, pw: &str| {
+            let mut c = docker(&["login", "-u", user, "--password-stdin", &n.addr]);
+            let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+            child.stdin.take().unwrap().write_all(pw.as_bytes()).unwrap();
+            child.wait_with_output().unwrap()
+        };
+        let bad = login("alice", "wrong-password");
+        assert!(!bad.status.success(), "{mode}: docker login with a wrong password must fail");
+        let ok = login("alice", ALICE_PW);
+        assert!(ok.status.success(), "{mode}: docker login: {}", String::from_utf8_lossy(&ok.stderr));
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        let mut junk = vec![0u8; 300_000];
+        rand::rngs::StdRng::seed_from_u64(5).fill(&mut junk[..]);
+        std::fs::write(rootfs.join("payload"), &junk).unwrap();
+        let tar = dir.path().join("rootfs.tar");
+        run(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg("."));
+        let image = format!("{}/team/docker:{mode}{}", n.addr, std::process::id());
+        run(docker(&["import"]).arg(&tar).arg(&image));
+        let push = run(&mut docker(&["push", &image]));
+        let pushed = push.split_whitespace().find(|w| w.starts_with("sha256:")).expect("digest").to_string();
+        run(&mut docker(&["rmi", &image]));
+        let pull = run(&mut docker(&["pull", &image]));
+        assert!(pull.contains(&pushed), "{mode}: {pull}");
+        run(&mut docker(&["rmi", &image]));
+        // someone without a grant is refused a push
+        let denied_image = format!("{}/team/denied:{mode}{}", n.addr, std::process::id());
+        run(docker(&["import"]).arg(&tar).arg(&denied_image));
+        assert!(login("eve", "eve-password-1").status.success());
+        let out = docker(&["push", &denied_image]).output().unwrap();
+        assert!(!out.status.success(), "{mode}: eve may not push");
+        run(&mut docker(&["rmi", &denied_image]));
+
+        // skopeo with --creds / --dest-creds
+        let src = dir.path().join("layout");
+        let index = write_layout(&src, 3);
+        let dest = format!("docker://{}/team/skopeo:v1", n.addr);
+        run(Command::new("skopeo")
+            .args(["copy", "--all", "--preserve-digests", "--dest-tls-verify=false"])
+            .arg(format!("--dest-creds=alice:{ALICE_PW}"))
+            .arg(format!("oci:{}:v1", src.display()))
+            .arg(&dest));
+        let raw = run(Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("--creds=alice:{ALICE_PW}"))
+            .arg(&dest));
+        assert_eq!(sha256(raw.as_bytes()), index);
+        let out = Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &dest]).output().unwrap();
+        assert!(!out.status.success(), "{mode}: skopeo without credentials is refused");
+
+        // podman login, then pull what skopeo pushed, by digest
+        let auth_file = dir.path().join("podman-auth.json");
+        let mut p = Command::new("podman")
+            .args(["login", "--tls-verify=false", "-u", "alice", "--password-stdin", "--authfile"])
+            .arg(&auth_file)
+            .arg(&n.addr)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        p.stdin.take().unwrap().write_all(ALICE_PW.as_bytes()).unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success(), "{mode}: podman login: {}", String::from_utf8_lossy(&out.stderr));
+        // podman pulls what docker pushed, with the credentials of its login
+        let pulled = run(Command::new("podman")
+            .args(["pull", "-q", "--tls-verify=false", "--authfile"])
+            .arg(&auth_file)
+            .arg(&image));
+        let digest = run(Command::new("podman").args(["image", "inspect", "--format", "{{.Digest}}", pulled.trim()]));
+        assert_eq!(digest.trim(), pushed, "{mode}: podman pulled another image");
+        run(Command::new("podman").args(["rmi", "-f", pulled.trim()]));
+        let out = Command::new("podman")
+            .args(["pull", "-q", "--tls-verify=false", "--authfile", "/dev/null", &image])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{mode}: podman without credentials is refused");
+
+        // in token mode every client went through the token endpoint; in basic mode none did
+        add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+        let metrics = client_as("admin", ADMIN_PW).get(n.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let tokens: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("raftyard_http_requests_total{route=\"token\"") && l.contains("status=\"200\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        if mode == "token" {
+            assert!(tokens >= 5, "docker, skopeo and podman fetched tokens: {tokens}");
+        } else {
+            assert_eq!(tokens, 0);
+        }
+        let log = std::fs::read_to_string(&n.log).unwrap();
+        assert!(!log.contains(ALICE_PW) && !log.contains("eve-password-1"), "{mode}: a password reached the log");
+    }
+}
+
+/// Users of an htpasswd file as `htpasswd -B` writes it (what Distribution reads); the file is
+/// reloaded when it changes; what they may do is still a grant in the log.
+#[tokio::test]
+async fn htpasswd_users_are_reloaded_and_still_need_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("htpasswd");
+    run(Command::new("htpasswd").args(["-B", "-b", "-c"]).arg(&file).args(["dave", "dave-password-1"]));
+    let n = node_with_auth(dir.path(), "basic", &format!("htpasswd = {:?}\n", file));
+    add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+    push_image(&client_as("admin", ADMIN_PW), &n, "team/app", "v1", b"app").await;
+    let dave = client_as("dave", "dave-password-1");
+    let m = n.url("/v2/team/app/manifests/v1");
+    assert_eq!(status(&dave, n.url("/v2/")).await, 200);
+    assert_eq!(status(&dave, m.clone()).await, 403, "known, but not granted");
+    grant(&n, &["--user", "dave"], "team/*", "pull");
+    assert_eq!(status(&dave, m.clone()).await, 200);
+    assert_eq!(status(&client_as("dave", "wrong"), n.url("/v2/")).await, 401);
+    // a user added to the file works within a second or two; one taken out stops working
+    run(Command::new("htpasswd").args(["-B", "-b"]).arg(&file).args(["erin", "erin-password-1"]));
+    let erin = client_as("erin", "erin-password-1");
+    let mut ok = false;
+    for _ in 0..40 {
+        if status(&erin, n.url("/v2/")).await == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "erin was not picked up from the changed file");
+    run(Command::new("htpasswd").args(["-D"]).arg(&file).arg("dave"));
+    let mut gone = false;
+    for _ in 0..40 {
+        if status(&dave, n.url("/v2/")).await == 401 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "dave still works after leaving the file (a cached credential outlived the reload)");
+}
+
+/// A user made on one node logs in through the relay's shared endpoint of a three-node cluster
+/// in token mode (the realm follows the relay's address), pushes with docker and pulls from
+/// every node's own endpoint: users and grants are the same on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_through_the_relay_in_token_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), 3);
+    let cl = Cluster::start_configured(3, "", |id| format!("[auth]\nmode = \"token\"\n{}", relay.link(id)));
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    relay.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
+    // made through a follower's peer port: forwarded to the leader like any write
+    let follower = &cl.nodes[(leader + 1) % 3];
+    add_user(follower, "alice", ALICE_PW, &[]);
+    grant(follower, &["--user", "alice"], "team/**", "pull,push");
+    let shared = relay.shared().to_string();
+    let r = client().get(format!("http://{shared}/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        format!("Bearer realm=\"http://{shared}/auth/token\",service=\"raftyard\"").as_str()
+    );
+    let cfg = dir.path().join("docker-config");
+    let docker = |args: &[&str]| {
+        let mut c = Command::new("docker");
+        c.arg("--config").arg(&cfg).args(args);
+        c
+    };
+    let mut child = docker(&["login", "-u", "alice", "--password-stdin", &shared])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(ALICE_PW.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "docker login through the relay: {}", String::from_utf8_lossy(&out.stderr));
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    let mut junk = vec![0u8; 2_000_000];
+    rand::rngs::StdRng::seed_from_u64(9).fill(&mut junk[..]);
+    std::fs::write(rootfs.join("payload"), &junk).unwrap();
+    let tar = dir.path().join("rootfs.tar");
+    run(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg("."));
+    let image = format!("{shared}/team/relayed:t{}", std::process::id());
+    run(docker(&["import"]).arg(&tar).arg(&image));
+    let push = run(&mut docker(&["push", &image]));
+    let pushed = push.split_whitespace().find(|w| w.starts_with("sha256:")).expect("digest").to_string();
+    run(&mut docker(&["rmi", &image]));
+    let pull = run(&mut docker(&["pull", &image]));
+    assert!(pull.contains(&pushed), "{pull}");
+    run(&mut docker(&["rmi", &image]));
+    // every node's own endpoint serves it to alice, with a token from that node
+    let alice = client_as("alice", ALICE_PW);
+    for id in 1..=3u64 {
+        let own = &relay.services[&format!("registry-{id}")];
+        let tag = format!("t{}", std::process::id());
+        let v: serde_json::Value = alice
+            .get(format!("http://{own}/auth/token?service=raftyard&scope=repository:team/relayed:pull"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let r = bearer(v["token"].as_str().unwrap())
+            .head(format!("http://{own}/v2/team/relayed/manifests/{tag}"))
+            .header("accept", "application/vnd.docker.distribution.manifest.v2+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "node {id}");
+        assert_eq!(r.headers()["docker-content-digest"], pushed.as_str(), "node {id}");
+    }
+}
