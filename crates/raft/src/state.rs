@@ -372,6 +372,17 @@ impl StateReader {
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
+    /// Up to `n` repositories linking this blob.
+    pub fn linked_in(&self, digest: &Digest, n: usize) -> std::io::Result<Vec<String>> {
+        let prefix = keys::links_of(&digest.to_string());
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix).take(n) {
+            let (k, _) = kv.map_err(io)?;
+            out.push(keys::suffix(&k, &prefix).to_string());
+        }
+        Ok(out)
+    }
+
     /// Any repository linking this blob (for mounts without `from`).
     pub fn blob_info(&self, digest: &Digest) -> std::io::Result<Option<BlobInfo>> {
         Ok(self.tree.get(keys::blob(&digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))

@@ -14,6 +14,8 @@ struct Env {
     node: Option<Node>,
     target: usize,
     c: reqwest::Client,
+    /// The `Authorization` value `c` sends, for tests that make their own connections.
+    auth: Option<&'static str>,
 }
 
 impl Env {
@@ -34,14 +36,39 @@ impl Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(&dir.path().join("data"));
-    Env { _dir: Some(dir), _cluster: None, _relay: None, node: Some(n), target: 0, c: client() }
+    Env { _dir: Some(dir), _cluster: None, _relay: None, node: Some(n), target: 0, c: client(), auth: None }
 }
 
 /// A three-node cluster; requests go to a follower.
 async fn follower_env() -> Env {
     let cl = Cluster::start(3);
     let leader = cl.leader(std::time::Duration::from_secs(20)).await;
-    Env { _dir: None, _cluster: Some(cl), _relay: None, node: None, target: (leader + 1) % 3, c: client() }
+    Env { _dir: None, _cluster: Some(cl), _relay: None, node: None, target: (leader + 1) % 3, c: client(), auth: None }
+}
+
+/// `admin:the-admin-password`
+const ADMIN_BASIC: &str = "Basic YWRtaW46dGhlLWFkbWluLXBhc3N3b3Jk";
+
+/// One node with token auth on, and a client that sends an admin's Basic credentials with
+/// every request: the whole API behaves the same behind the door.
+fn auth_env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let peer = format!("127.0.0.1:{}", free_port());
+    let extra = Extra { cluster: "[auth]\nmode = \"token\"\n", ..Extra::default() };
+    let n = Node::start_member_with(dir.path(), 1, &addr, &peer, &[], &extra);
+    let pw = dir.path().join("admin-password");
+    std::fs::write(&pw, "the-admin-password\n").unwrap();
+    cli(&["user", "add", "admin", "--admin", "--password-file", pw.to_str().unwrap(), "--node", &peer]);
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, ADMIN_BASIC.parse().unwrap());
+    let c = reqwest::Client::builder()
+        .default_headers(h)
+        .timeout(std::time::Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    Env { _dir: Some(dir), _cluster: None, _relay: None, node: Some(n), target: 0, c, auth: Some(ADMIN_BASIC) }
 }
 
 /// A three-node cluster behind a tunnel relay; requests go to the relay's shared endpoint,
@@ -54,7 +81,15 @@ async fn relay_env() -> Env {
     relay.wait_agents(3, std::time::Duration::from_secs(20)).await;
     cl.ready(std::time::Duration::from_secs(20)).await;
     let shared = Node::remote(relay.shared());
-    Env { _dir: Some(dir), _cluster: Some(cl), _relay: Some(relay), node: Some(shared), target: 0, c: client() }
+    Env {
+        _dir: Some(dir),
+        _cluster: Some(cl),
+        _relay: Some(relay),
+        node: Some(shared),
+        target: 0,
+        c: client(),
+        auth: None,
+    }
 }
 
 impl Env {
@@ -67,10 +102,10 @@ impl Env {
     }
 }
 
-/// Runs each API test three times: against a single node, against a follower of a three-node
-/// cluster (every write forwarded to the leader, every read through a read index), and through
+/// Runs each API test four times: against a single node, against a follower of a three-node
+/// cluster (every write forwarded to the leader, every read through a read index), through
 /// a tunnel relay in front of a three-node cluster (connections of one test land on different
-/// nodes, so upload sessions are forwarded to their owner).
+/// nodes, so upload sessions are forwarded to their owner), and against a node with auth on.
 macro_rules! on_every_topology {
     ($($name:ident),* $(,)?) => {
         mod single_node {
@@ -81,6 +116,9 @@ macro_rules! on_every_topology {
         }
         mod through_the_relay {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name(super::relay_env().await).await } )*
+        }
+        mod with_auth {
+            $( #[tokio::test] async fn $name() { super::$name(super::auth_env()).await } )*
         }
     };
 }
@@ -704,11 +742,12 @@ async fn one_connection_pipelined_then_handed_off(e: Env) {
     let d = push_blob(&e.c, e.n(), "pipe", &data).await;
     let mut s = std::net::TcpStream::connect(&e.n().addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let a = e.auth.map(|v| format!("Authorization: {v}\r\n")).unwrap_or_default();
     let req = format!(
-        "GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n\
-         GET /v2/pipe/blobs/{d} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-8\r\n\r\n\
-         POST /v2/pipe/blobs/uploads/?digest={d2} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
-         HEAD /v2/pipe/blobs/{d} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /v2/ HTTP/1.1\r\nHost: x\r\n{a}\r\n\
+         GET /v2/pipe/blobs/{d} HTTP/1.1\r\nHost: x\r\n{a}Range: bytes=0-8\r\n\r\n\
+         POST /v2/pipe/blobs/uploads/?digest={d2} HTTP/1.1\r\nHost: x\r\n{a}Content-Length: 5\r\n\r\nhello\
+         HEAD /v2/pipe/blobs/{d} HTTP/1.1\r\nHost: x\r\n{a}Connection: close\r\n\r\n",
         d2 = sha256(b"hello")
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -727,7 +766,11 @@ async fn one_connection_pipelined_then_handed_off(e: Env) {
 
 /// HTTP/2 with prior knowledge (h2c) is served too.
 async fn http2_prior_knowledge(e: Env) {
-    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let mut h = reqwest::header::HeaderMap::new();
+    if let Some(a) = e.auth {
+        h.insert(reqwest::header::AUTHORIZATION, a.parse().unwrap());
+    }
+    let c = reqwest::Client::builder().http2_prior_knowledge().default_headers(h).build().unwrap();
     let r = c.get(e.n().url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);

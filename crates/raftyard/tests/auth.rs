@@ -187,7 +187,9 @@ async fn basic_mode_enforces_the_grant_matrix_on_every_endpoint() {
         bob.post(n.url(&format!("/v2/bob/own/blobs/uploads/?mount={team_blob}&from=team/app"))).send().await.unwrap();
     assert_eq!(r.status(), 201, "bob may pull team/app, so he may mount from it");
     let r = bob.post(n.url(&format!("/v2/bob/own/blobs/uploads/?mount={secret_layer}"))).send().await.unwrap();
-    assert_eq!(r.status(), 202, "a mount without `from` never searches other repositories for a caller");
+    assert_eq!(r.status(), 202, "a mount without `from` only finds blobs of repositories the caller may pull");
+    let r = bob.post(n.url(&format!("/v2/bob/own2/blobs/uploads/?mount={team_blob}"))).send().await.unwrap();
+    assert_eq!(r.status(), 201, "team/app links it, and bob may pull team/app");
 
     // the event journal is for admins; /metrics for admins and a metrics grant
     assert_eq!(status(&alice, n.url("/v2/_raftyard/events")).await, 403);

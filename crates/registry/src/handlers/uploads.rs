@@ -116,6 +116,11 @@ fn fix_range(e: BlobError, name: &RepoName, id: &str) -> RegistryError {
     }
 }
 
+/// How many of the repositories linking a blob a mount without `from` looks at for one the
+/// caller may pull (bounds the work of a request; a blob in more repositories than this, none
+/// of them the caller's among the first, is uploaded again).
+const MOUNT_SOURCES_CHECKED: usize = 256;
+
 pub(crate) async fn start<B: ReqBody>(
     reg: &Registry,
     name: RepoName,
@@ -124,15 +129,23 @@ pub(crate) async fn start<B: ReqBody>(
 ) -> HandlerResult {
     let client = req.extensions().get::<crate::ClientAddr>().map(|c| c.0.to_string());
     if let Some(mount) = query(q, "mount") {
-        // a caller may mount only from a repository it may pull; otherwise (and without
-        // `from`, when auth is on) it uploads as if the blob were not there, and learns nothing
+        // a caller may mount only from a repository it may pull (without `from`: one of the
+        // repositories linking the blob); otherwise it uploads as if the blob were not there,
+        // and learns nothing
         let caller = crate::access::caller_of(&req);
         let from = query(q, "from");
-        let may = match from {
-            Some(f) => crate::access::may_pull(reg, &caller, f),
-            None => caller.open,
+        let parsed = Digest::parse(mount);
+        let may = match (from, &parsed) {
+            (Some(f), _) => crate::access::may_pull(reg, &caller, f),
+            (None, _) if caller.open => true,
+            (None, Ok(d)) => {
+                reg.meta.read_barrier().await?;
+                let repos = reg.meta.reader().linked_in(d, MOUNT_SOURCES_CHECKED)?;
+                repos.iter().any(|r| crate::access::may_pull(reg, &caller, r))
+            }
+            (None, Err(_)) => false,
         };
-        if let (true, Ok(digest)) = (may, Digest::parse(mount)) {
+        if let (true, Ok(digest)) = (may, parsed) {
             if let Some(r) = try_mount(reg, &name, &digest, from).await? {
                 return Ok(r);
             }
