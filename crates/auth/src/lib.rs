@@ -12,6 +12,7 @@
 //! Threat model and modes: `docs/security.md`.
 
 pub mod htpasswd;
+pub mod ldap;
 pub mod lockout;
 pub mod password;
 pub mod robot;
@@ -53,6 +54,8 @@ pub struct Settings {
     pub issuer: String,
     /// An htpasswd file of more users.
     pub htpasswd: Option<PathBuf>,
+    /// A directory of more users and their groups.
+    pub ldap: Option<ldap::LdapSettings>,
     /// Lifetime of an access token.
     pub token_ttl: Duration,
     /// Lifetime of a refresh token (`docker login`'s identity token).
@@ -70,6 +73,7 @@ impl Default for Settings {
             service: "raftyard".into(),
             issuer: "raftyard".into(),
             htpasswd: None,
+            ldap: None,
             token_ttl: Duration::from_secs(300),
             refresh_ttl: Duration::from_secs(30 * 86400),
             lockout_threshold: 10,
@@ -141,6 +145,8 @@ pub enum Failure {
     Token(TokenError),
     #[error("this mode does not accept {0} credentials")]
     WrongScheme(&'static str),
+    #[error("the directory could not check the credentials")]
+    Unavailable,
 }
 
 impl Failure {
@@ -154,6 +160,7 @@ impl Failure {
             Failure::Token(TokenError::Expired) => "token_expired",
             Failure::Token(_) => "bad_token",
             Failure::WrongScheme(_) => "wrong_scheme",
+            Failure::Unavailable => "directory_unavailable",
         }
     }
 }
@@ -321,7 +328,7 @@ impl Auth {
     }
 
     /// Checks a user name and password (or robot token) against, in order: robot tokens, the
-    /// cluster's users, the htpasswd file.
+    /// cluster's users, the htpasswd file, LDAP (the first that knows the name decides).
     pub async fn check_password(&self, user: &str, password: &str) -> Result<Principal, Failure> {
         let st = self.state();
         let (version, state) = (&st.0, &st.1);
@@ -346,6 +353,20 @@ impl Auth {
             }
         }
         let stored = state.users.get(user).map(|u| u.password_hash.clone()).or(from_file.and_then(|(h, _)| h));
+        if stored.is_none() {
+            if let Some(l) = &self.settings.ldap {
+                let principal = match ldap::verify(l, user, password).await {
+                    Ok(ldap::Verdict::Valid { groups }) => Principal::User { name: user.to_string(), groups },
+                    Ok(ldap::Verdict::Invalid) => return Err(Failure::BadPassword),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LDAP could not check a login");
+                        return Err(Failure::Unavailable);
+                    }
+                };
+                self.remember(key, &principal, *version);
+                return Ok(principal);
+            }
+        }
         let ok = {
             let _permit = self.kdf.acquire().await.expect("the semaphore is never closed");
             let (password, target) =
@@ -356,12 +377,16 @@ impl Auth {
             return Err(Failure::BadPassword);
         }
         let principal = Principal::User { name: user.to_string(), groups: vec![] };
+        self.remember(key, &principal, *version);
+        Ok(principal)
+    }
+
+    fn remember(&self, key: [u8; 32], principal: &Principal, version: u64) {
         let mut cache = self.creds.lock().expect("cred cache");
         if cache.len() >= CRED_MAX {
             cache.clear();
         }
-        cache.insert(key, CachedCred { principal: principal.clone(), version: *version, at: Instant::now() });
-        Ok(principal)
+        cache.insert(key, CachedCred { principal: principal.clone(), version, at: Instant::now() });
     }
 
     fn cred_key(&self, user: &str, password: &str) -> [u8; 32] {

@@ -61,12 +61,55 @@ pub struct AuthSection {
     /// Lifetime of a refresh token (`docker login`'s identity token), seconds.
     #[serde(default = "default_refresh_ttl")]
     pub refresh_ttl_secs: u64,
+    /// More users and their groups from an LDAP directory.
+    #[serde(default)]
+    pub ldap: Option<LdapSection>,
     /// Failed authentications a minute from one address before it gets `429` (0: never).
     #[serde(default = "default_lockout")]
     pub lockout_threshold: u32,
     /// How long a locked-out address waits, seconds.
     #[serde(default = "default_lockout_secs")]
     pub lockout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapSection {
+    /// `ldap://host:port` (with `start_tls = true` to upgrade) or `ldaps://host:port`.
+    pub url: String,
+    #[serde(default)]
+    pub start_tls: bool,
+    /// CA certificates (PEM) of the directory's TLS certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The service account that searches users and groups.
+    pub bind_dn: String,
+    /// A file holding the service account's password (first line). Never printed.
+    pub bind_password_file: PathBuf,
+    pub user_base_dn: String,
+    /// `{username}` is the escaped user name. Default `(uid={username})`.
+    #[serde(default = "default_user_filter")]
+    pub user_filter: String,
+    /// Where groups are searched; absent: users have no LDAP groups.
+    #[serde(default)]
+    pub group_base_dn: Option<String>,
+    /// `{dn}` is the user's escaped DN, `{username}` its escaped name; a group's `cn` is its
+    /// name in grants. Default `(member={dn})`.
+    #[serde(default = "default_group_filter")]
+    pub group_filter: String,
+    /// Seconds for each connection to the directory.
+    #[serde(default = "default_ldap_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_user_filter() -> String {
+    "(uid={username})".into()
+}
+fn default_group_filter() -> String {
+    "(member={dn})".into()
+}
+fn default_ldap_timeout() -> u64 {
+    5
 }
 
 fn default_service() -> String {
@@ -86,9 +129,30 @@ fn default_lockout_secs() -> u64 {
 }
 
 impl AuthSection {
-    /// The settings of the auth layer.
-    pub fn settings(&self) -> raftyard_auth::Settings {
-        raftyard_auth::Settings {
+    /// The settings of the auth layer (reads the LDAP bind password file).
+    pub fn settings(&self) -> anyhow::Result<raftyard_auth::Settings> {
+        let ldap = match &self.ldap {
+            None => None,
+            Some(l) => {
+                let text = std::fs::read_to_string(&l.bind_password_file).with_context(|| {
+                    format!("reading auth.ldap.bind_password_file {}", l.bind_password_file.display())
+                })?;
+                Some(raftyard_auth::ldap::LdapSettings {
+                    url: l.url.clone(),
+                    start_tls: l.start_tls,
+                    ca: l.ca.clone(),
+                    bind_dn: l.bind_dn.clone(),
+                    bind_password: text.lines().next().unwrap_or("").to_string(),
+                    user_base_dn: l.user_base_dn.clone(),
+                    user_filter: l.user_filter.clone(),
+                    group_base_dn: l.group_base_dn.clone(),
+                    group_filter: l.group_filter.clone(),
+                    timeout: Duration::from_secs(l.timeout_secs.max(1)),
+                })
+            }
+        };
+        Ok(raftyard_auth::Settings {
+            ldap,
             mode: match self.mode {
                 AuthMode::None => raftyard_auth::Mode::None,
                 AuthMode::Basic => raftyard_auth::Mode::Basic,
@@ -102,7 +166,7 @@ impl AuthSection {
             refresh_ttl: Duration::from_secs(self.refresh_ttl_secs),
             lockout_threshold: self.lockout_threshold,
             lockout_duration: Duration::from_secs(self.lockout_secs),
-        }
+        })
     }
 }
 
@@ -369,6 +433,16 @@ impl Config {
                     self.cluster.listen
                 );
                 anyhow::ensure!(a.token_ttl_secs >= 10, "auth.token_ttl_secs must be at least 10");
+                if let Some(l) = &a.ldap {
+                    anyhow::ensure!(
+                        l.url.starts_with("ldap://") || l.url.starts_with("ldaps://"),
+                        "auth.ldap.url must start with ldap:// or ldaps://"
+                    );
+                    anyhow::ensure!(
+                        l.user_filter.contains("{username}"),
+                        "auth.ldap.user_filter must contain {{username}}"
+                    );
+                }
             }
             Some(_) => {}
         }

@@ -206,7 +206,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let auth = match &cfg.auth {
         Some(a) if a.mode != crate::config::AuthMode::None => {
             let auth = raftyard_auth::Auth::new(
-                a.settings(),
+                a.settings()?,
                 Box::new(raftyard_registry::access::StateAccess(meta.reader().clone())),
             )
             .map_err(|e| anyhow::anyhow!("[auth]: {e}"))?;

@@ -621,3 +621,118 @@ async fn docker_through_the_relay_in_token_mode() {
         assert_eq!(r.headers()["docker-content-digest"], pushed.as_str(), "node {id}");
     }
 }
+
+/// A real slapd on a loopback port, with users and groups, for the life of a test.
+struct Slapd {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Slapd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_slapd(dir: &std::path::Path) -> Slapd {
+    let d = dir.join("slapd");
+    std::fs::create_dir_all(d.join("db")).unwrap();
+    let conf = d.join("slapd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "include /etc/ldap/schema/core.schema\ninclude /etc/ldap/schema/cosine.schema\n\
+             include /etc/ldap/schema/inetorgperson.schema\nmodulepath /usr/lib/ldap\nmoduleload back_mdb\n\
+             pidfile {}/slapd.pid\ndatabase mdb\nmaxsize 10485760\nsuffix \"dc=example,dc=org\"\n\
+             rootdn \"cn=admin,dc=example,dc=org\"\nrootpw admin-secret\ndirectory {}/db\n",
+            d.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let person = |uid: &str, pw: &str| {
+        format!(
+            "dn: uid={uid},ou=people,dc=example,dc=org\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nsn: {uid}\nuserPassword: {pw}\n\n"
+        )
+    };
+    let ldif = format!(
+        "dn: dc=example,dc=org\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\n\
+         dn: ou=people,dc=example,dc=org\nobjectClass: organizationalUnit\nou: people\n\n\
+         dn: ou=groups,dc=example,dc=org\nobjectClass: organizationalUnit\nou: groups\n\n\
+         {}{}\
+         dn: cn=devs,ou=groups,dc=example,dc=org\nobjectClass: groupOfNames\ncn: devs\n\
+         member: uid=lara,ou=people,dc=example,dc=org\n\n\
+         dn: cn=ops,ou=groups,dc=example,dc=org\nobjectClass: groupOfNames\ncn: ops\n\
+         member: uid=omar,ou=people,dc=example,dc=org\n",
+        person("lara", "lara-password-1"),
+        person("omar", "omar-password-1"),
+    );
+    let ldif_path = d.join("data.ldif");
+    std::fs::write(&ldif_path, ldif).unwrap();
+    run(Command::new("slapadd").arg("-f").arg(&conf).arg("-l").arg(&ldif_path));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = format!("ldap://{addr}");
+    let child = Command::new("slapd")
+        .arg("-f")
+        .arg(&conf)
+        .args(["-h", &format!("{url}/"), "-d", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("slapd (the README's test command installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "slapd did not start on {addr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Slapd { child, url }
+}
+
+/// LDAP users and groups from a real slapd: the directory says who (and in which groups), the
+/// grants in the log say what; injection in the user name finds no one.
+#[tokio::test]
+async fn ldap_users_and_groups_from_slapd() {
+    let dir = tempfile::tempdir().unwrap();
+    let ldap = start_slapd(dir.path());
+    let bind_pw = dir.path().join("ldap-bind");
+    std::fs::write(&bind_pw, "admin-secret\n").unwrap();
+    let section = format!(
+        "[auth.ldap]\nurl = \"{}\"\nbind_dn = \"cn=admin,dc=example,dc=org\"\nbind_password_file = {:?}\n\
+         user_base_dn = \"ou=people,dc=example,dc=org\"\nuser_filter = \"(uid={{username}})\"\n\
+         group_base_dn = \"ou=groups,dc=example,dc=org\"\ngroup_filter = \"(member={{dn}})\"\n",
+        ldap.url, bind_pw
+    );
+    let n = node_with_auth(dir.path(), "token", &section);
+    add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+    push_image(&client_as("admin", ADMIN_PW), &n, "team/app", "v1", b"app").await;
+    grant(&n, &["--group", "devs"], "team/*", "pull");
+    grant(&n, &["--user", "lara"], "lara/*", "pull,push");
+    let lara = client_as("lara", "lara-password-1");
+    let omar = client_as("omar", "omar-password-1");
+    assert_eq!(status(&lara, n.url("/v2/")).await, 200);
+    assert_eq!(status(&lara, n.url("/v2/team/app/manifests/v1")).await, 200, "through the LDAP group devs");
+    assert_eq!(status(&omar, n.url("/v2/")).await, 200);
+    assert_eq!(status(&omar, n.url("/v2/team/app/manifests/v1")).await, 403, "omar is in ops, not devs");
+    push_image(&lara, &n, "lara/tools", "v1", b"lara's").await;
+    assert_eq!(lara.post(n.url("/v2/team/app/blobs/uploads/")).send().await.unwrap().status(), 403);
+    for (user, pw) in [
+        ("lara", "wrong-password"),
+        ("lara", ""),
+        ("nobody", "lara-password-1"),
+        ("*", "lara-password-1"),
+        ("lara)(uid=*", "lara-password-1"),
+        ("*)(|(uid=*", "omar-password-1"),
+    ] {
+        assert_eq!(status(&client_as(user, pw), n.url("/v2/")).await, 401, "{user:?} / {pw:?}");
+    }
+    // the token endpoint carries the LDAP groups into the token
+    let r = lara.get(n.url("/auth/token?service=raftyard&scope=repository:team/app:pull,push")).send().await.unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let claims = jwt_claims(v["token"].as_str().unwrap());
+    assert_eq!(claims["grp"], serde_json::json!(["devs"]));
+    assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull"]));
+    assert_eq!(status(&bearer(v["token"].as_str().unwrap()), n.url("/v2/team/app/manifests/v1")).await, 200);
+    let log = std::fs::read_to_string(&n.log).unwrap();
+    assert!(!log.contains("lara-password-1") && !log.contains("admin-secret"), "a secret reached the log");
+}

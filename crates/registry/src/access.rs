@@ -263,7 +263,8 @@ fn wanted(a: Actions) -> Actions {
 /// Counts and logs a failed authentication, and locks the address out past the threshold.
 fn refused<B>(reg: &Registry, auth: &Auth, addr: Option<IpAddr>, req: &Request<B>, user: Option<&str>, f: &Failure) {
     reg.metrics.auth_failure(f.reason());
-    let locked = addr.is_some_and(|a| auth.lockout.failure(a));
+    // a directory that cannot answer is not the client's failure
+    let locked = !matches!(f, Failure::Unavailable) && addr.is_some_and(|a| auth.lockout.failure(a));
     audit(json!({"audit": "auth_failed", "node": reg.meta.id(), "client": addr.map(|a| a.to_string()),
                  "user": user, "reason": f.reason(), "method": req.method().as_str(), "path": req.uri().path(),
                  "locked_out": locked}));
