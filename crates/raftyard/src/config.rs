@@ -278,8 +278,8 @@ pub struct RegistrySection {
     /// Upload sessions open at once on this node; past it a new one gets `429 TOOMANYREQUESTS`.
     /// 0: no limit. A session holds no file descriptor while idle.
     pub max_upload_sessions: usize,
-    /// The same per client address (0: no limit). Behind the relay every visitor has the
-    /// agent's address, so they share this limit.
+    /// The same per client address (0: no limit). Behind the relay the client address is the
+    /// visitor's, which the relay passes on.
     pub max_upload_sessions_per_client: usize,
     /// Serve HTTPS with this certificate and key (PEM). Absent: plain HTTP.
     pub tls: Option<TlsSection>,

@@ -409,20 +409,34 @@ fn start_agent(
         a.to_string()
     };
     let id = cfg.node.id;
-    let mut services = vec![raftyard_tunnel::LocalService { name: format!("registry-{id}"), local: local(registry) }];
+    // the registry learns each visitor's address from a PROXY header, read only on connections
+    // this agent opened (`trusted`)
+    let registry_service =
+        |name: String| raftyard_tunnel::LocalService { name, local: local(registry), proxy_protocol: true };
+    let mut services = vec![registry_service(format!("registry-{id}"))];
     if cfg.node.role != crate::config::Role::Backup {
-        services.push(raftyard_tunnel::LocalService { name: "registry".into(), local: local(registry) });
+        services.push(registry_service("registry".into()));
     }
     if cfg.tunnel.peer_service {
-        services.push(raftyard_tunnel::LocalService { name: format!("peer-{id}"), local: local(peer) });
+        services.push(raftyard_tunnel::LocalService {
+            name: format!("peer-{id}"),
+            local: local(peer),
+            proxy_protocol: false,
+        });
     }
     // the shared service only takes visitors while this node is ready, so the relay sends them
     // to nodes that can serve; this node's own services always do (its own endpoint is how an
     // operator reaches it, and a node catching up needs its peer service)
     let gate = raftyard_tunnel::Gate { services: vec!["registry".into()], ready };
-    let agent =
-        raftyard_tunnel::Agent::start_gated(&format!("node{}", cfg.node.id), &cfg.tunnel.relay, &services, Some(gate))
-            .context("starting the tunnel agent")?;
+    let trusted = reg.proxied();
+    let agent = raftyard_tunnel::Agent::start_gated(
+        &format!("node{}", cfg.node.id),
+        &cfg.tunnel.relay,
+        &services,
+        Some(gate),
+        Some(trusted),
+    )
+    .context("starting the tunnel agent")?;
     info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");
     Ok(Some(agent))
 }

@@ -736,3 +736,65 @@ async fn ldap_users_and_groups_from_slapd() {
     let log = std::fs::read_to_string(&n.log).unwrap();
     assert!(!log.contains("lara-password-1") && !log.contains("admin-secret"), "a secret reached the log");
 }
+
+/// Behind the relay the client address is the visitor's (the relay tells the agent in a PROXY
+/// header, the agent tells its node): a brute force through the relay locks out its own address
+/// only, while another visitor of the same relay keeps pulling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lockout_through_the_relay_hits_only_the_visitor() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), 1);
+    let cl = Cluster::start_configured(1, "", |id| {
+        format!("[auth]\nmode = \"basic\"\nlockout_threshold = 3\n{}", relay.link(id))
+    });
+    cl.leader(Duration::from_secs(20)).await;
+    relay.wait_agents(1, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
+    let n = &cl.nodes[0];
+    add_user(n, "admin", ADMIN_PW, &["--admin"]);
+    let shared = relay.shared().to_string();
+    let via = |from: &str, user: &str, pw: &str| {
+        let v = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}")));
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::AUTHORIZATION, v.parse().unwrap());
+        reqwest::Client::builder().local_address(Some(from.parse().unwrap())).default_headers(h).build().unwrap()
+    };
+    let admin = via("127.0.0.3", "admin", ADMIN_PW);
+    let base = format!("http://{shared}/v2/");
+    let digest = push_image(&admin, &Node::remote(&shared), "team/app", "v1", b"app").await;
+    let attacker = via("127.0.0.2", "admin", "guess");
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(status(&attacker, base.clone()).await);
+        let r = admin.get(format!("http://{shared}/v2/team/app/manifests/{digest}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "another visitor of the same relay keeps pulling");
+    }
+    assert_eq!(codes, [401, 401, 401, 401, 429, 429], "three failures tolerated, the fourth locks");
+    // the node's audit lines name the visitor, not the agent's loopback connection
+    let log = std::fs::read_to_string(&n.log).unwrap();
+    assert!(log.contains("\"client\":\"127.0.0.2\""), "the visitor's address is not in the audit lines");
+    // and a PROXY header from anyone but the node's own agent is not believed: it is a bad request
+    let mut s = std::net::TcpStream::connect(&n.addr).unwrap();
+    use std::io::{Read, Write};
+    let fake: std::net::SocketAddr = "203.0.113.9:4444".parse().unwrap();
+    let mut req = raftyard_tunnel_header(fake, n.addr.parse().unwrap());
+    req.extend_from_slice(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(&req).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(!out.starts_with("HTTP/1.1 401"), "a forged PROXY header was parsed: {out}");
+}
+
+/// A PROXY v2 header, as the relay and the agent write them.
+fn raftyard_tunnel_header(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    for ip in [src.ip(), dst.ip()] {
+        if let std::net::IpAddr::V4(a) = ip {
+            h.extend_from_slice(&a.octets());
+        }
+    }
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}

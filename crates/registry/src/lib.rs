@@ -97,11 +97,14 @@ pub struct Registry {
     pub(crate) lag: raftyard_cluster::Lag,
     /// Who may do what; `None`: everyone everything.
     pub(crate) auth: access::SharedAuth,
+    /// Source addresses of the connections this node's own tunnel agent opened: each starts
+    /// with a PROXY header naming the relay's visitor, the client address of its requests.
+    pub(crate) proxied: Arc<raftyard_tunnel::proxy::Trusted>,
 }
 
-/// The address of the client a request came from, as its connection shows it (a request
-/// extension set by the server). Behind the relay it is the local agent's address, so the
-/// relay's visitors share one; a request forwarded by another node has none.
+/// The address of the client a request came from (a request extension set by the server): the
+/// connection's peer, or behind the relay the visitor's address that this node's own agent
+/// passed on in a PROXY header. A request forwarded by another node has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::IpAddr);
 
@@ -138,6 +141,7 @@ impl Registry {
             metrics: metrics::Metrics::default(),
             lag,
             auth,
+            proxied: Default::default(),
         })
     }
 
@@ -168,6 +172,11 @@ impl Registry {
             Ok(Err(e)) => Some(format!("read barrier failed: {e}")),
             Err(_) => Some(format!("read barrier not done within {READY_BARRIER:?}: no leader, or far behind")),
         }
+    }
+
+    /// Where this node's tunnel agent registers the connections it opens to the registry.
+    pub fn proxied(&self) -> Arc<raftyard_tunnel::proxy::Trusted> {
+        self.proxied.clone()
     }
 
     pub fn meta(&self) -> &MetaNode {

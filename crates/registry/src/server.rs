@@ -93,6 +93,17 @@ pub async fn serve(
         let tls = tls.clone();
         let stop = stop.clone();
         fast.spawn(async move {
+            let mut stream = stream;
+            // a connection of this node's own tunnel agent: the relay's visitor is the client
+            let peer = if reg.proxied.take(&peer) {
+                match tokio::time::timeout(HEADER_READ_TIMEOUT, raftyard_tunnel::proxy::read(&mut stream)).await {
+                    Ok(Ok(visitor)) => visitor.map(|v| std::net::SocketAddr::new(v.ip(), peer.port())).unwrap_or(peer),
+                    Ok(Err(e)) => return debug!(%peer, error = %e, "bad PROXY header from the agent"),
+                    Err(_) => return debug!(%peer, "no PROXY header from the agent in time"),
+                }
+            } else {
+                peer
+            };
             let svc = {
                 let reg = reg.clone();
                 service_fn(move |mut req: http::Request<hyper::body::Incoming>| {

@@ -56,15 +56,50 @@ pub struct Gate {
     pub ready: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The local services by name, and the gate some of them are behind.
+/// The local services by name, the gate some of them are behind, and where the source
+/// addresses of connections to services that read a PROXY header are registered.
 struct Services {
-    local: HashMap<String, String>,
+    local: HashMap<String, LocalService>,
     gate: Option<Gate>,
+    trusted: Option<Arc<crate::proxy::Trusted>>,
 }
 
 impl Services {
+    /// Connects to the local service; for one that reads a PROXY header, from a source address
+    /// registered as this agent's before the connection is made.
+    async fn dial(&self, svc: &LocalService) -> std::io::Result<TcpStream> {
+        let Some(trusted) = self.trusted.as_ref().filter(|_| svc.proxy_protocol) else {
+            return dial(&svc.local).await;
+        };
+        let target = tokio::net::lookup_host(&svc.local)
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{} resolves to nothing", svc.local)))?;
+        let socket = if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // the service is on this machine (the agent runs inside the node): its own address is a
+        // local one, and the source address is known before the connection exists
+        socket.bind(std::net::SocketAddr::new(target.ip(), 0))?;
+        let source = socket.local_addr()?;
+        trusted.insert(source);
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(target)).await;
+        match connected {
+            Ok(Ok(s)) => {
+                pump::tune(&s);
+                Ok(s)
+            }
+            Ok(Err(e)) => {
+                trusted.take(&source);
+                Err(e)
+            }
+            Err(_) => {
+                trusted.take(&source);
+                Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            }
+        }
+    }
+
     /// Where a visitor of `service` goes now, or why it cannot.
-    fn target(&self, service: &str) -> std::io::Result<&str> {
+    fn target(&self, service: &str) -> std::io::Result<&LocalService> {
         let Some(local) = self.local.get(service) else {
             return Err(std::io::Error::other(format!("no service {service:?}")));
         };
@@ -90,7 +125,7 @@ impl Agent {
     /// Starts one connection task per relay. `default_name` names the agent where a link does
     /// not set `name`.
     pub fn start(default_name: &str, links: &[RelayLink], services: &[LocalService]) -> Result<Agent, Error> {
-        Self::start_gated(default_name, links, services, None)
+        Self::start_gated(default_name, links, services, None, None)
     }
 
     /// The same, with some services turned away while `gate` says not ready.
@@ -99,9 +134,10 @@ impl Agent {
         links: &[RelayLink],
         services: &[LocalService],
         gate: Option<Gate>,
+        trusted: Option<Arc<crate::proxy::Trusted>>,
     ) -> Result<Agent, Error> {
         let services =
-            Arc::new(Services { local: services.iter().map(|s| (s.name.clone(), s.local.clone())).collect(), gate });
+            Arc::new(Services { local: services.iter().map(|s| (s.name.clone(), s.clone())).collect(), gate, trusted });
         let stop = CancellationToken::new();
         let meter = Arc::new(Meter::default());
         let mut statuses = Vec::new();
@@ -317,13 +353,14 @@ fn pooled_channel(
         if !stop.is_cancelled() {
             tokio::spawn(pooled_channel(pool.clone(), stop));
         }
-        let local = match pool.ctx.services.target(&service) {
-            Ok(target) => dial(target).await,
-            Err(e) => Err(e),
+        let target = pool.ctx.services.target(&service).cloned();
+        let local = match &target {
+            Ok(t) => pool.ctx.services.dial(t).await,
+            Err(e) => Err(std::io::Error::other(e.to_string())),
         };
-        let local = match local {
-            Ok(l) => l,
-            Err(e) => {
+        let (local, target) = match (local, target) {
+            (Ok(l), Ok(t)) => (l, t),
+            (Err(e), _) | (_, Err(e)) => {
                 warn!(%service, error = %e, "local service unreachable");
                 let _ = ch.write_all(&[proto::NOT_ACTIVATED]).await;
                 return;
@@ -332,7 +369,7 @@ fn pooled_channel(
         if ch.write_all(&[proto::ACTIVATED]).await.is_err() {
             return;
         }
-        pool.ctx.forward(ch, local, &service).await;
+        pool.ctx.forward(ch, local, &target).await;
     })
 }
 
@@ -354,8 +391,25 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Forwards a data channel and its local connection until both are done.
-    async fn forward(&self, channel: TcpStream, local: TcpStream, service: &str) {
+    /// Reads the visitor's address the relay puts first on a paired channel, passes it on to
+    /// a local service that wants it, then forwards the channel and its local connection until
+    /// both are done.
+    async fn forward(&self, mut channel: TcpStream, mut local: TcpStream, svc: &LocalService) {
+        let service = &svc.name;
+        let visitor = match tokio::time::timeout(CONNECT_TIMEOUT, crate::proxy::read(&mut channel)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return debug!(%service, error = %e, "no visitor header on a data channel"),
+            Err(_) => return debug!(%service, "no visitor header on a data channel in time"),
+        };
+        if svc.proxy_protocol {
+            let header = match (visitor, local.peer_addr()) {
+                (Some(v), Ok(dst)) => crate::proxy::encode(v, dst),
+                _ => crate::proxy::encode_local(),
+            };
+            if let Err(e) = local.write_all(&header).await {
+                return debug!(%service, error = %e, "local service closed before the visitor header");
+            }
+        }
         if let Err(e) = pump::join(channel, local, self.splice, &self.meter).await {
             debug!(%service, error = %e, "forwarded connection ended with an error");
         }
@@ -375,16 +429,16 @@ fn link_ctx(link: &Link) -> Ctx {
 /// forwards. If the local service cannot be reached the relay hears so at once and tries
 /// another agent.
 async fn data_channel(ctx: Ctx, nonce: Nonce, service: String, tx: mpsc::Sender<AgentMsg>) {
-    let target = match ctx.services.target(&service) {
-        Ok(t) => t.to_string(),
+    let svc = match ctx.services.target(&service) {
+        Ok(t) => t.clone(),
         Err(e) => {
             debug!(%service, error = %e, "visitor turned away");
             let _ = tx.try_send(AgentMsg::OpenFailed(nonce));
             return;
         }
     };
-    let target = target.as_str();
-    let (local, data) = tokio::join!(dial(target), dial(&ctx.relay));
+    let target = svc.local.as_str();
+    let (local, data) = tokio::join!(ctx.services.dial(&svc), dial(&ctx.relay));
     // the preamble goes out only once the local side is up: a channel the relay pairs with a
     // visitor must lead somewhere
     let data = match (&local, data) {
@@ -404,5 +458,5 @@ async fn data_channel(ctx: Ctx, nonce: Nonce, service: String, tx: mpsc::Sender<
         }
     };
     drop(tx);
-    ctx.forward(data, local, &service).await;
+    ctx.forward(data, local, &svc).await;
 }

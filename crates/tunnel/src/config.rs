@@ -178,6 +178,10 @@ pub struct LocalService {
     pub name: String,
     /// Local `host:port` each visitor's connection is forwarded to.
     pub local: String,
+    /// Start each local connection with a PROXY protocol v2 header naming the visitor (for a
+    /// service that reads one: a node's own registry does, from its in-process agent).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 fn default_control() -> SocketAddr {

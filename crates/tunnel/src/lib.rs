@@ -11,6 +11,8 @@
 //! - [`pump`]: raw byte forwarding (splice(2) on Linux), so TLS between a client and the
 //!   registry stays end to end and the relay never sees content.
 //! - [`proto`]: the frames on the control connection and the data-channel preamble.
+//! - [`proxy`]: PROXY protocol v2 headers carrying each visitor's address to the agent, and on
+//!   to a local service that asks for it.
 //!
 //! This crate depends on no other raftyard crate: it forwards TCP services by name.
 
@@ -18,6 +20,7 @@ pub mod agent;
 pub mod config;
 mod dashboard;
 pub mod proto;
+pub mod proxy;
 pub mod pump;
 pub mod relay;
 mod tls;

@@ -15,6 +15,10 @@
 //!   answers [`ACTIVATED`] once the local service is connected (or [`NOT_ACTIVATED`]), and from
 //!   then on it carries one visitor's raw bytes.
 //!
+//! Since version 3, once a data channel is paired with a visitor (either kind), the relay's
+//! first bytes on it are a PROXY protocol v2 header ([`crate::proxy`]) naming the visitor's
+//! address; the visitor's own bytes follow.
+//!
 //! The data channel's nonce crosses in clear too, but it is single-use and unknown until the
 //! agent presents it: by then the relay has paired it, and a copy is refused.
 
@@ -22,7 +26,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-pub const VERSION: u16 = 2;
+/// 3: a paired data channel starts with a PROXY v2 header naming the visitor (relay → agent).
+pub const VERSION: u16 = 3;
+/// The oldest agent protocol a relay still serves (without visitor addresses).
+pub const MIN_VERSION: u16 = 2;
 /// First bytes of a data channel opened on request.
 pub const DATA_MAGIC: [u8; 4] = *b"RYD1";
 /// First bytes of a pooled data channel.

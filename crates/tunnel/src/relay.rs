@@ -87,6 +87,8 @@ pub(crate) struct Session {
     suspect: Mutex<bool>,
     pub last_seen: Mutex<Instant>,
     closed: CancellationToken,
+    /// The agent speaks version 3 or later: its data channels start with the visitor's address.
+    proxy_header: bool,
 }
 
 impl Session {
@@ -318,7 +320,14 @@ async fn visitor(state: &State, svc: &Service, stream: TcpStream, peer: SocketAd
         };
         tried.insert(session.id);
         match open(state, svc, &session).await {
-            Some(data) => {
+            Some(mut data) => {
+                if session.proxy_header {
+                    let dst = stream.local_addr().unwrap_or(svc.bind);
+                    if data.write_all(&crate::proxy::encode(peer, dst)).await.is_err() {
+                        state.failed_opens.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
                 svc.open.fetch_add(1, Ordering::Relaxed);
                 session.open.fetch_add(1, Ordering::Relaxed);
                 let r = pump::join(stream, data, state.splice, &svc.bytes).await;
@@ -457,6 +466,7 @@ async fn incoming(
         suspect: Mutex::new(false),
         last_seen: Mutex::new(Instant::now()),
         closed: CancellationToken::new(),
+        proxy_header: version >= 3,
     });
     if let Some(old) = state.sessions.lock().unwrap().insert(agent.clone(), session.clone()) {
         // the same agent again: its old connection is dead or about to be
@@ -579,8 +589,11 @@ fn check_hello(
     token: &str,
     services: &[String],
 ) -> Result<(), (Refusal, String)> {
-    if version != proto::VERSION {
-        return Err((Refusal::BadHello, format!("protocol version {version}, expected {}", proto::VERSION)));
+    if !(proto::MIN_VERSION..=proto::VERSION).contains(&version) {
+        return Err((
+            Refusal::BadHello,
+            format!("protocol version {version}, expected {} to {}", proto::MIN_VERSION, proto::VERSION),
+        ));
     }
     // compare digests in constant time; an unknown agent costs the same as a wrong token
     let presented = hash(token);

@@ -166,7 +166,7 @@ async fn visit(service: SocketAddr) -> String {
 }
 
 fn local(name: &str, addr: SocketAddr) -> LocalService {
-    LocalService { name: name.into(), local: addr.to_string() }
+    LocalService { name: name.into(), local: addr.to_string(), proxy_protocol: false }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
