@@ -13,6 +13,8 @@ fi
 for n in 1 2 3; do
     [ -f "$secrets/token-node$n" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secrets/token-node$n"
 done
+# the relay dashboard's password (user admin)
+[ -f "$secrets/dashboard-password" ] || head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secrets/dashboard-password"
 docker-compose -p raftyard -f "$here/docker-compose.yml" up -d
 if leader=$("$here/../wait-for-leader.sh" 60 http://127.0.0.1:5001 http://127.0.0.1:5002 http://127.0.0.1:5003); then
     echo "docker cluster up: leader is node $leader"
@@ -20,7 +22,7 @@ else
     echo "see: docker-compose -p raftyard -f $here/docker-compose.yml logs" >&2
     exit 1
 fi
-if "$here/../wait-for-agents.sh" 30 http://127.0.0.1:7500 3; then
+if DASHBOARD_LOGIN="admin:$(cat "$secrets/dashboard-password")" "$here/../wait-for-agents.sh" 30 http://127.0.0.1:7500 3; then
     echo "relay up: 3 agents behind 127.0.0.1:6000"
 else
     echo "not every agent reached the relay: docker-compose -p raftyard -f $here/docker-compose.yml logs relay" >&2

@@ -68,6 +68,14 @@ pub struct RelaySection {
     /// Dashboard: HTML at `/`, JSON at `/api/status`, Prometheus at `/metrics`. Absent: off.
     #[serde(default = "default_dashboard")]
     pub dashboard: Option<SocketAddr>,
+    /// The dashboard's user (HTTP Basic), with `dashboard_password_file`. Required when the
+    /// dashboard listens beyond loopback.
+    #[serde(default)]
+    pub dashboard_user: Option<String>,
+    /// A file holding the dashboard's password (first line, at least 12 characters). Never
+    /// printed.
+    #[serde(default)]
+    pub dashboard_password_file: Option<PathBuf>,
     /// Certificate and key of the control port.
     pub tls: TlsFiles,
     /// How long a visitor waits for an agent's data channel before the relay tries another
@@ -233,7 +241,35 @@ impl RelayConfig {
         Ok(c)
     }
 
+    /// `user:password` of the dashboard, if it has a login.
+    pub fn dashboard_login(&self) -> Result<Option<String>, Error> {
+        match (&self.relay.dashboard_user, &self.relay.dashboard_password_file) {
+            (None, None) => Ok(None),
+            (Some(u), Some(p)) => {
+                let text = std::fs::read_to_string(p).map_err(|e| Error::Io(p.display().to_string(), e))?;
+                let pw = text.lines().next().unwrap_or("");
+                if pw.chars().count() < 12 {
+                    return Err(Error::Config(
+                        "dashboard_password_file: the password needs at least 12 characters".into(),
+                    ));
+                }
+                if u.is_empty() || u.contains(':') {
+                    return Err(Error::Config("dashboard_user: not empty, no ':'".into()));
+                }
+                Ok(Some(format!("{u}:{pw}")))
+            }
+            _ => Err(Error::Config("set both dashboard_user and dashboard_password_file, or neither".into())),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(d) = self.relay.dashboard {
+            if self.dashboard_login()?.is_none() && !d.ip().is_loopback() {
+                return Err(Error::Config(format!(
+                    "the dashboard listens on {d}, beyond loopback: set dashboard_user and dashboard_password_file"
+                )));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for s in &self.services {
             if !names.insert(&s.name) {

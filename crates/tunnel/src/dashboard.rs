@@ -221,7 +221,31 @@ fn html(st: &Status) -> String {
     h
 }
 
+/// Whether the request carries the dashboard's login (compared as SHA-256 digests, in constant
+/// time), or the dashboard has none.
+fn authorized(state: &State, req: &Request<hyper::body::Incoming>) -> bool {
+    use base64::Engine as _;
+    use subtle::ConstantTimeEq as _;
+    let Some(expected) = state.dashboard_login else { return true };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic ")))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
+        .unwrap_or_default();
+    let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&given).into();
+    digest.ct_eq(&expected).into()
+}
+
 fn respond(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(state, req) {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"unauthorized\n")));
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"raftyard relay\""));
+        return r;
+    }
     let st = status(state);
     let (ctype, body) = match req.uri().path() {
         "/" => ("text/html; charset=utf-8", html(&st)),

@@ -117,6 +117,8 @@ pub(crate) struct State {
     open_timeout: Duration,
     handshake_timeout: Duration,
     splice: bool,
+    /// SHA-256 of `user:password` of the dashboard's login, if it has one.
+    pub dashboard_login: Option<[u8; 32]>,
 }
 
 /// Addresses a relay is bound to (port 0 in the config becomes a real port here).
@@ -190,6 +192,7 @@ impl Relay {
             open_timeout: Duration::from_millis(cfg.relay.open_timeout_ms),
             handshake_timeout: Duration::from_millis(cfg.relay.handshake_timeout_ms),
             splice: cfg.relay.splice,
+            dashboard_login: cfg.dashboard_login()?.map(|l| hash(&l)),
         });
         Ok(Relay { state, tls, control, services, dashboard, max_handshakes: cfg.relay.max_handshakes })
     }

@@ -44,6 +44,8 @@ fn relay_config(dir: &Path, control: SocketAddr, services: &[(&str, SocketAddr)]
             handshake_timeout_ms: 1000,
             max_handshakes: 64,
             splice: true,
+            dashboard_user: None,
+            dashboard_password_file: None,
         },
         agents: vec![agent("a", TOKEN_A), agent("b", TOKEN_B)],
         services: services.iter().map(|(n, b)| ServiceEntry { name: n.to_string(), bind: *b }).collect(),
@@ -464,4 +466,48 @@ async fn a_pooled_channel_without_the_sessions_proof_is_refused() {
     }
     a.stop().await;
     relay.stop().await;
+}
+
+/// The dashboard behind a user and password (FRP's dashboard_user/dashboard_pwd): refused
+/// without them or with wrong ones; one listening beyond loopback without a login is refused
+/// at start.
+#[tokio::test]
+async fn dashboard_login() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let pw = dir.path().join("dashboard-password");
+    std::fs::write(&pw, "a-dashboard-password\n").unwrap();
+    let mut cfg = relay_config(dir.path(), "127.0.0.1:0".parse().unwrap(), &[]);
+    cfg.relay.dashboard_user = Some("ops".into());
+    cfg.relay.dashboard_password_file = Some(pw.clone());
+    let relay = raftyard_tunnel::Relay::bind(&cfg).await.unwrap();
+    let dash = relay.addrs().dashboard.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(relay.run(stop.clone()));
+    let get = |auth: Option<&str>| {
+        let auth = auth.map(|a| {
+            use base64::Engine as _;
+            format!("Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(a))
+        });
+        async move {
+            let mut s = TcpStream::connect(dash).await.unwrap();
+            let req = format!("GET /api/status HTTP/1.0\r\nHost: x\r\n{}\r\n", auth.unwrap_or_default());
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    assert!(get(None).await.starts_with("HTTP/1.0 401"));
+    assert!(get(Some("ops:wrong-password")).await.starts_with("HTTP/1.0 401"));
+    let ok = get(Some("ops:a-dashboard-password")).await;
+    assert!(ok.starts_with("HTTP/1.0 200") && ok.contains("\"agents\""), "{ok}");
+    stop.cancel();
+    let mut open = relay_config(dir.path(), "127.0.0.1:0".parse().unwrap(), &[]);
+    open.relay.dashboard = Some("0.0.0.0:0".parse().unwrap());
+    let e = open.validate().unwrap_err().to_string();
+    assert!(e.contains("dashboard_user"), "{e}");
+    open.relay.dashboard_user = Some("ops".into());
+    open.relay.dashboard_password_file = Some(pw);
+    open.validate().unwrap();
 }
