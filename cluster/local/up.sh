@@ -8,6 +8,8 @@
 #
 #   --with-backup       also node 4 as a backup (registry 127.0.0.1:5004, peer 127.0.0.1:5104),
 #                       added with `raftyard cluster add-backup` (docs/recovery.md)
+#   --auth MODE         token or basic: authentication on (docs/security.md); an admin user
+#                       `admin` is made, its password in <dir>/admin-password. Default: none.
 #   RAFTYARD_BIN        binary to run (default: target/release/raftyard)
 #   RAFTYARD_LOCAL_DIR  where node<N>/{config.toml,data,log,pid} live (default: target/cluster-local)
 set -euo pipefail
@@ -16,12 +18,18 @@ bin=${RAFTYARD_BIN:-target/release/raftyard}
 dir=${RAFTYARD_LOCAL_DIR:-target/cluster-local}
 nodes=(1 2 3)
 with_backup=false
-for arg in "$@"; do
-    case "$arg" in
+auth=none
+usage() { echo "usage: $0 [--with-backup] [--auth token|basic]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
         --with-backup) with_backup=true ;;
-        *) echo "usage: $0 [--with-backup]" >&2; exit 2 ;;
+        --auth) [ $# -ge 2 ] || usage; auth=$2; shift ;;
+        --auth=*) auth=${1#--auth=} ;;
+        *) usage ;;
     esac
+    shift
 done
+case "$auth" in none|token|basic) ;; *) usage ;; esac
 
 [ -x "$bin" ] || { echo "no binary at $bin (cargo build --release -p raftyard, or set RAFTYARD_BIN)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
@@ -86,7 +94,7 @@ listen = "127.0.0.1:510$n"
 $(for m in "${nodes[@]}"; do printf '\n[[cluster.members]]\nid = %s\npeer = "127.0.0.1:510%s"\nregistry = "127.0.0.1:500%s"\n' "$m" "$m" "$m"; done)
 
 [auth]
-mode = "none"
+mode = "$auth"
 
 [[tunnel.relay]]
 address = "127.0.0.1:7000"
@@ -116,6 +124,20 @@ else
     exit 1
 fi
 
+if [ "$auth" != none ]; then
+    pw="$dir/admin-password"
+    if [ ! -f "$pw" ]; then
+        (umask 077; head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$pw")
+    fi
+    if "$bin" user list --json --node 127.0.0.1:5101 | grep -q '"name": "admin"'; then
+        echo "user admin exists (password in $pw)"
+    else
+        "$bin" user add admin --admin --password-file "$pw" --node 127.0.0.1:5101 >/dev/null
+        echo "auth $auth: user admin made, password in $pw"
+    fi
+    echo "  docker login 127.0.0.1:6000 -u admin --password-stdin < $pw"
+fi
+
 if $with_backup; then
     d="$dir/node4"
     mkdir -p "$d/data"
@@ -131,6 +153,9 @@ listen = "127.0.0.1:5004"
 
 [cluster]
 listen = "127.0.0.1:5104"
+
+[auth]
+mode = "$auth"
 TOML
     if running "$d"; then
         echo "node4 (backup) already running (pid $(cat "$d/pid"))"
