@@ -11,6 +11,7 @@
 //!
 //! Threat model and modes: `docs/security.md`.
 
+pub mod external;
 pub mod htpasswd;
 pub mod ldap;
 pub mod lockout;
@@ -56,6 +57,9 @@ pub struct Settings {
     pub htpasswd: Option<PathBuf>,
     /// A directory of more users and their groups.
     pub ldap: Option<ldap::LdapSettings>,
+    /// An outside token issuer (`[auth.token]`): its realm and service go into challenges,
+    /// and tokens it signed are accepted beside the cluster's own.
+    pub external: Option<Arc<external::ExternalIssuer>>,
     /// Lifetime of an access token.
     pub token_ttl: Duration,
     /// Lifetime of a refresh token (`docker login`'s identity token).
@@ -74,6 +78,7 @@ impl Default for Settings {
             issuer: "raftyard".into(),
             htpasswd: None,
             ldap: None,
+            external: None,
             token_ttl: Duration::from_secs(300),
             refresh_ttl: Duration::from_secs(30 * 86400),
             lockout_threshold: 10,
@@ -171,6 +176,12 @@ pub enum Credentials {
     None,
     Basic { user: String, password: String },
     Bearer(String),
+}
+
+impl std::fmt::Debug for external::ExternalIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalIssuer").field("realm", &self.realm).field("issuer", &self.issuer).finish()
+    }
 }
 
 impl std::fmt::Debug for Credentials {
@@ -315,7 +326,10 @@ impl Auth {
                 if self.settings.mode != Mode::Token {
                     return Err(Failure::WrongScheme("bearer"));
                 }
-                let claims = self.verify_token(&t, false)?;
+                let claims = match &self.settings.external {
+                    Some(ext) if ext.claims_key(&t) => ext.verify(&t).map_err(Failure::Token)?,
+                    _ => self.verify_token(&t, false)?,
+                };
                 Ok(Caller { principal: principal_of(&claims), claims: Some(claims), open: false })
             }
         }
@@ -420,12 +434,14 @@ impl Auth {
     pub fn challenge(&self, scheme: &str, host: Option<&str>, scope: Option<&Scope>) -> String {
         match self.settings.mode {
             Mode::Token => {
-                let realm = match (&self.settings.realm, host) {
-                    (Some(r), _) => r.clone(),
-                    (None, Some(h)) => format!("{scheme}://{h}{TOKEN_PATH}"),
-                    (None, None) => TOKEN_PATH.to_string(),
+                let realm = match (&self.settings.external, &self.settings.realm, host) {
+                    (Some(ext), _, _) => ext.realm.clone(),
+                    (None, Some(r), _) => r.clone(),
+                    (None, None, Some(h)) => format!("{scheme}://{h}{TOKEN_PATH}"),
+                    (None, None, None) => TOKEN_PATH.to_string(),
                 };
-                let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", quote(&realm), quote(&self.settings.service));
+                let service = self.settings.external.as_ref().map_or(&self.settings.service, |e| &e.service);
+                let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", quote(&realm), quote(service));
                 if let Some(s) = scope {
                     c.push_str(&format!(",scope=\"{}\"", quote(&s.to_header())));
                 }

@@ -64,12 +64,28 @@ pub struct AuthSection {
     /// More users and their groups from an LDAP directory.
     #[serde(default)]
     pub ldap: Option<LdapSection>,
+    /// An outside token issuer, as Distribution's `REGISTRY_AUTH=token` (token mode only).
+    #[serde(default)]
+    pub token: Option<ExternalTokenSection>,
     /// Failed authentications a minute from one address before it gets `429` (0: never).
     #[serde(default = "default_lockout")]
     pub lockout_threshold: u32,
     /// How long a locked-out address waits, seconds.
     #[serde(default = "default_lockout_secs")]
     pub lockout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalTokenSection {
+    /// Where clients get tokens (the challenge's realm).
+    pub realm: String,
+    /// The tokens' audience (the challenge's service).
+    pub service: String,
+    /// The tokens' `iss`.
+    pub issuer: String,
+    /// Certificates (PEM): a token's `x5c` chain must end at one, or its `kid` name one's key.
+    pub rootcertbundle: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,8 +167,16 @@ impl AuthSection {
                 })
             }
         };
+        let external = match &self.token {
+            None => None,
+            Some(t) => Some(std::sync::Arc::new(
+                raftyard_auth::external::ExternalIssuer::load(&t.realm, &t.service, &t.issuer, &t.rootcertbundle)
+                    .map_err(|e| anyhow::anyhow!("[auth.token]: {e}"))?,
+            )),
+        };
         Ok(raftyard_auth::Settings {
             ldap,
+            external,
             mode: match self.mode {
                 AuthMode::None => raftyard_auth::Mode::None,
                 AuthMode::Basic => raftyard_auth::Mode::Basic,
@@ -433,6 +457,10 @@ impl Config {
                     self.cluster.listen
                 );
                 anyhow::ensure!(a.token_ttl_secs >= 10, "auth.token_ttl_secs must be at least 10");
+                anyhow::ensure!(
+                    a.token.is_none() || a.mode == AuthMode::Token,
+                    "[auth.token] (an outside token issuer) needs mode = \"token\""
+                );
                 if let Some(l) = &a.ldap {
                     anyhow::ensure!(
                         l.url.starts_with("ldap://") || l.url.starts_with("ldaps://"),

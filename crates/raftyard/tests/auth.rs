@@ -798,3 +798,52 @@ fn raftyard_tunnel_header(src: std::net::SocketAddr, dst: std::net::SocketAddr) 
     h.extend_from_slice(&dst.port().to_be_bytes());
     h
 }
+
+/// Tokens of an outside issuer, as Distribution accepts them: the challenge names its realm
+/// and service, a token whose x5c chain ends at the bundle is accepted for what its `access`
+/// claim grants, a self-made chain is not.
+#[tokio::test]
+async fn an_outside_token_issuer_as_distribution_configures_it() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use rcgen::{CertificateParams, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["auth.example".into()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let bundle = dir.path().join("token-ca.pem");
+    std::fs::write(&bundle, ca.pem()).unwrap();
+    let section = format!(
+        "[auth.token]\nrealm = \"https://auth.example/token\"\nservice = \"registry.example\"\n\
+         issuer = \"auth.example\"\nrootcertbundle = {bundle:?}\n"
+    );
+    let n = node_with_auth(dir.path(), "token", &section);
+    add_user(&n, "admin", ADMIN_PW, &["--admin"]);
+    push_image(&client_as("admin", ADMIN_PW), &n, "team/app", "v1", b"app").await;
+    let r = client().get(n.url("/v2/team/app/manifests/v1")).send().await.unwrap();
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer realm=\"https://auth.example/token\",service=\"registry.example\",scope=\"repository:team/app:pull\""
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = serde_json::json!({"iss": "auth.example", "sub": "someone", "aud": "registry.example",
+        "exp": now + 300, "nbf": now - 5, "iat": now, "jti": "1",
+        "access": [{"type": "repository", "name": "team/app", "actions": ["pull"]}]});
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    let sign = |key: &KeyPair, chain: Vec<String>| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.x5c = Some(chain);
+        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap()).unwrap()
+    };
+    let good = bearer(&sign(&leaf_key, vec![b64(leaf.der()), b64(ca.der())]));
+    assert_eq!(status(&good, n.url("/v2/team/app/manifests/v1")).await, 200);
+    assert_eq!(good.post(n.url("/v2/team/app/blobs/uploads/")).send().await.unwrap().status(), 403, "pull only");
+    let rogue_key = KeyPair::generate().unwrap();
+    let rogue = CertificateParams::new(vec!["auth.example".into()]).unwrap().self_signed(&rogue_key).unwrap();
+    assert_eq!(
+        status(&bearer(&sign(&rogue_key, vec![b64(rogue.der())])), n.url("/v2/team/app/manifests/v1")).await,
+        401
+    );
+}
