@@ -307,6 +307,10 @@ pub struct RegistrySection {
     pub max_upload_sessions_per_client: usize,
     /// Serve HTTPS with this certificate and key (PEM). Absent: plain HTTP.
     pub tls: Option<TlsSection>,
+    /// Also serve `GET /metrics`, without authentication, on this address (for a Prometheus on
+    /// a private network while the API has auth on). Absent: only on the API port, where
+    /// auth applies.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -365,6 +369,7 @@ impl Default for RegistrySection {
             max_upload_sessions: 4096,
             max_upload_sessions_per_client: 256,
             tls: None,
+            metrics_listen: None,
         }
     }
 }

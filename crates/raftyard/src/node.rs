@@ -133,6 +133,12 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(cfg.registry.listen)
         .await
         .with_context(|| format!("binding {}", cfg.registry.listen))?;
+    let metrics_listener = match cfg.registry.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding registry.metrics_listen {a}"))?,
+        ),
+        None => None,
+    };
     let peer_bound = peer_listener.local_addr()?;
     let me = NodeAddr {
         peer: cfg.cluster.advertise_peer.clone().unwrap_or(peer_listener.local_addr()?.to_string()),
@@ -275,6 +281,9 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
                     stop.cancelled().await;
                     agent.stop().await;
                 });
+            }
+            if let Some(l) = metrics_listener {
+                tokio::spawn(raftyard_registry::serve_metrics(reg.clone(), l, stop.clone().cancelled_owned()));
             }
             let served = raftyard_registry::serve(reg, listener, tls, stop.clone().cancelled_owned()).await;
             upkeep.abort();

@@ -847,3 +847,18 @@ async fn an_outside_token_issuer_as_distribution_configures_it() {
         401
     );
 }
+
+/// `registry.metrics_listen`: /metrics without credentials on a port of its own (and nothing
+/// else there), while the API's /metrics keeps its door.
+#[tokio::test]
+async fn metrics_on_a_port_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let n = node_with_auth(dir.path(), "basic", &format!("[registry]\nmetrics_listen = \"{metrics}\"\n"));
+    assert_eq!(status(&client(), n.url("/metrics")).await, 401);
+    let r = client().get(format!("http://{metrics}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("raftyard_http_requests_total"));
+    assert_eq!(status(&client(), format!("http://{metrics}/v2/")).await, 404);
+    assert_eq!(status(&client(), format!("http://{metrics}/v2/_catalog")).await, 404);
+}

@@ -26,7 +26,7 @@ use raftyard_raft::MetaNode;
 
 pub use error::RegistryError;
 pub use handlers::handle;
-pub use server::{serve, TlsFiles};
+pub use server::{serve, serve_metrics, TlsFiles};
 
 /// Behaviour switches of the registry API.
 #[derive(Debug, Clone)]

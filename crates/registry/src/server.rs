@@ -150,3 +150,41 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Serves `GET /metrics` only, without authentication, on a listener of its own (for a
+/// Prometheus on a private network while the registry port has auth on), until `shutdown`.
+pub async fn serve_metrics(reg: Arc<Registry>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    info!(addr = ?listener.local_addr().ok(), "metrics listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let reg = reg.clone();
+                async move {
+                    let r = if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
+                        crate::body::materialize(reg.metrics.render(&reg))
+                    } else {
+                        crate::body::materialize(crate::error::RegistryError::NotFound.into_response(false))
+                    };
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(IDLE_TIMEOUT, conn).await;
+        });
+    }
+}
