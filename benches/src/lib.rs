@@ -1,9 +1,11 @@
 //! Side-by-side benchmarks of raftyard: the registry against CNCF Distribution
 //! (`raftyard-bench`, see its binary's docs) and the tunnel against rathole
 //! (`raftyard-tunnel-bench`, see [`tunnel`]), and the RPO of a backup node
-//! (`raftyard-backup-bench`, see [`backup`]). The modules are the parts both binaries share:
+//! (`raftyard-backup-bench`, see [`backup`]), and what authentication costs
+//! (`raftyard-auth-bench`, see [`auth`]). The modules are the parts both binaries share:
 //! starting processes, bulk HTTP transfers, medians and tables.
 
+pub mod auth;
 pub mod backup;
 pub mod bulk;
 pub mod cli;

@@ -60,11 +60,21 @@ impl Server {
     /// Writes a filesystem-backed configuration and starts
     /// `<bin> serve DIR/config.yml`.
     pub fn start_docker_registry(bin: &Path, dir: &Path) -> Result<Server> {
+        Self::start_docker_registry_with(bin, dir, "")
+    }
+
+    /// The same, with `auth: htpasswd` over the file at `htpasswd`.
+    pub fn start_docker_registry_htpasswd(bin: &Path, dir: &Path, htpasswd: &Path) -> Result<Server> {
+        let path = serde_json::to_string(&htpasswd.to_string_lossy()).expect("string serializes");
+        Self::start_docker_registry_with(bin, dir, &format!("auth:\n  htpasswd:\n    realm: bench\n    path: {path}\n"))
+    }
+
+    fn start_docker_registry_with(bin: &Path, dir: &Path, extra: &str) -> Result<Server> {
         let data_dir = dir.join("data");
         fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let port = free_port()?;
         let config_path = dir.join("config.yml");
-        fs::write(&config_path, docker_registry_config(&data_dir, port))
+        fs::write(&config_path, docker_registry_config(&data_dir, port) + extra)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve").arg(&config_path);
