@@ -310,12 +310,13 @@ pub async fn restore_repo(
     repo: &str,
     to: &str,
     ca: Option<PathBuf>,
+    login: Option<(String, String)>,
 ) -> anyhow::Result<()> {
     let (_, snap) = open_snapshot(dir, index)?;
     let r = snap.repository(repo)?;
     anyhow::ensure!(!r.manifests.is_empty() || !r.blobs.is_empty(), "repository {repo} is not in this backup");
     let store = store_at(dir)?;
-    let http = crate::http_client(Duration::from_secs(3600), ca.as_deref())?;
+    let http = crate::http_client_as(Duration::from_secs(3600), ca.as_deref(), login.as_ref())?;
     let base = to.trim_end_matches('/');
     let bar = bytes_bar(r.blobs.iter().map(|(_, s)| s).sum(), &format!("{repo}: {} blobs", r.blobs.len()));
     let mut pushed = 0;

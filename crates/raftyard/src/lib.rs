@@ -8,8 +8,26 @@
 
 /// An HTTP client for the registry API, trusting `ca` (PEM) too if given.
 pub fn http_client(timeout: std::time::Duration, ca: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    http_client_as(timeout, ca, None)
+}
+
+/// The same, sending `login` (user, password) as HTTP Basic with every request.
+pub fn http_client_as(
+    timeout: std::time::Duration,
+    ca: Option<&std::path::Path>,
+    login: Option<&(String, String)>,
+) -> anyhow::Result<reqwest::Client> {
     use anyhow::Context;
     let mut builder = reqwest::Client::builder().timeout(timeout);
+    if let Some((user, pw)) = login {
+        use base64::Engine as _;
+        let v = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}")));
+        let mut value = reqwest::header::HeaderValue::from_str(&v)?;
+        value.set_sensitive(true);
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::AUTHORIZATION, value);
+        builder = builder.default_headers(h);
+    }
     if let Some(ca) = ca {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
         builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);

@@ -388,6 +388,13 @@ enum BackupCmd {
         /// CA certificate (PEM) for an HTTPS --to.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// A user allowed to push there, when --to has auth on (the password from
+        /// --password-file or stdin).
+        #[arg(long, requires = "to")]
+        user: Option<String>,
+        /// That user's password file (default with --user: stdin).
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
     },
 }
 
@@ -445,16 +452,7 @@ fn main() -> anyhow::Result<()> {
             tunnel::small_runtime()?.block_on(tunnel::agent(cfg))
         }
         Cmd::Events { node, since, follow, ca, user, password_file } => {
-            let login = match user {
-                Some(u) => {
-                    let from = match &password_file {
-                        Some(p) => access::Secret::File(p),
-                        None => access::Secret::Stdin,
-                    };
-                    Some((u, access::read_password(from)?))
-                }
-                None => None,
-            };
+            let login = login(user, password_file.as_deref())?;
             runtime()?.block_on(node::print_events(&node, since, follow, ca, login))
         }
         Cmd::Cluster { cmd, tls } => runtime()?.block_on(async {
@@ -476,8 +474,9 @@ fn main() -> anyhow::Result<()> {
             match cmd {
                 BackupCmd::Create { node, out } => backup::create(&node, &out, &tls).await,
                 BackupCmd::Verify { dir, index } => backup::verify(&dir, index).await,
-                BackupCmd::Restore { dir, index, repo: Some(repo), to: Some(to), ca, .. } => {
-                    backup::restore_repo(&dir, index, &repo, &to, ca).await
+                BackupCmd::Restore { dir, index, repo: Some(repo), to: Some(to), ca, user, password_file, .. } => {
+                    let login = login(user, password_file.as_deref())?;
+                    backup::restore_repo(&dir, index, &repo, &to, ca, login).await
                 }
                 BackupCmd::Restore { dir, index, data_dir, id, peer, registry, .. } => {
                     let data_dir = data_dir.context("--data-dir")?;
@@ -539,6 +538,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A user and its password (from the file, or stdin), for a registry with auth on.
+fn login(user: Option<String>, password_file: Option<&std::path::Path>) -> anyhow::Result<Option<(String, String)>> {
+    let Some(u) = user else { return Ok(None) };
+    let from = match password_file {
+        Some(p) => access::Secret::File(p),
+        None => access::Secret::Stdin,
+    };
+    Ok(Some((u, access::read_password(from)?)))
 }
 
 /// sled's calls block their thread (on a concurrent fsync, for example); with one worker per

@@ -466,16 +466,12 @@ pub async fn print_events(
     ca: Option<PathBuf>,
     login: Option<(String, String)>,
 ) -> anyhow::Result<()> {
-    let client = crate::http_client(Duration::from_secs(90), ca.as_deref())?;
+    let client = crate::http_client_as(Duration::from_secs(90), ca.as_deref(), login.as_ref())?;
     let base = node.trim_end_matches('/');
     loop {
         let wait = if follow { 30 } else { 0 };
         let url = format!("{base}/v2/_raftyard/events?since={since}&limit=1000&wait={wait}");
-        let mut req = client.get(&url);
-        if let Some((user, pw)) = &login {
-            req = req.basic_auth(user, Some(pw));
-        }
-        let resp = req.send().await.with_context(|| format!("GET {url}"))?;
+        let resp = client.get(&url).send().await.with_context(|| format!("GET {url}"))?;
         anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
         let text = resp.text().await?;
         let mut n = 0;
