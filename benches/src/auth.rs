@@ -150,7 +150,14 @@ async fn seed(c: &reqwest::Client, base: &str) -> Result<String> {
     let layer = Bytes::from((0..4096u32).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
     for blob in [&config, &layer] {
         let d = sha256_digest(blob);
-        let r = c.post(format!("{base}/v2/{REPO}/blobs/uploads/?digest={d}")).body(blob.clone()).send().await?;
+        let r = c.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await?;
+        if r.status() != 202 {
+            bail!("starting an upload at {base}: {}", r.status());
+        }
+        let loc = r.headers().get("location").and_then(|v| v.to_str().ok()).context("no Location")?.to_string();
+        let loc = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = c.put(format!("{loc}{sep}digest={d}")).body(blob.clone()).send().await?;
         if r.status() != 201 {
             bail!("seeding a blob at {base}: {} {}", r.status(), r.text().await.unwrap_or_default());
         }

@@ -238,6 +238,9 @@ pub struct Auth {
     state: Mutex<Arc<(u64, AccessState)>>,
     htpasswd: Option<htpasswd::Htpasswd>,
     creds: Mutex<HashMap<[u8; 32], CachedCred>>,
+    /// Bearer tokens whose signature was verified, with the access version they were verified
+    /// at (a key rotation or removal forgets them); their validity is checked on every use.
+    tokens: Mutex<HashMap<[u8; 32], (Claims, u64)>>,
     /// Keys the credential cache, so that it is no dictionary for anyone reading memory.
     cache_key: [u8; 32],
     kdf: tokio::sync::Semaphore,
@@ -275,6 +278,7 @@ impl Auth {
             state: Mutex::new(Arc::new(loaded)),
             htpasswd,
             creds: Mutex::default(),
+            tokens: Mutex::default(),
             cache_key,
             kdf: tokio::sync::Semaphore::new(KDF_AT_ONCE),
             robots_seen: Mutex::default(),
@@ -326,13 +330,37 @@ impl Auth {
                 if self.settings.mode != Mode::Token {
                     return Err(Failure::WrongScheme("bearer"));
                 }
-                let claims = match &self.settings.external {
-                    Some(ext) if ext.claims_key(&t) => ext.verify(&t).map_err(Failure::Token)?,
-                    _ => self.verify_token(&t, false)?,
-                };
+                let claims = self.bearer(&t)?;
                 Ok(Caller { principal: principal_of(&claims), claims: Some(claims), open: false })
             }
         }
+    }
+
+    /// The claims of a bearer token (the cluster's or the outside issuer's). A signature is
+    /// checked once (tens of microseconds); the token is then remembered, and each later use
+    /// only checks its time window.
+    fn bearer(&self, t: &str) -> Result<Claims, Failure> {
+        let key = self.cred_key("\0bearer", t);
+        let version = self.state().0;
+        let now = unix_now();
+        if let Some((c, v)) = self.tokens.lock().expect("token cache").get(&key) {
+            if *v == version && c.exp + 30 > now && c.nbf <= now + 30 {
+                return Ok(c.clone());
+            }
+        }
+        let claims = match &self.settings.external {
+            Some(ext) if ext.claims_key(t) => ext.verify(t).map_err(Failure::Token)?,
+            _ => self.verify_token(t, false)?,
+        };
+        let mut cache = self.tokens.lock().expect("token cache");
+        if cache.len() >= CRED_MAX {
+            cache.retain(|_, (c, _)| c.exp + 30 > now);
+            if cache.len() >= CRED_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (claims.clone(), version));
+        Ok(claims)
     }
 
     /// A token of this cluster, with its claims.
@@ -639,7 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn issued_tokens_grant_the_intersection() {
-        let (auth, _, _) = setup(Mode::Token);
+        let (auth, src, _) = setup(Mode::Token);
         let alice = Principal::User { name: "alice".into(), groups: vec![] };
         let scopes = vec![
             Scope::parse("repository:team/app:pull,push,delete").unwrap(),
@@ -657,6 +685,21 @@ mod tests {
         assert!(auth.challenge("https", Some("reg.example:443"), Some(&scopes[0])).starts_with(
             "Bearer realm=\"https://reg.example:443/auth/token\",service=\"raftyard\",scope=\"repository:team/app:pull,push,delete\""
         ));
+        // a remembered token is forgotten when its key leaves the cluster (two rotations)
+        assert!(auth.identify(Credentials::Bearer(reply.token.clone())).await.is_ok());
+        {
+            let mut g = src.0.lock().unwrap();
+            g.0 += 1;
+            for _ in 0..raftyard_types::access::KEYS_KEPT {
+                g.1.keys.push(token::new_signing_key(1));
+            }
+            let drop = g.1.keys.len() - raftyard_types::access::KEYS_KEPT;
+            g.1.keys.drain(..drop);
+        }
+        assert_eq!(
+            auth.identify(Credentials::Bearer(reply.token)).await.unwrap_err(),
+            Failure::Token(TokenError::UnknownKey)
+        );
     }
 
     #[test]
