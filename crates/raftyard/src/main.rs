@@ -260,6 +260,10 @@ enum AccessCmd {
     List {
         #[arg(long)]
         json: bool,
+        /// Everything as JSON: users, robot tokens, grants and the signing keys' ids (never a
+        /// hash or a key).
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         at: AtNode,
     },
@@ -523,7 +527,11 @@ fn main() -> anyhow::Result<()> {
                 AccessCmd::Revoke { who, repos, actions, at } => {
                     access::revoke(&at.node, &tls, who.into(), &repos, actions.as_deref()).await
                 }
-                AccessCmd::List { json, at } => access::print(&at.node, &tls, "grants", json).await,
+                AccessCmd::List { all: true, at, .. } => {
+                    println!("{}", serde_json::to_string_pretty(&access::list(&at.node, &tls).await?)?);
+                    Ok(())
+                }
+                AccessCmd::List { json, at, .. } => access::print(&at.node, &tls, "grants", json).await,
                 AccessCmd::RotateKey { at } => access::rotate_key(&at.node, &tls).await,
             }
         }),

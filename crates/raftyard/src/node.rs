@@ -248,6 +248,9 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
     let reserve_keeper = tokio::spawn(keep_reserve(reserve));
+    if cfg.auth.as_ref().is_some_and(|a| a.mode == crate::config::AuthMode::Token) {
+        tokio::spawn(first_signing_key(meta.clone(), stop.clone()));
+    }
     let agent = start_agent(&cfg, listener.local_addr()?, peer_bound, &reg, &stop)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     info!(node = cfg.node.id, peer = %me.peer, data = %data.display(), "raftyard registry ready at {scheme}://{}", listener.local_addr()?);
@@ -448,6 +451,31 @@ fn start_agent(
     .context("starting the tunnel agent")?;
     info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");
     Ok(Some(agent))
+}
+
+/// In token mode, the cluster's first token signing key: made by the leader once one is
+/// elected, if the state has none (the event applies only while there is none, so two nodes
+/// that both try leave one key). A token request before that makes it too.
+async fn first_signing_key(meta: MetaNode, stop: CancellationToken) {
+    let work = async {
+        loop {
+            if meta.reader().access().is_ok_and(|(_, s)| !s.keys.is_empty()) {
+                return;
+            }
+            if meta.raft().metrics().borrow().current_leader == Some(meta.id()) {
+                let key = raftyard_auth::token::new_signing_key(raftyard_types::event::now_ms());
+                match meta.propose(vec![raftyard_types::Event::SigningKeyAdded { key, only_if_none: true }]).await {
+                    Ok(()) => info!("token signing key made"),
+                    Err(e) => warn!(error = %e, "making the token signing key failed; trying again"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = stop.cancelled() => {}
+    }
 }
 
 pub(crate) async fn shutdown_signal() {

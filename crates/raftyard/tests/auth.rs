@@ -298,9 +298,22 @@ fn jwt_claims(token: &str) -> serde_json::Value {
 async fn token_mode_challenges_and_issues_the_intersection() {
     let dir = tempfile::tempdir().unwrap();
     let n = node_with_auth(dir.path(), "token", "");
+    // the leader makes the cluster's signing key at start, before any token is asked for
+    let mut keys = 0;
+    for _ in 0..100 {
+        let all: serde_json::Value =
+            serde_json::from_str(&cli(&["access", "list", "--all", "--node", &n.peer])).unwrap();
+        keys = all["signing_keys"].as_array().map_or(0, |k| k.len());
+        if keys > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(keys, 1, "one signing key made at start");
     add_user(&n, "admin", ADMIN_PW, &["--admin"]);
     add_user(&n, "alice", ALICE_PW, &[]);
     grant(&n, &["--user", "alice"], "team/**", "pull,push");
+    grant(&n, &["--anonymous"], "public/*", "pull");
     let anon = client();
     let r = anon.get(n.url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -383,13 +396,25 @@ async fn token_mode_challenges_and_issues_the_intersection() {
     // a rotated key keeps the old tokens valid until they expire
     cli(&["access", "rotate-key", "--node", &n.peer]);
     assert_eq!(status(&with, n.url("/v2/team/app/manifests/v1")).await, 200);
+    // an anonymous pull of a public repository: a token without credentials, as docker asks
+    push_image(&client_as("admin", ADMIN_PW), &n, "public/base", "v1", b"base").await;
+    let v: serde_json::Value = anon
+        .get(format!("{realm}?service=raftyard&scope=repository:public/base:pull,push"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwt_claims(v["token"].as_str().unwrap())["access"][0]["actions"], serde_json::json!(["pull"]));
+    assert_eq!(status(&bearer(v["token"].as_str().unwrap()), n.url("/v2/public/base/manifests/v1")).await, 200);
     // the catalog needs its scope, then lists what the holder may pull
     assert_eq!(status(&with, n.url("/v2/_catalog")).await, 401);
     let v: serde_json::Value =
         alice.get(format!("{realm}?scope=registry:catalog:*")).send().await.unwrap().json().await.unwrap();
     let cat = bearer(v["token"].as_str().unwrap());
     push_image(&client_as("admin", ADMIN_PW), &n, "other/x", "v1", b"x").await;
-    assert_eq!(catalog(&cat, &n).await, ["team/app"]);
+    assert_eq!(catalog(&cat, &n).await, ["public/base", "team/app"]);
 }
 
 /// docker, skopeo and podman log in and push and pull, in both modes.
@@ -441,6 +466,21 @@ async fn real_clients_log_in_in_both_modes() {
         let out = docker(&["push", &denied_image]).output().unwrap();
         assert!(!out.status.success(), "{mode}: eve may not push");
         run(&mut docker(&["rmi", &denied_image]));
+        // a robot token is a docker login password
+        let secret = cli(&["token", "create", "--name", "ci", "--grant", "team/ci:pull,push", "--node", &n.peer]);
+        assert!(login("ci", secret.trim()).status.success(), "{mode}: docker login with a robot token");
+        let robot_image = format!("{}/team/ci:{mode}{}", n.addr, std::process::id());
+        run(docker(&["import"]).arg(&tar).arg(&robot_image));
+        run(&mut docker(&["push", &robot_image]));
+        run(&mut docker(&["rmi", &robot_image]));
+        let elsewhere = format!("{}/team/not-ci:{mode}{}", n.addr, std::process::id());
+        run(docker(&["import"]).arg(&tar).arg(&elsewhere));
+        let out = docker(&["push", &elsewhere]).output().unwrap();
+        run(&mut docker(&["rmi", &elsewhere]));
+        assert!(!out.status.success(), "{mode}: the robot may push team/ci only");
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("denied") || err.contains("unauthorized"), "{mode}: {err}");
+        assert!(login("alice", ALICE_PW).status.success());
 
         // skopeo with --creds / --dest-creds
         let src = dir.path().join("layout");
