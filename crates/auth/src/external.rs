@@ -171,6 +171,8 @@ impl ExternalIssuer {
             grp: vec![],
             rid: None,
             token_use: None,
+            src: None,
+            gen: None,
         })
     }
 }

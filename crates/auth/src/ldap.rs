@@ -9,7 +9,7 @@ use std::time::Duration;
 use ldap3::{ldap_escape, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 
 /// Where and how to ask.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LdapSettings {
     /// `ldap://host:port` or `ldaps://host:port`.
     pub url: String,
@@ -29,6 +29,17 @@ pub struct LdapSettings {
     /// groups' `cn` are their names in grants.
     pub group_filter: String,
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for LdapSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LdapSettings")
+            .field("url", &self.url)
+            .field("bind_dn", &self.bind_dn)
+            .field("bind_password", &"<redacted>")
+            .field("user_base_dn", &self.user_base_dn)
+            .finish()
+    }
 }
 
 impl LdapSettings {
@@ -68,6 +79,19 @@ pub async fn verify(s: &LdapSettings, user: &str, password: &str) -> Result<Verd
     if password.is_empty() || user.is_empty() {
         return Ok(Verdict::Invalid);
     }
+    ask(s, user, Some(password)).await
+}
+
+/// Whether the directory still has the user, and its groups now (no password: for a refresh
+/// token, whose holder proved the password when it was issued).
+pub async fn lookup(s: &LdapSettings, user: &str) -> Result<Verdict, String> {
+    if user.is_empty() {
+        return Ok(Verdict::Invalid);
+    }
+    ask(s, user, None).await
+}
+
+async fn ask(s: &LdapSettings, user: &str, password: Option<&str>) -> Result<Verdict, String> {
     let work = async {
         let settings = s.connection()?;
         let (conn, mut ldap) = LdapConnAsync::with_settings(settings.clone(), &s.url)
@@ -89,16 +113,18 @@ pub async fn verify(s: &LdapSettings, user: &str, password: &str) -> Result<Verd
             return Ok(Verdict::Invalid);
         };
         let dn = SearchEntry::construct(entry.clone()).dn;
-        // the user's own bind, on a connection of its own, checks the password
-        let (conn2, mut as_user) = LdapConnAsync::with_settings(settings, &s.url)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", s.url))?;
-        ldap3::drive!(conn2);
-        let ok = as_user.simple_bind(&dn, password).await.map_err(|e| format!("user bind: {e}"))?.rc == 0;
-        let _ = as_user.unbind().await;
-        if !ok {
-            let _ = ldap.unbind().await;
-            return Ok(Verdict::Invalid);
+        if let Some(password) = password {
+            // the user's own bind, on a connection of its own, checks the password
+            let (conn2, mut as_user) = LdapConnAsync::with_settings(settings, &s.url)
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", s.url))?;
+            ldap3::drive!(conn2);
+            let ok = as_user.simple_bind(&dn, password).await.map_err(|e| format!("user bind: {e}"))?.rc == 0;
+            let _ = as_user.unbind().await;
+            if !ok {
+                let _ = ldap.unbind().await;
+                return Ok(Verdict::Invalid);
+            }
         }
         let mut groups = Vec::new();
         if let Some(base) = &s.group_base_dn {

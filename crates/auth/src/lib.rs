@@ -102,11 +102,19 @@ pub struct Caller {
     pub claims: Option<Claims>,
     /// Auth is off: everything is allowed.
     pub open: bool,
+    /// The token came from the outside issuer: its `sub` names no user of this cluster, and
+    /// only its claims say what it may do (never admin, no grants of the cluster).
+    pub external: bool,
 }
 
 impl Caller {
     pub fn open() -> Caller {
-        Caller { principal: Principal::Anonymous, claims: None, open: true }
+        Caller { principal: Principal::Anonymous, claims: None, open: true, external: false }
+    }
+
+    /// A caller with no credentials (what a request gets where no door put a caller).
+    pub fn anonymous() -> Caller {
+        Caller { principal: Principal::Anonymous, claims: None, open: false, external: false }
     }
 
     /// What this request may do in `repo`: a bearer token's `access`, or the grants.
@@ -120,13 +128,33 @@ impl Caller {
         }
     }
 
-    /// Whether `repo` appears in this caller's catalog: it may pull it under the grants.
-    pub fn may_list(&self, state: &AccessState, repo: &str) -> bool {
-        self.open || state.allowed(&self.principal, repo).contains(Actions::PULL)
+    /// Whether `repo` appears in this caller's catalog: it may pull it under the grants; an
+    /// outside issuer's token that reached the catalog carries `registry:catalog:*`, and the
+    /// issuer decided (as Distribution lets it).
+    pub fn in_catalog(&self, state: &AccessState, repo: &str) -> bool {
+        self.open || self.external || state.allowed(&self.principal, repo).contains(Actions::PULL)
+    }
+
+    /// Whether the caller may read `repo` (a mount's source): by its token, or its grants.
+    pub fn may_pull(&self, state: &AccessState, repo: &str) -> bool {
+        if self.open {
+            return true;
+        }
+        if self.external {
+            return self.allowed(state, repo).contains(Actions::PULL);
+        }
+        self.allowed(state, repo).contains(Actions::PULL)
+            || state.allowed(&self.principal, repo).contains(Actions::PULL)
     }
 
     pub fn is_admin(&self, state: &AccessState) -> bool {
-        self.open || state.is_admin(&self.principal)
+        self.open || (!self.external && state.is_admin(&self.principal))
+    }
+
+    /// Whether the caller may scrape `/metrics`: an admin, or a grant of `pull` on exactly
+    /// [`METRICS_GRANT`].
+    pub fn may_scrape(&self, state: &AccessState) -> bool {
+        self.is_admin(state) || (!self.external && state.has_exact_grant(&self.principal, METRICS_GRANT, Actions::PULL))
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -226,7 +254,7 @@ const KDF_AT_ONCE: usize = 2;
 pub const ROBOT_USE_EVERY: Duration = Duration::from_secs(60);
 
 struct CachedCred {
-    principal: Principal,
+    identity: Identity,
     version: u64,
     at: Instant,
 }
@@ -240,7 +268,7 @@ pub struct Auth {
     creds: Mutex<HashMap<[u8; 32], CachedCred>>,
     /// Bearer tokens whose signature was verified, with the access version they were verified
     /// at (a key rotation or removal forgets them); their validity is checked on every use.
-    tokens: Mutex<HashMap<[u8; 32], (Claims, u64)>>,
+    tokens: Mutex<HashMap<[u8; 32], (Claims, u64, bool)>>,
     /// Keys the credential cache, so that it is no dictionary for anyone reading memory.
     cache_key: [u8; 32],
     kdf: tokio::sync::Semaphore,
@@ -248,8 +276,8 @@ pub struct Auth {
     pub lockout: lockout::Lockout,
 }
 
-/// What the token endpoint answers.
-#[derive(Debug, Clone, serde::Serialize)]
+/// What the token endpoint answers (no `Debug`: it is all secrets).
+#[derive(Clone, serde::Serialize)]
 pub struct TokenReply {
     pub token: String,
     pub access_token: String,
@@ -321,17 +349,17 @@ impl Auth {
             return Ok(Caller::open());
         }
         match creds {
-            Credentials::None => Ok(Caller { principal: Principal::Anonymous, claims: None, open: false }),
+            Credentials::None => Ok(Caller::anonymous()),
             Credentials::Basic { user, password } => {
                 let principal = self.check_password(&user, &password).await?;
-                Ok(Caller { principal, claims: None, open: false })
+                Ok(Caller { principal, claims: None, open: false, external: false })
             }
             Credentials::Bearer(t) => {
                 if self.settings.mode != Mode::Token {
                     return Err(Failure::WrongScheme("bearer"));
                 }
-                let claims = self.bearer(&t)?;
-                Ok(Caller { principal: principal_of(&claims), claims: Some(claims), open: false })
+                let (claims, external) = self.bearer(&t)?;
+                Ok(Caller { principal: principal_of(&claims), claims: Some(claims), open: false, external })
             }
         }
     }
@@ -339,28 +367,28 @@ impl Auth {
     /// The claims of a bearer token (the cluster's or the outside issuer's). A signature is
     /// checked once (tens of microseconds); the token is then remembered, and each later use
     /// only checks its time window.
-    fn bearer(&self, t: &str) -> Result<Claims, Failure> {
+    fn bearer(&self, t: &str) -> Result<(Claims, bool), Failure> {
         let key = self.cred_key("\0bearer", t);
         let version = self.state().0;
         let now = unix_now();
-        if let Some((c, v)) = self.tokens.lock().expect("token cache").get(&key) {
+        if let Some((c, v, external)) = self.tokens.lock().expect("token cache").get(&key) {
             if *v == version && c.exp + 30 > now && c.nbf <= now + 30 {
-                return Ok(c.clone());
+                return Ok((c.clone(), *external));
             }
         }
-        let claims = match &self.settings.external {
-            Some(ext) if ext.claims_key(t) => ext.verify(t).map_err(Failure::Token)?,
-            _ => self.verify_token(t, false)?,
+        let (claims, external) = match &self.settings.external {
+            Some(ext) if ext.claims_key(t) => (ext.verify(t).map_err(Failure::Token)?, true),
+            _ => (self.verify_token(t, false)?, false),
         };
         let mut cache = self.tokens.lock().expect("token cache");
         if cache.len() >= CRED_MAX {
-            cache.retain(|_, (c, _)| c.exp + 30 > now);
+            cache.retain(|_, (c, _, _)| c.exp + 30 > now);
             if cache.len() >= CRED_MAX {
                 cache.clear();
             }
         }
-        cache.insert(key, (claims.clone(), version));
-        Ok(claims)
+        cache.insert(key, (claims.clone(), version, external));
+        Ok((claims, external))
     }
 
     /// A token of this cluster, with its claims.
@@ -372,6 +400,11 @@ impl Auth {
     /// Checks a user name and password (or robot token) against, in order: robot tokens, the
     /// cluster's users, the htpasswd file, LDAP (the first that knows the name decides).
     pub async fn check_password(&self, user: &str, password: &str) -> Result<Principal, Failure> {
+        self.authenticate(user, password).await.map(|i| i.principal)
+    }
+
+    /// [`Self::check_password`], saying where the identity came from.
+    pub async fn authenticate(&self, user: &str, password: &str) -> Result<Identity, Failure> {
         let st = self.state();
         let (version, state) = (&st.0, &st.1);
         if let Some(id) = robot::id_of(password) {
@@ -382,7 +415,10 @@ impl Auth {
             if r.expires_ms.is_some_and(|e| e <= raftyard_types::event::now_ms()) {
                 return Err(Failure::RobotExpired);
             }
-            return Ok(Principal::Robot { id: id.to_string(), name: r.name.clone() });
+            return Ok(Identity {
+                principal: Principal::Robot { id: id.to_string(), name: r.name.clone() },
+                source: Source::Robot,
+            });
         }
         let key = self.cred_key(user, password);
         let from_file = self.htpasswd.as_ref().map(|f| f.lookup(user));
@@ -391,10 +427,17 @@ impl Auth {
         }
         if let Some(c) = self.creds.lock().expect("cred cache").get(&key) {
             if c.version == *version && c.at.elapsed() < CRED_TTL {
-                return Ok(c.principal.clone());
+                return Ok(c.identity.clone());
             }
         }
-        let stored = state.users.get(user).map(|u| u.password_hash.clone()).or(from_file.and_then(|(h, _)| h));
+        let (stored, source) = match (state.users.get(user), from_file.and_then(|(h, _)| h)) {
+            (Some(u), _) => (Some(u.password_hash.clone()), Some(Source::State { gen: generation(&u.password_hash) })),
+            (None, Some(h)) => {
+                let gen = generation(&h);
+                (Some(h), Some(Source::Htpasswd { gen }))
+            }
+            (None, None) => (None, None),
+        };
         if stored.is_none() {
             if let Some(l) = &self.settings.ldap {
                 let principal = match ldap::verify(l, user, password).await {
@@ -405,8 +448,9 @@ impl Auth {
                         return Err(Failure::Unavailable);
                     }
                 };
-                self.remember(key, &principal, *version);
-                return Ok(principal);
+                let identity = Identity { principal, source: Source::Ldap };
+                self.remember(key, &identity, *version);
+                return Ok(identity);
             }
         }
         let ok = {
@@ -415,20 +459,20 @@ impl Auth {
                 (password.to_string(), stored.clone().unwrap_or_else(|| password::decoy().to_string()));
             tokio::task::spawn_blocking(move || password::verify(&password, &target)).await.unwrap_or(false)
         };
-        if !ok || stored.is_none() {
+        let (true, Some(source)) = (ok, source) else {
             return Err(Failure::BadPassword);
-        }
-        let principal = Principal::User { name: user.to_string(), groups: vec![] };
-        self.remember(key, &principal, *version);
-        Ok(principal)
+        };
+        let identity = Identity { principal: Principal::User { name: user.to_string(), groups: vec![] }, source };
+        self.remember(key, &identity, *version);
+        Ok(identity)
     }
 
-    fn remember(&self, key: [u8; 32], principal: &Principal, version: u64) {
+    fn remember(&self, key: [u8; 32], identity: &Identity, version: u64) {
         let mut cache = self.creds.lock().expect("cred cache");
         if cache.len() >= CRED_MAX {
             cache.clear();
         }
-        cache.insert(key, CachedCred { principal: principal.clone(), version, at: Instant::now() });
+        cache.insert(key, CachedCred { identity: identity.clone(), version, at: Instant::now() });
     }
 
     fn cred_key(&self, user: &str, password: &str) -> [u8; 32] {
@@ -481,7 +525,8 @@ impl Auth {
 
     /// A token for `principal` granting what it asked for and may do (the intersection), with
     /// a refresh token when `offline`. `None` when the cluster has no signing key yet.
-    pub fn issue(&self, principal: &Principal, scopes: &[Scope], offline: bool) -> Option<TokenReply> {
+    pub fn issue(&self, identity: &Identity, scopes: &[Scope], offline: bool) -> Option<TokenReply> {
+        let principal = &identity.principal;
         let st = self.state();
         let state = &st.1;
         let key = state.signing_key()?;
@@ -519,10 +564,13 @@ impl Auth {
             grp: grp.clone(),
             rid: rid.clone(),
             token_use: None,
+            src: None,
+            gen: None,
         };
         let scope = scopes.iter().map(Scope::to_header).collect::<Vec<_>>().join(" ");
         let t = token::sign(key, &claims);
         let refresh_token = (offline && *principal != Principal::Anonymous).then(|| {
+            let (src, gen) = identity.source.claims();
             token::sign(
                 key,
                 &Claims {
@@ -530,6 +578,8 @@ impl Auth {
                     access: vec![],
                     jti: token::jti(),
                     token_use: Some("refresh".into()),
+                    src,
+                    gen,
                     ..claims.clone()
                 },
             )
@@ -544,24 +594,106 @@ impl Auth {
         })
     }
 
-    /// The principal a refresh token stands for, if it still exists: a robot must not be
-    /// revoked, a user of the cluster state must not be removed.
-    pub fn refresh(&self, t: &str) -> Result<Principal, Failure> {
-        let claims = self.verify_token(t, true)?;
-        let p = principal_of(&claims);
+    /// The identity a refresh token stands for, looked up again where it came from: a robot
+    /// token still there and not expired; a user of the state or the htpasswd file still there
+    /// with the same password (and, for the file, not shadowed by a user of the state); an
+    /// LDAP user still in the directory (with its groups now, and shadowed by neither).
+    pub async fn refresh(&self, t: &str) -> Result<Identity, Failure> {
+        let c = self.verify_token(t, true)?;
         let st = self.state();
-        match &p {
-            Principal::Robot { id, .. } if !st.1.robots.contains_key(id) => Err(Failure::BadRobot),
-            Principal::User { name, .. } if self.htpasswd.is_none() && !st.1.users.contains_key(name) => {
-                Err(Failure::BadPassword)
+        let state = &st.1;
+        let user = |groups: Vec<String>| Principal::User { name: c.sub.clone(), groups };
+        let from_file = || self.htpasswd.as_ref().and_then(|f| f.lookup(&c.sub).0);
+        match c.src.as_deref() {
+            Some("robot") => {
+                let id = c.rid.clone().ok_or(Failure::BadRobot)?;
+                let r = state.robots.get(&id).ok_or(Failure::BadRobot)?;
+                if r.expires_ms.is_some_and(|e| e <= raftyard_types::event::now_ms()) {
+                    return Err(Failure::RobotExpired);
+                }
+                Ok(Identity { principal: Principal::Robot { id, name: r.name.clone() }, source: Source::Robot })
             }
-            _ => Ok(p),
+            Some("state") => {
+                let u = state.users.get(&c.sub).ok_or(Failure::BadPassword)?;
+                let gen = generation(&u.password_hash);
+                if c.gen.as_deref() != Some(gen.as_str()) {
+                    return Err(Failure::BadPassword);
+                }
+                Ok(Identity { principal: user(vec![]), source: Source::State { gen } })
+            }
+            Some("htpasswd") if !state.users.contains_key(&c.sub) => {
+                let gen = generation(&from_file().ok_or(Failure::BadPassword)?);
+                if c.gen.as_deref() != Some(gen.as_str()) {
+                    return Err(Failure::BadPassword);
+                }
+                Ok(Identity { principal: user(vec![]), source: Source::Htpasswd { gen } })
+            }
+            Some("ldap") if !state.users.contains_key(&c.sub) && from_file().is_none() => {
+                let l = self.settings.ldap.as_ref().ok_or(Failure::BadPassword)?;
+                match ldap::lookup(l, &c.sub).await {
+                    Ok(ldap::Verdict::Valid { groups }) => {
+                        Ok(Identity { principal: user(groups), source: Source::Ldap })
+                    }
+                    Ok(ldap::Verdict::Invalid) => Err(Failure::BadPassword),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LDAP could not check a refresh");
+                        Err(Failure::Unavailable)
+                    }
+                }
+            }
+            _ => Err(Failure::BadPassword),
         }
     }
 }
 
 /// Where every node serves the token endpoint.
 pub const TOKEN_PATH: &str = "/auth/token";
+
+/// The reserved name a grant of `pull` on which (exactly that pattern) lets a subject scrape
+/// `/metrics`.
+pub const METRICS_GRANT: &str = "_raftyard/metrics";
+
+/// Where a verified identity came from: a refresh token records it, and each refresh looks
+/// the identity up there again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// No credentials.
+    Anonymous,
+    Robot,
+    /// A user of the cluster state; `gen` digests its password hash.
+    State {
+        gen: String,
+    },
+    /// A user of the htpasswd file; `gen` digests its hash.
+    Htpasswd {
+        gen: String,
+    },
+    Ldap,
+}
+
+impl Source {
+    fn claims(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Source::Anonymous => (None, None),
+            Source::Robot => (Some("robot".into()), None),
+            Source::State { gen } => (Some("state".into()), Some(gen.clone())),
+            Source::Htpasswd { gen } => (Some("htpasswd".into()), Some(gen.clone())),
+            Source::Ldap => (Some("ldap".into()), None),
+        }
+    }
+}
+
+/// A digest of a stored password hash, for refresh tokens.
+fn generation(hash: &str) -> String {
+    hex::encode(&Sha256::digest(hash.as_bytes())[..8])
+}
+
+/// A principal and where it was verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub principal: Principal,
+    pub source: Source,
+}
 
 fn principal_of(c: &Claims) -> Principal {
     if let Some(id) = &c.rid {
@@ -673,14 +805,16 @@ mod tests {
             Scope::parse("repository:team/app:pull,push,delete").unwrap(),
             Scope::parse("repository:other:pull").unwrap(),
         ];
-        let reply = auth.issue(&alice, &scopes, true).unwrap();
+        let alice_id = auth.authenticate("alice", "pw").await.unwrap();
+        assert_eq!(alice_id.principal, alice);
+        let reply = auth.issue(&alice_id, &scopes, true).unwrap();
         let c = auth.identify(Credentials::Bearer(reply.token.clone())).await.unwrap();
         let st = auth.state();
         assert_eq!(c.allowed(&st.1, "team/app"), Actions::PULL.union(Actions::PUSH), "delete was not granted");
         assert_eq!(c.allowed(&st.1, "other"), Actions::NONE);
         assert_eq!(c.allowed(&st.1, "team/b"), Actions::NONE, "only what the token names");
         let refresh = reply.refresh_token.unwrap();
-        assert_eq!(auth.refresh(&refresh).unwrap(), alice);
+        assert_eq!(auth.refresh(&refresh).await.unwrap(), alice_id);
         assert!(auth.identify(Credentials::Bearer(refresh)).await.is_err(), "a refresh token is no access token");
         assert!(auth.challenge("https", Some("reg.example:443"), Some(&scopes[0])).starts_with(
             "Bearer realm=\"https://reg.example:443/auth/token\",service=\"raftyard\",scope=\"repository:team/app:pull,push,delete\""
@@ -700,6 +834,32 @@ mod tests {
             auth.identify(Credentials::Bearer(reply.token)).await.unwrap_err(),
             Failure::Token(TokenError::UnknownKey)
         );
+    }
+
+    #[tokio::test]
+    async fn refresh_tokens_follow_their_source() {
+        let (auth, src, secret) = setup(Mode::Token);
+        let robot = auth.authenticate("ci", &secret).await.unwrap();
+        let refresh = auth.issue(&robot, &[], true).unwrap().refresh_token.unwrap();
+        assert_eq!(auth.refresh(&refresh).await.unwrap(), robot);
+        // the robot token expires: so do the refresh tokens it was given
+        {
+            let mut g = src.0.lock().unwrap();
+            g.0 += 1;
+            for r in g.1.robots.values_mut() {
+                r.expires_ms = Some(1);
+            }
+        }
+        assert_eq!(auth.refresh(&refresh).await.unwrap_err(), Failure::RobotExpired);
+        // a user removed from the state
+        let alice = auth.authenticate("alice", "pw").await.unwrap();
+        let refresh = auth.issue(&alice, &[], true).unwrap().refresh_token.unwrap();
+        {
+            let mut g = src.0.lock().unwrap();
+            g.0 += 1;
+            g.1.users.remove("alice");
+        }
+        assert_eq!(auth.refresh(&refresh).await.unwrap_err(), Failure::BadPassword);
     }
 
     #[test]

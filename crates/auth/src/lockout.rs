@@ -12,6 +12,20 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Addresses tracked at most; past it, the oldest quiet ones are forgotten.
 const MAX_TRACKED: usize = 100_000;
 
+/// The key an address is counted under: itself, or for IPv6 its /64 (what one client holds).
+fn key(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 pub struct Lockout {
     threshold: u32,
     duration: Duration,
@@ -34,6 +48,7 @@ impl Lockout {
 
     /// How long `addr` stays locked out, if it is.
     pub fn locked(&self, addr: IpAddr) -> Option<Duration> {
+        let addr = key(addr);
         let now = Instant::now();
         let map = self.inner.lock().expect("lockout lock");
         let until = map.get(&addr)?.locked_until?;
@@ -45,6 +60,7 @@ impl Lockout {
         if self.threshold == 0 {
             return false;
         }
+        let addr = key(addr);
         let now = Instant::now();
         let mut map = self.inner.lock().expect("lockout lock");
         if map.len() >= MAX_TRACKED {
@@ -91,6 +107,12 @@ mod tests {
         assert!(l.locked(b).is_none());
         assert_eq!(l.locked_count(), 1);
         assert_eq!(l.lockouts.load(Ordering::Relaxed), 1);
+        // an IPv6 client is counted by its /64
+        let v6 = Lockout::new(1, Duration::from_secs(60));
+        v6.failure("2001:db8::1".parse().unwrap());
+        v6.failure("2001:db8::2".parse().unwrap());
+        assert!(v6.locked("2001:db8::ffff".parse().unwrap()).is_some());
+        assert!(v6.locked("2001:db8:0:1::1".parse().unwrap()).is_none());
         let off = Lockout::new(0, Duration::from_secs(60));
         for _ in 0..100 {
             assert!(!off.failure(a));

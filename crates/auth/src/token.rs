@@ -82,6 +82,14 @@ pub struct Claims {
     /// raftyard: `refresh` for a refresh token (never accepted as an access token).
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "use")]
     pub token_use: Option<String>,
+    /// raftyard, refresh tokens: where the identity came from (`state`, `htpasswd`, `ldap`,
+    /// `robot`), looked up there again on every refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
+    /// raftyard, refresh tokens: a digest of the password hash at issue; a changed password
+    /// ends the refresh token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen: Option<String>,
 }
 
 impl Claims {
@@ -228,6 +236,8 @@ mod tests {
             grp: vec![],
             rid: None,
             token_use: None,
+            src: None,
+            gen: None,
         }
     }
 

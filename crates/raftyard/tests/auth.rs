@@ -256,6 +256,13 @@ async fn robot_tokens_and_lockout_of_one_address() {
     let expired =
         cli(&["token", "create", "--name", "old", "--grant", "ci/*:pull", "--expires", "0s", "--node", &n.peer]);
     assert_eq!(status(&client_as("old", expired.trim()), n.url("/v2/")).await, 401);
+    // metrics: a wide grant does not reach the reserved name, a grant on exactly it does
+    add_user(&n, "watcher", "watcher-password-1", &[]);
+    grant(&n, &["--user", "watcher"], "**", "pull");
+    let watcher = client_as("watcher", "watcher-password-1");
+    assert_eq!(status(&watcher, n.url("/metrics")).await, 403);
+    grant(&n, &["--user", "watcher"], "_raftyard/metrics", "pull");
+    assert_eq!(status(&watcher, n.url("/metrics")).await, 200);
     cli(&["token", "revoke", "--name", "ci", "--node", &n.peer]);
     assert_eq!(status(&robot, n.url("/v2/")).await, 401, "a revoked token stops working");
 
@@ -392,7 +399,18 @@ async fn token_mode_challenges_and_issues_the_intersection() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 400, "RFC 6749: invalid_grant");
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "invalid_grant");
+    let r = anon.post(&realm).form(&[("grant_type", "client_credentials")]).send().await.unwrap();
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "unsupported_grant_type");
+    // a refresh grant gets no new refresh token (a chain of refreshes cannot outlive the first)
+    assert!(v.get("refresh_token").is_none(), "{v}");
+    // a changed password ends the refresh token
+    cli_stdin(&["user", "passwd", "alice", "--password-stdin", "--node", &n.peer], "alice-password-2\n");
+    let form = [("grant_type", "refresh_token"), ("refresh_token", refresh.as_str()), ("service", "raftyard")];
+    let r = anon.post(&realm).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 400, "the refresh token outlived a password change");
+    cli_stdin(&["user", "passwd", "alice", "--password-stdin", "--node", &n.peer], &format!("{ALICE_PW}\n"));
     // a rotated key keeps the old tokens valid until they expire
     cli(&["access", "rotate-key", "--node", &n.peer]);
     assert_eq!(status(&with, n.url("/v2/team/app/manifests/v1")).await, 200);
@@ -773,6 +791,38 @@ async fn ldap_users_and_groups_from_slapd() {
     assert_eq!(claims["grp"], serde_json::json!(["devs"]));
     assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull"]));
     assert_eq!(status(&bearer(v["token"].as_str().unwrap()), n.url("/v2/team/app/manifests/v1")).await, 200);
+    // docker login's identity token: a refresh looks lara up in the directory again, with her
+    // groups as they are now
+    let realm = n.url("/auth/token");
+    let form =
+        [("grant_type", "password"), ("username", "lara"), ("password", "lara-password-1"), ("access_type", "offline")];
+    let v: serde_json::Value = client().post(&realm).form(&form).send().await.unwrap().json().await.unwrap();
+    let refresh = v["refresh_token"].as_str().expect("a refresh token").to_string();
+    let refreshed = |scope: &'static str| {
+        let refresh = refresh.clone();
+        let realm = realm.clone();
+        async move {
+            let form = [("grant_type", "refresh_token"), ("refresh_token", refresh.as_str()), ("scope", scope)];
+            client().post(&realm).form(&form).send().await.unwrap()
+        }
+    };
+    let r = refreshed("repository:team/app:pull").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(jwt_claims(v["access_token"].as_str().unwrap())["grp"], serde_json::json!(["devs"]));
+    // taken out of the group devs in the directory: the next refresh knows
+    let modify = dir.path().join("modify.ldif");
+    std::fs::write(&modify, "dn: cn=devs,ou=groups,dc=example,dc=org\nchangetype: modify\ndelete: member\nmember: uid=lara,ou=people,dc=example,dc=org\n-\nadd: member\nmember: uid=omar,ou=people,dc=example,dc=org\n").unwrap();
+    run(Command::new("ldapmodify")
+        .args(["-x", "-H", &ldap.url, "-D", "cn=admin,dc=example,dc=org", "-w", "admin-secret", "-f"])
+        .arg(&modify));
+    let v: serde_json::Value = refreshed("repository:team/app:pull").await.json().await.unwrap();
+    let claims = jwt_claims(v["access_token"].as_str().unwrap());
+    assert!(claims.get("grp").is_none() || claims["grp"] == serde_json::json!([]), "{claims}");
+    assert_eq!(claims["access"][0]["actions"], serde_json::json!([]), "no pull without the group");
+    // a user of the cluster named lara now shadows the directory's: the refresh token ends
+    add_user(&n, "lara", "cluster-lara-password", &[]);
+    assert_eq!(refreshed("repository:lara/tools:pull").await.status(), 400);
     let log = std::fs::read_to_string(&n.log).unwrap();
     assert!(!log.contains("lara-password-1") && !log.contains("admin-secret"), "a secret reached the log");
 }
@@ -879,13 +929,27 @@ async fn an_outside_token_issuer_as_distribution_configures_it() {
     };
     let good = bearer(&sign(&leaf_key, vec![b64(leaf.der()), b64(ca.der())]));
     assert_eq!(status(&good, n.url("/v2/team/app/manifests/v1")).await, 200);
-    assert_eq!(good.post(n.url("/v2/team/app/blobs/uploads/")).send().await.unwrap().status(), 403, "pull only");
+    // pull only: a push asks the outside issuer for a token with push (its decision, not ours)
+    let r = good.post(n.url("/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "pull only");
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("scope=\"repository:team/app:pull,push\""));
     let rogue_key = KeyPair::generate().unwrap();
     let rogue = CertificateParams::new(vec!["auth.example".into()]).unwrap().self_signed(&rogue_key).unwrap();
     assert_eq!(
         status(&bearer(&sign(&rogue_key, vec![b64(rogue.der())])), n.url("/v2/team/app/manifests/v1")).await,
         401
     );
+    // the outside issuer's `sub` names nobody here: "admin" there is not the cluster's admin
+    let mut as_admin = claims.clone();
+    as_admin["sub"] = "admin".into();
+    let mut h = Header::new(Algorithm::ES256);
+    h.x5c = Some(vec![b64(leaf.der()), b64(ca.der())]);
+    let t =
+        jsonwebtoken::encode(&h, &as_admin, &EncodingKey::from_ec_pem(leaf_key.serialize_pem().as_bytes()).unwrap())
+            .unwrap();
+    assert_eq!(status(&bearer(&t), n.url("/v2/_raftyard/events")).await, 403);
+    assert_eq!(status(&bearer(&t), n.url("/metrics")).await, 403);
+    assert_eq!(status(&bearer(&t), n.url("/v2/team/app/manifests/v1")).await, 200, "its access claim still counts");
 }
 
 /// `registry.metrics_listen`: /metrics without credentials on a port of its own (and nothing

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use raftyard_auth::{Auth, Caller, Credentials, Failure, Mode, Scope};
+use raftyard_auth::{Auth, Caller, Credentials, Failure, Identity, Mode, Scope, Source};
 use raftyard_types::access::{AccessState, Actions, Principal};
 use raftyard_types::{Event, RepoName};
 use serde_json::json;
@@ -38,9 +38,6 @@ impl raftyard_auth::AccessSource for StateAccess {
 /// it already.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded;
-
-/// The pseudo-repository a grant of `pull` on which lets a caller scrape `/metrics`.
-pub const METRICS_GRANT: &str = "_raftyard/metrics";
 
 /// What an endpoint asks of its caller.
 #[derive(Debug)]
@@ -216,6 +213,7 @@ async fn check<B: ReqBody>(reg: &Registry, auth: &Auth, need: &Need, req: &mut R
             if caller.allowed(state, name.as_str()).contains(*a) {
                 true
             } else if caller.is_anonymous()
+                || caller.external
                 || (caller.claims.is_some() && state.allowed(&caller.principal, name.as_str()).contains(*a))
             {
                 // no credentials, or a token that lacks a scope its holder may get: ask for one
@@ -230,9 +228,7 @@ async fn check<B: ReqBody>(reg: &Registry, auth: &Auth, need: &Need, req: &mut R
             return Err(Refusal::Other(unauthorized(req, None, "credentials required".into())));
         }
         Need::Admin => caller.is_admin(state),
-        Need::Metrics => {
-            caller.is_admin(state) || state.allowed(&caller.principal, METRICS_GRANT).contains(Actions::PULL)
-        }
+        Need::Metrics => caller.may_scrape(state),
     };
     if !ok {
         let what = match need {
@@ -290,11 +286,11 @@ fn note_robot_use(reg: &Registry, auth: &Auth, caller: &Caller) {
 
 /// A password check that, when it fails, is tried once more after a read barrier that brought
 /// new users (one added through another node a moment ago).
-async fn password_fresh(reg: &Registry, auth: &Auth, user: &str, pw: &str) -> Result<Principal, Failure> {
+async fn password_fresh(reg: &Registry, auth: &Auth, user: &str, pw: &str) -> Result<Identity, Failure> {
     let before = auth.state().0;
-    let r = auth.check_password(user, pw).await;
+    let r = auth.authenticate(user, pw).await;
     if r.is_err() && reg.meta.read_barrier().await.is_ok() && auth.state().0 != before {
-        return auth.check_password(user, pw).await;
+        return auth.authenticate(user, pw).await;
     }
     r
 }
@@ -314,7 +310,7 @@ pub(crate) async fn token_endpoint<B: ReqBody>(reg: &Registry, req: Request<B>) 
     }
     let basic_challenge = || format!("Basic realm=\"{}\"", auth.settings().service.replace('"', ""));
     let mut scopes = Vec::new();
-    let (principal, offline, user) = if req.method() == Method::POST {
+    let (identity, offline) = if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
         let bytes = collect_limited(body, MAX_FORM).await?;
         let form: Vec<(String, String)> = url_form(&bytes);
@@ -322,23 +318,25 @@ pub(crate) async fn token_endpoint<B: ReqBody>(reg: &Registry, req: Request<B>) 
         for s in form.iter().filter(|(k, _)| k == "scope") {
             scopes.extend(s.1.split(' ').filter_map(Scope::parse));
         }
-        let offline = get("access_type") == Some("offline");
         let r = match get("grant_type") {
-            Some("password") => {
-                let user = get("username").unwrap_or("");
-                password_fresh(reg, auth, user, get("password").unwrap_or(""))
-                    .await
-                    .map(|p| (p, Some(user.to_string())))
+            Some("password") => password_fresh(reg, auth, get("username").unwrap_or(""), get("password").unwrap_or(""))
+                .await
+                .map(|i| (i, get("access_type") == Some("offline"))),
+            // a refresh grant gets no new refresh token: the one it holds keeps its end
+            Some("refresh_token") => auth.refresh(get("refresh_token").unwrap_or("")).await.map(|i| (i, false)),
+            _ => {
+                return Err(RegistryError::OAuth {
+                    error: "unsupported_grant_type",
+                    description: "grant_type must be password or refresh_token".into(),
+                })
             }
-            Some("refresh_token") => auth.refresh(get("refresh_token").unwrap_or("")).map(|p| (p, None)),
-            _ => return Err(RegistryError::Unsupported("grant_type must be password or refresh_token".into())),
         };
         let req = Request::from_parts(parts, ());
         match r {
-            Ok((p, user)) => (p, offline, user),
+            Ok(x) => x,
             Err(f) => {
                 refused(reg, auth, addr, &req, get("username"), &f);
-                return Err(RegistryError::Unauthorized { challenge: basic_challenge(), message: f.to_string() });
+                return Err(RegistryError::OAuth { error: "invalid_grant", description: f.to_string() });
             }
         }
     } else {
@@ -350,9 +348,9 @@ pub(crate) async fn token_endpoint<B: ReqBody>(reg: &Registry, req: Request<B>) 
         }
         let offline = q.iter().any(|(k, v)| k == "offline_token" && v == "true");
         match Credentials::from_headers(req.headers()) {
-            Ok(Credentials::None) => (Principal::Anonymous, false, None),
+            Ok(Credentials::None) => (Identity { principal: Principal::Anonymous, source: Source::Anonymous }, false),
             Ok(Credentials::Basic { user, password }) => match password_fresh(reg, auth, &user, &password).await {
-                Ok(p) => (p, offline, Some(user)),
+                Ok(i) => (i, offline),
                 Err(f) => {
                     refused(reg, auth, addr, &req, Some(&user), &f);
                     return Err(RegistryError::Unauthorized { challenge: basic_challenge(), message: f.to_string() });
@@ -365,17 +363,16 @@ pub(crate) async fn token_endpoint<B: ReqBody>(reg: &Registry, req: Request<B>) 
             }
         }
     };
-    let _ = user;
-    let caller = Caller { principal: principal.clone(), claims: None, open: false };
+    let caller = Caller { principal: identity.principal.clone(), ..Caller::anonymous() };
     note_robot_use(reg, auth, &caller);
-    let reply = match auth.issue(&principal, &scopes, offline) {
+    let reply = match auth.issue(&identity, &scopes, offline) {
         Some(r) => r,
         None => {
-            // the first token of a cluster: make its signing key (whichever node gets there
-            // first wins; the others' proposals apply as no-ops)
+            // no signing key yet (the leader makes one at start): make it now; whichever node
+            // gets there first wins, the others' proposals apply as no-ops
             let key = raftyard_auth::token::new_signing_key(raftyard_types::event::now_ms());
             reg.meta.propose(vec![Event::SigningKeyAdded { key, only_if_none: true }]).await?;
-            auth.issue(&principal, &scopes, offline).ok_or_else(|| RegistryError::Internal("no signing key".into()))?
+            auth.issue(&identity, &scopes, offline).ok_or_else(|| RegistryError::Internal("no signing key".into()))?
         }
     };
     let body = serde_json::to_vec(&reply).expect("json");
@@ -412,20 +409,20 @@ fn url_form(b: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The caller the gate put into a request (an open caller when there was no gate).
+/// The caller the door put into a request (an anonymous one, which may do nothing a grant
+/// does not allow, where there was none).
 pub(crate) fn caller_of<B>(req: &Request<B>) -> Caller {
-    req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::open)
+    req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous)
 }
 
-/// Whether `caller` may pull `repo` (catalog filtering, mount sources).
+/// Whether `caller` may pull `repo` (a mount's source).
 pub(crate) fn may_pull(reg: &Registry, caller: &Caller, repo: &str) -> bool {
-    if caller.open {
-        return true;
-    }
-    match reg.auth.as_ref() {
-        Some(a) => caller.may_list(&a.state().1, repo) || caller.allowed(&a.state().1, repo).contains(Actions::PULL),
-        None => true,
-    }
+    caller.open || reg.auth.as_ref().is_some_and(|a| caller.may_pull(&a.state().1, repo))
+}
+
+/// Whether `repo` belongs in `caller`'s catalog.
+pub(crate) fn in_catalog(reg: &Registry, caller: &Caller, repo: &str) -> bool {
+    caller.open || reg.auth.as_ref().is_some_and(|a| caller.in_catalog(&a.state().1, repo))
 }
 
 pub(crate) type SharedAuth = Option<Arc<Auth>>;

@@ -44,6 +44,10 @@ pub enum RegistryError {
     /// No valid credentials: 401 with the challenge to send them.
     #[error("authentication required: {message}")]
     Unauthorized { challenge: String, message: String },
+    /// A refused OAuth2 token request (`POST /auth/token`): 400 with the RFC 6749 body
+    /// (`error`: `invalid_grant`, `unsupported_grant_type`, …), not the registry's.
+    #[error("{error}: {description}")]
+    OAuth { error: &'static str, description: String },
     /// Too many failed authentications from this address: 429 for this many seconds.
     #[error("too many failed authentication attempts from this address; retry in {0} s")]
     LockedOut(u64),
@@ -85,7 +89,8 @@ impl RegistryError {
             | ManifestInvalid(_)
             | NameInvalid(_)
             | PaginationInvalid(_)
-            | SizeInvalid(_) => StatusCode::BAD_REQUEST,
+            | SizeInvalid(_)
+            | OAuth { .. } => StatusCode::BAD_REQUEST,
             ManifestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Unsupported(_) | MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Denied(_) => StatusCode::FORBIDDEN,
@@ -117,7 +122,7 @@ impl RegistryError {
             Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
             PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             Denied(_) => "DENIED",
-            Unauthorized { .. } => "UNAUTHORIZED",
+            Unauthorized { .. } | OAuth { .. } => "UNAUTHORIZED",
             Unavailable(_) => "UNAVAILABLE",
             TooManyRequests(_) | LockedOut(_) => "TOOMANYREQUESTS",
             InsufficientStorage(_) | Internal(_) => "UNKNOWN",
@@ -138,7 +143,10 @@ impl RegistryError {
     /// The response for this error: the spec's JSON body, plus the headers a client needs.
     pub fn into_response(self, head_only: bool) -> Response<Body> {
         let status = self.status();
-        let body = json!({"errors": [{"code": self.code(), "message": self.to_string(), "detail": self.detail()}]});
+        let body = match &self {
+            RegistryError::OAuth { error, description } => json!({"error": error, "error_description": description}),
+            _ => json!({"errors": [{"code": self.code(), "message": self.to_string(), "detail": self.detail()}]}),
+        };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let len = bytes.len();
         let mut resp = Response::new(if head_only { crate::body::empty() } else { full(bytes) });

@@ -138,31 +138,61 @@ impl RepoGlob {
         &self.0
     }
 
+    /// Whether the pattern matches the repository name. Time is bounded by the product of the
+    /// numbers of segments (and, within a segment, of characters): no backtracking blow-up,
+    /// whatever the pattern and the name.
     pub fn matches(&self, repo: &str) -> bool {
         let pat: Vec<&str> = self.0.split('/').collect();
         let name: Vec<&str> = repo.split('/').collect();
-        match_segments(&pat, &name)
+        // reach[j]: the pattern's first i segments can match the name's first j segments
+        let mut reach = vec![false; name.len() + 1];
+        reach[0] = true;
+        for p in &pat {
+            let mut next = vec![false; name.len() + 1];
+            if *p == "**" {
+                // zero or more segments: everything at or after the first reachable point
+                let mut any = false;
+                for j in 0..=name.len() {
+                    any |= reach[j];
+                    next[j] = any;
+                }
+            } else {
+                for j in 0..name.len() {
+                    if reach[j] && match_segment(p.as_bytes(), name[j].as_bytes()) {
+                        next[j + 1] = true;
+                    }
+                }
+            }
+            reach = next;
+        }
+        reach[name.len()]
     }
 }
 
-fn match_segments(pat: &[&str], name: &[&str]) -> bool {
-    match pat.split_first() {
-        None => name.is_empty(),
-        Some((&"**", rest)) => (0..=name.len()).any(|skip| match_segments(rest, &name[skip..])),
-        Some((p, rest)) => match name.split_first() {
-            Some((n, nrest)) => match_segment(p.as_bytes(), n.as_bytes()) && match_segments(rest, nrest),
-            None => false,
-        },
-    }
-}
-
-/// `*` matches any run of characters within the segment.
+/// `*` matches any run of characters within the segment: the greedy algorithm with one
+/// backtrack point, linear in practice and O(len(p)·len(n)) at worst.
 fn match_segment(p: &[u8], n: &[u8]) -> bool {
-    match p.split_first() {
-        None => n.is_empty(),
-        Some((b'*', rest)) => (0..=n.len()).any(|skip| match_segment(rest, &n[skip..])),
-        Some((c, rest)) => n.first() == Some(c) && match_segment(rest, &n[1..]),
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && p[i] == n[j] {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
     }
+    while i < p.len() && p[i] == b'*' {
+        i += 1;
+    }
+    i == p.len()
 }
 
 impl TryFrom<String> for RepoGlob {
@@ -363,6 +393,15 @@ impl AccessState {
             .fold(Actions::NONE, |a, g| a.union(g.actions))
     }
 
+    /// Whether a grant on exactly the pattern `name` (not a wider one that matches it) gives
+    /// the principal `action`: how reserved names like `_raftyard/metrics` are granted.
+    pub fn has_exact_grant(&self, p: &Principal, name: &str, action: Actions) -> bool {
+        let subjects = self.subjects(p);
+        self.grants
+            .iter()
+            .any(|g| g.repos.as_str() == name && g.actions.contains(action) && subjects.contains(&g.subject))
+    }
+
     /// The key new tokens are signed with.
     pub fn signing_key(&self) -> Option<&SigningKey> {
         self.keys.last()
@@ -395,6 +434,17 @@ mod tests {
         assert!(!g("a*b*c").matches("axxbyy"));
         assert!(g("exact/name").matches("exact/name"));
         assert!(!g("exact/name").matches("exact/name2"));
+        assert!(g("**/**/x").matches("x"));
+        assert!(g("a/**/b/**/c").matches("a/1/b/2/3/c"));
+        assert!(!g("a/**/b/**/c").matches("a/1/c"));
+        assert!(g("*a*").matches("banana") && !g("*z*").matches("banana"));
+        // adversarial: many stars against a long name finish at once
+        let name = format!("{}b", "a".repeat(250));
+        let t = std::time::Instant::now();
+        assert!(!g("*a*a*a*a*a*a*a*a*a*a*c").matches(&name));
+        let deep = vec!["a"; 120].join("/");
+        assert!(!g("**/**/**/**/**/**/**/**/b").matches(&deep));
+        assert!(t.elapsed() < std::time::Duration::from_millis(50), "{:?}", t.elapsed());
         for bad in ["", "team//x", "Team", "a/***", "a/b**", "/a", "a/"] {
             assert!(RepoGlob::parse(bad).is_err(), "{bad:?}");
         }
@@ -441,6 +491,15 @@ mod tests {
         assert_eq!(s.allowed(&Principal::Anonymous, "team/app"), Actions::NONE);
         assert_eq!(s.allowed(&Principal::Anonymous, "public/x"), Actions::PULL);
         assert!(!s.is_admin(&robot));
+        // a wide grant does not reach a reserved name; a grant on exactly that name does
+        s.grants.push(Grant { subject: Subject::User("alice".into()), repos: g("**"), actions: Actions::PULL });
+        assert!(!s.has_exact_grant(&alice, "_raftyard/metrics", Actions::PULL));
+        s.grants.push(Grant {
+            subject: Subject::Group("devs".into()),
+            repos: g("_raftyard/metrics"),
+            actions: Actions::PULL,
+        });
+        assert!(s.has_exact_grant(&alice, "_raftyard/metrics", Actions::PULL), "through the group devs");
     }
 
     #[test]
