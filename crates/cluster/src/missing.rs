@@ -139,6 +139,7 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         | Event::RobotAdded { .. }
         | Event::RobotRevoked { .. }
         | Event::RobotUsed { .. }
-        | Event::SigningKeyAdded { .. } => vec![],
+        | Event::SigningKeyAdded { .. }
+        | Event::JournalTrimmed { .. } => vec![],
     }
 }

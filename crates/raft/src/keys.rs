@@ -81,6 +81,8 @@ pub fn journal(index: u64) -> Vec<u8> {
     k
 }
 pub const JOURNAL: &[u8] = b"j/";
+/// The first index the journal still holds (u64 BE); absent: 0, nothing trimmed.
+pub const JOURNAL_FIRST: &[u8] = b"m/journal_first";
 
 pub const USERS: &[u8] = b"a/u/";
 pub fn user(name: &str) -> Vec<u8> {

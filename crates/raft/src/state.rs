@@ -231,9 +231,28 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 tx.del(keys::blob(&d.to_string()));
             }
         }
+        Event::JournalTrimmed { before } => {
+            let first = journal_first(tx)?;
+            let upto = (*before).min(first.saturating_add(raftyard_types::event::JOURNAL_TRIM_BATCH));
+            if upto > first {
+                for kv in tx.tree.range(keys::journal(first)..keys::journal(upto)) {
+                    let (k, _) = kv?;
+                    tx.del(k.to_vec());
+                }
+                tx.put(keys::JOURNAL_FIRST.to_vec(), upto.to_be_bytes().to_vec());
+            }
+        }
         ev => return apply_access_event(tx, ev),
     }
     Ok(Ok(()))
+}
+
+fn journal_first(tx: &Tx) -> Result<u64, sled::Error> {
+    Ok(tx
+        .get(keys::JOURNAL_FIRST)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
 }
 
 /// Applies a change of who may do what, and bumps the access version that caches watch.
@@ -516,6 +535,35 @@ impl StateReader {
                 return Ok((v, s));
             }
         }
+    }
+
+    /// The first index the journal still holds (0: nothing was ever trimmed).
+    pub fn journal_first(&self) -> std::io::Result<u64> {
+        Ok(self
+            .tree
+            .get(keys::JOURNAL_FIRST)
+            .map_err(io)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// The index of the first journal entry at or after `time_ms` (the applied index + 1 when
+    /// none is): where an age-based retention cuts. Entries are in index order, and their
+    /// times, stamped by proposers, nearly so; the first one that is new enough decides.
+    pub fn journal_index_at(&self, time_ms: u64) -> std::io::Result<u64> {
+        for kv in self.tree.range(keys::journal(self.journal_first()?)..) {
+            let (k, v) = kv.map_err(io)?;
+            if !k.starts_with(keys::JOURNAL) {
+                break;
+            }
+            if let Some(e) = dec::<VersionedJournalEntry>(&v).map(JournalEntry::from) {
+                if e.time_ms >= time_ms {
+                    return Ok(e.index);
+                }
+            }
+        }
+        Ok(self.applied_index() + 1)
     }
 
     /// The latest journal entry (the last command applied here), if any.

@@ -346,6 +346,14 @@ pub struct RaftSection {
     /// MiB of memory for the metadata database's own cache (sled's page cache); what does not
     /// fit is read through the operating system's page cache.
     pub cache_mib: u64,
+    /// Journal retention by age: entries older than this many days are dropped from the event
+    /// journal (the state is untouched). 0: keep every event (the default).
+    pub journal_keep_days: u64,
+    /// Journal retention by count: only the last this many log indexes keep their journal
+    /// entries. 0: no limit. With both set, the stricter one cuts.
+    pub journal_keep_entries: u64,
+    /// How often the leader applies the retention, seconds.
+    pub journal_trim_interval_secs: u64,
 }
 
 impl Default for NodeSection {
@@ -401,6 +409,9 @@ impl Default for RaftSection {
             keep_logs: 1000,
             storage_deadline_ms: 20_000,
             cache_mib: 32,
+            journal_keep_days: 0,
+            journal_keep_entries: 0,
+            journal_trim_interval_secs: 60,
         }
     }
 }

@@ -248,6 +248,9 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let _ = local_registry.set(Arc::new(LocalRegistry(reg.clone())));
     let upkeep = reg.spawn_upkeep();
     let reserve_keeper = tokio::spawn(keep_reserve(reserve));
+    if cfg.raft.journal_keep_days > 0 || cfg.raft.journal_keep_entries > 0 {
+        tokio::spawn(journal_retention(meta.clone(), cfg.raft.clone(), stop.clone()));
+    }
     if cfg.auth.as_ref().is_some_and(|a| a.mode == crate::config::AuthMode::Token) {
         tokio::spawn(first_signing_key(meta.clone(), stop.clone()));
     }
@@ -451,6 +454,45 @@ fn start_agent(
     .context("starting the tunnel agent")?;
     info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");
     Ok(Some(agent))
+}
+
+/// Journal retention: on the leader, every `journal_trim_interval_secs`, drops the journal
+/// entries older than `journal_keep_days` or before the last `journal_keep_entries` log
+/// indexes, through `JournalTrimmed` events so that every node drops the same ones.
+async fn journal_retention(meta: MetaNode, raft: crate::config::RaftSection, stop: CancellationToken) {
+    let every = Duration::from_secs(raft.journal_trim_interval_secs.max(1));
+    let work = async {
+        loop {
+            tokio::time::sleep(every).await;
+            if meta.raft().metrics().borrow().current_leader != Some(meta.id()) {
+                continue;
+            }
+            let r = meta.reader();
+            let mut before = 0;
+            if raft.journal_keep_entries > 0 {
+                before = (r.applied_index() + 1).saturating_sub(raft.journal_keep_entries);
+            }
+            if raft.journal_keep_days > 0 {
+                let cut = raftyard_types::event::now_ms().saturating_sub(raft.journal_keep_days * 86_400_000);
+                match r.journal_index_at(cut) {
+                    Ok(i) => before = before.max(i),
+                    Err(e) => warn!(error = %e, "journal retention: reading the journal failed"),
+                }
+            }
+            // one batch per event, so that each apply stays small
+            while r.journal_first().is_ok_and(|f| f < before) {
+                let ev = raftyard_types::Event::JournalTrimmed { before };
+                if let Err(e) = meta.propose(vec![ev]).await {
+                    warn!(error = %e, "journal retention: trimming failed; trying again later");
+                    break;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = stop.cancelled() => {}
+    }
 }
 
 /// In token mode, the cluster's first token signing key: made by the leader once one is

@@ -401,3 +401,65 @@ async fn a_node_short_of_space_serves_blobs_it_lacks_from_a_peer() {
     let hex = d.strip_prefix("sha256:").unwrap();
     assert!(!short.data.join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "no copy kept");
 }
+
+/// Journal retention: the leader trims the event journal through the log, so every node drops
+/// the same entries (their state digests stay equal), the state itself stays whole, and the
+/// events endpoint says where the journal now starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn journal_retention_trims_the_same_entries_on_every_node() {
+    let cl = Cluster::start_with(3, "journal_keep_entries = 30\njournal_trim_interval_secs = 1\n");
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let mut digests = Vec::new();
+    for i in 0..30 {
+        digests.push(
+            push_image(&c, &cl.nodes[leader], "kept/app", &format!("v{i}"), format!("image {i}").as_bytes()).await,
+        );
+    }
+    // wait for a trim to pass the point where the images were pushed
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let h = cl.nodes[leader].health().await.unwrap();
+        let first = h["journal_first"].as_u64().unwrap_or(0);
+        let applied = h["applied"].as_u64().unwrap_or(0);
+        if first > 0 && applied.saturating_sub(first) < 40 {
+            break first;
+        }
+        assert!(Instant::now() < deadline, "no trim: journal_first {first}, applied {applied}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let r = c.get(cl.nodes[leader].url("/v2/_raftyard/events?since=0&limit=10000")).send().await.unwrap();
+    let header: u64 = r.headers()["raftyard-journal-first"].to_str().unwrap().parse().unwrap();
+    assert!(header >= first);
+    let text = r.text().await.unwrap();
+    let indexes: Vec<u64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["index"].as_u64().unwrap())
+        .collect();
+    assert!(indexes.iter().all(|i| *i >= header), "an event before the journal's first index");
+    assert!(text.contains("JournalTrimmed"), "the trim is an event itself");
+    // every node dropped the same entries, and every image is still there
+    let applied = cl.nodes[leader].health().await.unwrap()["applied"].as_u64().unwrap();
+    for n in &cl.nodes {
+        n.wait_applied(applied, Duration::from_secs(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &cl.nodes {
+            let v: serde_json::Value =
+                c.get(n.url("/v2/_raftyard/state-digest")).send().await.unwrap().json().await.unwrap();
+            seen.insert((v["applied"].as_u64(), v["digest"].as_str().map(str::to_string)));
+        }
+        if seen.len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes differ after trimming: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, d) in digests.iter().enumerate() {
+        for n in &cl.nodes {
+            pull_image(&c, n, "kept/app", &format!("v{i}"), d).await;
+        }
+    }
+}

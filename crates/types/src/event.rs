@@ -118,7 +118,16 @@ pub enum Event {
         key: SigningKey,
         only_if_none: bool,
     },
+    /// Journal retention: entries below `before` are dropped from the journal (at most
+    /// [`JOURNAL_TRIM_BATCH`] of them per event, so one apply stays small); the state itself is
+    /// untouched.
+    JournalTrimmed {
+        before: u64,
+    },
 }
+
+/// Journal entries one [`Event::JournalTrimmed`] drops at most.
+pub const JOURNAL_TRIM_BATCH: u64 = 10_000;
 
 impl Event {
     /// The repository the event concerns, if any.
@@ -197,6 +206,7 @@ impl Event {
             Event::RobotRevoked { id } => json!({"type":"RobotRevoked","id":id}),
             Event::RobotUsed { id, at_ms } => json!({"type":"RobotUsed","id":id,"at":at_ms}),
             Event::SigningKeyAdded { key, .. } => json!({"type":"SigningKeyAdded","kid":key.kid}),
+            Event::JournalTrimmed { before } => json!({"type":"JournalTrimmed","before":before}),
         }
     }
 }

@@ -153,6 +153,8 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     }
     let len = out.len();
     let mut resp = Response::new(full(out));
+    // with journal retention, where the journal now starts (earlier events are gone)
+    resp.headers_mut().insert("Raftyard-Journal-First", HeaderValue::from(reader.journal_first()?));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     Ok(resp)
@@ -181,6 +183,7 @@ pub(crate) async fn health(reg: &Registry) -> HandlerResult {
         "snapshot": m.snapshot.map(|l| l.index),
         "purged": m.purged.map(|l| l.index),
         "open_uploads": reg.blobs.open_uploads(),
+        "journal_first": reg.meta.reader().journal_first().ok(),
     });
     Ok(json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"), false))
 }
