@@ -145,6 +145,7 @@ impl Cluster {
             let mut cfg = format!(
                 "[node]\nid = {id}\n{role}data_dir = {:?}\n[registry]\nlisten = \"{registry}\"\n\
                  [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
+                 journal_keep_entries = 3000\njournal_trim_interval_secs = 5\n\
                  [cluster]\nlisten = \"{peer}\"\n",
                 data
             );
