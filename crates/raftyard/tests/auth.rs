@@ -966,3 +966,42 @@ async fn metrics_on_a_port_of_their_own() {
     assert_eq!(status(&client(), format!("http://{metrics}/v2/")).await, 404);
     assert_eq!(status(&client(), format!("http://{metrics}/v2/_catalog")).await, 404);
 }
+
+/// Over HTTPS the token realm says `https`, and the whole flow works through it: challenge,
+/// token with Basic credentials, bearer request.
+#[tokio::test]
+async fn token_flow_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    cli(&["certs", "self-signed", "--host", "registry.test", "--out", certs.to_str().unwrap()]);
+    let section = format!("[registry.tls]\ncert = {:?}\nkey = {:?}\n", certs.join("cert.pem"), certs.join("key.pem"));
+    let n = node_with_auth(dir.path(), "token", &section);
+    add_user(&n, "alice", ALICE_PW, &[]);
+    grant(&n, &["--user", "alice"], "team/**", "pull,push");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.join("ca.pem")).unwrap()).unwrap();
+    let https = |auth: Option<String>| {
+        let mut h = reqwest::header::HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(reqwest::header::AUTHORIZATION, a.parse().unwrap());
+        }
+        reqwest::Client::builder().add_root_certificate(ca.clone()).default_headers(h).build().unwrap()
+    };
+    let base = format!("https://{}", n.addr);
+    let r = https(None).get(format!("{base}/v2/team/app/tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    let realm = format!("https://{}/auth/token", n.addr);
+    assert!(challenge.starts_with(&format!("Bearer realm=\"{realm}\"")), "{challenge}");
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("alice:{ALICE_PW}")));
+    let v: serde_json::Value = https(Some(basic))
+        .get(format!("{realm}?service=raftyard&scope=repository:team/app:pull,push"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let with = https(Some(format!("Bearer {}", v["token"].as_str().unwrap())));
+    let r = with.post(format!("{base}/v2/team/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202, "a bearer token obtained over HTTPS opens an upload");
+}
