@@ -183,6 +183,21 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Whether the failure looks like a guess (a wrong password or secret, a forged token),
+    /// which counts toward an address's lockout. An expired token, a clock out of step or a
+    /// directory that cannot answer does not: many honest clients behind one address could
+    /// lock it out.
+    pub fn is_guess(&self) -> bool {
+        matches!(
+            self,
+            Failure::BadPassword
+                | Failure::BadRobot
+                | Failure::Malformed
+                | Failure::Token(TokenError::Signature)
+                | Failure::Token(TokenError::Malformed)
+        )
+    }
+
     /// A short label for `raftyard_auth_failures_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -421,16 +436,13 @@ impl Auth {
             });
         }
         let key = self.cred_key(user, password);
-        let from_file = self.htpasswd.as_ref().map(|f| f.lookup(user));
-        if from_file.as_ref().is_some_and(|(_, reloaded)| *reloaded) {
-            self.creds.lock().expect("cred cache").clear();
-        }
+        let from_file = self.file_lookup(user);
         if let Some(c) = self.creds.lock().expect("cred cache").get(&key) {
             if c.version == *version && c.at.elapsed() < CRED_TTL {
                 return Ok(c.identity.clone());
             }
         }
-        let (stored, source) = match (state.users.get(user), from_file.and_then(|(h, _)| h)) {
+        let (stored, source) = match (state.users.get(user), from_file) {
             (Some(u), _) => (Some(u.password_hash.clone()), Some(Source::State { gen: generation(&u.password_hash) })),
             (None, Some(h)) => {
                 let gen = generation(&h);
@@ -465,6 +477,16 @@ impl Auth {
         let identity = Identity { principal: Principal::User { name: user.to_string(), groups: vec![] }, source };
         self.remember(key, &identity, *version);
         Ok(identity)
+    }
+
+    /// The htpasswd file's hash for `user`; a reload of the file forgets every remembered
+    /// password (whichever check notices it first).
+    fn file_lookup(&self, user: &str) -> Option<String> {
+        let (hash, reloaded) = self.htpasswd.as_ref()?.lookup(user);
+        if reloaded {
+            self.creds.lock().expect("cred cache").clear();
+        }
+        hash
     }
 
     fn remember(&self, key: [u8; 32], identity: &Identity, version: u64) {
@@ -603,7 +625,7 @@ impl Auth {
         let st = self.state();
         let state = &st.1;
         let user = |groups: Vec<String>| Principal::User { name: c.sub.clone(), groups };
-        let from_file = || self.htpasswd.as_ref().and_then(|f| f.lookup(&c.sub).0);
+        let from_file = || self.file_lookup(&c.sub);
         match c.src.as_deref() {
             Some("robot") => {
                 let id = c.rid.clone().ok_or(Failure::BadRobot)?;
@@ -860,6 +882,22 @@ mod tests {
             g.1.users.remove("alice");
         }
         assert_eq!(auth.refresh(&refresh).await.unwrap_err(), Failure::BadPassword);
+    }
+
+    #[test]
+    fn only_guesses_count_toward_a_lockout() {
+        assert!(Failure::BadPassword.is_guess() && Failure::BadRobot.is_guess());
+        assert!(Failure::Token(TokenError::Signature).is_guess());
+        for honest in [
+            Failure::Token(TokenError::Expired),
+            Failure::Token(TokenError::NotYetValid),
+            Failure::Token(TokenError::UnknownKey),
+            Failure::RobotExpired,
+            Failure::Unavailable,
+            Failure::WrongScheme("bearer"),
+        ] {
+            assert!(!honest.is_guess(), "{honest:?}");
+        }
     }
 
     #[test]

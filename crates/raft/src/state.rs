@@ -552,7 +552,9 @@ impl StateReader {
     /// none is): where an age-based retention cuts. Entries are in index order, and their
     /// times, stamped by proposers, nearly so; the first one that is new enough decides.
     pub fn journal_index_at(&self, time_ms: u64) -> std::io::Result<u64> {
-        for kv in self.tree.range(keys::journal(self.journal_first()?)..) {
+        // read first: an entry applied during the scan is newer than the cut, never under it
+        let applied = self.applied_index();
+        for kv in self.tree.range(keys::journal(self.journal_first()?)..keys::journal(applied + 1)) {
             let (k, v) = kv.map_err(io)?;
             if !k.starts_with(keys::JOURNAL) {
                 break;
@@ -563,7 +565,7 @@ impl StateReader {
                 }
             }
         }
-        Ok(self.applied_index() + 1)
+        Ok(applied + 1)
     }
 
     /// The latest journal entry (the last command applied here), if any.

@@ -479,6 +479,12 @@ async fn journal_retention(meta: MetaNode, raft: crate::config::RaftSection, sto
                     Err(e) => warn!(error = %e, "journal retention: reading the journal failed"),
                 }
             }
+            // a trim is a journal entry itself: with a count, cut only once the point has moved by
+            // a tenth of what is kept, or trims would follow trims for ever on an idle cluster
+            let margin = (raft.journal_keep_entries / 10).max(1);
+            if r.journal_first().map_or(true, |f| before < f.saturating_add(margin)) {
+                continue;
+            }
             // one batch per event, so that each apply stays small
             while r.journal_first().is_ok_and(|f| f < before) {
                 let ev = raftyard_types::Event::JournalTrimmed { before };

@@ -259,8 +259,8 @@ fn wanted(a: Actions) -> Actions {
 /// Counts and logs a failed authentication, and locks the address out past the threshold.
 fn refused<B>(reg: &Registry, auth: &Auth, addr: Option<IpAddr>, req: &Request<B>, user: Option<&str>, f: &Failure) {
     reg.metrics.auth_failure(f.reason());
-    // a directory that cannot answer is not the client's failure
-    let locked = !matches!(f, Failure::Unavailable) && addr.is_some_and(|a| auth.lockout.failure(a));
+    // only what looks like a guess counts (not an expired token or a directory that is down)
+    let locked = f.is_guess() && addr.is_some_and(|a| auth.lockout.failure(a));
     audit(json!({"audit": "auth_failed", "node": reg.meta.id(), "client": addr.map(|a| a.to_string()),
                  "user": user, "reason": f.reason(), "method": req.method().as_str(), "path": req.uri().path(),
                  "locked_out": locked}));
@@ -324,9 +324,9 @@ pub(crate) async fn token_endpoint<B: ReqBody>(reg: &Registry, req: Request<B>) 
                 .map(|i| (i, get("access_type") == Some("offline"))),
             // a refresh grant gets no new refresh token: the one it holds keeps its end
             Some("refresh_token") => auth.refresh(get("refresh_token").unwrap_or("")).await.map(|i| (i, false)),
-            _ => {
+            grant => {
                 return Err(RegistryError::OAuth {
-                    error: "unsupported_grant_type",
+                    error: if grant.is_none() { "invalid_request" } else { "unsupported_grant_type" },
                     description: "grant_type must be password or refresh_token".into(),
                 })
             }
@@ -334,6 +334,10 @@ pub(crate) async fn token_endpoint<B: ReqBody>(reg: &Registry, req: Request<B>) 
         let req = Request::from_parts(parts, ());
         match r {
             Ok(x) => x,
+            Err(f @ Failure::Unavailable) => {
+                refused(reg, auth, addr, &req, get("username"), &f);
+                return Err(RegistryError::Unavailable(f.to_string()));
+            }
             Err(f) => {
                 refused(reg, auth, addr, &req, get("username"), &f);
                 return Err(RegistryError::OAuth { error: "invalid_grant", description: f.to_string() });

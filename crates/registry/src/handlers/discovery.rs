@@ -140,6 +140,8 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
     let wait = Duration::from_secs(num("wait", 0)?.min(60));
     let reader = reg.meta.reader();
+    // before the entries: every entry answered is at or after it, even if a trim runs meanwhile
+    let first = reader.journal_first()?;
     let mut entries = reader.journal(since, limit)?;
     if entries.is_empty() && !wait.is_zero() {
         let target = reader.applied_index().max(since.saturating_sub(1)) + 1;
@@ -154,7 +156,7 @@ pub(crate) async fn events(reg: &Registry, q: &[(String, String)]) -> HandlerRes
     let len = out.len();
     let mut resp = Response::new(full(out));
     // with journal retention, where the journal now starts (earlier events are gone)
-    resp.headers_mut().insert("Raftyard-Journal-First", HeaderValue::from(reader.journal_first()?));
+    resp.headers_mut().insert("Raftyard-Journal-First", HeaderValue::from(first));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     Ok(resp)
