@@ -165,6 +165,11 @@ async fn a_full_disk_refuses_blobs_and_keeps_committing_metadata() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let base = push_image(&c, &n, "full/app", "base", b"base layer").await;
+    // the database writes applied state in the background (every 500 ms): let that finish, so
+    // that the disk fills while nothing waits to be written. A metadata write that meets the
+    // full disk before the reserve is released (within 2 s) still stops the node, which then
+    // starts again on its data: what the chaos suite's disk fault shows (docs/chaos.md).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // another writer fills the disk to the last byte
     let filler = data.join("filler");
