@@ -71,6 +71,21 @@ fn bearer(token: &str) -> reqwest::Client {
     reqwest::Client::builder().default_headers(h).timeout(Duration::from_secs(60)).build().unwrap()
 }
 
+/// Polls `check` every 100 ms, at most `tries` times; whether it came true.
+async fn eventually<F, Fut>(tries: usize, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..tries {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn status(c: &reqwest::Client, url: String) -> u16 {
     c.get(url).send().await.unwrap().status().as_u16()
 }
@@ -242,16 +257,12 @@ async fn robot_tokens_and_lockout_of_one_address() {
     push_image(&robot, &n, "ci/build", "1", b"built").await;
     assert_eq!(status(&robot, n.url("/v2/team/app/manifests/v1")).await, 403);
     // last use recorded in the log (at most once a minute)
-    let mut used = false;
-    for _ in 0..50 {
-        let l: serde_json::Value = serde_json::from_str(&cli(&["token", "list", "--json", "--node", &n.peer])).unwrap();
-        if l[0]["last_used_ms"].as_u64().is_some() {
-            used = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(used, "the token's last use is recorded");
+    let peer = n.peer.as_str();
+    let used = eventually(50, || async move {
+        let l: serde_json::Value = serde_json::from_str(&cli(&["token", "list", "--json", "--node", peer])).unwrap();
+        l[0]["last_used_ms"].as_u64().is_some()
+    });
+    assert!(used.await, "the token's last use is recorded");
     // an expired token is refused
     let expired =
         cli(&["token", "create", "--name", "old", "--grant", "ci/*:pull", "--expires", "0s", "--node", &n.peer]);
@@ -306,17 +317,13 @@ async fn token_mode_challenges_and_issues_the_intersection() {
     let dir = tempfile::tempdir().unwrap();
     let n = node_with_auth(dir.path(), "token", "");
     // the leader makes the cluster's signing key at start, before any token is asked for
-    let mut keys = 0;
-    for _ in 0..100 {
-        let all: serde_json::Value =
-            serde_json::from_str(&cli(&["access", "list", "--all", "--node", &n.peer])).unwrap();
-        keys = all["signing_keys"].as_array().map_or(0, |k| k.len());
-        if keys > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(keys, 1, "one signing key made at start");
+    let keys = |peer: &str| {
+        let all: serde_json::Value = serde_json::from_str(&cli(&["access", "list", "--all", "--node", peer])).unwrap();
+        all["signing_keys"].as_array().map_or(0, |k| k.len())
+    };
+    let peer = n.peer.as_str();
+    assert!(eventually(100, || async move { keys(peer) > 0 }).await, "no signing key made at start");
+    assert_eq!(keys(peer), 1, "one signing key made at start");
     add_user(&n, "admin", ADMIN_PW, &["--admin"]);
     add_user(&n, "alice", ALICE_PW, &[]);
     grant(&n, &["--user", "alice"], "team/**", "pull,push");
@@ -582,26 +589,18 @@ async fn htpasswd_users_are_reloaded_and_still_need_grants() {
     assert_eq!(status(&client_as("dave", "wrong"), n.url("/v2/")).await, 401);
     // a user added to the file works within a second or two; one taken out stops working
     run(Command::new("htpasswd").args(["-B", "-b"]).arg(&file).args(["erin", "erin-password-1"]));
-    let erin = client_as("erin", "erin-password-1");
-    let mut ok = false;
-    for _ in 0..40 {
-        if status(&erin, n.url("/v2/")).await == 200 {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "erin was not picked up from the changed file");
+    let (erin, base) = (&client_as("erin", "erin-password-1"), n.url("/v2/"));
+    let base = base.as_str();
+    assert!(
+        eventually(40, || async move { status(erin, base.to_string()).await == 200 }).await,
+        "erin was not picked up from the changed file"
+    );
     run(Command::new("htpasswd").args(["-D"]).arg(&file).arg("dave"));
-    let mut gone = false;
-    for _ in 0..40 {
-        if status(&dave, n.url("/v2/")).await == 401 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "dave still works after leaving the file (a cached credential outlived the reload)");
+    let dave = &dave;
+    assert!(
+        eventually(40, || async move { status(dave, base.to_string()).await == 401 }).await,
+        "dave still works after leaving the file (a cached credential outlived the reload)"
+    );
 }
 
 /// A user made on one node logs in through the relay's shared endpoint of a three-node cluster

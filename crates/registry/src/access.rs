@@ -419,14 +419,22 @@ pub(crate) fn caller_of<B>(req: &Request<B>) -> Caller {
     req.extensions().get::<Caller>().cloned().unwrap_or_else(Caller::anonymous)
 }
 
-/// Whether `caller` may pull `repo` (a mount's source).
-pub(crate) fn may_pull(reg: &Registry, caller: &Caller, repo: &str) -> bool {
-    caller.open || reg.auth.as_ref().is_some_and(|a| caller.may_pull(&a.state().1, repo))
+/// Whether `caller` may pull any of `repos` (a mount's sources), reading the access state once.
+pub(crate) fn may_pull_any<'a>(reg: &Registry, caller: &Caller, mut repos: impl Iterator<Item = &'a str>) -> bool {
+    if caller.open {
+        return true;
+    }
+    let Some(st) = reg.auth.as_ref().map(|a| a.state()) else { return false };
+    repos.any(|r| caller.may_pull(&st.1, r))
 }
 
-/// Whether `repo` belongs in `caller`'s catalog.
-pub(crate) fn in_catalog(reg: &Registry, caller: &Caller, repo: &str) -> bool {
-    caller.open || reg.auth.as_ref().is_some_and(|a| caller.in_catalog(&a.state().1, repo))
+/// The repositories of `repos` that belong in `caller`'s catalog, reading the access state once.
+pub(crate) fn in_catalog(reg: &Registry, caller: &Caller, repos: Vec<String>) -> Vec<String> {
+    if caller.open {
+        return repos;
+    }
+    let Some(st) = reg.auth.as_ref().map(|a| a.state()) else { return vec![] };
+    repos.into_iter().filter(|r| caller.in_catalog(&st.1, r)).collect()
 }
 
 pub(crate) type SharedAuth = Option<Arc<Auth>>;

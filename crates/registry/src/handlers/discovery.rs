@@ -68,7 +68,7 @@ pub(crate) async fn catalog(reg: &Registry, q: &[(String, String)], caller: &raf
         let batch = reg.meta.reader().repos(last.as_deref(), n + 1)?;
         let done = batch.len() <= n;
         last = batch.last().cloned();
-        repos.extend(batch.into_iter().filter(|r| crate::access::in_catalog(reg, caller, r)));
+        repos.extend(crate::access::in_catalog(reg, caller, batch));
         if done {
             break;
         }

@@ -136,12 +136,12 @@ pub(crate) async fn start<B: ReqBody>(
         let from = query(q, "from");
         let parsed = Digest::parse(mount);
         let may = match (from, &parsed) {
-            (Some(f), _) => crate::access::may_pull(reg, &caller, f),
+            (Some(f), _) => crate::access::may_pull_any(reg, &caller, std::iter::once(f)),
             (None, _) if caller.open => true,
             (None, Ok(d)) => {
                 reg.meta.read_barrier().await?;
                 let repos = reg.meta.reader().linked_in(d, MOUNT_SOURCES_CHECKED)?;
-                repos.iter().any(|r| crate::access::may_pull(reg, &caller, r))
+                crate::access::may_pull_any(reg, &caller, repos.iter().map(String::as_str))
             }
             (None, Err(_)) => false,
         };
