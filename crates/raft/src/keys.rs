@@ -17,6 +17,8 @@
 //! | `a/g/` | subject key `\0` pattern | [`raftyard_types::access::Actions`] |
 //! | `a/keys` | | token signing keys, oldest first |
 //! | `a/version` | | u64 BE: bumped by every change of who may do what |
+//! | `p/` | proposal id (u64 BE) | bincode of (time_ms, outcome): a `V2` command applied |
+//! | `P/` | time_ms (u64 BE), proposal id (u64 BE) | empty: the same ids, oldest first, to forget them |
 
 pub const APPLIED: &[u8] = b"m/applied";
 /// Version of the state's layout (u32 BE); absent: 1, before the `L/` index.
@@ -83,6 +85,20 @@ pub fn journal(index: u64) -> Vec<u8> {
 pub const JOURNAL: &[u8] = b"j/";
 /// The first index the journal still holds (u64 BE); absent: 0, nothing trimmed.
 pub const JOURNAL_FIRST: &[u8] = b"m/journal_first";
+
+pub fn proposal(id: u64) -> Vec<u8> {
+    let mut k = b"p/".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+pub fn proposal_at(time_ms: u64, id: u64) -> Vec<u8> {
+    let mut k = PROPOSALS_BY_TIME.to_vec();
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+/// Prefix of the proposal ids in the order of their time.
+pub const PROPOSALS_BY_TIME: &[u8] = b"P/";
 
 pub const USERS: &[u8] = b"a/u/";
 pub fn user(name: &str) -> Vec<u8> {

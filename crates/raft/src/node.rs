@@ -9,7 +9,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::RaftNetworkFactory;
 use raftyard_types::event::VersionedCommand;
-use raftyard_types::{Command, Event, Outcome, Rejection};
+use raftyard_types::{Event, Outcome, Rejection};
 use tracing::info;
 
 use crate::log_store::LogStore;
@@ -113,6 +113,30 @@ pub trait LeaderLink: Send + Sync + 'static {
 /// How long a proposal or read barrier keeps trying while no leader is known or the leader
 /// changes under it.
 const LEADER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A failed attempt at a proposal or read index, and whether a leader failed to answer it.
+struct Retry {
+    error: ProposeError,
+    /// The leader the attempt was forwarded to, when the failure was there (unreachable, dead,
+    /// replaced, or no longer the leader).
+    failed_leader: Option<NodeId>,
+}
+
+impl Retry {
+    fn after(error: ProposeError, failed_leader: Option<NodeId>) -> Self {
+        Retry { error, failed_leader }
+    }
+
+    /// No leader here yet, or a leader elsewhere that failed to answer: another leader may.
+    /// A rejection is final, and so is this node's own Raft failing (stopped, storage).
+    fn worth_it(&self) -> bool {
+        match &self.error {
+            ProposeError::NotLeader { .. } => true,
+            ProposeError::Unavailable(_) => self.failed_leader.is_some(),
+            ProposeError::Rejected(_) => false,
+        }
+    }
+}
 
 /// One member of the metadata Raft group.
 #[derive(Clone)]
@@ -247,37 +271,57 @@ impl MetaNode {
 
     /// Proposes events as one atomic command; returns once it is committed by a majority and
     /// applied on this node. A follower forwards to the leader.
+    ///
+    /// While there is no leader, or the leader dies or is replaced under a forwarded proposal,
+    /// it waits for the next leader and proposes again, up to [`LEADER_DEADLINE`]. Proposing
+    /// again is safe even when the first attempt was committed after all: the command carries a
+    /// proposal id, and the state machine applies an id once (`VersionedCommand::V2`).
     pub async fn propose(&self, events: Vec<Event>) -> Result<(), ProposeError> {
-        let cmd = VersionedCommand::V1(Command::new(events));
+        let cmd = VersionedCommand::with_id(rand::random::<u64>().max(1), events);
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let (r, via) = match (self.propose_local(cmd.clone()).await, &self.link) {
                 (Err(ProposeError::NotLeader { leader: Some((id, addr)) }), Some(link)) => {
                     // A leader that stops answering (paused, cut off) would hold the request
-                    // until the call's timeout; once another leader is known, answer at once.
-                    // Not retried: the old leader may still commit what it received.
+                    // until the call's timeout; once another leader is known, propose there.
                     let r = tokio::select! {
                         r = link.propose(self.id, &addr, cmd.clone()) => r,
-                        _ = self.leader_moved_from(id) => Err(ProposeError::Unavailable(format!(
-                            "leader {id} was replaced while the write was forwarded to it; its outcome is unknown"
-                        ))),
+                        _ = self.leader_moved_from(id) => Err(ProposeError::NotLeader { leader: None }),
                     };
-                    (r, Some(addr))
+                    (r.map_err(|e| Retry::after(e, Some(id))), Some(addr))
                 }
-                (r, _) => (r, None),
+                (r, _) => (r.map_err(|e| Retry::after(e, None)), None),
             };
             match r {
                 Ok((index, outcome)) => {
                     self.wait_applied_until(index, deadline, via.as_ref()).await?;
                     return outcome.map_err(ProposeError::Rejected);
                 }
-                // Not proposed anywhere yet: safe to try again once a leader is known.
-                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(e),
+                Err(retry) => self.before_retry(retry, deadline).await?,
             }
         }
+    }
+
+    /// Waits before a proposal or read index is tried again, or gives up with the error once
+    /// the deadline has passed. After a leader failed to answer, waits until another leader
+    /// is known (or briefly, in case the same one answers again).
+    async fn before_retry(&self, retry: Retry, deadline: tokio::time::Instant) -> Result<(), ProposeError> {
+        let now = tokio::time::Instant::now();
+        if now >= deadline || !retry.worth_it() {
+            return Err(retry.error);
+        }
+        let pause = match retry.failed_leader {
+            Some(_) => Duration::from_millis(100),
+            None => Duration::from_millis(20),
+        };
+        let until = (now + pause).min(deadline);
+        match retry.failed_leader {
+            Some(old) => {
+                let _ = tokio::time::timeout_at(until, self.leader_moved_from(old)).await;
+            }
+            None => tokio::time::sleep_until(until).await,
+        }
+        Ok(())
     }
 
     /// Proposes on this node, which must be the leader. Returns the applied index and outcome.
@@ -307,16 +351,13 @@ impl MetaNode {
                         r = link.read_index(self.id, &addr) => r,
                         _ = self.leader_moved_from(id) => Err(ProposeError::NotLeader { leader: None }),
                     };
-                    (r, Some(addr))
+                    (r.map_err(|e| Retry::after(e, Some(id))), Some(addr))
                 }
-                (r, _) => (r, None),
+                (r, _) => (r.map_err(|e| Retry::after(e, None)), None),
             };
             match r {
                 Ok(index) => return self.wait_applied_until(index, deadline, via.as_ref()).await,
-                Err(ProposeError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => return Err(e),
+                Err(retry) => self.before_retry(retry, deadline).await?,
             }
         }
     }

@@ -115,6 +115,34 @@ impl<'a> Tx<'a> {
     }
 }
 
+/// At most this many expired proposal ids are forgotten per applied command: the work of an
+/// apply stays bounded, and ids expire at most at the rate they are made.
+const FORGET_PER_APPLY: usize = 4;
+
+/// Records the outcome of proposal `id` (see `VersionedCommand::V2`), and forgets the oldest
+/// ids older than `PROPOSAL_MEMORY_MS` before `time_ms`. Deterministic: it depends only on the
+/// state and the command.
+fn remember_proposal(tx: &mut Tx, id: u64, time_ms: u64, outcome: &Outcome) -> Result<(), sled::Error> {
+    tx.put(keys::proposal(id), enc(&(time_ms, outcome)));
+    tx.put(keys::proposal_at(time_ms, id), Vec::new());
+    let cutoff = time_ms.saturating_sub(raftyard_types::event::PROPOSAL_MEMORY_MS);
+    for kv in tx.tree.scan_prefix(keys::PROPOSALS_BY_TIME).take(FORGET_PER_APPLY) {
+        let (k, _) = kv?;
+        let rest = &k[keys::PROPOSALS_BY_TIME.len()..];
+        let word = |i: usize| rest.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let (Some(at), Some(old)) = (word(0), word(8)) else {
+            tx.del(k.to_vec());
+            continue;
+        };
+        if at >= cutoff {
+            break;
+        }
+        tx.del(k.to_vec());
+        tx.del(keys::proposal(old));
+    }
+    Ok(())
+}
+
 /// Applies one event to the pending writes. Returns a rejection if the event cannot apply.
 fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejection>, sled::Error> {
     match ev {
@@ -664,22 +692,32 @@ impl StateMachine {
                 None
             }
             EntryPayload::Normal(cmd) => {
-                let cmd: Command = cmd.clone().into();
-                let mut outcome = Ok(());
-                for ev in &cmd.events {
-                    if let Err(rej) = apply_event(&mut tx, ev, cmd.time_ms)? {
-                        outcome = Err(rej);
-                        break;
-                    }
-                }
-                if outcome.is_ok() {
-                    let je = JournalEntry { index: log_id.index, time_ms: cmd.time_ms, events: cmd.events };
-                    tx.put(keys::journal(log_id.index), enc(&VersionedJournalEntry::V1(je)));
+                let id = cmd.id();
+                // a proposal proposed again (its proposer lost track of it): the first outcome
+                if let Some(seen) = id.map(|id| tx.get(&keys::proposal(id))).transpose()?.flatten() {
+                    let (_, outcome): (u64, Outcome) = dec(&seen).unwrap_or((0, Ok(())));
+                    Some(outcome)
                 } else {
-                    // All or nothing: drop the partial writes of a rejected command.
-                    tx.writes.clear();
+                    let cmd: Command = cmd.clone().into();
+                    let mut outcome = Ok(());
+                    for ev in &cmd.events {
+                        if let Err(rej) = apply_event(&mut tx, ev, cmd.time_ms)? {
+                            outcome = Err(rej);
+                            break;
+                        }
+                    }
+                    if outcome.is_ok() {
+                        let je = JournalEntry { index: log_id.index, time_ms: cmd.time_ms, events: cmd.events };
+                        tx.put(keys::journal(log_id.index), enc(&VersionedJournalEntry::V1(je)));
+                    } else {
+                        // All or nothing: drop the partial writes of a rejected command.
+                        tx.writes.clear();
+                    }
+                    if let Some(id) = id {
+                        remember_proposal(&mut tx, id, cmd.time_ms, &outcome)?;
+                    }
+                    Some(outcome)
                 }
-                Some(outcome)
             }
         };
         tx.put(keys::APPLIED.to_vec(), enc(&log_id));

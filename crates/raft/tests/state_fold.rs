@@ -221,3 +221,61 @@ async fn an_earlier_layout_is_migrated_on_open() {
     f.apply(vec![Event::BlobUnlinked { repo: repo("b"), digest: d(1) }]).await.unwrap();
     assert!(f.sm.reader().blob_info(&d(1)).unwrap().is_none());
 }
+
+impl Fixture {
+    /// Applies a command with a proposal id, stamped `time_ms`.
+    async fn apply_with_id(&mut self, id: u64, time_ms: u64, events: Vec<Event>) -> Result<(), Rejection> {
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), self.next),
+            payload: EntryPayload::Normal(VersionedCommand::V2 { id, command: Command { time_ms, events } }),
+        };
+        self.next += 1;
+        self.sm.apply([entry]).await.unwrap().remove(0)
+    }
+}
+
+#[tokio::test]
+async fn a_proposal_proposed_again_applies_once_and_answers_the_first_outcome() {
+    let mut f = Fixture::new();
+    let link = Event::BlobLinked { repo: repo("a"), digest: d(1), size: 1 };
+    f.apply_with_id(7, 5_000, vec![link.clone(), manifest("a", d(10), vec![d(1)], None)]).await.unwrap();
+    let delete = vec![Event::ManifestDeleted { repo: repo("a"), digest: d(10) }];
+    f.apply_with_id(8, 5_001, delete.clone()).await.unwrap();
+    // the same delete again (a retry after the leader died): not "manifest unknown", and no
+    // second journal entry
+    assert_eq!(f.apply_with_id(8, 5_001, delete.clone()).await, Ok(()));
+    // without the id, a second delete is rejected: what the id saves a retry from
+    assert_eq!(f.apply(delete.clone()).await, Err(Rejection::ManifestUnknown));
+    // a rejected proposal answers its rejection again, and changes nothing then either
+    let bad = vec![manifest("a", d(11), vec![d(2)], None)];
+    assert_eq!(f.apply_with_id(9, 5_002, bad.clone()).await, Err(Rejection::ManifestBlobUnknown(vec![d(2)])));
+    f.apply(vec![Event::BlobLinked { repo: repo("a"), digest: d(2), size: 1 }]).await.unwrap();
+    assert_eq!(f.apply_with_id(9, 5_002, bad).await, Err(Rejection::ManifestBlobUnknown(vec![d(2)])));
+    let reader = f.sm.reader();
+    assert!(reader.manifest(&repo("a"), &d(11)).unwrap().is_none());
+    let journal = reader.journal(0, 100).unwrap();
+    let indexes: Vec<u64> = journal.iter().map(|j| j.index).collect();
+    assert_eq!(indexes, vec![1, 2, 6], "one entry per applied proposal: {indexes:?}");
+}
+
+#[tokio::test]
+async fn proposal_ids_are_forgotten_after_their_time() {
+    let mut f = Fixture::new();
+    let window = raftyard_types::event::PROPOSAL_MEMORY_MS;
+    for id in 1..=3 {
+        f.apply_with_id(id, 1_000 + id, vec![Event::BlobLinked { repo: repo("a"), digest: d(id as u8), size: 1 }])
+            .await
+            .unwrap();
+    }
+    // within the window: still remembered
+    let unlink = |n: u8| vec![Event::BlobUnlinked { repo: repo("a"), digest: d(n) }];
+    f.apply_with_id(1, 1_001, unlink(1)).await.unwrap();
+    assert!(f.sm.reader().blob_link(&repo("a"), &d(1)).unwrap().is_some(), "id 1 applied once");
+    // a command stamped past the window forgets ids 1..=3; id 1 then applies as new
+    f.apply_with_id(100, 1_004 + window, vec![]).await.unwrap();
+    f.apply_with_id(1, 1_004 + window, unlink(1)).await.unwrap();
+    assert!(f.sm.reader().blob_link(&repo("a"), &d(1)).unwrap().is_none(), "id 1 forgotten");
+    // an id still inside the window of the newest command stays remembered
+    f.apply_with_id(100, 1_004 + window, unlink(2)).await.unwrap();
+    assert!(f.sm.reader().blob_link(&repo("a"), &d(2)).unwrap().is_some(), "id 100 applied once");
+}

@@ -231,15 +231,47 @@ impl Command {
 }
 
 /// The versioned encoding of a command inside the Raft log.
+///
+/// `V2` carries a proposal id, random per proposal: the state machine remembers the outcome of
+/// each id for [`PROPOSAL_MEMORY_MS`] and applies a second entry with the same id as a no-op
+/// answering the first outcome. So a proposer that lost track of its proposal (the leader died
+/// or was replaced while the write was forwarded to it) can propose it again without the risk
+/// of applying it twice. New variants go at the end: the variant index is the encoding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VersionedCommand {
     V1(Command),
+    V2 { id: u64, command: Command },
+}
+
+/// How long the state machine remembers a proposal id, in the proposers' clock: far longer than
+/// any proposer keeps retrying one proposal, and than the clock skew between nodes.
+pub const PROPOSAL_MEMORY_MS: u64 = 10 * 60 * 1000;
+
+impl VersionedCommand {
+    /// A command with a proposal id of its own (`id` must be random and non-zero).
+    pub fn with_id(id: u64, events: Vec<Event>) -> Self {
+        VersionedCommand::V2 { id, command: Command::new(events) }
+    }
+
+    /// The proposal id, for commands that carry one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            VersionedCommand::V1(_) => None,
+            VersionedCommand::V2 { id, .. } => Some(*id),
+        }
+    }
+
+    pub fn command(&self) -> &Command {
+        match self {
+            VersionedCommand::V1(c) | VersionedCommand::V2 { command: c, .. } => c,
+        }
+    }
 }
 
 impl From<VersionedCommand> for Command {
     fn from(v: VersionedCommand) -> Command {
         match v {
-            VersionedCommand::V1(c) => c,
+            VersionedCommand::V1(c) | VersionedCommand::V2 { command: c, .. } => c,
         }
     }
 }
