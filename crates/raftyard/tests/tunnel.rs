@@ -238,3 +238,76 @@ async fn pushes_and_pulls_through_the_relay_while_followers_are_killed_and_resta
         }
     }
 }
+
+/// Issue: a leader killed under load made every request that needed it fail with 503 until the
+/// next election. Now only requests in flight on the killed node's own connections may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_killed_node() {
+    const CLIENTS: usize = 3;
+    const KILLS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), 3);
+    let mut cl = Cluster::start_configured(3, "", |id| relay.link(id));
+    cl.leader(Duration::from_secs(20)).await;
+    relay.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
+    let base = format!("http://{}", relay.shared());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // each client pushes and reads back one image after another; any HTTP error panics there
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let (base, stop) = (base.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    match push_and_check(&c, &base, &format!("w{w}-{i}")).await {
+                        Step::Acked(tag, d) => acked.push((tag, d)),
+                        Step::Casualty(why) => casualties.push(why),
+                    }
+                }
+                (acked, casualties)
+            })
+        })
+        .collect();
+    for k in 0..KILLS {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let leader = cl.leader(Duration::from_secs(20)).await;
+        eprintln!("kill {k}: kill -9 the leader, node {}", leader + 1);
+        cl.nodes[leader].kill9();
+        // the two others elect a leader and serve meanwhile
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cl.nodes[leader].spawn();
+        cl.ready(Duration::from_secs(30)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+    for c in clients {
+        let (a, x) = c.await.expect("a client got an HTTP error");
+        acked.extend(a);
+        casualties.extend(x);
+    }
+    eprintln!("{} images acknowledged and read back, {} requests broken by kills: {casualties:?}", acked.len(), casualties.len());
+    assert!(acked.len() >= 30, "the relay kept serving while leaders died: {}", acked.len());
+    // a kill breaks at most what each client had in flight on the killed node: a request, or
+    // an upload session it owned
+    assert!(casualties.len() <= 2 * CLIENTS * KILLS, "{casualties:?}");
+
+    let c = client();
+    for n in &cl.nodes {
+        for (tag, d) in &acked {
+            let r = c
+                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{tag} on {}", n.addr);
+            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
+        }
+    }
+}
