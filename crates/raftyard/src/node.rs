@@ -180,11 +180,15 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let stop = CancellationToken::new();
     let local_registry: LocalHttpSlot = Arc::new(OnceLock::new());
     let lag = Lag::default();
+    // The peer port stays up until the registry has drained: a request in flight here may
+    // wait for an entry to apply, which the leader sends over it, and peers may be streaming
+    // an upload's replica to this node.
+    let peer_stop = CancellationToken::new();
     let peer_server = tokio::spawn(raftyard_cluster::serve(
         PeerServices { meta: meta.clone(), blobs: blobs.clone(), local: local_registry.clone(), lag: lag.clone() },
         peer_listener,
         peer_tls,
-        stop.clone().cancelled_owned(),
+        peer_stop.clone().cancelled_owned(),
     ));
     let backup = cfg.node.role == crate::config::Role::Backup;
     let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join && !backup;
@@ -297,6 +301,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
             stop.cancel();
             let _ = repair.await;
             let _ = lag_monitor.await;
+            peer_stop.cancel();
             if let Ok(Err(e)) =
                 tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(())))
             {

@@ -311,3 +311,73 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
         }
     }
 }
+
+/// A rolling restart: each node in turn gets SIGTERM, is started again and catches up, under
+/// pushes and pulls through the relay. No client request fails: a stopping node leaves the
+/// relay first and finishes what it has (its peer port stays up for that), and a restarted one
+/// takes traffic only once it is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_of_each_node_in_turn_under_load_through_the_relay_fails_nothing() {
+    const CLIENTS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProc::start(&dir.path().join("relay"), 3);
+    let mut cl = Cluster::start_configured(3, "", |id| relay.link(id));
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    relay.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
+    let base = format!("http://{}", relay.shared());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let (base, stop) = (base.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    match push_and_check(&c, &base, &format!("r{w}-{i}")).await {
+                        Step::Acked(tag, d) => acked.push((tag, d)),
+                        Step::Casualty(why) => casualties.push(why),
+                    }
+                }
+                (acked, casualties)
+            })
+        })
+        .collect();
+    // the followers first, the leader last (one election), as cluster/local/rolling-restart.sh
+    let order: Vec<usize> = (1..=3).map(|k| (leader + k) % 3).collect();
+    for i in order {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        eprintln!("SIGTERM node {}", i + 1);
+        let status = cl.nodes[i].terminate();
+        assert!(status.success(), "node {} stopped with {status}", i + 1);
+        cl.nodes[i].spawn();
+        cl.ready(Duration::from_secs(30)).await;
+        relay.wait_agents(3, Duration::from_secs(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+    for c in clients {
+        let (a, x) = c.await.expect("a client got an HTTP error");
+        acked.extend(a);
+        casualties.extend(x);
+    }
+    eprintln!("{} images acknowledged and read back; failed: {casualties:?}", acked.len());
+    assert!(casualties.is_empty(), "requests failed during the rolling restart: {casualties:?}");
+    assert!(acked.len() >= 20, "{}", acked.len());
+    let c = client();
+    for n in &cl.nodes {
+        for (tag, d) in &acked {
+            let r = c
+                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{tag} on {}", n.addr);
+            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
+        }
+    }
+}

@@ -91,6 +91,7 @@ pub(crate) async fn serve(
     peer: std::net::SocketAddr,
     first_timeout: Duration,
     idle_timeout: Duration,
+    closing: &tokio_util::sync::CancellationToken,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Outcome {
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -105,8 +106,12 @@ pub(crate) async fn serve(
         let head = simple.req.method() == http::Method::HEAD;
         let mut req = simple.req;
         req.extensions_mut().insert(crate::ClientAddr(peer.ip()));
-        let resp = crate::handlers::respond(reg, req).await;
-        if write_response(&mut stream, resp, head).await.is_err() || simple.close || shutdown.is_cancelled() {
+        let mut resp = crate::handlers::respond(reg, req).await;
+        let last = closing.is_cancelled();
+        if last {
+            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        if write_response(&mut stream, resp, head).await.is_err() || simple.close || last || shutdown.is_cancelled() {
             return Outcome::Done;
         }
         wait = idle_timeout;

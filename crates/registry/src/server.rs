@@ -27,6 +27,11 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long shutdown waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long, at shutdown, open connections are still read from, each request answered with
+/// `Connection: close`, before the idle ones are closed. A client that sends on a keep-alive
+/// connection at the moment the server closes it sees an error it cannot tell from a lost
+/// request; this way a busy client learns to reconnect from an answer instead.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// PEM files of the registry's TLS certificate chain and key.
 #[derive(Debug, Clone)]
@@ -68,7 +73,9 @@ pub async fn serve(
     builder.http2().timer(TokioTimer::new()).max_header_list_size(64 * 1024);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
-    // Fast-path connections are tracked here; hyper connections by `graceful`.
+    // Fast-path connections are tracked here; hyper connections by `graceful`. `closing`: answer
+    // with `Connection: close`; `stop`: close idle connections.
+    let closing = CancellationToken::new();
     let stop = CancellationToken::new();
     let fast = TaskTracker::new();
     tokio::pin!(shutdown);
@@ -91,7 +98,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        let stop = stop.clone();
+        let (stop, closing) = (stop.clone(), closing.clone());
         fast.spawn(async move {
             let mut stream = stream;
             // a connection of this node's own tunnel agent: the relay's visitor is the client
@@ -105,15 +112,22 @@ pub async fn serve(
                 peer
             };
             let svc = {
-                let reg = reg.clone();
+                let (reg, closing) = (reg.clone(), closing.clone());
                 service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(crate::ClientAddr(peer.ip()));
-                    let reg = reg.clone();
-                    async move { Ok::<_, std::convert::Infallible>(crate::handle(reg, req).await) }
+                    let (reg, closing) = (reg.clone(), closing.clone());
+                    let http1 = req.version() <= http::Version::HTTP_11;
+                    async move {
+                        let mut resp = crate::handle(reg, req).await;
+                        if http1 && closing.is_cancelled() {
+                            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
                 })
             };
             let res = match tls {
-                None => match fastpath::serve(&reg, stream, peer, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &stop).await {
+                None => match fastpath::serve(&reg, stream, peer, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &closing, &stop).await {
                     fastpath::Outcome::Done => return,
                     fastpath::Outcome::HandOff(io) => {
                         watcher.watch(builder.serve_connection(TokioIo::new(*io), svc).into_owned()).await
@@ -138,7 +152,13 @@ pub async fn serve(
     }
     // Close the socket now: new connections are refused while in-flight requests drain.
     drop(listener);
-    info!("registry stops accepting; draining in-flight requests");
+    info!("registry stops accepting; open connections are answered with Connection: close");
+    closing.cancel();
+    let grace_end = tokio::time::Instant::now() + DRAIN_GRACE;
+    while tokio::time::Instant::now() < grace_end && !fast.is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!("draining in-flight requests");
     stop.cancel();
     fast.close();
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
