@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::import::bytes_bar;
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use raftyard_blobstore::{BlobStore, BlobStoreConfig};
 use raftyard_cluster::pb::BackupRequest;
 use raftyard_cluster::{BlobPeers, Peers};
@@ -83,17 +84,6 @@ fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 fn store_at(dir: &Path) -> anyhow::Result<Arc<BlobStore>> {
     let cfg = BlobStoreConfig::new(dir.to_path_buf(), "backup");
     Ok(Arc::new(BlobStore::open(cfg).with_context(|| format!("opening the blobs of {}", dir.display()))?))
-}
-
-fn bytes_bar(total: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
 }
 
 /// `backup create`: a snapshot from `node` (a peer address) and the blobs it references.
@@ -318,78 +308,14 @@ pub async fn restore_repo(
     let store = store_at(dir)?;
     let http = crate::http_client_as(Duration::from_secs(3600), ca.as_deref(), login.as_ref())?;
     let base = to.trim_end_matches('/');
-    let bar = bytes_bar(r.blobs.iter().map(|(_, s)| s).sum(), &format!("{repo}: {} blobs", r.blobs.len()));
-    let mut pushed = 0;
-    for (d, size) in &r.blobs {
-        let url = format!("{base}/v2/{repo}/blobs/{d}");
-        if http.head(&url).send().await.is_ok_and(|r| r.status() == 200) {
-            bar.inc(*size);
-            continue;
-        }
-        check_blob(&store, d, *size).map_err(anyhow::Error::msg)?;
-        let file = tokio::fs::File::open(store.path_of(d)).await?;
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-        let resp = http
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .header("content-type", "application/octet-stream")
-            .header("content-length", size.to_string())
-            .body(body)
-            .send()
-            .await?;
-        anyhow::ensure!(
-            resp.status() == 201,
-            "pushing blob {d}: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
-        pushed += 1;
-        bar.inc(*size);
-    }
+    let content = crate::import::Content { blobs: r.blobs, manifests: r.manifests, tags: r.tags };
+    let bar = bytes_bar(content.blobs.iter().map(|(_, s)| s).sum(), &format!("{repo}: {} blobs", content.blobs.len()));
+    let source = crate::import::BlobSource::Store(store);
+    let p = crate::import::push_repository(&http, base, repo, &content, &source, &bar).await?;
     bar.finish_and_clear();
-    // manifests: whatever names a manifest not yet pushed waits for a later pass
-    let by_digest: std::collections::HashMap<Digest, (String, Vec<u8>)> =
-        r.manifests.iter().map(|(d, t, b)| (d.clone(), (t.clone(), b.clone()))).collect();
-    let mut left = r.manifests;
-    let mut done = 0;
-    while !left.is_empty() {
-        let mut later = Vec::new();
-        let before = left.len();
-        for (d, media_type, bytes) in left {
-            let resp = http
-                .put(format!("{base}/v2/{repo}/manifests/{d}"))
-                .header("content-type", &media_type)
-                .body(bytes.clone())
-                .send()
-                .await?;
-            match resp.status().as_u16() {
-                201 => done += 1,
-                400 => later.push((d, media_type, bytes)),
-                s => bail!("pushing manifest {d}: {s} {}", resp.text().await.unwrap_or_default()),
-            }
-        }
-        anyhow::ensure!(later.len() < before, "{} manifests refer to content missing from the backup", later.len());
-        left = later;
-    }
-    for (tag, d) in &r.tags {
-        let (media_type, bytes) =
-            by_digest.get(d).with_context(|| format!("tag {tag} names {d}, which is not in the backup"))?;
-        let resp = http
-            .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-            .header("content-type", media_type)
-            .body(bytes.clone())
-            .send()
-            .await?;
-        anyhow::ensure!(
-            resp.status() == 201,
-            "tagging {tag}: {} {}",
-            resp.status(),
-            resp.text().await.unwrap_or_default()
-        );
-    }
     println!(
-        "{repo} restored to {base}: {} blobs ({pushed} pushed, the rest were there), {done} manifests, {} tags",
-        r.blobs.len(),
-        r.tags.len()
+        "{repo} restored to {base}: {} blobs ({} pushed, the rest were there), {} manifests, {} tags",
+        p.blobs, p.blobs_pushed, p.manifests, p.tags
     );
     Ok(())
 }

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 use anyhow::Context as _;
 use raftyard::config::Config;
-use raftyard::{access, admin, backup, certs, node, tunnel};
+use raftyard::{access, admin, backup, certs, import, node, tunnel};
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
@@ -79,6 +79,42 @@ enum Cmd {
         #[arg(long)]
         user: Option<String>,
         /// The admin's password file (default with --user: stdin).
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+    },
+    /// Import every repository of another registry into a running raftyard through its API:
+    /// from the storage directory of CNCF Distribution (docker-registry, registry:2), or from
+    /// any registry through the distribution API. Idempotent: run it again to finish.
+    Import {
+        /// Distribution's `rootdirectory` (e.g. /var/lib/docker-registry), read directly.
+        #[arg(long, required_unless_present = "from_url", conflicts_with = "from_url")]
+        from_distribution: Option<PathBuf>,
+        /// A registry's URL, read through the distribution API (catalog, tags, manifests, blobs).
+        #[arg(long)]
+        from_url: Option<String>,
+        /// A user of the source registry (Basic, or the Bearer token flow it asks for).
+        #[arg(long, requires_all = ["from_url", "from_password_file"])]
+        from_user: Option<String>,
+        /// The source user's password file.
+        #[arg(long, requires = "from_user")]
+        from_password_file: Option<PathBuf>,
+        /// Trust this CA certificate (PEM) for an HTTPS source.
+        #[arg(long, requires = "from_url")]
+        from_ca: Option<PathBuf>,
+        /// Registry URL of the raftyard node to import into.
+        #[arg(long)]
+        to: String,
+        /// Only repositories matching this glob (`*` within a path segment, `**` across).
+        #[arg(long)]
+        repos: Option<String>,
+        /// Trust this CA certificate (PEM) for an HTTPS destination.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// A user who may push, when the destination has auth on (the password from
+        /// --password-file or stdin).
+        #[arg(long)]
+        user: Option<String>,
+        /// That user's password file (default with --user: stdin).
         #[arg(long, requires = "user")]
         password_file: Option<PathBuf>,
     },
@@ -454,6 +490,36 @@ fn main() -> anyhow::Result<()> {
         Cmd::Agent { config } => {
             let cfg = raftyard_tunnel::AgentFile::load(&config)?;
             tunnel::small_runtime()?.block_on(tunnel::agent(cfg))
+        }
+        Cmd::Import {
+            from_distribution,
+            from_url,
+            from_user,
+            from_password_file,
+            from_ca,
+            to,
+            repos,
+            ca,
+            user,
+            password_file,
+        } => {
+            let only = repos
+                .map(|g| raftyard_types::access::RepoGlob::parse(&g))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--repos: {e}"))?;
+            let from = match (from_distribution, from_url) {
+                (Some(dir), _) => import::ImportFrom::Distribution(dir),
+                (None, Some(url)) => {
+                    let login = match (from_user, from_password_file) {
+                        (Some(u), Some(f)) => Some((u, access::read_password(access::Secret::File(&f))?)),
+                        _ => None,
+                    };
+                    import::ImportFrom::Registry { url, ca: from_ca, login }
+                }
+                (None, None) => anyhow::bail!("--from-distribution or --from-url"),
+            };
+            let login = login(user, password_file.as_deref())?;
+            runtime()?.block_on(import::import(from, &to, ca.as_deref(), login, only))
         }
         Cmd::Events { node, since, follow, ca, user, password_file } => {
             let login = login(user, password_file.as_deref())?;

@@ -291,7 +291,11 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
         acked.extend(a);
         casualties.extend(x);
     }
-    eprintln!("{} images acknowledged and read back, {} requests broken by kills: {casualties:?}", acked.len(), casualties.len());
+    eprintln!(
+        "{} images acknowledged and read back, {} requests broken by kills: {casualties:?}",
+        acked.len(),
+        casualties.len()
+    );
     assert!(acked.len() >= 30, "the relay kept serving while leaders died: {}", acked.len());
     // a kill breaks at most what each client had in flight on the killed node: a request, or
     // an upload session it owned

@@ -120,14 +120,17 @@ pub async fn serve(
                     async move {
                         let mut resp = crate::handle(reg, req).await;
                         if http1 && closing.is_cancelled() {
-                            resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                            resp.headers_mut()
+                                .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                         }
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 })
             };
             let res = match tls {
-                None => match fastpath::serve(&reg, stream, peer, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &closing, &stop).await {
+                None => match fastpath::serve(&reg, stream, peer, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, &closing, &stop)
+                    .await
+                {
                     fastpath::Outcome::Done => return,
                     fastpath::Outcome::HandOff(io) => {
                         watcher.watch(builder.serve_connection(TokioIo::new(*io), svc).into_owned()).await
