@@ -40,6 +40,7 @@ pub mod admin;
 pub mod backup;
 pub mod certs;
 pub mod config;
+pub mod format;
 pub mod import;
 pub mod node;
 pub mod tunnel;

@@ -117,6 +117,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<RunningNode> {
 async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<RunningNode> {
     let data = cfg.node.data_dir.clone();
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    crate::format::open(&data)?;
     let blobs = Arc::new(
         BlobStore::open(BlobStoreConfig {
             min_free_bytes: cfg.node.min_free_mb << 20,
