@@ -25,6 +25,7 @@ pub mod repair;
 pub mod replica;
 pub mod service;
 pub mod tls;
+pub mod versions;
 
 /// Generated protobuf and tonic code.
 pub mod pb {

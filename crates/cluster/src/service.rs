@@ -26,6 +26,9 @@ pub struct PeerServices {
     pub local: crate::forward::LocalHttpSlot,
     /// This node's lag figures, if it is a backup.
     pub lag: crate::lag::Lag,
+    /// What `Meta.Version` answers: this release's peer protocol and data format; `None`
+    /// answers as a release before the call did (UNIMPLEMENTED), for the tests.
+    pub version: Option<(u32, u32)>,
 }
 
 /// Serves the peer protocol on `listener` until `shutdown` completes.
@@ -101,6 +104,11 @@ impl pb::meta_server::Meta for PeerServices {
     async fn heartbeat(&self, _: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
         let _ = self.meta.raft().trigger().heartbeat().await;
         Ok(Response::new(pb::HeartbeatReply {}))
+    }
+
+    async fn version(&self, _: Request<pb::VersionRequest>) -> Result<Response<pb::VersionReply>, Status> {
+        let (protocol, data_format) = self.version.ok_or_else(|| Status::unimplemented("Meta.Version"))?;
+        Ok(Response::new(pb::VersionReply { protocol, data_format }))
     }
 
     async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {

@@ -149,6 +149,9 @@ pub struct MetaNode {
     backup: bool,
     watch: StorageWatch,
     snapshots: crate::state::SnapshotStore,
+    /// Whether every member reads proposal ids (`VersionedCommand::V2`): a release before them
+    /// cannot decode such an entry, so proposals go without an id until all members can.
+    proposal_ids: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
@@ -210,7 +213,17 @@ impl MetaNode {
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
         tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
-        let node = MetaNode { id: cfg.id, raft, reader, db, link, backup: cfg.backup, watch, snapshots };
+        let node = MetaNode {
+            id: cfg.id,
+            raft,
+            reader,
+            db,
+            link,
+            backup: cfg.backup,
+            watch,
+            snapshots,
+            proposal_ids: Default::default(),
+        };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
                 info!(id = cfg.id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
@@ -255,6 +268,16 @@ impl MetaNode {
     }
 
     /// Whether this node votes in the current membership.
+    /// Whether proposals carry an id (see the field); set by whoever knows the members'
+    /// versions (the cluster crate's version check).
+    pub fn proposal_ids(&self) -> bool {
+        self.proposal_ids.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_proposal_ids(&self, on: bool) {
+        self.proposal_ids.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn is_voter(&self) -> bool {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.id)
     }
@@ -277,7 +300,11 @@ impl MetaNode {
     /// again is safe even when the first attempt was committed after all: the command carries a
     /// proposal id, and the state machine applies an id once (`VersionedCommand::V2`).
     pub async fn propose(&self, events: Vec<Event>) -> Result<(), ProposeError> {
-        let cmd = VersionedCommand::with_id(rand::random::<u64>().max(1), events);
+        let cmd = match self.proposal_ids() {
+            true => VersionedCommand::with_id(rand::random::<u64>().max(1), events),
+            false => VersionedCommand::V1(raftyard_types::Command::new(events)),
+        };
+        let has_id = cmd.id().is_some();
         let deadline = tokio::time::Instant::now() + LEADER_DEADLINE;
         loop {
             let (r, via) = match (self.propose_local(cmd.clone()).await, &self.link) {
@@ -286,9 +313,17 @@ impl MetaNode {
                     // until the call's timeout; once another leader is known, propose there.
                     let r = tokio::select! {
                         r = link.propose(self.id, &addr, cmd.clone()) => r,
-                        _ = self.leader_moved_from(id) => Err(ProposeError::NotLeader { leader: None }),
+                        _ = self.leader_moved_from(id) => Err(match has_id {
+                            true => ProposeError::NotLeader { leader: None },
+                            false => ProposeError::Unavailable(format!(
+                                "leader {id} was replaced while the write was forwarded to it; its outcome is unknown"
+                            )),
+                        }),
                     };
-                    (r.map_err(|e| Retry::after(e, Some(id))), Some(addr))
+                    // without an id, a command the leader may have received is not proposed
+                    // again: it could apply twice
+                    let failed = has_id.then_some(id);
+                    (r.map_err(|e| Retry::after(e, failed)), Some(addr))
                 }
                 (r, _) => (r.map_err(|e| Retry::after(e, None)), None),
             };

@@ -186,11 +186,21 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     // an upload's replica to this node.
     let peer_stop = CancellationToken::new();
     let peer_server = tokio::spawn(raftyard_cluster::serve(
-        PeerServices { meta: meta.clone(), blobs: blobs.clone(), local: local_registry.clone(), lag: lag.clone() },
+        PeerServices {
+            meta: meta.clone(),
+            blobs: blobs.clone(),
+            local: local_registry.clone(),
+            lag: lag.clone(),
+            version: match fault {
+                Some(DeliberateFault::PeerProtocol1) => None,
+                _ => Some((raftyard_cluster::versions::PEER_PROTOCOL, crate::format::DATA_FORMAT)),
+            },
+        },
         peer_listener,
         peer_tls,
         peer_stop.clone().cancelled_owned(),
     ));
+    raftyard_cluster::versions::spawn(meta.clone(), peers.clone(), stop.clone());
     let backup = cfg.node.role == crate::config::Role::Backup;
     let lone = cfg.cluster.members.len() <= 1 && !cfg.cluster.join && !backup;
     if lone {
@@ -344,6 +354,9 @@ enum DeliberateFault {
     /// `hang-log-flush`: once the file [`HANG_LOG_FLUSH_MARKER`] exists in the data directory,
     /// Raft log flushes never return (a wedged disk).
     HangLogFlush,
+    /// `peer-protocol-1`: answers the peer port's version call as a release before it did
+    /// (an older member, for the upgrade tests).
+    PeerProtocol1,
 }
 
 /// The file whose creation wedges the log flushes of a node started with
@@ -355,8 +368,12 @@ fn deliberate_fault() -> anyhow::Result<Option<DeliberateFault>> {
     let Ok(name) = std::env::var("RAFTYARD_FAULT") else { return Ok(None) };
     let fault = match name.as_str() {
         "hang-log-flush" => DeliberateFault::HangLogFlush,
+        "peer-protocol-1" => DeliberateFault::PeerProtocol1,
         _ => DeliberateFault::Registry(raftyard_registry::Fault::parse(&name).ok_or_else(|| {
-            anyhow::anyhow!("RAFTYARD_FAULT={name:?}: not one of hang-log-flush, {}", raftyard_registry::Fault::NAMES)
+            anyhow::anyhow!(
+                "RAFTYARD_FAULT={name:?}: not one of hang-log-flush, peer-protocol-1, {}",
+                raftyard_registry::Fault::NAMES
+            )
         })?),
     };
     warn!(?fault, "RAFTYARD_FAULT: this node is deliberately BROKEN");

@@ -463,3 +463,43 @@ async fn journal_retention_trims_the_same_entries_on_every_node() {
         }
     }
 }
+
+/// A rolling upgrade from the release before proposal ids: while one member answers the
+/// version call as that release did, proposals go without ids (it could not decode them), and
+/// writes work; once it is upgraded, every node turns them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proposal_ids_wait_until_every_member_reads_them() {
+    let old = [("RAFTYARD_FAULT", "peer-protocol-1")];
+    let mut cl = Cluster::start_each(3, |id| Extra { env: if id == 3 { &old } else { &[] }, ..Extra::default() });
+    cl.leader(Duration::from_secs(20)).await;
+    let ids = |cl: &Cluster| {
+        let nodes: Vec<_> = cl.nodes.iter().map(|n| n.url("/v2/_raftyard/health")).collect();
+        async move {
+            let mut v = Vec::new();
+            for u in nodes {
+                let h: serde_json::Value = client().get(u).send().await.unwrap().json().await.unwrap();
+                v.push(h["proposal_ids"].as_bool().unwrap());
+            }
+            v
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ids(&cl).await[..2], [false, false], "node 3 answers as an older release");
+    let c = client();
+    let d = push_image(&c, &cl.nodes[1], "upgrade/app", "v1", b"before").await;
+    pull_image(&c, &cl.nodes[2], "upgrade/app", "v1", &d).await;
+
+    cl.nodes[2].terminate();
+    cl.nodes[2].respawn_plain();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = ids(&cl).await;
+        if v.iter().all(|b| *b) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "proposal ids still off after the upgrade: {v:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let d = push_image(&c, &cl.nodes[2], "upgrade/app", "v2", b"after").await;
+    pull_image(&c, &cl.nodes[0], "upgrade/app", "v2", &d).await;
+}

@@ -253,6 +253,14 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
     cl.ready(Duration::from_secs(20)).await;
     let base = format!("http://{}", relay.shared());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // writes carry proposal ids once every node has seen the others' versions
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &cl.nodes {
+        while !n.health().await.is_some_and(|h| h["proposal_ids"] == true) {
+            assert!(Instant::now() < deadline, "proposal ids not on at {}", n.addr);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     // each client pushes and reads back one image after another; any HTTP error panics there
     let clients: Vec<_> = (0..CLIENTS)

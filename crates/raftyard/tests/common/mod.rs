@@ -112,6 +112,13 @@ impl Node {
         n
     }
 
+    /// Starts (again) the process on the same address and data directory, without the
+    /// environment it was given (a deliberate fault, say).
+    pub fn respawn_plain(&mut self) {
+        self.env.clear();
+        self.spawn();
+    }
+
     /// Starts (again) the process on the same address and data directory.
     pub fn spawn(&mut self) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_raftyard"));

@@ -186,6 +186,7 @@ pub(crate) async fn health(reg: &Registry) -> HandlerResult {
         "purged": m.purged.map(|l| l.index),
         "open_uploads": reg.blobs.open_uploads(),
         "journal_first": reg.meta.reader().journal_first().ok(),
+        "proposal_ids": reg.meta.proposal_ids(),
     });
     Ok(json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"), false))
 }

@@ -1,0 +1,84 @@
+//! What the other members speak: each node asks every member for its peer protocol
+//! (`Meta.Version`; a release before the call answers UNIMPLEMENTED, protocol 1) and lets
+//! proposals carry ids only once every member reads them. So a cluster upgraded one node at a
+//! time never sends an entry to a node that cannot decode it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftyard_raft::{MetaNode, NodeId};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::pb::meta_client::MetaClient;
+use crate::pb::VersionRequest;
+use crate::peers::Peers;
+
+/// The peer protocol this release speaks: 2 adds proposal ids in log entries and forwarded
+/// proposals (`VersionedCommand::V2`).
+pub const PEER_PROTOCOL: u32 = 2;
+/// The first protocol with proposal ids.
+const PROPOSAL_IDS: u32 = 2;
+
+/// Asks one peer for its protocol: `None` if it could not be reached.
+async fn protocol_of(peers: &Peers, addr: &str) -> Option<u32> {
+    let ch = peers.channel(addr).ok()?;
+    let mut req = tonic::Request::new(VersionRequest {});
+    req.set_timeout(Duration::from_secs(2));
+    match MetaClient::new(ch).version(req).await {
+        Ok(r) => Some(r.into_inner().protocol),
+        Err(s) if s.code() == tonic::Code::Unimplemented => Some(1),
+        Err(_) => None,
+    }
+}
+
+/// Checks the members until `stop`: every 0.5 s until each has answered once, then every 10 s.
+/// A member that cannot be reached counts with what it last answered; one never heard from
+/// keeps proposal ids off.
+pub fn spawn(meta: MetaNode, peers: Arc<Peers>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut known: HashMap<NodeId, u32> = HashMap::new();
+        loop {
+            let all_members = meta.members();
+            // a node not in a membership yet (waiting to be contacted) knows nobody's version
+            let joined = all_members.iter().any(|(id, ..)| *id == meta.id());
+            let members: Vec<_> = all_members.into_iter().filter(|(id, ..)| *id != meta.id()).collect();
+            for (id, addr, _) in &members {
+                match protocol_of(&peers, &addr.peer).await {
+                    Some(p) if known.insert(*id, p) != Some(p) => {
+                        if p > PEER_PROTOCOL {
+                            warn!(
+                                member = id,
+                                protocol = p,
+                                ours = PEER_PROTOCOL,
+                                "a member speaks a newer peer protocol: upgrade this node"
+                            );
+                        } else if p < PROPOSAL_IDS {
+                            warn!(
+                                member = id,
+                                protocol = p,
+                                "a member runs an older release: writes go without proposal ids until it is upgraded"
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            known.retain(|id, _| members.iter().any(|(m, ..)| m == id));
+            let all = joined && members.iter().all(|(id, ..)| known.get(id).is_some_and(|p| *p >= PROPOSAL_IDS));
+            if all != meta.proposal_ids() {
+                meta.set_proposal_ids(all);
+                info!(on = all, "proposal ids (retries of forwarded writes are safe with them)");
+            }
+            let every = match joined && members.iter().all(|(id, ..)| known.contains_key(id)) {
+                true => Duration::from_secs(10),
+                false => Duration::from_millis(500),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    })
+}
