@@ -71,16 +71,8 @@ enum Cmd {
         /// Keep waiting for new events.
         #[arg(long)]
         follow: bool,
-        /// Trust this CA certificate (PEM) for an HTTPS node.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// An admin's user name, when the node has auth on (the password from
-        /// --password-file or stdin).
-        #[arg(long)]
-        user: Option<String>,
-        /// The admin's password file (default with --user: stdin).
-        #[arg(long, requires = "user")]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        http: RegistryLogin,
     },
     /// Import every repository of another registry into a running raftyard through its API:
     /// from the storage directory of CNCF Distribution (docker-registry, registry:2), or from
@@ -107,16 +99,8 @@ enum Cmd {
         /// Only repositories matching this glob (`*` within a path segment, `**` across).
         #[arg(long)]
         repos: Option<String>,
-        /// Trust this CA certificate (PEM) for an HTTPS destination.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// A user who may push, when the destination has auth on (the password from
-        /// --password-file or stdin).
-        #[arg(long)]
-        user: Option<String>,
-        /// That user's password file (default with --user: stdin).
-        #[arg(long, requires = "user")]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        http: RegistryLogin,
     },
     /// Make TLS certificates.
     Certs {
@@ -144,6 +128,28 @@ enum Cmd {
         #[command(flatten)]
         tls: PeerTlsArgs,
     },
+}
+
+/// How a command reaches a registry node over HTTP (`--node`, `--to`): its CA and a user.
+#[derive(clap::Args)]
+struct RegistryLogin {
+    /// Trust this CA certificate (PEM) for an HTTPS registry.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// A user, when the registry has auth on (the password from --password-file or stdin):
+    /// an admin for `events`, one who may push for `import` and `backup restore --repo`.
+    #[arg(long)]
+    user: Option<String>,
+    /// That user's password file (default with --user: stdin).
+    #[arg(long, requires = "user")]
+    password_file: Option<PathBuf>,
+}
+
+impl RegistryLogin {
+    /// The user and its password, read now.
+    fn login(&self) -> anyhow::Result<Option<(String, String)>> {
+        login(self.user.clone(), self.password_file.as_deref())
+    }
 }
 
 /// The node an access command talks to.
@@ -425,16 +431,8 @@ enum BackupCmd {
         /// Registry base URL to push the repository to (http://host:port).
         #[arg(long)]
         to: Option<String>,
-        /// CA certificate (PEM) for an HTTPS --to.
-        #[arg(long)]
-        ca: Option<PathBuf>,
-        /// A user allowed to push there, when --to has auth on (the password from
-        /// --password-file or stdin).
-        #[arg(long, requires = "to")]
-        user: Option<String>,
-        /// That user's password file (default with --user: stdin).
-        #[arg(long, requires = "user")]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        http: RegistryLogin,
     },
 }
 
@@ -491,18 +489,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = raftyard_tunnel::AgentFile::load(&config)?;
             tunnel::small_runtime()?.block_on(tunnel::agent(cfg))
         }
-        Cmd::Import {
-            from_distribution,
-            from_url,
-            from_user,
-            from_password_file,
-            from_ca,
-            to,
-            repos,
-            ca,
-            user,
-            password_file,
-        } => {
+        Cmd::Import { from_distribution, from_url, from_user, from_password_file, from_ca, to, repos, http } => {
             let only = repos
                 .map(|g| raftyard_types::access::RepoGlob::parse(&g))
                 .transpose()
@@ -518,12 +505,12 @@ fn main() -> anyhow::Result<()> {
                 }
                 (None, None) => anyhow::bail!("--from-distribution or --from-url"),
             };
-            let login = login(user, password_file.as_deref())?;
-            runtime()?.block_on(import::import(from, &to, ca.as_deref(), login, only))
+            let login = http.login()?;
+            runtime()?.block_on(import::import(from, &to, http.ca.as_deref(), login, only))
         }
-        Cmd::Events { node, since, follow, ca, user, password_file } => {
-            let login = login(user, password_file.as_deref())?;
-            runtime()?.block_on(node::print_events(&node, since, follow, ca, login))
+        Cmd::Events { node, since, follow, http } => {
+            let login = http.login()?;
+            runtime()?.block_on(node::print_events(&node, since, follow, http.ca, login))
         }
         Cmd::Cluster { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;
@@ -544,9 +531,9 @@ fn main() -> anyhow::Result<()> {
             match cmd {
                 BackupCmd::Create { node, out } => backup::create(&node, &out, &tls).await,
                 BackupCmd::Verify { dir, index } => backup::verify(&dir, index).await,
-                BackupCmd::Restore { dir, index, repo: Some(repo), to: Some(to), ca, user, password_file, .. } => {
-                    let login = login(user, password_file.as_deref())?;
-                    backup::restore_repo(&dir, index, &repo, &to, ca, login).await
+                BackupCmd::Restore { dir, index, repo: Some(repo), to: Some(to), http, .. } => {
+                    let login = http.login()?;
+                    backup::restore_repo(&dir, index, &repo, &to, http.ca, login).await
                 }
                 BackupCmd::Restore { dir, index, data_dir, id, peer, registry, .. } => {
                     let data_dir = data_dir.context("--data-dir")?;

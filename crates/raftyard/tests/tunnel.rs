@@ -178,6 +178,65 @@ async fn push_and_check(c: &reqwest::Client, base: &str, tag: &str) -> Step {
     Step::Acked(tag.to_string(), md)
 }
 
+/// What a load client ended with: the tags it pushed and read back, with their digests, and
+/// the requests broken by a node's death.
+type Outcome = (Vec<(String, String)>, Vec<String>);
+
+/// `n` clients pushing and reading back one image after another through `base` (tags
+/// `<prefix><client>-<i>`) until `stop`; an HTTP error panics the client.
+fn load_clients(
+    n: usize,
+    base: &str,
+    prefix: &'static str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    (0..n)
+        .map(|w| {
+            let (base, stop) = (base.to_string(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    match push_and_check(&c, &base, &format!("{prefix}{w}-{i}")).await {
+                        Step::Acked(tag, d) => acked.push((tag, d)),
+                        Step::Casualty(why) => casualties.push(why),
+                    }
+                }
+                (acked, casualties)
+            })
+        })
+        .collect()
+}
+
+async fn join_clients(clients: Vec<tokio::task::JoinHandle<Outcome>>) -> Outcome {
+    let (mut acked, mut casualties) = (Vec::new(), Vec::new());
+    for c in clients {
+        let (a, x) = c.await.expect("a client got an HTTP error");
+        acked.extend(a);
+        casualties.extend(x);
+    }
+    (acked, casualties)
+}
+
+/// Every acknowledged push is on every node, digest for digest.
+async fn on_every_node(cl: &Cluster, acked: &[(String, String)]) {
+    let c = client();
+    for n in &cl.nodes {
+        for (tag, d) in acked {
+            let r = c
+                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{tag} on {} ({} acknowledged)", n.addr, acked.len());
+            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_and_pulls_through_the_relay_while_followers_are_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,20 +282,7 @@ async fn pushes_and_pulls_through_the_relay_while_followers_are_killed_and_resta
     // every acknowledged push is on every node, digest for digest
     relay.wait_agents(3, Duration::from_secs(20)).await;
     let cl = std::sync::Arc::into_inner(cl).expect("the killer is done").into_inner().unwrap();
-    let top = acked.len() as u64;
-    let c = client();
-    for n in &cl.nodes {
-        for (tag, d) in &acked {
-            let r = c
-                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
-                .header("accept", OCI_MANIFEST)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{tag} on {} ({top} acknowledged)", n.addr);
-            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
-        }
-    }
+    on_every_node(&cl, &acked).await;
 }
 
 /// Issue: a leader killed under load made every request that needed it fail with 503 until the
@@ -263,24 +309,7 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
     }
 
     // each client pushes and reads back one image after another; any HTTP error panics there
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|w| {
-            let (base, stop) = (base.clone(), stop.clone());
-            tokio::spawn(async move {
-                let c = client();
-                let (mut acked, mut casualties) = (Vec::new(), Vec::new());
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    i += 1;
-                    match push_and_check(&c, &base, &format!("w{w}-{i}")).await {
-                        Step::Acked(tag, d) => acked.push((tag, d)),
-                        Step::Casualty(why) => casualties.push(why),
-                    }
-                }
-                (acked, casualties)
-            })
-        })
-        .collect();
+    let clients = load_clients(CLIENTS, &base, "w", &stop);
     for k in 0..KILLS {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let leader = cl.leader(Duration::from_secs(20)).await;
@@ -293,12 +322,7 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut acked, mut casualties) = (Vec::new(), Vec::new());
-    for c in clients {
-        let (a, x) = c.await.expect("a client got an HTTP error");
-        acked.extend(a);
-        casualties.extend(x);
-    }
+    let (acked, casualties) = join_clients(clients).await;
     eprintln!(
         "{} images acknowledged and read back, {} requests broken by kills: {casualties:?}",
         acked.len(),
@@ -309,19 +333,7 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
     // an upload session it owned
     assert!(casualties.len() <= 2 * CLIENTS * KILLS, "{casualties:?}");
 
-    let c = client();
-    for n in &cl.nodes {
-        for (tag, d) in &acked {
-            let r = c
-                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
-                .header("accept", OCI_MANIFEST)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{tag} on {}", n.addr);
-            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
-        }
-    }
+    on_every_node(&cl, &acked).await;
 }
 
 /// A rolling restart: each node in turn gets SIGTERM, is started again and catches up, under
@@ -339,24 +351,7 @@ async fn sigterm_of_each_node_in_turn_under_load_through_the_relay_fails_nothing
     cl.ready(Duration::from_secs(20)).await;
     let base = format!("http://{}", relay.shared());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|w| {
-            let (base, stop) = (base.clone(), stop.clone());
-            tokio::spawn(async move {
-                let c = client();
-                let (mut acked, mut casualties) = (Vec::new(), Vec::new());
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    i += 1;
-                    match push_and_check(&c, &base, &format!("r{w}-{i}")).await {
-                        Step::Acked(tag, d) => acked.push((tag, d)),
-                        Step::Casualty(why) => casualties.push(why),
-                    }
-                }
-                (acked, casualties)
-            })
-        })
-        .collect();
+    let clients = load_clients(CLIENTS, &base, "r", &stop);
     // the followers first, the leader last (one election), as cluster/local/rolling-restart.sh
     let order: Vec<usize> = (1..=3).map(|k| (leader + k) % 3).collect();
     for i in order {
@@ -370,26 +365,9 @@ async fn sigterm_of_each_node_in_turn_under_load_through_the_relay_fails_nothing
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (mut acked, mut casualties) = (Vec::new(), Vec::new());
-    for c in clients {
-        let (a, x) = c.await.expect("a client got an HTTP error");
-        acked.extend(a);
-        casualties.extend(x);
-    }
+    let (acked, casualties) = join_clients(clients).await;
     eprintln!("{} images acknowledged and read back; failed: {casualties:?}", acked.len());
     assert!(casualties.is_empty(), "requests failed during the rolling restart: {casualties:?}");
     assert!(acked.len() >= 20, "{}", acked.len());
-    let c = client();
-    for n in &cl.nodes {
-        for (tag, d) in &acked {
-            let r = c
-                .head(n.url(&format!("/v2/chaos/app/manifests/{tag}")))
-                .header("accept", OCI_MANIFEST)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{tag} on {}", n.addr);
-            assert_eq!(r.headers()["docker-content-digest"], d.as_str(), "{tag} on {}", n.addr);
-        }
-    }
+    on_every_node(&cl, &acked).await;
 }
