@@ -20,10 +20,14 @@ alive() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1; [[ "$st" 
 registry_of() { sed -n 's/^listen = "\(.*\)"/\1/p' "$1/config.toml" | head -1; }
 
 nodes=()
+backups=()
 for d in "$dir"/node[0-9]*; do
     [ -f "$d/pid" ] && alive "$(cat "$d/pid")" || continue
-    grep -q '^role = "backup"' "$d/config.toml" && continue # not behind the relay; restart it alone
-    nodes+=("$d")
+    if grep -q '^role = "backup"' "$d/config.toml"; then
+        backups+=("$d") # not behind the relay: restarted after the others
+    else
+        nodes+=("$d")
+    fi
 done
 [ ${#nodes[@]} -gt 0 ] || { echo "no running node under $dir (cluster/local/up.sh starts them)" >&2; exit 1; }
 
@@ -32,16 +36,21 @@ order=()
 for d in "${nodes[@]}"; do [ "${d##*/node}" != "$leader" ] && order+=("$d"); done
 for d in "${nodes[@]}"; do [ "${d##*/node}" = "$leader" ] && order+=("$d"); done
 
-for d in "${order[@]}"; do
-    n=${d##*/}
+restart() { # restart DIR: SIGTERM, wait for the exit, start again
+    local d=$1 pid
     pid=$(cat "$d/pid")
-    reg=$(registry_of "$d")
-    echo "$n: SIGTERM (pid $pid)"
+    echo "${d##*/}: SIGTERM (pid $pid)"
     kill -TERM "$pid"
     for _ in $(seq 1 600); do alive "$pid" || break; sleep 0.1; done
-    alive "$pid" && { echo "$n did not stop within 60 s" >&2; exit 1; }
+    alive "$pid" && { echo "${d##*/} did not stop within 60 s" >&2; exit 1; }
     setsid nohup "$bin" serve --config "$d/config.toml" >>"$d/log" 2>&1 < /dev/null &
     echo $! > "$d/pid"
+}
+
+for d in "${order[@]}"; do
+    n=${d##*/}
+    reg=$(registry_of "$d")
+    restart "$d"
     t=$SECONDS
     until [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$reg/v2/_raftyard/ready")" = 200 ]; do
         [ $((SECONDS - t)) -lt 120 ] || { echo "$n not ready after 120 s; log in $d/log" >&2; exit 1; }
@@ -53,4 +62,14 @@ for d in "${order[@]}"; do
     sleep 1
     echo "$n: restarted (pid $(cat "$d/pid")), ready after $((SECONDS - t)) s"
 done
-echo "rolling restart done: ${#order[@]} nodes"
+for d in "${backups[@]}"; do
+    restart "$d"
+    reg=$(registry_of "$d")
+    t=$SECONDS
+    until [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$reg/v2/_raftyard/ready")" = 200 ]; do
+        [ $((SECONDS - t)) -lt 120 ] || { echo "${d##*/} not serving after 120 s; log in $d/log" >&2; exit 1; }
+        sleep 0.2
+    done
+    echo "${d##*/} (backup): restarted (pid $(cat "$d/pid"))"
+done
+echo "rolling restart done: $((${#order[@]} + ${#backups[@]})) nodes"
