@@ -114,6 +114,22 @@ impl pb::admin_server::Admin for PeerServices {
         // A leader just elected has not committed the membership it started with yet; a change
         // waits for that (a read index on the leader does) instead of failing.
         let _ = self.meta.read_index_local().await;
+        // A release that cannot read this one's entries would stop on the first it receives.
+        match crate::versions::protocol_of(&self.peers, &m.peer).await {
+            Some(p) if p >= crate::versions::PEER_PROTOCOL => {}
+            Some(p) => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} at {} runs an older release (peer protocol {p}; this cluster writes protocol {}): \
+                     upgrade it before adding it",
+                    m.id,
+                    m.peer,
+                    crate::versions::PEER_PROTOCOL
+                )))
+            }
+            None => {
+                return Err(Status::unavailable(format!("node {} does not answer on its peer port {}", m.id, m.peer)))
+            }
+        }
         // Blocks until the learner has caught up with the log (or a snapshot).
         self.meta.raft().add_learner(m.id, addr, true).await.map_err(write_error)?;
         if m.learner_only {

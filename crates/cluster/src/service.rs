@@ -26,6 +26,8 @@ pub struct PeerServices {
     pub local: crate::forward::LocalHttpSlot,
     /// This node's lag figures, if it is a backup.
     pub lag: crate::lag::Lag,
+    /// Connections to the other members (the version check of a node being added).
+    pub peers: Arc<crate::peers::Peers>,
     /// What `Meta.Version` answers: this release's peer protocol and data format; `None`
     /// answers as a release before the call did (UNIMPLEMENTED), for the tests.
     pub version: Option<(u32, u32)>,

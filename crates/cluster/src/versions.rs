@@ -22,7 +22,7 @@ pub const PEER_PROTOCOL: u32 = 2;
 const PROPOSAL_IDS: u32 = 2;
 
 /// Asks one peer for its protocol: `None` if it could not be reached.
-async fn protocol_of(peers: &Peers, addr: &str) -> Option<u32> {
+pub(crate) async fn protocol_of(peers: &Peers, addr: &str) -> Option<u32> {
     let ch = peers.channel(addr).ok()?;
     let mut req = tonic::Request::new(VersionRequest {});
     req.set_timeout(Duration::from_secs(2));

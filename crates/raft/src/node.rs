@@ -113,6 +113,8 @@ pub trait LeaderLink: Send + Sync + 'static {
 /// How long a proposal or read barrier keeps trying while no leader is known or the leader
 /// changes under it.
 const LEADER_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a committed proposal may still take to apply on this node after the deadline.
+const APPLY_AFTER_COMMIT: Duration = Duration::from_secs(2);
 
 /// A failed attempt at a proposal or read index, and whether a leader failed to answer it.
 struct Retry {
@@ -312,7 +314,11 @@ impl MetaNode {
                     // A leader that stops answering (paused, cut off) would hold the request
                     // until the call's timeout; once another leader is known, propose there.
                     let r = tokio::select! {
-                        r = link.propose(self.id, &addr, cmd.clone()) => r,
+                        r = tokio::time::timeout_at(deadline, link.propose(self.id, &addr, cmd.clone())) => {
+                            r.unwrap_or_else(|_| Err(ProposeError::Unavailable(format!(
+                                "leader {id} did not answer in time; the write's outcome is unknown"
+                            ))))
+                        }
                         _ = self.leader_moved_from(id) => Err(match has_id {
                             true => ProposeError::NotLeader { leader: None },
                             false => ProposeError::Unavailable(format!(
@@ -329,7 +335,10 @@ impl MetaNode {
             };
             match r {
                 Ok((index, outcome)) => {
-                    self.wait_applied_until(index, deadline, via.as_ref()).await?;
+                    // committed: a late answer still gets a moment to apply here, rather than
+                    // being reported as a failure the client would repeat
+                    let apply_by = deadline.max(tokio::time::Instant::now() + APPLY_AFTER_COMMIT);
+                    self.wait_applied_until(index, apply_by, via.as_ref()).await?;
                     return outcome.map_err(ProposeError::Rejected);
                 }
                 Err(retry) => self.before_retry(retry, deadline).await?,
@@ -383,7 +392,9 @@ impl MetaNode {
                     // a read index is safe to ask again: if the leader changes meanwhile, ask
                     // the new one
                     let r = tokio::select! {
-                        r = link.read_index(self.id, &addr) => r,
+                        r = tokio::time::timeout_at(deadline, link.read_index(self.id, &addr)) => {
+                            r.unwrap_or_else(|_| Err(ProposeError::Unavailable(format!("leader {id} did not answer in time"))))
+                        }
                         _ = self.leader_moved_from(id) => Err(ProposeError::NotLeader { leader: None }),
                     };
                     (r.map_err(|e| Retry::after(e, Some(id))), Some(addr))

@@ -118,16 +118,21 @@ impl<'a> Tx<'a> {
 /// At most this many expired proposal ids are forgotten per applied command: the work of an
 /// apply stays bounded, and ids expire at most at the rate they are made.
 const FORGET_PER_APPLY: usize = 4;
+/// An id is kept for at least this many log entries after its own, whatever the clocks say:
+/// a proposer whose clock is far ahead (its cutoff in the future) or far behind (its ids
+/// stamped in the past) cannot make an id be forgotten while its proposer may still retry.
+const PROPOSAL_MEMORY_ENTRIES: u64 = 10_000;
 
-/// Records the outcome of proposal `id` (see `VersionedCommand::V2`), and forgets the oldest
-/// ids older than `PROPOSAL_MEMORY_MS` before `time_ms`. Deterministic: it depends only on the
-/// state and the command.
-fn remember_proposal(tx: &mut Tx, id: u64, time_ms: u64, outcome: &Outcome) -> Result<(), sled::Error> {
+/// Records the outcome of proposal `id` (see `VersionedCommand::V2`) applied at `index`, and
+/// forgets the oldest ids both older than `PROPOSAL_MEMORY_MS` before `time_ms` and more than
+/// [`PROPOSAL_MEMORY_ENTRIES`] entries before `index`. Deterministic: it depends only on the
+/// state and the entry.
+fn remember_proposal(tx: &mut Tx, id: u64, time_ms: u64, index: u64, outcome: &Outcome) -> Result<(), sled::Error> {
     tx.put(keys::proposal(id), enc(&(time_ms, outcome)));
-    tx.put(keys::proposal_at(time_ms, id), Vec::new());
+    tx.put(keys::proposal_at(time_ms, id), index.to_be_bytes().to_vec());
     let cutoff = time_ms.saturating_sub(raftyard_types::event::PROPOSAL_MEMORY_MS);
     for kv in tx.tree.scan_prefix(keys::PROPOSALS_BY_TIME).take(FORGET_PER_APPLY) {
-        let (k, _) = kv?;
+        let (k, v) = kv?;
         let rest = &k[keys::PROPOSALS_BY_TIME.len()..];
         let word = |i: usize| rest.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
         let (Some(at), Some(old)) = (word(0), word(8)) else {
@@ -136,6 +141,10 @@ fn remember_proposal(tx: &mut Tx, id: u64, time_ms: u64, outcome: &Outcome) -> R
         };
         if at >= cutoff {
             break;
+        }
+        let applied_at = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+        if applied_at.saturating_add(PROPOSAL_MEMORY_ENTRIES) > index {
+            continue; // old by its clock, but recent in the log
         }
         tx.del(k.to_vec());
         tx.del(keys::proposal(old));
@@ -714,7 +723,7 @@ impl StateMachine {
                         tx.writes.clear();
                     }
                     if let Some(id) = id {
-                        remember_proposal(&mut tx, id, cmd.time_ms, &outcome)?;
+                        remember_proposal(&mut tx, id, cmd.time_ms, log_id.index, &outcome)?;
                     }
                     Some(outcome)
                 }

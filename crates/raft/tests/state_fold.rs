@@ -271,7 +271,13 @@ async fn proposal_ids_are_forgotten_after_their_time() {
     let unlink = |n: u8| vec![Event::BlobUnlinked { repo: repo("a"), digest: d(n) }];
     f.apply_with_id(1, 1_001, unlink(1)).await.unwrap();
     assert!(f.sm.reader().blob_link(&repo("a"), &d(1)).unwrap().is_some(), "id 1 applied once");
-    // a command stamped past the window forgets ids 1..=3; id 1 then applies as new
+    // a clock far ahead (a command stamped past the window) forgets nothing of the last
+    // 10,000 entries: id 1 is still a no-op
+    f.apply_with_id(99, 1_004 + window, vec![]).await.unwrap();
+    f.apply_with_id(1, 1_004 + window, unlink(1)).await.unwrap();
+    assert!(f.sm.reader().blob_link(&repo("a"), &d(1)).unwrap().is_some(), "id 1 remembered: too few entries since");
+    // old both by the clock and in the log: ids 1..=3 are forgotten; id 1 then applies as new
+    f.next += 10_000;
     f.apply_with_id(100, 1_004 + window, vec![]).await.unwrap();
     f.apply_with_id(1, 1_004 + window, unlink(1)).await.unwrap();
     assert!(f.sm.reader().blob_link(&repo("a"), &d(1)).unwrap().is_none(), "id 1 forgotten");

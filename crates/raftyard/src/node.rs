@@ -191,6 +191,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
             blobs: blobs.clone(),
             local: local_registry.clone(),
             lag: lag.clone(),
+            peers: peers.clone(),
             version: match fault {
                 Some(DeliberateFault::PeerProtocol1) => None,
                 _ => Some((raftyard_cluster::versions::PEER_PROTOCOL, crate::format::DATA_FORMAT)),

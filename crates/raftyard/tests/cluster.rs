@@ -502,4 +502,13 @@ async fn proposal_ids_wait_until_every_member_reads_them() {
     }
     let d = push_image(&c, &cl.nodes[2], "upgrade/app", "v2", b"after").await;
     pull_image(&c, &cl.nodes[0], "upgrade/app", "v2", &d).await;
+
+    // a node of the older release is not added: it could not read what the log holds
+    let dir4 = tempfile::tempdir().unwrap();
+    let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let _n4 =
+        Node::start_member_with(dir4.path(), 4, &r4, &p4, &[], &Extra { join: true, env: &old, ..Extra::default() });
+    let err =
+        cli_fails(&["cluster", "add", "--node", &cl.nodes[0].peer, "--id", "4", "--peer", &p4, "--registry", &r4]);
+    assert!(err.contains("older release"), "{err}");
 }

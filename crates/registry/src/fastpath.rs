@@ -111,7 +111,20 @@ pub(crate) async fn serve(
         if last {
             resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
-        if write_response(&mut stream, resp, head).await.is_err() || simple.close || last || shutdown.is_cancelled() {
+        if last {
+            // the answer said `Connection: close`: end the sending side and take what the
+            // client may already have sent, so that closing does not reset the answer away
+            let ok = write_response(&mut stream, resp, head).await.is_ok();
+            if ok && stream.shutdown().await.is_ok() {
+                let mut sink = [0u8; 4096];
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+            }
+            return Outcome::Done;
+        }
+        if write_response(&mut stream, resp, head).await.is_err() || simple.close || shutdown.is_cancelled() {
             return Outcome::Done;
         }
         wait = idle_timeout;
