@@ -116,14 +116,14 @@ impl pb::admin_server::Admin for PeerServices {
         let _ = self.meta.read_index_local().await;
         // A release that cannot read this one's entries would stop on the first it receives.
         match crate::versions::protocol_of(&self.peers, &m.peer).await {
-            Some(p) if p >= crate::versions::PEER_PROTOCOL => {}
+            Some(p) if p >= crate::versions::PROPOSAL_IDS => {}
             Some(p) => {
                 return Err(Status::failed_precondition(format!(
-                    "node {} at {} runs an older release (peer protocol {p}; this cluster writes protocol {}): \
+                    "node {} at {} runs an older release (peer protocol {p}; this cluster's entries need {}): \
                      upgrade it before adding it",
                     m.id,
                     m.peer,
-                    crate::versions::PEER_PROTOCOL
+                    crate::versions::PROPOSAL_IDS
                 )))
             }
             None => {

@@ -18,8 +18,8 @@ use crate::peers::Peers;
 /// The peer protocol this release speaks: 2 adds proposal ids in log entries and forwarded
 /// proposals (`VersionedCommand::V2`).
 pub const PEER_PROTOCOL: u32 = 2;
-/// The first protocol with proposal ids.
-const PROPOSAL_IDS: u32 = 2;
+/// The first protocol with proposal ids: a member below it cannot read entries that carry them.
+pub(crate) const PROPOSAL_IDS: u32 = 2;
 
 /// Asks one peer for its protocol: `None` if it could not be reached.
 pub(crate) async fn protocol_of(peers: &Peers, addr: &str) -> Option<u32> {

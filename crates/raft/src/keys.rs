@@ -18,7 +18,7 @@
 //! | `a/keys` | | token signing keys, oldest first |
 //! | `a/version` | | u64 BE: bumped by every change of who may do what |
 //! | `p/` | proposal id (u64 BE) | bincode of (time_ms, outcome): a `V2` command applied |
-//! | `P/` | time_ms (u64 BE), proposal id (u64 BE) | empty: the same ids, oldest first, to forget them |
+//! | `P/` | time_ms (u64 BE), proposal id (u64 BE) | log index (u64 BE): the same ids, oldest first, to forget them |
 
 pub const APPLIED: &[u8] = b"m/applied";
 /// Version of the state's layout (u32 BE); absent: 1, before the `L/` index.

@@ -269,7 +269,6 @@ impl MetaNode {
         self.backup && !self.is_voter()
     }
 
-    /// Whether this node votes in the current membership.
     /// Whether proposals carry an id (see the field); set by whoever knows the members'
     /// versions (the cluster crate's version check).
     pub fn proposal_ids(&self) -> bool {
@@ -280,6 +279,7 @@ impl MetaNode {
         self.proposal_ids.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether this node votes in the current membership.
     pub fn is_voter(&self) -> bool {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.id)
     }

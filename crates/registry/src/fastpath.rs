@@ -107,13 +107,10 @@ pub(crate) async fn serve(
         let mut req = simple.req;
         req.extensions_mut().insert(crate::ClientAddr(peer.ip()));
         let mut resp = crate::handlers::respond(reg, req).await;
-        let last = closing.is_cancelled();
-        if last {
+        if closing.is_cancelled() {
+            // the last answer: it says `Connection: close`, then the sending side ends and what
+            // the client may already have sent is taken, so that closing does not reset it away
             resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-        }
-        if last {
-            // the answer said `Connection: close`: end the sending side and take what the
-            // client may already have sent, so that closing does not reset the answer away
             let ok = write_response(&mut stream, resp, head).await.is_ok();
             if ok && stream.shutdown().await.is_ok() {
                 let mut sink = [0u8; 4096];

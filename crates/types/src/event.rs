@@ -260,12 +260,6 @@ impl VersionedCommand {
             VersionedCommand::V2 { id, .. } => Some(*id),
         }
     }
-
-    pub fn command(&self) -> &Command {
-        match self {
-            VersionedCommand::V1(c) | VersionedCommand::V2 { command: c, .. } => c,
-        }
-    }
 }
 
 impl From<VersionedCommand> for Command {
