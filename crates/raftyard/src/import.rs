@@ -479,7 +479,8 @@ impl SourceRegistry {
         let mut content = Content::default();
         let mut warnings = Vec::new();
         let mut blobs: BTreeMap<Digest, u64> = BTreeMap::new();
-        let mut seen: BTreeSet<Digest> = BTreeSet::new();
+        // fetched, and of those the manifests imported (not left out with a warning)
+        let (mut seen, mut kept): (BTreeSet<Digest>, BTreeSet<Digest>) = Default::default();
         let tags = self.list(&format!("/v2/{repo}/tags/list?n=1000"), "tags", &scope).await?;
         let mut queue: Vec<(String, Option<String>)> = tags.into_iter().map(|t| (t.clone(), Some(t))).collect();
         while let Some((reference, tag)) = queue.pop() {
@@ -513,13 +514,14 @@ impl SourceRegistry {
                     for c in refs.children {
                         queue.push((c.to_string(), None));
                     }
+                    kept.insert(d.clone());
                     content.manifests.push((d, media_type, bytes));
                 }
                 Err(e) => warnings.push(format!("{repo}: manifest {d} left out: {e:#}")),
             }
         }
         content.tags.retain(|(t, d)| {
-            let ok = seen.contains(d) && content.manifests.iter().any(|(m, ..)| m == d);
+            let ok = kept.contains(d);
             if !ok {
                 warnings.push(format!("{repo}: tag {t} left out with its manifest"));
             }
