@@ -75,11 +75,7 @@ fn auth_env() -> Env {
 /// which spreads connections over the nodes.
 async fn relay_env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&dir.path().join("relay"), 3);
-    let cl = Cluster::start_configured(3, "", |id| relay.link(id));
-    cl.leader(std::time::Duration::from_secs(20)).await;
-    relay.wait_agents(3, std::time::Duration::from_secs(20)).await;
-    cl.ready(std::time::Duration::from_secs(20)).await;
+    let (relay, cl, _) = behind_relay(dir.path(), |_| String::new()).await;
     let shared = Node::remote(relay.shared());
     Env {
         _dir: Some(dir),

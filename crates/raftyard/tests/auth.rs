@@ -609,11 +609,7 @@ async fn htpasswd_users_are_reloaded_and_still_need_grants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn docker_through_the_relay_in_token_mode() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&dir.path().join("relay"), 3);
-    let cl = Cluster::start_configured(3, "", |id| format!("[auth]\nmode = \"token\"\n{}", relay.link(id)));
-    let leader = cl.leader(Duration::from_secs(20)).await;
-    relay.wait_agents(3, Duration::from_secs(20)).await;
-    cl.ready(Duration::from_secs(20)).await;
+    let (relay, cl, leader) = behind_relay(dir.path(), |_| "[auth]\nmode = \"token\"\n".to_string()).await;
     // made through a follower's peer port: forwarded to the leader like any write
     let follower = &cl.nodes[(leader + 1) % 3];
     add_user(follower, "alice", ALICE_PW, &[]);

@@ -17,11 +17,7 @@ fn pull_all(src: &std::path::Path, endpoint: &str, repo: &str, into: &std::path:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clients_through_the_shared_endpoint_while_nodes_die() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&dir.path().join("relay"), 3);
-    let mut cl = Cluster::start_configured(3, "", |id| relay.link(id));
-    cl.leader(Duration::from_secs(20)).await;
-    relay.wait_agents(3, Duration::from_secs(20)).await;
-    cl.ready(Duration::from_secs(20)).await;
+    let (relay, mut cl, _) = behind_relay(dir.path(), |_| String::new()).await;
     let shared = relay.shared().to_string();
 
     // visitors that connect and never send a byte take nothing from anyone else
@@ -240,11 +236,7 @@ async fn on_every_node(cl: &Cluster, acked: &[(String, String)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_and_pulls_through_the_relay_while_followers_are_killed_and_restarted() {
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&dir.path().join("relay"), 3);
-    let cl = Cluster::start_configured(3, "", |id| relay.link(id));
-    let leader = cl.leader(Duration::from_secs(20)).await;
-    relay.wait_agents(3, Duration::from_secs(20)).await;
-    cl.ready(Duration::from_secs(20)).await;
+    let (relay, cl, leader) = behind_relay(dir.path(), |_| String::new()).await;
     let base = format!("http://{}", relay.shared());
     let cl = std::sync::Arc::new(std::sync::Mutex::new(cl));
 
@@ -292,11 +284,7 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
     const CLIENTS: usize = 3;
     const KILLS: usize = 3;
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&dir.path().join("relay"), 3);
-    let mut cl = Cluster::start_configured(3, "", |id| relay.link(id));
-    cl.leader(Duration::from_secs(20)).await;
-    relay.wait_agents(3, Duration::from_secs(20)).await;
-    cl.ready(Duration::from_secs(20)).await;
+    let (relay, mut cl, _) = behind_relay(dir.path(), |_| String::new()).await;
     let base = format!("http://{}", relay.shared());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // writes carry proposal ids once every node has seen the others' versions
@@ -344,11 +332,7 @@ async fn leader_kills_under_load_through_the_relay_fail_only_requests_on_the_kil
 async fn sigterm_of_each_node_in_turn_under_load_through_the_relay_fails_nothing() {
     const CLIENTS: usize = 3;
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProc::start(&dir.path().join("relay"), 3);
-    let mut cl = Cluster::start_configured(3, "", |id| relay.link(id));
-    let leader = cl.leader(Duration::from_secs(20)).await;
-    relay.wait_agents(3, Duration::from_secs(20)).await;
-    cl.ready(Duration::from_secs(20)).await;
+    let (relay, mut cl, leader) = behind_relay(dir.path(), |_| String::new()).await;
     let base = format!("http://{}", relay.shared());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients = load_clients(CLIENTS, &base, "r", &stop);

@@ -473,6 +473,18 @@ impl Cluster {
     }
 }
 
+/// Three members behind a relay started in `dir/relay`, each with `extra(id)` before its
+/// relay settings; returns once they agree on a leader (its index is returned), every agent
+/// is connected and every node is ready.
+pub async fn behind_relay(dir: &Path, extra: impl Fn(u64) -> String) -> (RelayProc, Cluster, usize) {
+    let relay = RelayProc::start(&dir.join("relay"), 3);
+    let cl = Cluster::start_configured(3, "", |id| format!("{}{}", extra(id), relay.link(id)));
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    relay.wait_agents(3, Duration::from_secs(20)).await;
+    cl.ready(Duration::from_secs(20)).await;
+    (relay, cl, leader)
+}
+
 /// Writes an OCI image layout with an index of two single-layer images; returns the index digest.
 pub fn write_layout(dir: &Path, seed: u64) -> String {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
