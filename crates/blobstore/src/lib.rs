@@ -16,7 +16,7 @@ mod store;
 mod upload;
 
 pub use reserve::{Action as ReserveAction, Reserve};
-pub use store::{free_bytes, BlobStore, BlobStoreConfig};
+pub use store::{disk_space, free_bytes, BlobPin, BlobStore, BlobStoreConfig, SweepReport};
 pub use upload::UploadStatus;
 
 use raftyard_types::Digest;

@@ -53,6 +53,41 @@ pub struct BlobStore {
     blobs: PathBuf,
     uploads: PathBuf,
     sessions: Mutex<HashMap<String, Entry>>,
+    /// Held while a blob file is committed or touched, and while the sweep looks at a file and
+    /// removes it: a file the sweep finds old cannot become a fresh commit under it.
+    files: Arc<Mutex<()>>,
+    /// Blobs this node committed and has not linked yet (see [`BlobStore::pin`]).
+    pins: Arc<Mutex<HashMap<Digest, usize>>>,
+}
+
+/// What a sweep of the blob files did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Files removed, and their bytes.
+    pub removed: u64,
+    pub bytes: u64,
+    /// Unlinked files kept because they were written or used too recently (or are pinned).
+    pub young: u64,
+    /// Files looked at.
+    pub files: u64,
+}
+
+/// Keeps a blob's file from any sweep while it lives (see [`BlobStore::pin`]).
+pub struct BlobPin {
+    pins: Arc<Mutex<HashMap<Digest, usize>>>,
+    digest: Digest,
+}
+
+impl Drop for BlobPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap();
+        if let Some(n) = pins.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.digest);
+            }
+        }
+    }
 }
 
 /// One upload session, the client that started it (`None`: a transfer between nodes), and
@@ -73,6 +108,21 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Size of the filesystem holding `path`: (total bytes, bytes free to an unprivileged writer,
+/// bytes in use).
+pub fn disk_space(path: &Path) -> io::Result<(u64, u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let f = st.f_frsize as u64;
+    let total = st.f_blocks as u64 * f;
+    Ok((total, st.f_bavail as u64 * f, total.saturating_sub(st.f_bfree as u64 * f)))
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -104,7 +154,14 @@ impl BlobStore {
             fsync_dir(&blobs)?;
             fsync_dir(&cfg.root)?;
         }
-        Ok(BlobStore { cfg, blobs, uploads, sessions: Mutex::new(HashMap::new()) })
+        Ok(BlobStore {
+            cfg,
+            blobs,
+            uploads,
+            sessions: Mutex::new(HashMap::new()),
+            files: Default::default(),
+            pins: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -123,9 +180,15 @@ impl BlobStore {
     }
 
     /// The size of a held blob once it is durable: its directory entry is synced (its bytes
-    /// were before it got its name), so a blob found present may be acknowledged as stored.
+    /// were before it got its name), so a blob found present may be acknowledged as stored. The
+    /// file counts as just written: a sweep leaves it alone while its link is on the way.
     pub fn durable_stat(&self, digest: &Digest) -> Result<Option<u64>> {
-        let Some(size) = self.stat(digest) else { return Ok(None) };
+        let size = {
+            let _files = self.files.lock().unwrap();
+            let Some(size) = self.stat(digest) else { return Ok(None) };
+            touch(&self.path_of(digest))?;
+            size
+        };
         if self.cfg.fsync {
             fsync_dir(self.path_of(digest).parent().expect("blob path has a parent"))?;
         }
@@ -142,6 +205,85 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(BlobError::BlobUnknown),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Keeps the file of `digest` from any sweep until the pin drops: taken before an upload
+    /// commits a blob and held until its link is applied (a write quorum may take a while).
+    pub fn pin(&self, digest: &Digest) -> BlobPin {
+        *self.pins.lock().unwrap().entry(digest.clone()).or_insert(0) += 1;
+        BlobPin { pins: self.pins.clone(), digest: digest.clone() }
+    }
+
+    /// Removes the blob files that `linked` says no repository links, unless pinned or written
+    /// (or found present by a peer's push) less than `min_age` ago. Blocking: walks every file.
+    /// `linked` is asked before the file is looked at: a blob linked after that comes from an
+    /// upload, whose file is fresh (commits and the look at a file exclude each other).
+    pub fn sweep(&self, linked: impl Fn(&Digest) -> io::Result<bool>, min_age: Duration) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let dir = self.blobs.join(alg.as_str());
+            for i in 0..=255u8 {
+                let sub = dir.join(format!("{i:02x}"));
+                let entries = match fs::read_dir(&sub) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let mut removed_here = false;
+                for entry in entries {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    let Ok(d) = Digest::parse(&format!("{}:{}", alg.as_str(), name.to_string_lossy())) else {
+                        continue;
+                    };
+                    report.files += 1;
+                    if linked(&d)? {
+                        continue;
+                    }
+                    if self.pins.lock().unwrap().contains_key(&d) {
+                        report.young += 1;
+                        continue;
+                    }
+                    let _files = self.files.lock().unwrap();
+                    let meta = match fs::metadata(entry.path()) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let age = meta.modified().ok().and_then(|t| t.elapsed().ok()).unwrap_or_default();
+                    if age < min_age {
+                        report.young += 1;
+                        continue;
+                    }
+                    fs::remove_file(entry.path())?;
+                    report.removed += 1;
+                    report.bytes += meta.len();
+                    removed_here = true;
+                }
+                if removed_here && self.cfg.fsync {
+                    fsync_dir(&sub)?;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The blob files this node holds: how many, and their bytes. Blocking: walks every file.
+    pub fn usage(&self) -> Result<(u64, u64)> {
+        let (mut files, mut bytes) = (0, 0);
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            for i in 0..=255u8 {
+                let sub = self.blobs.join(alg.as_str()).join(format!("{i:02x}"));
+                let Ok(entries) = fs::read_dir(&sub) else { continue };
+                for entry in entries.flatten() {
+                    if let Ok(m) = entry.metadata() {
+                        files += 1;
+                        bytes += m.len();
+                    }
+                }
+            }
+        }
+        Ok((files, bytes))
     }
 
     /// Deletes the local copy of a blob (garbage collection). Missing is fine.
@@ -271,6 +413,7 @@ impl BlobStore {
         let target = self.path_of(expected);
         let fsync = self.cfg.fsync;
         let expected = expected.clone();
+        let files = self.files.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<()> {
             // the session lives until the file is committed: dropping it removes the file, and
             // a request dropped meanwhile must not have it removed under this commit
@@ -300,7 +443,7 @@ impl BlobStore {
                 let _ = fs::remove_file(&path);
                 return Err(BlobError::DigestInvalid { expected, actual });
             }
-            commit_file(file, &path, &target, fsync)
+            commit_file(file, &path, &target, fsync, &files)
         })
         .await
         .map_err(|e| BlobError::Io(io::Error::other(e)))?;
@@ -390,17 +533,29 @@ fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest> {
     Ok(h.finish())
 }
 
+/// Marks a blob file as just written (sweeps keep young files).
+fn touch(path: &Path) -> io::Result<()> {
+    File::options().write(true).open(path)?.set_modified(std::time::SystemTime::now())
+}
+
 /// fsync the file, rename it under its digest, fsync the directory. If the digest already
-/// exists the new copy is dropped: content addressing makes them identical.
-fn commit_file(file: File, tmp: &Path, target: &Path, fsync: bool) -> Result<()> {
+/// exists the new copy is dropped: content addressing makes them identical. Either way the
+/// committed file counts as just written, under `files` (see [`BlobStore::sweep`]).
+fn commit_file(file: File, tmp: &Path, target: &Path, fsync: bool, files: &Mutex<()>) -> Result<()> {
     if fsync {
         file.sync_all()?;
     }
-    drop(file);
-    if target.exists() {
-        fs::remove_file(tmp)?;
-    } else {
-        fs::rename(tmp, target)?;
+    {
+        let _files = files.lock().unwrap();
+        if target.exists() {
+            drop(file);
+            touch(target)?;
+            fs::remove_file(tmp)?;
+        } else {
+            file.set_modified(std::time::SystemTime::now())?;
+            drop(file);
+            fs::rename(tmp, target)?;
+        }
     }
     // also when the file was there already: a concurrent commit of the same digest may have
     // renamed it without its directory synced yet, and this commit is about to be acknowledged

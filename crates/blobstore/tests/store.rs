@@ -222,3 +222,54 @@ async fn an_abandoned_put_stream_leaves_nothing() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Makes a blob file look written `secs` ago.
+fn age(s: &BlobStore, d: &Digest, secs: u64) {
+    let f = std::fs::File::options().write(true).open(s.path_of(d)).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(secs)).unwrap();
+}
+
+async fn put(s: &BlobStore, data: &[u8]) -> Digest {
+    let d = Digest::sha256(data);
+    s.put_stream(repo(), &d, None, body(vec![data.to_vec()])).await.unwrap();
+    d
+}
+
+/// A sweep removes old unlinked files only: linked, young and pinned ones stay, and a file
+/// committed again (an upload of a blob already here) or found present by a peer's push is
+/// young again.
+#[tokio::test]
+async fn a_sweep_removes_old_unlinked_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let [linked, old, young, pinned, recommitted, peer] =
+        [b"linked".as_slice(), b"old", b"young", b"pinned", b"recommitted", b"peer"];
+    let linked = put(&s, linked).await;
+    let old = put(&s, old).await;
+    let young = put(&s, young).await;
+    let pinned = put(&s, pinned).await;
+    let recommitted_d = put(&s, recommitted).await;
+    let peer = put(&s, peer).await;
+    for d in [&linked, &old, &pinned, &recommitted_d, &peer] {
+        age(&s, d, 3600);
+    }
+    let _pin = s.pin(&pinned);
+    assert_eq!(put(&s, recommitted).await, recommitted_d);
+    assert_eq!(s.durable_stat(&peer).unwrap(), Some(4));
+    let is_linked = |d: &Digest| Ok(d == &linked);
+    let r = s.sweep(is_linked, std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!((r.files, r.removed, r.bytes, r.young), (6, 1, 3, 4), "{r:?}");
+    assert_eq!(s.stat(&old), None);
+    for d in [&linked, &young, &pinned, &recommitted_d, &peer] {
+        assert!(s.stat(d).is_some(), "{d} kept");
+    }
+    assert_eq!(s.usage().unwrap(), (5, 6 + 5 + 6 + 11 + 4));
+    // pins are counted: the file goes once the last one drops and it is old
+    let second = s.pin(&pinned);
+    drop(_pin);
+    assert_eq!(s.sweep(is_linked, std::time::Duration::from_secs(60)).unwrap().removed, 0);
+    drop(second);
+    let r = s.sweep(is_linked, std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!(r.removed, 1);
+    assert_eq!(s.stat(&pinned), None);
+}

@@ -88,6 +88,43 @@ impl PeerServices {
 #[tonic::async_trait]
 impl pb::admin_server::Admin for PeerServices {
     type BackupStream = futures::stream::Iter<std::vec::IntoIter<Result<pb::BackupChunk, Status>>>;
+    type GcStream = tokio_stream::wrappers::ReceiverStream<Result<pb::GcProgress, Status>>;
+
+    async fn gc(&self, req: Request<pb::GcRequest>) -> Result<Response<Self::GcStream>, Status> {
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let opts = crate::gc::GcOptions {
+            untagged: req.untagged,
+            grace: std::time::Duration::from_secs(req.grace_seconds),
+            dry_run: req.dry_run,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (meta, stats) = (self.meta.clone(), self.gc.clone());
+        tokio::spawn(async move {
+            let progress = tx.clone();
+            let r = crate::gc::collect(&meta, opts, &stats, |done, total| {
+                let p = pb::GcProgress { done: done as u64, total: total as u64, report: String::new() };
+                let _ = progress.try_send(Ok(p));
+            })
+            .await;
+            let line = serde_json::json!({
+                "audit": "gc", "node": meta.id(), "actor": req.actor, "from": remote.map(|a| a.to_string()),
+                "dry_run": opts.dry_run, "untagged": opts.untagged, "grace_seconds": req.grace_seconds,
+                "result": match &r {
+                    Ok(rep) => serde_json::json!({"as_of": rep.as_of, "manifests": rep.manifests_removed,
+                        "links": rep.links_removed, "blobs": rep.blobs_removed, "bytes": rep.bytes}),
+                    Err(e) => serde_json::json!(e.to_string()),
+                },
+            });
+            tracing::info!(target: "raftyard::audit", "{line}");
+            let last = match r {
+                Ok(rep) => Ok(pb::GcProgress { done: 0, total: 0, report: serde_json::to_string(&rep).expect("json") }),
+                Err(e) => Err(codec::propose_error_to_status(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
 
     async fn backup(&self, _: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let snap = self.meta.backup_snapshot().await.map_err(codec::propose_error_to_status)?;
@@ -114,16 +151,16 @@ impl pb::admin_server::Admin for PeerServices {
         // A leader just elected has not committed the membership it started with yet; a change
         // waits for that (a read index on the leader does) instead of failing.
         let _ = self.meta.read_index_local().await;
-        // A release that cannot read this one's entries would stop on the first it receives.
+        // A release that cannot read this one's entries would stop on the first it receives: a
+        // node joins if it speaks at least what every current member speaks.
+        let needed = self.meta.cluster_protocol().max(crate::versions::PROPOSAL_IDS);
         match crate::versions::protocol_of(&self.peers, &m.peer).await {
-            Some(p) if p >= crate::versions::PROPOSAL_IDS => {}
+            Some(p) if p >= needed => {}
             Some(p) => {
                 return Err(Status::failed_precondition(format!(
-                    "node {} at {} runs an older release (peer protocol {p}; this cluster's entries need {}): \
+                    "node {} at {} runs an older release (peer protocol {p}; this cluster's entries need {needed}): \
                      upgrade it before adding it",
-                    m.id,
-                    m.peer,
-                    crate::versions::PROPOSAL_IDS
+                    m.id, m.peer,
                 )))
             }
             None => {

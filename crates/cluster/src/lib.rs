@@ -4,7 +4,8 @@
 //! Owns the tonic services and clients: the openraft network ([`network`]), forwarding of
 //! proposals and read indexes to the leader ([`link`]), blob streaming between nodes
 //! ([`blobs`]), the index of the blobs this node lacks ([`missing`]), the repair worker that
-//! converges blob holdings ([`repair`]), a backup's lag
+//! converges blob holdings ([`repair`]), garbage collections and the sweep of unlinked blob
+//! files ([`gc`]), a backup's lag
 //! figures ([`lag`]), and membership/status ([`admin`]). Protobuf stays at this edge: conversions live in
 //! [`codec`], and the other crates never see prost types. It does not serve the registry
 //! API; the registry crate uses it.
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod blobs;
 pub mod codec;
 pub mod forward;
+pub mod gc;
 pub mod lag;
 pub mod link;
 pub mod missing;
@@ -34,6 +36,7 @@ pub mod pb {
 
 pub use blobs::BlobPeers;
 pub use forward::{forward, HttpBody, LocalHttp, LocalHttpSlot};
+pub use gc::{GcFigures, GcStats};
 pub use lag::{Lag, LagFigures, LagMonitor};
 pub use link::GrpcLeaderLink;
 pub use missing::Missing;

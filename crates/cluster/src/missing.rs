@@ -126,8 +126,10 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         Event::BlobLinked { digest, .. }
         | Event::BlobUnlinked { digest, .. }
         | Event::BlobPlaced { digest, .. }
-        | Event::BlobDropped { digest, .. } => vec![digest],
+        | Event::BlobDropped { digest, .. }
+        | Event::BlobMounted { digest, .. } => vec![digest],
         Event::BlobsSwept { digests, .. } => digests.iter().collect(),
+        Event::Collected { links, .. } => links.iter().map(|(_, d)| d).collect(),
         Event::ManifestPut { .. } | Event::TagSet { .. } | Event::TagDeleted { .. } | Event::ManifestDeleted { .. } => {
             vec![]
         }

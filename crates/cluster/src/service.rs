@@ -31,6 +31,8 @@ pub struct PeerServices {
     /// What `Meta.Version` answers: this release's peer protocol and data format; `None`
     /// answers as a release before the call did (UNIMPLEMENTED), for the tests.
     pub version: Option<(u32, u32)>,
+    /// This node's collection counters.
+    pub gc: crate::gc::GcStats,
 }
 
 /// Serves the peer protocol on `listener` until `shutdown` completes.

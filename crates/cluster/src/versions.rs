@@ -1,7 +1,8 @@
 //! What the other members speak: each node asks every member for its peer protocol
-//! (`Meta.Version`; a release before the call answers UNIMPLEMENTED, protocol 1) and lets
-//! proposals carry ids only once every member reads them. So a cluster upgraded one node at a
-//! time never sends an entry to a node that cannot decode it.
+//! (`Meta.Version`; a release before the call answers UNIMPLEMENTED, protocol 1) and records the
+//! oldest one in [`MetaNode::set_cluster_protocol`]: proposals carry ids, mounts and collections
+//! use their own events, only once every member reads them. So a cluster upgraded one node at
+//! a time never sends an entry to a node that cannot decode it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,10 +17,10 @@ use crate::pb::VersionRequest;
 use crate::peers::Peers;
 
 /// The peer protocol this release speaks: 2 adds proposal ids in log entries and forwarded
-/// proposals (`VersionedCommand::V2`).
-pub const PEER_PROTOCOL: u32 = 2;
+/// proposals (`VersionedCommand::V2`); 3 the `BlobMounted` and `Collected` events.
+pub const PEER_PROTOCOL: u32 = 3;
 /// The first protocol with proposal ids: a member below it cannot read entries that carry them.
-pub(crate) const PROPOSAL_IDS: u32 = 2;
+pub(crate) const PROPOSAL_IDS: u32 = raftyard_raft::node::PROTOCOL_PROPOSAL_IDS;
 
 /// Asks one peer for its protocol: `None` if it could not be reached.
 pub(crate) async fn protocol_of(peers: &Peers, addr: &str) -> Option<u32> {
@@ -66,14 +67,25 @@ pub fn spawn(meta: MetaNode, peers: Arc<Peers>, stop: CancellationToken) -> toki
                 }
             }
             known.retain(|id, _| members.iter().any(|(m, ..)| m == id));
-            let all = joined && members.iter().all(|(id, ..)| known.get(id).is_some_and(|p| *p >= PROPOSAL_IDS));
-            if all != meta.proposal_ids() {
-                meta.set_proposal_ids(all);
-                info!(on = all, "proposal ids (retries of forwarded writes are safe with them)");
+            // the oldest protocol of all, this node's included; 0 while any is unknown
+            let oldest =
+                members.iter().map(|(id, ..)| known.get(id).copied().unwrap_or(0)).fold(PEER_PROTOCOL, u32::min);
+            let oldest = if joined { oldest } else { 0 };
+            if oldest != meta.cluster_protocol() {
+                meta.set_cluster_protocol(oldest);
+                info!(
+                    protocol = oldest,
+                    proposal_ids = meta.proposal_ids(),
+                    "the oldest peer protocol of the members (proposal ids make retries of forwarded writes safe)"
+                );
             }
-            let every = match joined && members.iter().all(|(id, ..)| known.contains_key(id)) {
-                true => Duration::from_secs(10),
-                false => Duration::from_millis(500),
+            let every = if !joined {
+                // waiting for the first membership: nothing to ask, so look again soon
+                Duration::from_millis(100)
+            } else if members.iter().all(|(id, ..)| known.contains_key(id)) {
+                Duration::from_secs(10)
+            } else {
+                Duration::from_millis(500)
             };
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}

@@ -6,10 +6,11 @@
 //! | `m/` | `applied`, `membership` | bincode of LogId / StoredMembership |
 //! | `b/` | repo `\0` digest | blob size (u64 BE): the blob is linked in the repo |
 //! | `B/` | digest | [`crate::state::BlobInfo`] (size, holders): present while a repo links it |
-//! | `L/` | digest `\0` repo | empty: the repositories linking a blob (reverse of `b/`) |
+//! | `L/` | digest `\0` repo | link time, ms (u64 BE; empty for links made before layout 3): the repositories linking a blob (reverse of `b/`) |
 //! | `M/` | repo `\0` digest | [`crate::state::ManifestRecord`] |
 //! | `t/` | repo `\0` tag | digest string |
 //! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
+//! | `f/` | repo `\0` digest `\0` manifest | empty: a manifest of the repo references the blob or child manifest (layout 3) |
 //! | `R/` | repo | empty: the repository exists (catalog) |
 //! | `j/` | index (u64 BE) | versioned journal entry |
 //! | `a/u/` | user name | [`raftyard_types::access::UserRecord`] |
@@ -73,6 +74,19 @@ pub fn referrers_of(repo: &str, subject: &str) -> Vec<u8> {
     k.push(0);
     k
 }
+pub fn reference(repo: &str, target: &str, manifest: &str) -> Vec<u8> {
+    join(REFERENCES, &[repo, target, manifest])
+}
+/// Prefix of the manifests of `repo` that reference `target`.
+pub fn references_to(repo: &str, target: &str) -> Vec<u8> {
+    let mut k = join(REFERENCES, &[repo, target]);
+    k.push(0);
+    k
+}
+pub const REFERENCES: &[u8] = b"f/";
+pub const MANIFESTS: &[u8] = b"M/";
+pub const TAGS: &[u8] = b"t/";
+pub const REFERRERS: &[u8] = b"r/";
 pub fn repo(repo: &str) -> Vec<u8> {
     join(b"R/", &[repo])
 }

@@ -140,6 +140,11 @@ impl Retry {
     }
 }
 
+/// The first peer protocol whose nodes read proposal ids (`VersionedCommand::V2`).
+pub const PROTOCOL_PROPOSAL_IDS: u32 = 2;
+/// The first peer protocol whose nodes apply [`Event::BlobMounted`] and [`Event::Collected`].
+pub const PROTOCOL_COLLECTIONS: u32 = 3;
+
 /// One member of the metadata Raft group.
 #[derive(Clone)]
 pub struct MetaNode {
@@ -151,9 +156,9 @@ pub struct MetaNode {
     backup: bool,
     watch: StorageWatch,
     snapshots: crate::state::SnapshotStore,
-    /// Whether every member reads proposal ids (`VersionedCommand::V2`): a release before them
-    /// cannot decode such an entry, so proposals go without an id until all members can.
-    proposal_ids: Arc<std::sync::atomic::AtomicBool>,
+    /// The oldest peer protocol among the members (0: not known yet). Entries a member's
+    /// release cannot decode (proposal ids, new events) are only proposed once every member can.
+    cluster_protocol: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
@@ -224,7 +229,7 @@ impl MetaNode {
             backup: cfg.backup,
             watch,
             snapshots,
-            proposal_ids: Default::default(),
+            cluster_protocol: Default::default(),
         };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
@@ -269,14 +274,19 @@ impl MetaNode {
         self.backup && !self.is_voter()
     }
 
-    /// Whether proposals carry an id (see the field); set by whoever knows the members'
-    /// versions (the cluster crate's version check).
-    pub fn proposal_ids(&self) -> bool {
-        self.proposal_ids.load(std::sync::atomic::Ordering::Relaxed)
+    /// The oldest peer protocol every member speaks (0 until known); set by whoever knows the
+    /// members' versions (the cluster crate's version check).
+    pub fn cluster_protocol(&self) -> u32 {
+        self.cluster_protocol.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn set_proposal_ids(&self, on: bool) {
-        self.proposal_ids.store(on, std::sync::atomic::Ordering::Relaxed);
+    pub fn set_cluster_protocol(&self, p: u32) {
+        self.cluster_protocol.store(p, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether proposals carry an id: every member reads `VersionedCommand::V2`.
+    pub fn proposal_ids(&self) -> bool {
+        self.cluster_protocol() >= PROTOCOL_PROPOSAL_IDS
     }
 
     /// Whether this node votes in the current membership.

@@ -103,6 +103,16 @@ impl<'a> Tx<'a> {
         }
         Ok(out.into_iter().collect())
     }
+    /// Whether any key starts with `prefix`.
+    fn any(&self, prefix: &[u8]) -> Result<bool, sled::Error> {
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, _) = kv?;
+            if !matches!(self.writes.get(k.as_ref()), Some(None)) {
+                return Ok(true);
+            }
+        }
+        Ok(self.writes.range(prefix.to_vec()..).take_while(|(k, _)| k.starts_with(prefix)).any(|(_, v)| v.is_some()))
+    }
     fn into_batch(self) -> sled::Batch {
         let mut b = sled::Batch::default();
         for (k, v) in self.writes {
@@ -155,28 +165,21 @@ fn remember_proposal(tx: &mut Tx, id: u64, time_ms: u64, index: u64, outcome: &O
 /// Applies one event to the pending writes. Returns a rejection if the event cannot apply.
 fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejection>, sled::Error> {
     match ev {
-        Event::BlobLinked { repo, digest, size } => {
-            tx.put(keys::link(repo.as_str(), &digest.to_string()), size.to_be_bytes().to_vec());
-            tx.put(keys::linked_by(&digest.to_string(), repo.as_str()), vec![]);
-            tx.put(keys::repo(repo.as_str()), vec![]);
-            let bk = keys::blob(&digest.to_string());
-            if !tx.has(&bk)? {
-                tx.put(bk, enc(&BlobInfo { size: *size, holders: vec![] }));
+        Event::BlobLinked { repo, digest, size } => link_blob(tx, repo, digest, *size, time_ms)?,
+        Event::BlobMounted { repo, digest, size } => {
+            // the blob must still be in the registry: once no repository links it, a collection
+            // may remove its files at any time
+            if !tx.has(&keys::blob(&digest.to_string()))? {
+                return Ok(Err(Rejection::BlobUnknown(digest.clone())));
             }
+            link_blob(tx, repo, digest, *size, time_ms)?;
         }
         Event::BlobUnlinked { repo, digest } => {
             let ds = digest.to_string();
-            let k = keys::link(repo.as_str(), &ds);
-            if !tx.has(&k)? {
+            if !tx.has(&keys::link(repo.as_str(), &ds))? {
                 return Ok(Err(Rejection::BlobUnknown(digest.clone())));
             }
-            tx.del(k);
-            tx.del(keys::linked_by(&ds, repo.as_str()));
-            // unlinked everywhere: the blob is gone from the registry (no mount finds it, no
-            // node fetches it any more); its files are garbage for collection
-            if tx.scan(&keys::links_of(&ds))?.is_empty() {
-                tx.del(keys::blob(&ds));
-            }
+            unlink_blob(tx, repo.as_str(), &ds)?;
         }
         Event::BlobPlaced { digest, size, node } => {
             let bk = keys::blob(&digest.to_string());
@@ -224,6 +227,9 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
             if let Some(s) = subject {
                 tx.put(keys::referrer(r, &s.to_string(), &ds), vec![]);
             }
+            for d in refs {
+                tx.put(keys::reference(r, &d.to_string(), &ds), vec![]);
+            }
         }
         Event::TagSet { repo, tag, digest, expect } => {
             let r = repo.as_str();
@@ -249,20 +255,17 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
         Event::ManifestDeleted { repo, digest } => {
             let r = repo.as_str();
             let ds = digest.to_string();
-            let mk = keys::manifest(r, &ds);
-            let Some(rec) = tx.get(&mk)?.and_then(|v| dec::<ManifestRecord>(&v)) else {
+            let Some(rec) = tx.get(&keys::manifest(r, &ds))?.and_then(|v| dec::<ManifestRecord>(&v)) else {
                 return Ok(Err(Rejection::ManifestUnknown));
             };
-            tx.del(mk);
             for (k, v) in tx.scan(&keys::tags_of(r))? {
                 if v == ds.as_bytes() {
                     tx.del(k);
                 }
             }
-            if let Some(s) = rec.subject {
-                tx.del(keys::referrer(r, &s.to_string(), &ds));
-            }
+            delete_manifest(tx, r, &ds, &rec)?;
         }
+        Event::Collected { before_ms, manifests, links, .. } => collect(tx, *before_ms, manifests, links)?,
         Event::BlobsSwept { digests, .. } => {
             for d in digests {
                 tx.del(keys::blob(&d.to_string()));
@@ -282,6 +285,103 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
         ev => return apply_access_event(tx, ev),
     }
     Ok(Ok(()))
+}
+
+/// Links a blob into a repository, recording when (a collection keeps young links).
+fn link_blob(tx: &mut Tx, repo: &RepoName, digest: &Digest, size: u64, time_ms: u64) -> Result<(), sled::Error> {
+    let ds = digest.to_string();
+    tx.put(keys::link(repo.as_str(), &ds), size.to_be_bytes().to_vec());
+    tx.put(keys::linked_by(&ds, repo.as_str()), time_ms.to_be_bytes().to_vec());
+    tx.put(keys::repo(repo.as_str()), vec![]);
+    let bk = keys::blob(&ds);
+    if !tx.has(&bk)? {
+        tx.put(bk, enc(&BlobInfo { size, holders: vec![] }));
+    }
+    Ok(())
+}
+
+/// Removes a blob's link from a repository. Unlinked everywhere, the blob is gone from the
+/// registry (no mount finds it, no node fetches it any more) and its files are garbage.
+fn unlink_blob(tx: &mut Tx, repo: &str, ds: &str) -> Result<(), sled::Error> {
+    tx.del(keys::link(repo, ds));
+    tx.del(keys::linked_by(ds, repo));
+    if !tx.any(&keys::links_of(ds))? {
+        tx.del(keys::blob(ds));
+    }
+    Ok(())
+}
+
+/// The blobs and manifests a stored manifest references (what its `ManifestPut` listed).
+pub(crate) fn manifest_refs(rec: &ManifestRecord) -> Option<Vec<Digest>> {
+    raftyard_types::manifest::parse_manifest(&rec.bytes, &rec.media_type).ok().map(|p| p.required)
+}
+
+/// Removes a manifest with its referrers entry and its references (not its tags).
+fn delete_manifest(tx: &mut Tx, r: &str, ds: &str, rec: &ManifestRecord) -> Result<(), sled::Error> {
+    tx.del(keys::manifest(r, ds));
+    if let Some(s) = &rec.subject {
+        tx.del(keys::referrer(r, &s.to_string(), ds));
+    }
+    match manifest_refs(rec) {
+        Some(refs) => {
+            for d in refs {
+                tx.del(keys::reference(r, &d.to_string(), ds));
+            }
+        }
+        // stored bytes always parse (they did when pushed); should a later release read them
+        // otherwise, the repository's references are searched instead
+        None => {
+            let mut p = keys::REFERENCES.to_vec();
+            p.extend_from_slice(r.as_bytes());
+            p.push(0);
+            for (k, _) in tx.scan(&p)? {
+                if k.ends_with(ds.as_bytes()) && k[..k.len() - ds.len()].ends_with(&[0]) {
+                    tx.del(k);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies a collection (see [`Event::Collected`]): each listed manifest and link goes only if
+/// it is garbage now.
+fn collect(
+    tx: &mut Tx,
+    before_ms: u64,
+    manifests: &[(RepoName, Digest)],
+    links: &[(RepoName, Digest)],
+) -> Result<(), sled::Error> {
+    let mut tagged: std::collections::HashMap<&str, std::collections::HashSet<Vec<u8>>> = Default::default();
+    for (repo, d) in manifests {
+        let (r, ds) = (repo.as_str(), d.to_string());
+        let Some(rec) = tx.get(&keys::manifest(r, &ds))?.and_then(|v| dec::<ManifestRecord>(&v)) else { continue };
+        if rec.created_ms >= before_ms {
+            continue;
+        }
+        if !tagged.contains_key(r) {
+            let digests = tx.scan(&keys::tags_of(r))?.into_iter().map(|(_, v)| v).collect();
+            tagged.insert(r, digests);
+        }
+        if tagged[r].contains(ds.as_bytes()) {
+            continue;
+        }
+        // still listed by a manifest, or still the subject of a referrer
+        if tx.any(&keys::references_to(r, &ds))? || tx.any(&keys::referrers_of(r, &ds))? {
+            continue;
+        }
+        delete_manifest(tx, r, &ds, &rec)?;
+    }
+    for (repo, d) in links {
+        let (r, ds) = (repo.as_str(), d.to_string());
+        let Some(at) = tx.get(&keys::linked_by(&ds, r))? else { continue };
+        let at = <[u8; 8]>::try_from(at.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
+        if at >= before_ms || tx.any(&keys::references_to(r, &ds))? {
+            continue;
+        }
+        unlink_blob(tx, r, &ds)?;
+    }
+    Ok(())
 }
 
 fn journal_first(tx: &Tx) -> Result<u64, sled::Error> {
@@ -383,6 +483,7 @@ fn apply_access_event(tx: &mut Tx, ev: &Event) -> Result<Result<(), Rejection>, 
 pub struct StateReader {
     tree: sled::Tree,
     applied: watch::Receiver<u64>,
+    collected: watch::Receiver<u64>,
 }
 
 fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
@@ -390,6 +491,10 @@ fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
 }
 
 impl StateReader {
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     /// Index of the last applied log entry.
     pub fn applied_index(&self) -> u64 {
         *self.applied.borrow()
@@ -412,6 +517,12 @@ impl StateReader {
             h.update(&v);
         }
         Ok((applied, hex::encode(h.finalize())))
+    }
+
+    /// Changes when a collection applied (its log index) or a snapshot was installed: then the
+    /// blob files of this node that no repository links any more may go.
+    pub fn collections(&self) -> watch::Receiver<u64> {
+        self.collected.clone()
     }
 
     /// Waits until the state has applied at least `index`.
@@ -636,30 +747,50 @@ pub struct StateMachine {
     state: sled::Tree,
     snap: SnapshotStore,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// The index of the last collection applied (or snapshot installed, which may stand for
+    /// collections this node never applied): each node removes unlinked blob files then.
+    collected_tx: Arc<watch::Sender<u64>>,
     watch: StorageWatch,
 }
 
 /// The current version of the state's layout.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
 
 /// Brings a state written by an earlier version to the current layout, in one batch; derived
 /// keys only, so every node that does it ends with the same state.
 /// - 1 → 2: the `L/` index of the repositories linking each blob, built from `b/`.
+/// - 2 → 3: the `f/` index of what each manifest references, built from `M/` (any `f/` keys
+///   already there, from a snapshot of a newer node, are built again).
 fn migrate(state: &sled::Tree) -> Result<(), sled::Error> {
     let version = state.get(keys::LAYOUT)?.and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes));
-    if version.unwrap_or(1) >= LAYOUT {
+    let version = version.unwrap_or(1);
+    if version >= LAYOUT {
         return Ok(());
     }
     let mut batch = sled::Batch::default();
-    for kv in state.scan_prefix(keys::LINKS) {
-        let (k, _) = kv?;
-        if let Some((repo, digest)) = keys::suffix(&k, keys::LINKS).split_once('\0') {
-            batch.insert(keys::linked_by(digest, repo), vec![]);
+    if version < 2 {
+        for kv in state.scan_prefix(keys::LINKS) {
+            let (k, _) = kv?;
+            if let Some((repo, digest)) = keys::suffix(&k, keys::LINKS).split_once('\0') {
+                batch.insert(keys::linked_by(digest, repo), vec![]);
+            }
+        }
+    }
+    let mut refs = 0u64;
+    for kv in state.scan_prefix(keys::REFERENCES) {
+        batch.remove(kv?.0);
+    }
+    for kv in state.scan_prefix(keys::MANIFESTS) {
+        let (k, v) = kv?;
+        let Some((repo, digest)) = keys::suffix(&k, keys::MANIFESTS).split_once('\0') else { continue };
+        for d in dec::<ManifestRecord>(&v).as_ref().and_then(manifest_refs).unwrap_or_default() {
+            batch.insert(keys::reference(repo, &d.to_string(), digest), vec![]);
+            refs += 1;
         }
     }
     batch.insert(keys::LAYOUT, LAYOUT.to_be_bytes().to_vec());
     state.apply_batch(batch)?;
-    tracing::info!(layout = LAYOUT, "metadata state migrated to the current layout");
+    tracing::info!(from = version, layout = LAYOUT, references = refs, "metadata state migrated to the current layout");
     Ok(())
 }
 
@@ -672,7 +803,8 @@ impl StateMachine {
         let snap = SnapshotStore::open(db, dir)?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
-        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), watch })
+        let collected_tx = Arc::new(watch::channel(0).0);
+        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), collected_tx, watch })
     }
 
     /// Where the latest snapshot is kept.
@@ -681,7 +813,11 @@ impl StateMachine {
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { tree: self.state.clone(), applied: self.applied_tx.subscribe() }
+        StateReader {
+            tree: self.state.clone(),
+            applied: self.applied_tx.subscribe(),
+            collected: self.collected_tx.subscribe(),
+        }
     }
 
     fn read_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
@@ -895,16 +1031,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let mut last = None;
+        let (mut last, mut collected) = (None, None);
         for entry in entries {
             let r = self
                 .apply_entry(&entry)
                 .map_err(|e| storage_err(ErrorSubject::Apply(entry.log_id), ErrorVerb::Write, e))?;
+            let collection = matches!(&entry.payload, EntryPayload::Normal(c)
+                if c.command().events.iter().any(|e| matches!(e, Event::Collected { .. })));
+            if collection && matches!(r, Some(Ok(()))) {
+                collected = Some(entry.log_id.index);
+            }
             out.push(r.unwrap_or(Ok(())));
             last = Some(entry.log_id.index);
         }
         if let Some(i) = last {
             self.applied_tx.send_replace(i);
+        }
+        if let Some(i) = collected {
+            self.collected_tx.send_replace(i);
         }
         Ok(out)
     }
@@ -955,7 +1099,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e))?;
         drop(data);
         self.db.flush_async().await.map_err(werr)?;
-        self.applied_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        self.applied_tx.send_replace(applied);
+        self.collected_tx.send_replace(applied);
         release_freed_memory();
         Ok(())
     }

@@ -25,6 +25,27 @@ pub struct Config {
     /// listening on loopback without a relay may run with; anywhere else `mode = "none"` must
     /// be written out.
     pub auth: Option<AuthSection>,
+    /// Scheduled garbage collection (docs/operations.md).
+    pub gc: GcSection,
+}
+
+/// Scheduled garbage collection: the leader runs `raftyard gc` on its own every `interval`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcSection {
+    /// Seconds between collections; 0: none scheduled (the default; `raftyard gc` runs one).
+    pub interval_secs: u64,
+    /// Blob links (and, with `untagged`, manifests) younger than this many seconds are kept:
+    /// an image whose layers are uploaded but whose manifest is not yet pushed survives.
+    pub grace_secs: u64,
+    /// Also collect untagged manifests that nothing refers to.
+    pub untagged: bool,
+}
+
+impl Default for GcSection {
+    fn default() -> Self {
+        GcSection { interval_secs: 0, grace_secs: 3600, untagged: false }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -41,6 +41,7 @@ pub mod backup;
 pub mod certs;
 pub mod config;
 pub mod format;
+pub mod gc;
 pub mod import;
 pub mod node;
 pub mod tunnel;

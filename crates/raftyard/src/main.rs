@@ -53,6 +53,30 @@ enum Cmd {
         #[command(flatten)]
         tls: PeerTlsArgs,
     },
+    /// Collect garbage online: blob links no manifest references, and with --untagged the
+    /// untagged manifests nothing refers to; every node then frees the files of blobs no
+    /// repository links (docs/operations.md).
+    Gc {
+        /// Peer address (host:port) of any member.
+        #[arg(long, default_value = "127.0.0.1:5100")]
+        node: String,
+        /// Report what would go; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also untagged manifests that no tag reaches (not index children, not referrers of a
+        /// kept manifest).
+        #[arg(long)]
+        untagged: bool,
+        /// Keep links and manifests younger than this many seconds (an image whose layers are
+        /// uploaded but whose manifest is not pushed yet).
+        #[arg(long, default_value_t = 3600)]
+        grace: u64,
+        /// Print the report as JSON, with every item.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
     /// Online backups to a directory: create, verify, restore (docs/recovery.md).
     Backup {
         #[command(subcommand)]
@@ -526,6 +550,9 @@ fn main() -> anyhow::Result<()> {
                 ClusterCmd::Remove { node, id } => admin::remove(&node, id, &tls).await,
             }
         }),
+        Cmd::Gc { node, dry_run, untagged, grace, json, tls } => {
+            runtime()?.block_on(async { raftyard::gc::run(&node, &tls.tls_dir, dry_run, untagged, grace, json).await })
+        }
         Cmd::Backup { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;
             match cmd {

@@ -185,6 +185,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     // wait for an entry to apply, which the leader sends over it, and peers may be streaming
     // an upload's replica to this node.
     let peer_stop = CancellationToken::new();
+    let gc_stats = raftyard_cluster::GcStats::default();
     let peer_server = tokio::spawn(raftyard_cluster::serve(
         PeerServices {
             meta: meta.clone(),
@@ -196,6 +197,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
                 Some(DeliberateFault::PeerProtocol1) => None,
                 _ => Some((raftyard_cluster::versions::PEER_PROTOCOL, crate::format::DATA_FORMAT)),
             },
+            gc: gc_stats.clone(),
         },
         peer_listener,
         peer_tls,
@@ -225,6 +227,16 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let blob_peers = BlobPeers::new(peers, blobs.clone());
     let fetches = blob_peers.clone().throttled(cfg.cluster.fetch_limit_mib_per_sec << 20);
     let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches, missing).spawn(stop.clone());
+    let sweeper = raftyard_cluster::gc::spawn_sweeper(meta.clone(), blobs.clone(), gc_stats.clone(), stop.clone());
+    if cfg.gc.interval_secs > 0 {
+        let opts = raftyard_cluster::gc::GcOptions {
+            untagged: cfg.gc.untagged,
+            grace: Duration::from_secs(cfg.gc.grace_secs),
+            dry_run: false,
+        };
+        let every = Duration::from_secs(cfg.gc.interval_secs);
+        raftyard_cluster::gc::spawn_schedule(meta.clone(), every, opts, gc_stats.clone(), stop.clone());
+    }
     let auth = match &cfg.auth {
         Some(a) if a.mode != crate::config::AuthMode::None => {
             let auth = raftyard_auth::Auth::new(
@@ -249,6 +261,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
         meta.clone(),
         blob_peers,
         lag,
+        gc_stats,
         RegistryConfig {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),
@@ -313,6 +326,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
             stop.cancel();
             let _ = repair.await;
             let _ = lag_monitor.await;
+            let _ = sweeper.await;
             peer_stop.cancel();
             if let Ok(Err(e)) =
                 tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(())))

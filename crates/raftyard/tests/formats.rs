@@ -49,6 +49,12 @@ async fn serves(n: &Node, expect: &serde_json::Value) {
         let want: Vec<&str> = referrers.as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
         assert_eq!(got, want, "referrers of {at}");
     }
+    for (repo, blobs) in expect.get("absent_blobs").and_then(|b| b.as_object()).into_iter().flatten() {
+        for d in blobs.as_array().unwrap() {
+            let r = c.head(n.url(&format!("/v2/{repo}/blobs/{}", d.as_str().unwrap()))).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{repo} blob {d} was collected");
+        }
+    }
     for name in expect["absent_tags"].as_array().unwrap() {
         let (repo, tag) = name.as_str().unwrap().rsplit_once(':').unwrap();
         let r = c.head(n.url(&format!("/v2/{repo}/manifests/{tag}"))).header("accept", ACCEPT).send().await.unwrap();

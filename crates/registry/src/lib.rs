@@ -95,6 +95,10 @@ pub struct Registry {
     pub(crate) metrics: metrics::Metrics,
     /// This node's lag figures, if it is a backup.
     pub(crate) lag: raftyard_cluster::Lag,
+    /// This node's collections and sweeps.
+    pub(crate) gc: raftyard_cluster::GcStats,
+    /// The bytes of this node's blob files, walked at most once a minute for `/metrics`.
+    pub(crate) disk: metrics::BlobBytes,
     /// Who may do what; `None`: everyone everything.
     pub(crate) auth: access::SharedAuth,
     /// Source addresses of the connections this node's own tunnel agent opened: each starts
@@ -129,6 +133,7 @@ impl Registry {
         meta: MetaNode,
         peers: BlobPeers,
         lag: raftyard_cluster::Lag,
+        gc: raftyard_cluster::GcStats,
         cfg: RegistryConfig,
         auth: Option<Arc<raftyard_auth::Auth>>,
     ) -> Arc<Self> {
@@ -140,8 +145,10 @@ impl Registry {
             cfg,
             metrics: metrics::Metrics::default(),
             lag,
+            gc,
             auth,
             proxied: Default::default(),
+            disk: Default::default(),
         })
     }
 

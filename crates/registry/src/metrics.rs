@@ -19,6 +19,28 @@ struct Series {
     buckets: [u64; BUCKETS.len()],
 }
 
+/// The bytes of this node's blob files, walked at most once a minute (a walk reads every
+/// file's metadata).
+#[derive(Default)]
+pub struct BlobBytes(Mutex<Option<(std::time::Instant, u64, u64)>>);
+
+const BLOB_WALK_EVERY: Duration = Duration::from_secs(60);
+
+impl BlobBytes {
+    /// (files, bytes), walking again if the last walk is older than a minute.
+    async fn get(&self, store: &std::sync::Arc<raftyard_blobstore::BlobStore>) -> Option<(u64, u64)> {
+        if let Some((at, f, b)) = *self.0.lock().unwrap() {
+            if at.elapsed() < BLOB_WALK_EVERY {
+                return Some((f, b));
+            }
+        }
+        let store = store.clone();
+        let (f, b) = tokio::task::spawn_blocking(move || store.usage()).await.ok()?.ok()?;
+        *self.0.lock().unwrap() = Some((std::time::Instant::now(), f, b));
+        Some((f, b))
+    }
+}
+
 /// Counters by route, method and status, with latency histograms.
 #[derive(Default)]
 pub struct Metrics {
@@ -51,7 +73,8 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, reg: &Registry) -> Response<Body> {
+    pub async fn render(&self, reg: &Registry) -> Response<Body> {
+        let blob_files = reg.disk.get(&reg.blobs).await;
         let mut out = String::new();
         out.push_str("# HELP raftyard_http_requests_total HTTP requests by route, method and status.\n");
         out.push_str("# TYPE raftyard_http_requests_total counter\n");
@@ -127,6 +150,49 @@ impl Metrics {
                 ));
             }
         }
+        if let Ok((total, free, used)) = raftyard_blobstore::disk_space(reg.blobs.root()) {
+            gauges.extend([
+                ("raftyard_disk_total_bytes", "Size of the filesystem holding this node's data.", total as f64),
+                ("raftyard_disk_free_bytes", "Bytes free on it (to an unprivileged writer).", free as f64),
+                ("raftyard_disk_used_bytes", "Bytes in use on it.", used as f64),
+            ]);
+        }
+        if let Some((files, bytes)) = blob_files {
+            gauges.extend([
+                ("raftyard_blob_files", "Blob files on this node (walked at most once a minute).", files as f64),
+                ("raftyard_blob_bytes", "Bytes of the blob files on this node.", bytes as f64),
+            ]);
+        }
+        let gc = reg.gc.get();
+        let gc_counters = [
+            ("raftyard_gc_runs_total", "Collections this node ran.", gc.runs),
+            ("raftyard_gc_failures_total", "Collections this node started that failed.", gc.failures),
+            (
+                "raftyard_gc_manifests_removed_total",
+                "Untagged manifests its collections removed.",
+                gc.manifests_removed,
+            ),
+            ("raftyard_gc_links_removed_total", "Blob links its collections removed.", gc.links_removed),
+            ("raftyard_gc_blobs_removed_total", "Blobs its collections took out of the registry.", gc.blobs_removed),
+            ("raftyard_gc_sweeps_total", "Sweeps of this node's blob files.", gc.sweeps),
+            ("raftyard_gc_files_removed_total", "Blob files its sweeps removed.", gc.files_removed),
+            ("raftyard_gc_bytes_reclaimed_total", "Bytes its sweeps freed on this node's disk.", gc.bytes_reclaimed),
+        ];
+        for (name, help, v) in gc_counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        gauges.extend([
+            (
+                "raftyard_gc_last_run_timestamp_seconds",
+                "When this node's last collection finished (0: never).",
+                gc.last_run_ms as f64 / 1000.0,
+            ),
+            (
+                "raftyard_gc_last_sweep_timestamp_seconds",
+                "When this node's last sweep finished (0: never).",
+                gc.last_sweep_ms as f64 / 1000.0,
+            ),
+        ]);
         if let Some(auth) = &reg.auth {
             out.push_str("# HELP raftyard_auth_failures_total Failed authentications, by reason.\n");
             out.push_str("# TYPE raftyard_auth_failures_total counter\n");

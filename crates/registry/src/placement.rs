@@ -144,10 +144,26 @@ impl Registry {
         Ok(())
     }
 
-    /// Links a blob the registry already holds into another repository (a mount).
-    pub(crate) async fn link_existing(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), RegistryError> {
-        self.meta.propose(vec![Event::BlobLinked { repo: repo.clone(), digest: digest.clone(), size }]).await?;
-        Ok(())
+    /// Links a blob the registry already holds into another repository (a mount). `false`:
+    /// no repository links the blob any more (its files may be collected), so it is not
+    /// mountable. A cluster with a member of an older release links it as before (no
+    /// collection runs there).
+    pub(crate) async fn link_existing(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<bool, RegistryError> {
+        let (repo, digest) = (repo.clone(), digest.clone());
+        let ev = match self.meta.cluster_protocol() >= raftyard_raft::node::PROTOCOL_COLLECTIONS {
+            true => Event::BlobMounted { repo, digest, size },
+            false => Event::BlobLinked { repo, digest, size },
+        };
+        match self.meta.propose(vec![ev]).await {
+            Ok(()) => Ok(true),
+            Err(raftyard_raft::ProposeError::Rejected(raftyard_types::Rejection::BlobUnknown(_))) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Where the bytes of a blob this node serves come from: its own copy, fetched first from

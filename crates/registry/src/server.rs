@@ -196,7 +196,7 @@ pub async fn serve_metrics(reg: Arc<Registry>, listener: TcpListener, shutdown: 
                 let reg = reg.clone();
                 async move {
                     let r = if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
-                        crate::body::materialize(reg.metrics.render(&reg))
+                        crate::body::materialize(reg.metrics.render(&reg).await)
                     } else {
                         crate::body::materialize(crate::error::RegistryError::NotFound.into_response(false))
                     };

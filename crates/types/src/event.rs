@@ -124,6 +124,28 @@ pub enum Event {
     JournalTrimmed {
         before: u64,
     },
+    /// A blob the registry holds is linked into another repository (a cross-repository mount).
+    /// Unlike [`Event::BlobLinked`] it is rejected ([`Rejection::BlobUnknown`]) when no
+    /// repository links the blob any more as it applies: its files may be collected by then.
+    BlobMounted {
+        repo: RepoName,
+        digest: Digest,
+        size: u64,
+    },
+    /// A garbage collection decided on the state at log index `as_of`. Each item goes only if it
+    /// is still garbage as this applies, so a push since the decision keeps what it uses:
+    /// - `manifests`: untagged manifests pushed before `before_ms` that no manifest lists and no
+    ///   referrer names as its subject (after those listed before them went). Listed parents
+    ///   and referrers first.
+    /// - `links`: blob links that no manifest of their repository references, made before
+    ///   `before_ms`. A blob whose last link goes is no longer in the registry; each node
+    ///   removes the files of such blobs after applying a collection.
+    Collected {
+        as_of: u64,
+        before_ms: u64,
+        manifests: Vec<(RepoName, Digest)>,
+        links: Vec<(RepoName, Digest)>,
+    },
 }
 
 /// Journal entries one [`Event::JournalTrimmed`] drops at most.
@@ -138,7 +160,8 @@ impl Event {
             | Event::ManifestPut { repo, .. }
             | Event::TagSet { repo, .. }
             | Event::TagDeleted { repo, .. }
-            | Event::ManifestDeleted { repo, .. } => Some(repo),
+            | Event::ManifestDeleted { repo, .. }
+            | Event::BlobMounted { repo, .. } => Some(repo),
             _ => None,
         }
     }
@@ -207,6 +230,16 @@ impl Event {
             Event::RobotUsed { id, at_ms } => json!({"type":"RobotUsed","id":id,"at":at_ms}),
             Event::SigningKeyAdded { key, .. } => json!({"type":"SigningKeyAdded","kid":key.kid}),
             Event::JournalTrimmed { before } => json!({"type":"JournalTrimmed","before":before}),
+            Event::BlobMounted { repo, digest, size } => {
+                json!({"type":"BlobMounted","repo":repo,"digest":digest,"size":size})
+            }
+            Event::Collected { as_of, before_ms, manifests, links } => {
+                let pairs = |v: &Vec<(RepoName, Digest)>| -> Vec<String> {
+                    v.iter().map(|(r, d)| format!("{r}@{d}")).collect()
+                };
+                json!({"type":"Collected","asOf":as_of,"before":before_ms,
+                       "manifests":pairs(manifests),"links":pairs(links)})
+            }
         }
     }
 }
@@ -251,6 +284,13 @@ impl VersionedCommand {
     /// A command with a proposal id of its own (`id` must be random and non-zero).
     pub fn with_id(id: u64, events: Vec<Event>) -> Self {
         VersionedCommand::V2 { id, command: Command::new(events) }
+    }
+
+    /// The command, whatever its version.
+    pub fn command(&self) -> &Command {
+        match self {
+            VersionedCommand::V1(c) | VersionedCommand::V2 { command: c, .. } => c,
+        }
     }
 
     /// The proposal id, for commands that carry one.

@@ -187,6 +187,7 @@ pub(crate) async fn health(reg: &Registry) -> HandlerResult {
         "open_uploads": reg.blobs.open_uploads(),
         "journal_first": reg.meta.reader().journal_first().ok(),
         "proposal_ids": reg.meta.proposal_ids(),
+        "cluster_protocol": reg.meta.cluster_protocol(),
     });
     Ok(json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"), false))
 }

@@ -83,7 +83,7 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, mut req: Request<B>)
         Endpoint::Health => discovery::health(reg).await,
         Endpoint::Ready => discovery::ready(reg).await,
         Endpoint::StateDigest => discovery::state_digest(reg).await,
-        Endpoint::Metrics => Ok(reg.metrics.render(reg)),
+        Endpoint::Metrics => Ok(reg.metrics.render(reg).await),
         Endpoint::Token => crate::access::token_endpoint(reg, req).await,
         Endpoint::Catalog => discovery::catalog(reg, &q, &crate::access::caller_of(&req)).await,
         Endpoint::Events => discovery::events(reg, &q).await,

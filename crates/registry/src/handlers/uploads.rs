@@ -158,6 +158,7 @@ pub(crate) async fn start<B: ReqBody>(
         let digest = parse_digest(d)?;
         let len = content_length(req.headers())?;
         let replicas = reg.new_replicas(&name, digest.algorithm());
+        let _pin = reg.blobs.pin(&digest);
         let stored = reg.blobs.put_stream(name.clone(), &digest, len, tee(body_stream(req), replicas.clone())).await;
         let size = match stored {
             Ok(size) => size,
@@ -200,7 +201,9 @@ async fn try_mount(
     if reg.blobs.stat(digest) != Some(size) {
         return Ok(None);
     }
-    reg.link_existing(name, digest, size).await?;
+    if !reg.link_existing(name, digest, size).await? {
+        return Ok(None);
+    }
     created(name, digest).map(Some)
 }
 
@@ -246,6 +249,8 @@ pub(crate) async fn put<B: ReqBody>(
     if has_body {
         append(reg, name, id, start, len, req).await?;
     }
+    // no sweep takes the file while its write quorum and link are on the way
+    let _pin = reg.blobs.pin(&digest);
     let size = match reg.blobs.finish(id, &digest).await {
         Ok((_, size)) => size,
         Err(e) => {

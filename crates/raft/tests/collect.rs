@@ -1,0 +1,378 @@
+//! Garbage collection at the state machine: what a plan finds, and every interleaving of a
+//! push with the plan and its application (the state machine re-checks each item, so what a
+//! push uses is kept, or the push is refused and uploads again).
+
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+use raftyard_raft::gc::GcPlan;
+use raftyard_raft::state::StateMachine;
+use raftyard_raft::{StorageWatch, TypeConfig};
+use raftyard_types::event::VersionedCommand;
+use raftyard_types::manifest::{OCI_INDEX, OCI_MANIFEST};
+use raftyard_types::{Command, Digest, Event, Rejection, RepoName, Tag};
+use serde_json::json;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    sm: StateMachine,
+    next: u64,
+}
+
+/// Each command is stamped 1000 + its log index: "now" is the time the next one gets.
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        Fixture { _dir: dir, sm, next: 1 }
+    }
+
+    fn now(&self) -> u64 {
+        1000 + self.next
+    }
+
+    async fn apply(&mut self, events: Vec<Event>) -> Result<(), Rejection> {
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), self.next),
+            payload: EntryPayload::Normal(VersionedCommand::V1(Command { time_ms: self.now(), events })),
+        };
+        self.next += 1;
+        self.sm.apply([entry]).await.unwrap().remove(0)
+    }
+
+    fn plan(&self, untagged: bool) -> GcPlan {
+        self.sm.reader().gc_plan(self.now(), untagged).unwrap()
+    }
+
+    /// Applies a plan, one command per batch.
+    async fn collect(&mut self, plan: &GcPlan) {
+        for ev in plan.events() {
+            self.apply(vec![ev]).await.unwrap();
+        }
+    }
+
+    async fn link(&mut self, r: &str, digest: &Digest) {
+        self.apply(vec![Event::BlobLinked { repo: repo(r), digest: digest.clone(), size: 10 }]).await.unwrap();
+    }
+
+    /// Pushes manifest bytes (refs as the registry parses them).
+    async fn push(&mut self, r: &str, bytes: &[u8]) -> Result<Digest, Rejection> {
+        let p = raftyard_types::manifest::parse_manifest(bytes, "").unwrap();
+        let digest = Digest::sha256(bytes);
+        let ev = Event::ManifestPut {
+            repo: repo(r),
+            digest: digest.clone(),
+            media_type: p.media_type,
+            bytes: bytes.to_vec(),
+            refs: p.required,
+            subject: p.subject,
+            artifact_type: p.artifact_type,
+        };
+        self.apply(vec![ev]).await.map(|()| digest)
+    }
+
+    async fn tag(&mut self, r: &str, t: &str, digest: &Digest) {
+        let ev = Event::TagSet { repo: repo(r), tag: Tag::parse(t).unwrap(), digest: digest.clone(), expect: None };
+        self.apply(vec![ev]).await.unwrap();
+    }
+
+    fn has_manifest(&self, r: &str, digest: &Digest) -> bool {
+        self.sm.reader().manifest(&repo(r), digest).unwrap().is_some()
+    }
+
+    fn linked(&self, r: &str, digest: &Digest) -> bool {
+        self.sm.reader().blob_link(&repo(r), digest).unwrap().is_some()
+    }
+
+    fn in_registry(&self, digest: &Digest) -> bool {
+        self.sm.reader().blob_info(digest).unwrap().is_some()
+    }
+}
+
+fn repo(s: &str) -> RepoName {
+    RepoName::parse(s).unwrap()
+}
+
+fn blob(name: &str) -> Digest {
+    Digest::sha256(name.as_bytes())
+}
+
+fn desc(media_type: &str, d: &Digest) -> serde_json::Value {
+    json!({"mediaType": media_type, "digest": d.to_string(), "size": 10})
+}
+
+/// An OCI image manifest of `config` and `layers`, optionally a referrer of `subject`.
+fn image(config: &Digest, layers: &[&Digest], subject: Option<&Digest>) -> Vec<u8> {
+    let mut m = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": desc("application/vnd.oci.image.config.v1+json", config),
+        "layers": layers.iter().map(|l| desc("application/vnd.oci.image.layer.v1.tar", l)).collect::<Vec<_>>(),
+    });
+    if let Some(s) = subject {
+        m["subject"] = desc(OCI_MANIFEST, s);
+    }
+    serde_json::to_vec(&m).unwrap()
+}
+
+fn index(children: &[&Digest]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": children.iter().map(|c| desc(OCI_MANIFEST, c)).collect::<Vec<_>>(),
+    }))
+    .unwrap()
+}
+
+/// The registry of the first test: what a collection must keep and what it may take.
+struct Scene {
+    config: Digest,
+    tagged: Digest,
+    untagged: Digest,
+    child: Digest,
+    index: Digest,
+    kept_sig: Digest,
+    dead_sig: Digest,
+    /// A layer only `untagged` uses, one uploaded without a manifest, one of `child`.
+    only_untagged: Digest,
+    orphan: Digest,
+    child_layer: Digest,
+}
+
+async fn scene(f: &mut Fixture) -> Scene {
+    let (config, l1, l2, l3, l5) = (blob("config"), blob("l1"), blob("l2"), blob("l3"), blob("l5"));
+    for b in [&config, &l1, &l2, &l3, &l5] {
+        f.link("a", b).await;
+    }
+    let tagged = f.push("a", &image(&config, &[&l1], None)).await.unwrap();
+    f.tag("a", "v1", &tagged).await;
+    let untagged = f.push("a", &image(&config, &[&l2], None)).await.unwrap();
+    let child = f.push("a", &image(&config, &[&l5], None)).await.unwrap();
+    let index = f.push("a", &index(&[&child])).await.unwrap();
+    f.tag("a", "multi", &index).await;
+    let kept_sig = f.push("a", &image(&config, &[], Some(&tagged))).await.unwrap();
+    let dead_sig = f.push("a", &image(&config, &[&l1], Some(&untagged))).await.unwrap();
+    Scene { config, tagged, untagged, child, index, kept_sig, dead_sig, only_untagged: l2, orphan: l3, child_layer: l5 }
+}
+
+#[tokio::test]
+async fn a_collection_takes_what_nothing_references_and_keeps_index_children_and_referrers() {
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    // a layer uploaded just now, its manifest not pushed yet: younger than the cut
+    let young = blob("young");
+    let plan_time = f.now();
+    f.link("a", &young).await;
+    let plan = f.sm.reader().gc_plan(plan_time, true).unwrap();
+
+    // the untagged image and its referrer go, the referrer first
+    assert_eq!(plan.manifests, vec![(repo("a"), s.dead_sig.clone()), (repo("a"), s.untagged.clone())]);
+    let links: Vec<&Digest> = plan.links.iter().map(|(_, d, _)| d).collect();
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert!(links.contains(&&s.only_untagged) && links.contains(&&s.orphan), "{links:?}");
+    assert_eq!(plan.blobs.len(), 2);
+    assert_eq!(plan.bytes(), 20);
+
+    f.collect(&plan).await;
+    for m in [&s.tagged, &s.child, &s.index, &s.kept_sig] {
+        assert!(f.has_manifest("a", m), "{m} kept");
+    }
+    assert!(!f.has_manifest("a", &s.untagged) && !f.has_manifest("a", &s.dead_sig));
+    for b in [&s.config, &blob("l1"), &s.child_layer, &young] {
+        assert!(f.linked("a", b), "{b} kept");
+    }
+    assert!(!f.linked("a", &s.only_untagged) && !f.in_registry(&s.only_untagged));
+    assert!(!f.linked("a", &s.orphan) && !f.in_registry(&s.orphan));
+    // the journal says what was decided
+    let last = f.sm.reader().last_journal_entry().unwrap().unwrap();
+    assert!(matches!(last.events[0], Event::Collected { .. }));
+
+    // nothing left to take: a second plan is empty (the young layer is still young)
+    let again = f.sm.reader().gc_plan(plan_time, true).unwrap();
+    assert!(again.manifests.is_empty() && again.links.is_empty(), "{again:?}");
+}
+
+#[tokio::test]
+async fn without_untagged_only_unreferenced_links_go() {
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    let plan = f.plan(false);
+    assert!(plan.manifests.is_empty());
+    assert_eq!(plan.links.iter().map(|(_, d, _)| d.clone()).collect::<Vec<_>>(), vec![s.orphan.clone()]);
+    f.collect(&plan).await;
+    assert!(f.has_manifest("a", &s.untagged) && f.linked("a", &s.only_untagged));
+    assert!(!f.linked("a", &s.orphan));
+}
+
+/// A manifest tagged, a manifest pushed, a blob uploaded again between the plan and its
+/// application: each keeps what it uses.
+#[tokio::test]
+async fn pushes_between_the_plan_and_its_application_keep_what_they_use() {
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    let plan = f.plan(true);
+    // the untagged image is tagged again
+    f.tag("a", "back", &s.untagged).await;
+    // a new image uses the orphan layer
+    let new = f.push("a", &image(&s.config, &[&s.orphan], None)).await.unwrap();
+    f.collect(&plan).await;
+    assert!(f.has_manifest("a", &s.untagged), "tagged since the plan");
+    assert!(f.linked("a", &s.only_untagged), "its layer stays");
+    assert!(f.linked("a", &s.orphan) && f.has_manifest("a", &new), "referenced since the plan");
+    // its referrer went: it was garbage when decided (its subject untagged), and nothing
+    // refers to a referrer
+    assert!(!f.has_manifest("a", &s.dead_sig));
+
+    // a referrer pushed since the plan keeps its subject
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    let plan = f.plan(true);
+    let sig = f.push("a", &image(&s.config, &[], Some(&s.untagged))).await.unwrap();
+    f.collect(&plan).await;
+    assert!(f.has_manifest("a", &s.untagged) && f.has_manifest("a", &sig), "the subject of a new referrer");
+    assert!(f.linked("a", &s.only_untagged));
+
+    // a layer uploaded again after the plan is young again
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    let plan = f.plan(false);
+    f.link("a", &s.orphan).await;
+    f.collect(&plan).await;
+    assert!(f.linked("a", &s.orphan), "linked again since the plan: young");
+}
+
+/// After a collection applied, a push that relies on a collected blob is refused (the client
+/// uploads again), and a mount of it finds nothing to mount.
+#[tokio::test]
+async fn after_the_collection_a_push_of_a_collected_blob_uploads_again() {
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    let plan = f.plan(true);
+    f.collect(&plan).await;
+    let r = f.push("a", &image(&s.config, &[&s.orphan], None)).await;
+    assert_eq!(r, Err(Rejection::ManifestBlobUnknown(vec![s.orphan.clone()])));
+    let mount = Event::BlobMounted { repo: repo("b"), digest: s.orphan.clone(), size: 10 };
+    assert_eq!(f.apply(vec![mount]).await, Err(Rejection::BlobUnknown(s.orphan.clone())));
+    assert!(!f.in_registry(&s.orphan), "a refused mount brings nothing back");
+    // a mount of a blob still in the registry links it
+    let mount = Event::BlobMounted { repo: repo("b"), digest: s.config.clone(), size: 10 };
+    f.apply(vec![mount]).await.unwrap();
+    assert!(f.linked("b", &s.config));
+    // uploaded again, it is back
+    f.link("a", &s.orphan).await;
+    f.push("a", &image(&s.config, &[&s.orphan], None)).await.unwrap();
+}
+
+/// A mount decided before a collection, applied after it: refused, so no repository links a
+/// blob whose files are being removed.
+#[tokio::test]
+async fn a_mount_racing_the_collection_of_its_blob_is_refused() {
+    let mut f = Fixture::new();
+    let s = scene(&mut f).await;
+    // the mount checked that `a` links the orphan layer; then the collection applies
+    let plan = f.plan(false);
+    f.collect(&plan).await;
+    let mount = Event::BlobMounted { repo: repo("b"), digest: s.orphan.clone(), size: 10 };
+    assert_eq!(f.apply(vec![mount]).await, Err(Rejection::BlobUnknown(s.orphan.clone())));
+}
+
+/// An untagged index and its untagged child both go, the index first, even when each is in a
+/// batch of its own; a referrer's subject goes after the referrer.
+#[tokio::test]
+async fn untagged_chains_go_parents_first_across_batches() {
+    let mut f = Fixture::new();
+    let (c, l) = (blob("c"), blob("l"));
+    f.link("a", &c).await;
+    f.link("a", &l).await;
+    let child = f.push("a", &image(&c, &[&l], None)).await.unwrap();
+    let idx = f.push("a", &index(&[&child])).await.unwrap();
+    let sig = f.push("a", &image(&c, &[], Some(&idx))).await.unwrap();
+    let plan = f.plan(true);
+    let order: Vec<Digest> = plan.manifests.iter().map(|(_, d)| d.clone()).collect();
+    assert_eq!(order, vec![sig.clone(), idx.clone(), child.clone()]);
+    // one manifest per command, in the plan's order
+    for (r, d) in &plan.manifests {
+        let ev = Event::Collected {
+            as_of: plan.as_of,
+            before_ms: plan.before_ms,
+            manifests: vec![(r.clone(), d.clone())],
+            links: vec![],
+        };
+        f.apply(vec![ev]).await.unwrap();
+    }
+    for m in [&sig, &idx, &child] {
+        assert!(!f.has_manifest("a", m), "{m} collected");
+    }
+    // in the wrong order nothing goes: the child is still listed by the index
+    let mut f = Fixture::new();
+    f.link("a", &c).await;
+    f.link("a", &l).await;
+    let child = f.push("a", &image(&c, &[&l], None)).await.unwrap();
+    let idx = f.push("a", &index(&[&child])).await.unwrap();
+    let ev =
+        Event::Collected { as_of: 0, before_ms: f.now(), manifests: vec![(repo("a"), child.clone())], links: vec![] };
+    f.apply(vec![ev]).await.unwrap();
+    assert!(f.has_manifest("a", &child), "listed by an index");
+    let ev = Event::Collected { as_of: 0, before_ms: f.now(), manifests: vec![], links: vec![(repo("a"), l.clone())] };
+    f.apply(vec![ev]).await.unwrap();
+    assert!(f.linked("a", &l), "referenced by a manifest");
+    assert!(f.has_manifest("a", &idx));
+}
+
+/// A blob linked in two repositories stays in the registry until both links go.
+#[tokio::test]
+async fn a_blob_leaves_the_registry_with_its_last_link() {
+    let mut f = Fixture::new();
+    let x = blob("x");
+    f.link("a", &x).await;
+    f.link("b", &x).await;
+    let c = blob("c");
+    f.link("b", &c).await;
+    let m = f.push("b", &image(&c, &[&x], None)).await.unwrap();
+    f.tag("b", "t", &m).await;
+    let plan = f.plan(false);
+    assert_eq!(plan.links.len(), 1, "only a's link is unreferenced");
+    assert!(plan.blobs.is_empty(), "b still links it");
+    f.collect(&plan).await;
+    assert!(!f.linked("a", &x) && f.linked("b", &x) && f.in_registry(&x));
+}
+
+/// A state written before layout 3 gets the index of what manifests reference when opened, so
+/// a collection keeps the links they use.
+#[tokio::test]
+async fn an_earlier_layout_gets_the_reference_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, l, orphan) = (blob("c"), blob("l"), blob("orphan"));
+    let m;
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        let mut f = Fixture { _dir: tempfile::tempdir().unwrap(), sm, next: 1 };
+        for b in [&c, &l, &orphan] {
+            f.link("a", b).await;
+        }
+        m = f.push("a", &image(&c, &[&l], None)).await.unwrap();
+        f.tag("a", "t", &m).await;
+        // what layout 2 held: no reference index, link times empty
+        let state = db.open_tree("state").unwrap();
+        for k in state.scan_prefix(b"f/").keys() {
+            state.remove(k.unwrap()).unwrap();
+        }
+        for k in state.scan_prefix(b"L/").keys() {
+            state.insert(k.unwrap(), vec![]).unwrap();
+        }
+        state.insert(b"m/layout", 2u32.to_be_bytes().to_vec()).unwrap();
+        drop(f);
+        db.flush().unwrap();
+    }
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+    let mut f = Fixture { _dir: dir, sm, next: 100 };
+    // a plan that ignored the manifest would take every link: apply one that lists them all
+    let all = [&c, &l, &orphan].iter().map(|d| (repo("a"), (*d).clone())).collect();
+    let ev = Event::Collected { as_of: 0, before_ms: f.now(), manifests: vec![], links: all };
+    f.apply(vec![ev]).await.unwrap();
+    assert!(f.linked("a", &c) && f.linked("a", &l), "referenced by the tagged manifest");
+    assert!(!f.linked("a", &orphan), "links of layout 2 count as old");
+    assert!(f.has_manifest("a", &m));
+}
