@@ -488,6 +488,19 @@ async fn proposal_ids_wait_until_every_member_reads_them() {
     let c = client();
     let d = push_image(&c, &cl.nodes[1], "upgrade/app", "v1", b"before").await;
     pull_image(&c, &cl.nodes[2], "upgrade/app", "v1", &d).await;
+    // no collection either (its entries are new to the older release), and mounts link as before
+    pull_image(&c, &cl.nodes[0], "upgrade/app", "v1", &d).await;
+    let err = cli_fails(&["gc", "--node", &cl.nodes[0].peer]);
+    assert!(err.contains("older release") && err.contains("upgrade every node"), "{err}");
+    let r = c
+        .post(
+            cl.nodes[0]
+                .url(&format!("/v2/upgrade/other/blobs/uploads/?mount={}&from=upgrade/app", sha256(b"layer-before"))),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "mounted");
 
     cl.nodes[2].terminate();
     cl.nodes[2].respawn_plain();
@@ -502,6 +515,8 @@ async fn proposal_ids_wait_until_every_member_reads_them() {
     }
     let d = push_image(&c, &cl.nodes[2], "upgrade/app", "v2", b"after").await;
     pull_image(&c, &cl.nodes[0], "upgrade/app", "v2", &d).await;
+    let out = cli(&["gc", "--dry-run", "--node", &cl.nodes[0].peer]);
+    assert!(out.contains("dry run"), "{out}");
 
     // a node of the older release is not added: it could not read what the log holds
     let dir4 = tempfile::tempdir().unwrap();
