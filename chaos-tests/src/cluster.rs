@@ -14,6 +14,9 @@ use tokio::sync::watch;
 
 use crate::proxy::{self, LinkState, Mode};
 
+/// What the `gc` fault collects: links (blobs uploaded without a manifest) older than this.
+pub const GC_GRACE: Duration = Duration::from_secs(2);
+
 pub struct Node {
     pub id: u64,
     pub registry: String,
@@ -214,6 +217,44 @@ impl Cluster {
     /// The voters and the backup.
     pub fn all_ids(&self) -> Vec<u64> {
         self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Starts a garbage collection through node `id` (`raftyard gc --grace <grace>`) in the
+    /// background: it may fail (the node is down, cut off or paused), which is no violation; it
+    /// is given up on after 30 s.
+    pub fn collect(&self, id: u64, grace: Duration) {
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(["gc", "--json", "--node", &self.node(id).peer, "--grace", &grace.as_secs().to_string()]);
+        cmd.kill_on_drop(true).stdin(Stdio::null());
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
+                Ok(Ok(out)) if out.status.success() => {
+                    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                    eprintln!(
+                        "        collection through node {id}: {} links, {} blobs removed",
+                        r["links_removed"], r["blobs_removed"]
+                    );
+                }
+                Ok(Ok(out)) => eprintln!(
+                    "        collection through node {id} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")
+                ),
+                Ok(Err(e)) => eprintln!("        collection through node {id}: {e}"),
+                Err(_) => eprintln!("        collection through node {id} given up after 30 s"),
+            }
+        });
+    }
+
+    /// A collection through node `id` with the load stopped, waited for: its report.
+    pub async fn collect_now(&self, id: u64, grace: Duration, dry_run: bool) -> Result<serde_json::Value> {
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.args(["gc", "--json", "--node", &self.node(id).peer, "--grace", &grace.as_secs().to_string()]);
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.kill_on_drop(true).output()).await??;
+        anyhow::ensure!(out.status.success(), "raftyard gc: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// Adds the backup node (`raftyard cluster add-backup` through node 1).

@@ -29,11 +29,14 @@ pub enum Kind {
     Relay,
     /// The node's disk fills up (a file grows until ENOSPC); the file is removed when healed.
     Disk,
+    /// A garbage collection through the node (`raftyard gc`, links older than
+    /// [`crate::cluster::GC_GRACE`]), in the background; nothing to heal.
+    Gc,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::Kill, Kind::Pause, Kind::Restart, Kind::Isolate, Kind::OneWay, Kind::Slow, Kind::Disk];
+    pub const ALL: [Kind; 8] =
+        [Kind::Kill, Kind::Pause, Kind::Restart, Kind::Isolate, Kind::OneWay, Kind::Slow, Kind::Disk, Kind::Gc];
 
     pub fn parse(s: &str) -> Result<Kind, String> {
         Ok(match s {
@@ -45,7 +48,10 @@ impl Kind {
             "slow" => Kind::Slow,
             "relay" => Kind::Relay,
             "disk" => Kind::Disk,
-            _ => return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, disk, relay)")),
+            "gc" => Kind::Gc,
+            _ => {
+                return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, disk, gc, relay)"))
+            }
         })
     }
 }
@@ -126,6 +132,7 @@ pub async fn apply(c: &mut Cluster, step: &Step, node: u64) -> anyhow::Result<()
         }
         Kind::Relay => c.kill_relay(),
         Kind::Disk => c.fill_disk(node)?,
+        Kind::Gc => c.collect(node, crate::cluster::GC_GRACE),
     }
     Ok(())
 }
@@ -141,6 +148,7 @@ pub async fn heal_one(c: &mut Cluster, step: &Step, node: u64, others: &[(&Step,
             c.start_again(node).await?;
         }
         Kind::Relay => c.start_relay().await?,
+        Kind::Gc => {}
         Kind::Isolate | Kind::OneWay | Kind::Slow => {
             c.heal_links();
             for (s, n) in others {

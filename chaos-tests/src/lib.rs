@@ -186,7 +186,8 @@ pub async fn run(o: &Options) -> Result<Report> {
         wait_relay(r, o.nodes).await?;
         targets.push((0, r.shared.clone()));
     }
-    let load = Arc::new(Load { keys: o.keys, nodes: targets, config_digest, config_len });
+    let gc = o.faults.contains(&faults::Kind::Gc);
+    let load = Arc::new(Load { gc, keys: o.keys, nodes: targets, config_digest, config_len });
 
     let start = Instant::now();
     let history = Arc::new(Mutex::new(History::default()));
@@ -268,7 +269,9 @@ pub async fn run(o: &Options) -> Result<Report> {
         } else {
             faults::resolve(step.target, leader, &cluster.ids(), cluster.backup)
         };
-        if active.values().any(|&n| n == node) {
+        // a collection holds nothing: it runs through a node whatever else befalls it
+        let holds = step.kind != faults::Kind::Gc;
+        if holds && active.values().any(|&n| n == node) {
             eprintln!(
                 "{:>6} ms: {:?} on node {node} skipped: a fault already holds it",
                 start.elapsed().as_millis(),
@@ -280,13 +283,15 @@ pub async fn run(o: &Options) -> Result<Report> {
         // from when the fault is in place (filling a disk takes a moment)
         let at = start.elapsed();
         eprintln!("{:>6} ms: {:?} on node {node} ({:?}) for {:?}", at.as_millis(), step.kind, step.target, step.hold);
-        active.insert(i, node);
+        if holds {
+            active.insert(i, node);
+        }
         records[i] = Some(FaultRecord {
             at_ms: at.as_millis() as u64,
             kind: step.kind,
             target: step.target,
             node,
-            healed_at_ms: 0,
+            healed_at_ms: if holds { 0 } else { at.as_millis() as u64 },
             write_gap_ms: None,
         });
     }
@@ -328,6 +333,20 @@ pub async fn run(o: &Options) -> Result<Report> {
             None
         }
     };
+    if gc {
+        // one more collection, of everything unreferenced, before the acknowledged reads:
+        // it takes nothing they need, and leaves nothing a second one would find
+        let via = cluster.leader(&http).await.unwrap_or(cluster.ids()[0]);
+        match cluster.collect_now(via, Duration::ZERO, false).await {
+            Ok(r) => eprintln!("final collection: {} links, {} blobs removed", r["links_removed"], r["blobs_removed"]),
+            Err(e) => violations.push(format!("the final collection failed: {e:#}")),
+        }
+        match cluster.collect_now(via, Duration::ZERO, true).await {
+            Ok(r) if r["links"] == 0 && r["manifests"] == 0 => {}
+            Ok(r) => violations.push(format!("garbage left after the final collection: {r}")),
+            Err(e) => violations.push(format!("the dry run after the final collection failed: {e:#}")),
+        }
+    }
 
     eprintln!("converged after {:?}", healed.elapsed());
     // the backup holds every blob itself (a read could be served by fetching from a peer)

@@ -4,7 +4,9 @@
 //!   under the tag (the value is its digest), a delete DELETEs the tag, a read GETs it;
 //! - blobs are pushed to `chaos/blobs` (random sizes, sha256 or sha512, monolithic or chunked)
 //!   and pulled back; a pull that answers 200 with other bytes, or 404 for an acknowledged
-//!   blob, is a violation on the spot;
+//!   blob, is a violation on the spot. With collections in the mix (the `gc` fault), each blob
+//!   is then referenced by a manifest pushed by digest, and counts as acknowledged once that
+//!   manifest is: a blob no manifest references may be collected;
 //! - blobs and manifests are pushed to `chaos/gone` and deleted by digest; a read of one,
 //!   invoked after its delete was acknowledged, that answers 200 is a stale read (a violation
 //!   on the spot), and each must be gone from every node at the end.
@@ -87,6 +89,8 @@ pub struct History {
 }
 
 pub struct Load {
+    /// Collections run during the load: blobs are kept by manifests (see the module doc).
+    pub gc: bool,
     pub keys: usize,
     pub nodes: Vec<(u64, String)>,
     pub config_digest: String,
@@ -96,6 +100,16 @@ pub struct Load {
 impl Load {
     /// A fresh manifest (its own digest, thanks to the annotation `name = value`) whose config
     /// is the blob pushed by [`setup`].
+    /// A manifest by digest whose one layer is the blob `digest` (`size` bytes).
+    fn holding(&self, digest: &str, size: usize) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": self.config_digest, "size": self.config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}],
+        }))
+        .expect("json")
+    }
+
     fn manifest(&self, name: &str, value: String) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -120,7 +134,7 @@ pub fn digest_of(alg: &str, b: &[u8]) -> String {
 pub async fn setup(http: &reqwest::Client, node: &str) -> anyhow::Result<(String, usize)> {
     let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec();
     let d = digest_of("sha256", &config);
-    for repo in [REG_REPO, GONE_REPO] {
+    for repo in [REG_REPO, GONE_REPO, BLOB_REPO] {
         let mut pushed = false;
         for _ in 0..100 {
             if push_blob(http, node, repo, &config, &d, false).await == Some(true) {
@@ -285,7 +299,19 @@ pub async fn client(
             let alg = if rng.gen_bool(0.3) { "sha512" } else { "sha256" };
             let d = digest_of(alg, &data);
             let chunked = rng.gen_bool(0.4);
-            let acked = push_blob(&http, &addr, BLOB_REPO, &data, &d, chunked).await == Some(true);
+            let mut acked = push_blob(&http, &addr, BLOB_REPO, &data, &d, chunked).await == Some(true);
+            if acked && load.gc {
+                let m = load.holding(&d, size);
+                let md = digest_of("sha256", &m);
+                let r = http
+                    .put(format!("http://{addr}/v2/{BLOB_REPO}/manifests/{md}"))
+                    .header("content-type", OCI_MANIFEST)
+                    .body(m)
+                    .timeout(TIMEOUT)
+                    .send()
+                    .await;
+                acked = r.is_ok_and(|r| r.status() == 201);
+            }
             let mut h = history.lock().unwrap();
             h.blob_ops += 1;
             if acked {
