@@ -50,7 +50,9 @@ impl Kind {
             "disk" => Kind::Disk,
             "gc" => Kind::Gc,
             _ => {
-                return Err(format!("unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, disk, gc, relay)"))
+                return Err(format!(
+                    "unknown fault {s:?} (kill, pause, restart, isolate, oneway, slow, disk, gc, relay)"
+                ))
             }
         })
     }

@@ -90,6 +90,53 @@ impl pb::admin_server::Admin for PeerServices {
     type BackupStream = futures::stream::Iter<std::vec::IntoIter<Result<pb::BackupChunk, Status>>>;
     type GcStream = tokio_stream::wrappers::ReceiverStream<Result<pb::GcProgress, Status>>;
 
+    async fn retention(&self, req: Request<pb::RetentionRequest>) -> Result<Response<pb::RetentionReply>, Status> {
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let err = codec::propose_error_to_status;
+        if req.list {
+            self.meta.read_barrier().await.map_err(err)?;
+            let all = self.meta.reader().retention_policies().map_err(|e| Status::internal(e.to_string()))?;
+            return Ok(Response::new(pb::RetentionReply { json: serde_json::to_string(&all).expect("json") }));
+        }
+        let (what, result) = if req.run {
+            let r = crate::retention::run(&self.meta, req.dry_run).await;
+            let what = match &r {
+                Ok(rep) => serde_json::json!({"run": {"dry_run": rep.dry_run, "tags": rep.tags_removed,
+                    "manifests": rep.manifests_removed}}),
+                Err(_) => serde_json::json!({"run": {"dry_run": req.dry_run}}),
+            };
+            (what, r.map(|rep| serde_json::to_string(&rep).expect("json")))
+        } else {
+            crate::gc::require_collections(&self.meta).await.map_err(err)?;
+            let event = if !req.set.is_empty() {
+                let p: raftyard_types::lifecycle::RetentionPolicy =
+                    bincode::deserialize(&req.set).map_err(|e| Status::invalid_argument(format!("policy: {e}")))?;
+                p.check().map_err(Status::invalid_argument)?;
+                raftyard_types::Event::RetentionSet(p)
+            } else if !req.remove.is_empty() {
+                let repos = raftyard_types::access::RepoGlob::parse(&req.remove)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                raftyard_types::Event::RetentionRemoved { repos }
+            } else {
+                return Err(Status::invalid_argument("set, remove, list or run"));
+            };
+            let what = event.to_json();
+            (what, self.meta.propose(vec![event]).await.map(|()| String::new()))
+        };
+        let line = serde_json::json!({
+            "audit": "retention", "node": self.meta.id(), "actor": req.actor,
+            "from": remote.map(|a| a.to_string()), "what": what,
+            "result": match &result { Ok(_) => "applied".to_string(), Err(e) => e.to_string() },
+        });
+        tracing::info!(target: "raftyard::audit", "{line}");
+        match result {
+            Ok(json) => Ok(Response::new(pb::RetentionReply { json })),
+            Err(raftyard_raft::ProposeError::Rejected(rej)) => Err(Status::failed_precondition(rej.to_string())),
+            Err(e) => Err(err(e)),
+        }
+    }
+
     async fn gc(&self, req: Request<pb::GcRequest>) -> Result<Response<Self::GcStream>, Status> {
         let remote = req.remote_addr();
         let req = req.into_inner();

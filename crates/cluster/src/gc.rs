@@ -170,20 +170,7 @@ async fn run(
     opts: GcOptions,
     progress: &mut impl FnMut(usize, usize),
 ) -> Result<GcReport, ProposeError> {
-    // just started, a node may not have heard every member's version yet
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while meta.cluster_protocol() == 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    match meta.cluster_protocol() {
-        0 => return Err(ProposeError::Unavailable("the versions of the members are not known yet (is every member up?)".into())),
-        p if p < PROTOCOL_COLLECTIONS => {
-            return Err(ProposeError::Unavailable(format!(
-                "a member runs an older release (peer protocol {p} < {PROTOCOL_COLLECTIONS}): upgrade every node before collecting"
-            )))
-        }
-        _ => {}
-    }
+    require_collections(meta).await?;
     meta.read_barrier().await?;
     let reader = meta.reader().clone();
     let before_ms = now_ms().saturating_sub(opts.grace.as_millis() as u64);
@@ -233,6 +220,24 @@ async fn run(
         "collection applied"
     );
     Ok(report)
+}
+
+/// Fails unless every member applies `Collected`, `BlobMounted` and the retention events (a
+/// node just started waits up to 5 s to hear every member's version).
+pub(crate) async fn require_collections(meta: &MetaNode) -> Result<(), ProposeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while meta.cluster_protocol() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match meta.cluster_protocol() {
+        0 => {
+            Err(ProposeError::Unavailable("the versions of the members are not known yet (is every member up?)".into()))
+        }
+        p if p < PROTOCOL_COLLECTIONS => Err(ProposeError::Unavailable(format!(
+            "a member runs an older release (peer protocol {p} < {PROTOCOL_COLLECTIONS}): upgrade every node first"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Sweeps this node's blob files after each collection, until `stop`.

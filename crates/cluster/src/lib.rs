@@ -5,7 +5,7 @@
 //! proposals and read indexes to the leader ([`link`]), blob streaming between nodes
 //! ([`blobs`]), the index of the blobs this node lacks ([`missing`]), the repair worker that
 //! converges blob holdings ([`repair`]), garbage collections and the sweep of unlinked blob
-//! files ([`gc`]), a backup's lag
+//! files ([`gc`]), retention runs ([`retention`]), a backup's lag
 //! figures ([`lag`]), and membership/status ([`admin`]). Protobuf stays at this edge: conversions live in
 //! [`codec`], and the other crates never see prost types. It does not serve the registry
 //! API; the registry crate uses it.
@@ -25,6 +25,7 @@ pub mod network;
 pub mod peers;
 pub mod repair;
 pub mod replica;
+pub mod retention;
 pub mod service;
 pub mod tls;
 pub mod versions;

@@ -142,6 +142,9 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         | Event::RobotRevoked { .. }
         | Event::RobotUsed { .. }
         | Event::SigningKeyAdded { .. }
-        | Event::JournalTrimmed { .. } => vec![],
+        | Event::JournalTrimmed { .. }
+        | Event::RetentionSet(_)
+        | Event::RetentionRemoved { .. }
+        | Event::TagExpired { .. } => vec![],
     }
 }

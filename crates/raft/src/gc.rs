@@ -62,7 +62,7 @@ impl GcPlan {
 
 /// A repository's manifests: what each references (`None`: its bytes do not parse), its
 /// subject, and when it was pushed.
-type Manifests = BTreeMap<Digest, (Option<Vec<Digest>>, Option<Digest>, u64)>;
+pub(crate) type Manifests = BTreeMap<Digest, (Option<Vec<Digest>>, Option<Digest>, u64)>;
 
 fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
     std::io::Error::other(e.to_string())
@@ -107,27 +107,47 @@ impl StateReader {
         Ok(plan)
     }
 
-    fn plan_repo(&self, repo: &RepoName, before_ms: u64, untagged: bool, plan: &mut GcPlan) -> std::io::Result<()> {
-        let r = repo.as_str();
-        let tree = self.tree();
-        // the repository's manifests: what each references (None: unreadable), subject, age
-        let mut manifests: Manifests = BTreeMap::new();
+    /// A repository's manifests: what each references, its subject, when it was pushed.
+    pub(crate) fn repo_manifests(&self, r: &str) -> std::io::Result<Manifests> {
+        let mut manifests = Manifests::new();
         let mp = repo_prefix(keys::MANIFESTS, r);
-        for kv in tree.scan_prefix(&mp) {
+        for kv in self.tree().scan_prefix(&mp) {
             let (k, v) = kv.map_err(io)?;
             let (Ok(d), Some(rec)) = (Digest::parse(keys::suffix(&k, &mp)), dec::<ManifestRecord>(&v)) else {
                 continue;
             };
             manifests.insert(d, (manifest_refs(&rec), rec.subject.clone(), rec.created_ms));
         }
+        Ok(manifests)
+    }
+
+    /// A repository's tags: name, digest, and when it was set (the tag's own time if the state
+    /// kept it, else its manifest's push time).
+    pub(crate) fn repo_tags(&self, r: &str, manifests: &Manifests) -> std::io::Result<Vec<(String, Digest, u64)>> {
+        let mut out = Vec::new();
+        let prefix = keys::tags_of(r);
+        for kv in self.tree().scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(io)?;
+            let Some(d) = std::str::from_utf8(&v).ok().and_then(|s| Digest::parse(s).ok()) else { continue };
+            let name = keys::suffix(&k, &prefix).to_string();
+            let at = self
+                .tree()
+                .get(keys::tag_time(r, &name))
+                .map_err(io)?
+                .and_then(|t| t.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .or_else(|| manifests.get(&d).map(|m| m.2))
+                .unwrap_or(0);
+            out.push((name, d, at));
+        }
+        Ok(out)
+    }
+
+    fn plan_repo(&self, repo: &RepoName, before_ms: u64, untagged: bool, plan: &mut GcPlan) -> std::io::Result<()> {
+        let r = repo.as_str();
+        let tree = self.tree();
+        let manifests = self.repo_manifests(r)?;
         let live: HashSet<Digest> = if untagged {
-            let mut tagged = HashSet::new();
-            for kv in tree.scan_prefix(keys::tags_of(r)) {
-                let (_, v) = kv.map_err(io)?;
-                if let Some(d) = std::str::from_utf8(&v).ok().and_then(|s| Digest::parse(s).ok()) {
-                    tagged.insert(d);
-                }
-            }
+            let tagged: HashSet<Digest> = self.repo_tags(r, &manifests)?.into_iter().map(|t| t.1).collect();
             reachable(&manifests, &tagged, before_ms)
         } else {
             manifests.keys().cloned().collect()
@@ -168,7 +188,7 @@ impl StateReader {
 
 /// Manifests a collection keeps: tagged ones, those younger than the cut or unreadable, and
 /// everything they reach as index children or as referrers.
-fn reachable(manifests: &Manifests, tagged: &HashSet<Digest>, before_ms: u64) -> HashSet<Digest> {
+pub(crate) fn reachable(manifests: &Manifests, tagged: &HashSet<Digest>, before_ms: u64) -> HashSet<Digest> {
     let mut referrers: HashMap<&Digest, Vec<&Digest>> = HashMap::new();
     for (d, (_, subject, _)) in manifests {
         if let Some(s) = subject {
@@ -194,7 +214,7 @@ fn reachable(manifests: &Manifests, tagged: &HashSet<Digest>, before_ms: u64) ->
 
 /// The manifests not in `live`, each after every one that lists it or names it as subject (the
 /// state machine removes a manifest only once nothing refers to it).
-fn apply_order(manifests: &Manifests, live: &HashSet<Digest>) -> Vec<Digest> {
+pub(crate) fn apply_order(manifests: &Manifests, live: &HashSet<Digest>) -> Vec<Digest> {
     let garbage: Vec<&Digest> = manifests.keys().filter(|d| !live.contains(*d)).collect();
     let set: HashSet<&Digest> = garbage.iter().copied().collect();
     // edges: a parent before each child it lists, a referrer before its subject

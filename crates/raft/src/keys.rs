@@ -9,6 +9,8 @@
 //! | `L/` | digest `\0` repo | link time, ms (u64 BE; empty for links made before layout 3): the repositories linking a blob (reverse of `b/`) |
 //! | `M/` | repo `\0` digest | [`crate::state::ManifestRecord`] |
 //! | `t/` | repo `\0` tag | digest string |
+//! | `T/` | repo `\0` tag | when the tag was last set, ms (u64 BE); absent for tags set before it was kept |
+//! | `y/` | repository pattern | [`raftyard_types::lifecycle::RetentionPolicy`] |
 //! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
 //! | `f/` | repo `\0` digest `\0` manifest | empty: a manifest of the repo references the blob or child manifest (layout 3) |
 //! | `R/` | repo | empty: the repository exists (catalog) |
@@ -59,6 +61,13 @@ pub fn manifest(repo: &str, digest: &str) -> Vec<u8> {
 }
 pub fn tag(repo: &str, tag: &str) -> Vec<u8> {
     join(b"t/", &[repo, tag])
+}
+pub fn tag_time(repo: &str, tag: &str) -> Vec<u8> {
+    join(b"T/", &[repo, tag])
+}
+pub const RETENTION: &[u8] = b"y/";
+pub fn retention(repos: &str) -> Vec<u8> {
+    join(RETENTION, &[repos])
 }
 /// Prefix of all tags of a repository.
 pub fn tags_of(repo: &str) -> Vec<u8> {

@@ -244,6 +244,7 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 }
             }
             tx.put(tk, digest.to_string().into_bytes());
+            tx.put(keys::tag_time(r, tag.as_str()), time_ms.to_be_bytes().to_vec());
         }
         Event::TagDeleted { repo, tag } => {
             let tk = keys::tag(repo.as_str(), tag.as_str());
@@ -251,6 +252,22 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 return Ok(Err(Rejection::ManifestUnknown));
             }
             tx.del(tk);
+            tx.del(keys::tag_time(repo.as_str(), tag.as_str()));
+        }
+        Event::TagExpired { repo, tag, digest } => {
+            let (r, t) = (repo.as_str(), tag.as_str());
+            if tx.get(&keys::tag(r, t))?.is_some_and(|v| v == digest.to_string().as_bytes()) {
+                tx.del(keys::tag(r, t));
+                tx.del(keys::tag_time(r, t));
+            }
+        }
+        Event::RetentionSet(p) => tx.put(keys::retention(p.repos.as_str()), enc(p)),
+        Event::RetentionRemoved { repos } => {
+            let k = keys::retention(repos.as_str());
+            if !tx.has(&k)? {
+                return Ok(Err(Rejection::RetentionUnknown(repos.as_str().to_string())));
+            }
+            tx.del(k);
         }
         Event::ManifestDeleted { repo, digest } => {
             let r = repo.as_str();
@@ -258,8 +275,10 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
             let Some(rec) = tx.get(&keys::manifest(r, &ds))?.and_then(|v| dec::<ManifestRecord>(&v)) else {
                 return Ok(Err(Rejection::ManifestUnknown));
             };
-            for (k, v) in tx.scan(&keys::tags_of(r))? {
+            let prefix = keys::tags_of(r);
+            for (k, v) in tx.scan(&prefix)? {
                 if v == ds.as_bytes() {
+                    tx.del(keys::tag_time(r, keys::suffix(&k, &prefix)));
                     tx.del(k);
                 }
             }

@@ -1,13 +1,15 @@
-//! Garbage collection at the state machine: what a plan finds, and every interleaving of a
-//! push with the plan and its application (the state machine re-checks each item, so what a
-//! push uses is kept, or the push is refused and uploads again).
+//! Garbage collection and retention at the state machine: what a plan finds, and every
+//! interleaving of a push with the plan and its application (the state machine re-checks each
+//! item, so what a push uses is kept, or the push is refused and uploads again).
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use raftyard_raft::gc::GcPlan;
 use raftyard_raft::state::StateMachine;
 use raftyard_raft::{StorageWatch, TypeConfig};
+use raftyard_types::access::RepoGlob;
 use raftyard_types::event::VersionedCommand;
+use raftyard_types::lifecycle::RetentionPolicy;
 use raftyard_types::manifest::{OCI_INDEX, OCI_MANIFEST};
 use raftyard_types::{Command, Digest, Event, Rejection, RepoName, Tag};
 use serde_json::json;
@@ -16,19 +18,21 @@ struct Fixture {
     _dir: tempfile::TempDir,
     sm: StateMachine,
     next: u64,
+    /// Added to the time of each command.
+    base: u64,
 }
 
-/// Each command is stamped 1000 + its log index: "now" is the time the next one gets.
+/// Each command is stamped `base` + 1000 + its log index: "now" is the time the next one gets.
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-        Fixture { _dir: dir, sm, next: 1 }
+        Fixture { _dir: dir, sm, next: 1, base: 0 }
     }
 
     fn now(&self) -> u64 {
-        1000 + self.next
+        self.base + 1000 + self.next
     }
 
     async fn apply(&mut self, events: Vec<Event>) -> Result<(), Rejection> {
@@ -347,7 +351,7 @@ async fn an_earlier_layout_gets_the_reference_index() {
     {
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-        let mut f = Fixture { _dir: tempfile::tempdir().unwrap(), sm, next: 1 };
+        let mut f = Fixture { _dir: tempfile::tempdir().unwrap(), sm, next: 1, base: 0 };
         for b in [&c, &l, &orphan] {
             f.link("a", b).await;
         }
@@ -367,7 +371,7 @@ async fn an_earlier_layout_gets_the_reference_index() {
     }
     let db = sled::Config::new().path(dir.path()).open().unwrap();
     let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-    let mut f = Fixture { _dir: dir, sm, next: 100 };
+    let mut f = Fixture { _dir: dir, sm, next: 100, base: 0 };
     // a plan that ignored the manifest would take every link: apply one that lists them all
     let all = [&c, &l, &orphan].iter().map(|d| (repo("a"), (*d).clone())).collect();
     let ev = Event::Collected { as_of: 0, before_ms: f.now(), manifests: vec![], links: all };
@@ -375,4 +379,140 @@ async fn an_earlier_layout_gets_the_reference_index() {
     assert!(f.linked("a", &c) && f.linked("a", &l), "referenced by the tagged manifest");
     assert!(!f.linked("a", &orphan), "links of layout 2 count as old");
     assert!(f.has_manifest("a", &m));
+}
+
+const DAY: u64 = 86_400_000;
+
+fn policy(repos: &str) -> RetentionPolicy {
+    RetentionPolicy {
+        repos: RepoGlob::parse(repos).unwrap(),
+        keep_last: None,
+        max_age_days: None,
+        keep_pattern: None,
+        untagged_max_age_days: None,
+    }
+}
+
+impl Fixture {
+    /// Pushes a one-layer image tagged `t` in `r` (its own blobs), a day after the last command.
+    async fn tagged(&mut self, r: &str, t: &str) -> Digest {
+        self.base += DAY;
+        let (c, l) = (blob(&format!("{r}:{t}:c")), blob(&format!("{r}:{t}:l")));
+        self.link(r, &c).await;
+        self.link(r, &l).await;
+        let m = self.push(r, &image(&c, &[&l], None)).await.unwrap();
+        self.tag(r, t, &m).await;
+        m
+    }
+
+    fn tags(&self, r: &str) -> Vec<String> {
+        self.sm.reader().tags(&repo(r), None, 100).unwrap()
+    }
+
+    async fn apply_retention(&mut self, plan: &raftyard_raft::retention::RetentionPlan) {
+        for events in plan.events() {
+            self.apply(events).await.unwrap();
+        }
+    }
+}
+
+/// A tag is kept if it matches the pattern, is among the last N of the others, or is younger
+/// than the age; the rest expire, and the journal says so.
+#[tokio::test]
+async fn retention_keeps_the_pattern_the_newest_and_the_young() {
+    let mut f = Fixture::new();
+    for t in ["v1.0", "a", "b", "c", "d", "e"] {
+        f.tagged("ci/app", t).await;
+    }
+    let other = f.tagged("ci/other", "a").await;
+    let mut p = policy("ci/app");
+    p.keep_last = Some(2);
+    p.keep_pattern = Some(r"^v\d+\.\d+".into());
+    p.max_age_days = Some(4);
+    f.apply(vec![Event::RetentionSet(p.clone())]).await.unwrap();
+    assert_eq!(f.sm.reader().retention_policies().unwrap(), vec![p.clone()]);
+
+    // "c" is three days old (younger than four), "d" and "e" the two newest: "a" and "b" expire
+    let plan = f.sm.reader().retention_plan(f.now()).unwrap();
+    let (tags, manifests) = plan.lines();
+    assert_eq!(tags, vec!["ci/app:a", "ci/app:b"]);
+    assert!(manifests.is_empty(), "no untagged rule");
+    // a day later "c" is too old as well
+    let later = f.sm.reader().retention_plan(f.now() + DAY).unwrap().lines().0;
+    assert_eq!(later, vec!["ci/app:a", "ci/app:b", "ci/app:c"]);
+
+    f.apply_retention(&plan).await;
+    assert_eq!(f.tags("ci/app"), vec!["c", "d", "e", "v1.0"]);
+    assert_eq!(f.tags("ci/other"), vec!["a"], "another repository");
+    assert!(f.has_manifest("ci/other", &other));
+    let last = f.sm.reader().last_journal_entry().unwrap().unwrap();
+    assert!(last.events.iter().all(|e| matches!(e, Event::TagExpired { .. })) && last.events.len() == 2);
+
+    // removed, the policy expires nothing more
+    f.apply(vec![Event::RetentionRemoved { repos: p.repos.clone() }]).await.unwrap();
+    assert!(f.sm.reader().retention_plan(f.now() + 10 * DAY).unwrap().tags.is_empty());
+    let again = f.apply(vec![Event::RetentionRemoved { repos: p.repos.clone() }]).await;
+    assert_eq!(again, Err(Rejection::RetentionUnknown("ci/app".into())));
+}
+
+/// A tag pushed again between the plan and its application is kept; so is a tag whose every
+/// matching policy does not let it go.
+#[tokio::test]
+async fn retention_keeps_what_changed_since_the_plan_and_what_any_policy_keeps() {
+    let mut f = Fixture::new();
+    for t in ["a", "b", "c", "d"] {
+        f.tagged("ci/app", t).await;
+    }
+    let mut wide = policy("ci/**");
+    wide.keep_last = Some(1);
+    let mut narrow = policy("ci/app");
+    narrow.keep_last = Some(2);
+    f.apply(vec![Event::RetentionSet(wide), Event::RetentionSet(narrow)]).await.unwrap();
+    let plan = f.sm.reader().retention_plan(f.now()).unwrap();
+    assert_eq!(plan.lines().0, vec!["ci/app:a", "ci/app:b"], "the narrow policy keeps c");
+    // "a" is pushed again, to a new image, before the plan applies
+    let newer = f.tagged("ci/app", "e").await;
+    f.tag("ci/app", "a", &newer).await;
+    f.apply_retention(&plan).await;
+    assert_eq!(f.tags("ci/app"), vec!["a", "c", "d", "e"], "a points elsewhere since the plan");
+    assert_eq!(f.sm.reader().tag(&repo("ci/app"), &Tag::parse("a").unwrap()).unwrap(), Some(newer));
+}
+
+/// Untagged manifests older than the age go, the ones a tag expired by the same run included
+/// (the dry run names them), but not children of a kept index.
+#[tokio::test]
+async fn retention_takes_old_untagged_manifests_with_the_expired_tags() {
+    let mut f = Fixture::new();
+    let old = f.tagged("ci/app", "old").await;
+    let kept = f.tagged("ci/app", "kept").await;
+    f.base += DAY;
+    let (c, l) = (blob("child-c"), blob("child-l"));
+    f.link("ci/app", &c).await;
+    f.link("ci/app", &l).await;
+    let child = f.push("ci/app", &image(&c, &[&l], None)).await.unwrap();
+    let idx = f.push("ci/app", &index(&[&child])).await.unwrap();
+    f.tag("ci/app", "multi", &idx).await;
+    let loose = f.push("ci/app", &image(&c, &[], None)).await.unwrap();
+    f.base += 5 * DAY;
+    let mut p = policy("ci/app");
+    p.keep_pattern = Some("^(kept|multi)$".into());
+    p.keep_last = Some(0);
+    p.untagged_max_age_days = Some(2);
+    f.apply(vec![Event::RetentionSet(p)]).await.unwrap();
+    let plan = f.sm.reader().retention_plan(f.now()).unwrap();
+    let (tags, manifests) = plan.lines();
+    assert_eq!(tags, vec!["ci/app:old"]);
+    let mut want = vec![format!("ci/app@{old}"), format!("ci/app@{loose}")];
+    want.sort();
+    let mut got = manifests.clone();
+    got.sort();
+    assert_eq!(got, want);
+    f.apply_retention(&plan).await;
+    assert!(!f.has_manifest("ci/app", &old) && !f.has_manifest("ci/app", &loose));
+    for m in [&kept, &idx, &child] {
+        assert!(f.has_manifest("ci/app", m), "{m} kept");
+    }
+    // what is left for the next run: nothing
+    let next = f.sm.reader().retention_plan(f.now()).unwrap();
+    assert!(next.tags.is_empty() && next.manifests.is_empty(), "{next:?}");
 }

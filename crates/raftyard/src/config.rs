@@ -27,6 +27,22 @@ pub struct Config {
     pub auth: Option<AuthSection>,
     /// Scheduled garbage collection (docs/operations.md).
     pub gc: GcSection,
+    /// Scheduled retention runs (docs/operations.md).
+    pub retention: RetentionSection,
+}
+
+/// How often the leader applies the stored retention policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Seconds between runs; 0: only `raftyard retention run`. Default 3600.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        RetentionSection { interval_secs: 3600 }
+    }
 }
 
 /// Scheduled garbage collection: the leader runs `raftyard gc` on its own every `interval`.

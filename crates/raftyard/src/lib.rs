@@ -44,6 +44,7 @@ pub mod format;
 pub mod gc;
 pub mod import;
 pub mod node;
+pub mod retention;
 pub mod tunnel;
 
 /// Log lines to stderr, filtered by `RUST_LOG` (default: info, with openraft and sled quieter).

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use anyhow::Context as _;
 use raftyard::config::Config;
 use raftyard::{access, admin, backup, certs, import, node, tunnel};
+use raftyard_types::access::RepoGlob;
+use raftyard_types::lifecycle::RetentionPolicy;
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
@@ -74,6 +76,13 @@ enum Cmd {
         /// Print the report as JSON, with every item.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+    /// Retention policies: which tags and untagged manifests expire (docs/operations.md).
+    Retention {
+        #[command(subcommand)]
+        cmd: RetentionCmd,
         #[command(flatten)]
         tls: PeerTlsArgs,
     },
@@ -412,6 +421,57 @@ enum ClusterCmd {
 }
 
 #[derive(Subcommand)]
+enum RetentionCmd {
+    /// Store the policy of the repositories a pattern matches (replacing its earlier one). A
+    /// tag is kept if it matches --keep-pattern, is among the --keep-last most recently pushed
+    /// of the others, or was pushed less than --max-age days ago; other tags expire. Untagged
+    /// manifests older than --untagged-max-age days go too.
+    Set {
+        /// Repository pattern (`team/*`, `team/**`, `ci/app`).
+        #[arg(long)]
+        repos: String,
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Days.
+        #[arg(long)]
+        max_age: Option<u32>,
+        /// Tags matching this regular expression are always kept (e.g. '^v\d+\.\d+').
+        #[arg(long)]
+        keep_pattern: Option<String>,
+        /// Days.
+        #[arg(long)]
+        untagged_max_age: Option<u32>,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// The stored policies.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Remove the policy of exactly this pattern.
+    Remove {
+        #[arg(long)]
+        repos: String,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Apply the policies now (the leader also does every `[retention] interval_secs`): prints
+    /// each `repository:tag` and `repository@digest` that goes.
+    Run {
+        /// Only print what would go.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
+    },
+}
+
+#[derive(Subcommand)]
 enum BackupCmd {
     /// Take a consistent snapshot on a running node (every write acknowledged before is in
     /// it) and copy the blobs it references that DIR does not hold yet.
@@ -553,6 +613,30 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gc { node, dry_run, untagged, grace, json, tls } => {
             runtime()?.block_on(async { raftyard::gc::run(&node, &tls.tls_dir, dry_run, untagged, grace, json).await })
         }
+        Cmd::Retention { cmd, tls } => runtime()?.block_on(async {
+            let tls = tls.tls_dir;
+            match cmd {
+                RetentionCmd::Set { repos, keep_last, max_age, keep_pattern, untagged_max_age, at } => {
+                    let repos = RepoGlob::parse(&repos).map_err(|e| anyhow::anyhow!("--repos: {e}"))?;
+                    let policy = RetentionPolicy {
+                        repos,
+                        keep_last,
+                        max_age_days: max_age,
+                        keep_pattern,
+                        untagged_max_age_days: untagged_max_age,
+                    };
+                    raftyard::retention::set(&at.node, &tls, policy).await
+                }
+                RetentionCmd::List { json, at } => raftyard::retention::list(&at.node, &tls, json).await,
+                RetentionCmd::Remove { repos, at } => {
+                    let repos = RepoGlob::parse(&repos).map_err(|e| anyhow::anyhow!("--repos: {e}"))?;
+                    raftyard::retention::remove(&at.node, &tls, &repos).await
+                }
+                RetentionCmd::Run { dry_run, json, at } => {
+                    raftyard::retention::run(&at.node, &tls, dry_run, json).await
+                }
+            }
+        }),
         Cmd::Backup { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;
             match cmd {

@@ -237,6 +237,10 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
         let every = Duration::from_secs(cfg.gc.interval_secs);
         raftyard_cluster::gc::spawn_schedule(meta.clone(), every, opts, gc_stats.clone(), stop.clone());
     }
+    if cfg.retention.interval_secs > 0 {
+        let every = Duration::from_secs(cfg.retention.interval_secs);
+        raftyard_cluster::retention::spawn_schedule(meta.clone(), every, stop.clone());
+    }
     let auth = match &cfg.auth {
         Some(a) if a.mode != crate::config::AuthMode::None => {
             let auth = raftyard_auth::Auth::new(

@@ -201,3 +201,64 @@ async fn collections_under_pushes_free_every_disk_and_lose_nothing_acknowledged(
         told_again.load(std::sync::atomic::Ordering::Relaxed)
     );
 }
+
+async fn tags(c: &reqwest::Client, n: &Node, repo: &str) -> Vec<String> {
+    let v: serde_json::Value =
+        c.get(n.url(&format!("/v2/{repo}/tags/list"))).send().await.unwrap().json().await.unwrap();
+    v["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+}
+
+/// Retention through the command line: the dry run names exactly what the run removes, every
+/// removal is in the journal, and a collection then frees the expired images' blobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_names_what_goes_and_the_run_removes_exactly_that() {
+    let cl = Cluster::start(1);
+    let n = &cl.nodes[0];
+    cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let mut pushed = Vec::new();
+    for t in ["v1.0", "a", "b", "c"] {
+        pushed.push(push(&c, n, "ci/app", t, &format!("ci-{t}")).await.0);
+    }
+    let other = push(&c, n, "keep/app", "a", "keep-a").await.0;
+    let peer = n.peer.as_str();
+    let err =
+        cli_fails(&["retention", "set", "--repos", "ci/*", "--keep-last", "1", "--keep-pattern", "(", "--node", peer]);
+    assert!(err.contains("keep pattern"), "{err}");
+    cli(&["retention", "set", "--repos", "ci/*", "--keep-last", "1", "--keep-pattern", r"^v\d+\.\d+", "--node", peer]);
+    let list: serde_json::Value = serde_json::from_str(&cli(&["retention", "list", "--json", "--node", peer])).unwrap();
+    assert_eq!(list[0]["repos"], "ci/*");
+    assert_eq!(list[0]["keep_last"], 1);
+
+    let dry = cli(&["retention", "run", "--dry-run", "--node", peer]);
+    let mut lines: Vec<&str> = dry.lines().collect();
+    lines.sort();
+    assert_eq!(lines, vec!["ci/app:a", "ci/app:b"], "{dry}");
+    assert_eq!(tags(&c, n, "ci/app").await, vec!["a", "b", "c", "v1.0"], "a dry run removes nothing");
+    let real = cli(&["retention", "run", "--node", peer]);
+    assert_eq!(real, dry, "the run removes what the dry run named");
+    assert_eq!(tags(&c, n, "ci/app").await, vec!["c", "v1.0"]);
+    assert_eq!(tags(&c, n, "keep/app").await, vec!["a"]);
+    let events = c.get(n.url("/v2/_raftyard/events?since=0&limit=10000")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(events.matches("\"TagExpired\"").count(), 2, "{events}");
+
+    // the expired images are untagged manifests now: a collection takes them and their blobs
+    let report: serde_json::Value =
+        serde_json::from_str(&cli(&["gc", "--untagged", "--grace", "0", "--json", "--node", peer])).unwrap();
+    assert_eq!(report["manifests_removed"], 2, "{report}");
+    assert_eq!(report["blobs_removed"], 4, "{report}");
+    for p in &pushed[1..3] {
+        for b in &p.blobs {
+            let r = c.head(n.url(&format!("/v2/ci/app/blobs/{b}"))).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{b}");
+        }
+    }
+    for p in [&pushed[0], &pushed[3], &other] {
+        pull_image(&c, n, &p.repo, &p.tag, &p.digest).await;
+    }
+
+    cli(&["retention", "remove", "--repos", "ci/*", "--node", peer]);
+    assert_eq!(cli(&["retention", "list", "--json", "--node", peer]).trim(), "[]");
+    let err = cli_fails(&["retention", "remove", "--repos", "ci/*", "--node", peer]);
+    assert!(err.contains("no retention policy"), "{err}");
+}

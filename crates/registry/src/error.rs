@@ -226,7 +226,8 @@ impl From<Rejection> for RegistryError {
             r @ (Rejection::UserUnknown(_)
             | Rejection::UserExists(_)
             | Rejection::RobotUnknown(_)
-            | Rejection::GrantUnknown) => RegistryError::Internal(format!("unexpected rejection: {r}")),
+            | Rejection::GrantUnknown
+            | Rejection::RetentionUnknown(_)) => RegistryError::Internal(format!("unexpected rejection: {r}")),
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord};
 use crate::digest::Digest;
+use crate::lifecycle::RetentionPolicy;
 use crate::name::{RepoName, Tag};
 
 /// Raft node id.
@@ -146,6 +147,19 @@ pub enum Event {
         manifests: Vec<(RepoName, Digest)>,
         links: Vec<(RepoName, Digest)>,
     },
+    /// A retention policy is stored for its pattern (replacing any other for it).
+    RetentionSet(RetentionPolicy),
+    /// The retention policy of exactly this pattern goes.
+    RetentionRemoved {
+        repos: RepoGlob,
+    },
+    /// A retention run expires a tag: it goes only if it still points at `digest` (a tag
+    /// pushed again since the run decided is kept).
+    TagExpired {
+        repo: RepoName,
+        tag: Tag,
+        digest: Digest,
+    },
 }
 
 /// Journal entries one [`Event::JournalTrimmed`] drops at most.
@@ -161,7 +175,8 @@ impl Event {
             | Event::TagSet { repo, .. }
             | Event::TagDeleted { repo, .. }
             | Event::ManifestDeleted { repo, .. }
-            | Event::BlobMounted { repo, .. } => Some(repo),
+            | Event::BlobMounted { repo, .. }
+            | Event::TagExpired { repo, .. } => Some(repo),
             _ => None,
         }
     }
@@ -239,6 +254,11 @@ impl Event {
                 };
                 json!({"type":"Collected","asOf":as_of,"before":before_ms,
                        "manifests":pairs(manifests),"links":pairs(links)})
+            }
+            Event::RetentionSet(p) => json!({"type":"RetentionSet","policy":p}),
+            Event::RetentionRemoved { repos } => json!({"type":"RetentionRemoved","repos":repos}),
+            Event::TagExpired { repo, tag, digest } => {
+                json!({"type":"TagExpired","repo":repo,"tag":tag,"digest":digest})
             }
         }
     }
@@ -329,6 +349,8 @@ pub enum Rejection {
     RobotUnknown(String),
     #[error("no such grant")]
     GrantUnknown,
+    #[error("no retention policy for {0:?}")]
+    RetentionUnknown(String),
 }
 
 /// The result of applying one command.
