@@ -16,7 +16,7 @@ mod store;
 mod upload;
 
 pub use reserve::{Action as ReserveAction, Reserve};
-pub use store::{disk_space, free_bytes, BlobPin, BlobStore, BlobStoreConfig, SweepReport};
+pub use store::{disk_space, free_bytes, BlobPin, BlobStore, BlobStoreConfig, SweepReport, PEER_COPY_HOLD};
 pub use upload::UploadStatus;
 
 use raftyard_types::Digest;

@@ -58,16 +58,23 @@ pub struct BlobStore {
     files: Arc<Mutex<()>>,
     /// Blobs this node committed and has not linked yet (see [`BlobStore::pin`]).
     pins: Arc<Mutex<HashMap<Digest, usize>>>,
+    /// Copies taken from peers' uploads, until when they are kept (see [`BlobStore::hold`]).
+    holds: Mutex<HashMap<Digest, Instant>>,
 }
 
+/// How long a copy taken from a peer's upload is kept from sweeps at most, waiting for its link
+/// to apply here: far longer than any write quorum and proposal take.
+pub const PEER_COPY_HOLD: Duration = Duration::from_secs(3600);
+
 /// What a sweep of the blob files did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Files removed, and their bytes.
     pub removed: u64,
     pub bytes: u64,
-    /// Unlinked files kept because they were written or used too recently (or are pinned).
-    pub young: u64,
+    /// Unlinked files kept because they were written or used too recently (or are pinned or
+    /// held).
+    pub young: Vec<Digest>,
     /// Files looked at.
     pub files: u64,
 }
@@ -161,6 +168,7 @@ impl BlobStore {
             sessions: Mutex::new(HashMap::new()),
             files: Default::default(),
             pins: Default::default(),
+            holds: Default::default(),
         })
     }
 
@@ -214,12 +222,27 @@ impl BlobStore {
         BlobPin { pins: self.pins.clone(), digest: digest.clone() }
     }
 
-    /// Removes the blob files that `linked` says no repository links, unless pinned or written
-    /// (or found present by a peer's push) less than `min_age` ago. Blocking: walks every file.
-    /// `linked` is asked before the file is looked at: a blob linked after that comes from an
-    /// upload, whose file is fresh (commits and the look at a file exclude each other).
+    /// Keeps the file of `digest` from any sweep until [`BlobStore::release`] or
+    /// [`PEER_COPY_HOLD`] passes: a copy this node took from a peer's upload (a replica, a
+    /// push), counted in the upload's write quorum before its link is applied here.
+    pub fn hold(&self, digest: &Digest) {
+        self.holds.lock().unwrap().insert(digest.clone(), Instant::now() + PEER_COPY_HOLD);
+    }
+
+    /// Ends [`BlobStore::hold`]: the blob is linked in this node's state now (what keeps a
+    /// linked blob's file from any sweep).
+    pub fn release(&self, digest: &Digest) {
+        self.holds.lock().unwrap().remove(digest);
+    }
+
+    /// Removes the blob files that `linked` says no repository links, unless pinned, held, or
+    /// written (or found present by a peer's push) less than `min_age` ago. Blocking: walks
+    /// every file. `linked` is asked before the file is looked at: a blob linked after that
+    /// comes from an upload, whose file is fresh (commits and the look at a file exclude each
+    /// other). The report names the files kept young, for [`BlobStore::sweep_only`] later.
     pub fn sweep(&self, linked: impl Fn(&Digest) -> io::Result<bool>, min_age: Duration) -> Result<SweepReport> {
         let mut report = SweepReport::default();
+        self.holds.lock().unwrap().retain(|_, until| *until > Instant::now());
         for alg in [Algorithm::Sha256, Algorithm::Sha512] {
             let dir = self.blobs.join(alg.as_str());
             for i in 0..=255u8 {
@@ -231,34 +254,11 @@ impl BlobStore {
                 };
                 let mut removed_here = false;
                 for entry in entries {
-                    let entry = entry?;
-                    let name = entry.file_name();
+                    let name = entry?.file_name();
                     let Ok(d) = Digest::parse(&format!("{}:{}", alg.as_str(), name.to_string_lossy())) else {
                         continue;
                     };
-                    report.files += 1;
-                    if linked(&d)? {
-                        continue;
-                    }
-                    if self.pins.lock().unwrap().contains_key(&d) {
-                        report.young += 1;
-                        continue;
-                    }
-                    let _files = self.files.lock().unwrap();
-                    let meta = match fs::metadata(entry.path()) {
-                        Ok(m) => m,
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                    let age = meta.modified().ok().and_then(|t| t.elapsed().ok()).unwrap_or_default();
-                    if age < min_age {
-                        report.young += 1;
-                        continue;
-                    }
-                    fs::remove_file(entry.path())?;
-                    report.removed += 1;
-                    report.bytes += meta.len();
-                    removed_here = true;
+                    removed_here |= self.consider(&d, &linked, min_age, &mut report)?;
                 }
                 if removed_here && self.cfg.fsync {
                     fsync_dir(&sub)?;
@@ -266,6 +266,57 @@ impl BlobStore {
             }
         }
         Ok(report)
+    }
+
+    /// [`BlobStore::sweep`] of these blobs only (those an earlier sweep kept young).
+    pub fn sweep_only(
+        &self,
+        digests: &[Digest],
+        linked: impl Fn(&Digest) -> io::Result<bool>,
+        min_age: Duration,
+    ) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        self.holds.lock().unwrap().retain(|_, until| *until > Instant::now());
+        for d in digests {
+            if self.consider(d, &linked, min_age, &mut report)? && self.cfg.fsync {
+                fsync_dir(self.path_of(d).parent().expect("blob path has a parent"))?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// One file of a sweep: removed (true) if no repository links it and nothing keeps it.
+    fn consider(
+        &self,
+        d: &Digest,
+        linked: &impl Fn(&Digest) -> io::Result<bool>,
+        min_age: Duration,
+        report: &mut SweepReport,
+    ) -> Result<bool> {
+        let path = self.path_of(d);
+        if !path.exists() {
+            return Ok(false);
+        }
+        report.files += 1;
+        if linked(d)? {
+            return Ok(false);
+        }
+        let kept = self.pins.lock().unwrap().contains_key(d) || self.holds.lock().unwrap().contains_key(d);
+        let _files = self.files.lock().unwrap();
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let age = meta.modified().ok().and_then(|t| t.elapsed().ok()).unwrap_or_default();
+        if kept || age < min_age {
+            report.young.push(d.clone());
+            return Ok(false);
+        }
+        fs::remove_file(&path)?;
+        report.removed += 1;
+        report.bytes += meta.len();
+        Ok(true)
     }
 
     /// The blob files this node holds: how many, and their bytes. Blocking: walks every file.

@@ -108,6 +108,7 @@ impl pb::admin_server::Admin for PeerServices {
             };
             (what, r.map(|rep| serde_json::to_string(&rep).expect("json")))
         } else {
+            self.meta.read_barrier().await.map_err(err)?;
             crate::gc::require_collections(&self.meta).await.map_err(err)?;
             let event = if !req.set.is_empty() {
                 let p: raftyard_types::lifecycle::RetentionPolicy =
@@ -200,7 +201,8 @@ impl pb::admin_server::Admin for PeerServices {
         let _ = self.meta.read_index_local().await;
         // A release that cannot read this one's entries would stop on the first it receives: a
         // node joins if it speaks at least what every current member speaks.
-        let needed = self.meta.cluster_protocol().max(crate::versions::PROPOSAL_IDS);
+        let recorded = self.meta.reader().protocol().map(|p| p.0).unwrap_or(u32::MAX);
+        let needed = self.meta.cluster_protocol().max(recorded).max(crate::versions::PROPOSAL_IDS);
         match crate::versions::protocol_of(&self.peers, &m.peer).await {
             Some(p) if p >= needed => {}
             Some(p) => {

@@ -170,8 +170,8 @@ async fn run(
     opts: GcOptions,
     progress: &mut impl FnMut(usize, usize),
 ) -> Result<GcReport, ProposeError> {
-    require_collections(meta).await?;
     meta.read_barrier().await?;
+    require_collections(meta).await?;
     let reader = meta.reader().clone();
     let before_ms = now_ms().saturating_sub(opts.grace.as_millis() as u64);
     let plan = tokio::task::spawn_blocking(move || reader.gc_plan(before_ms, opts.untagged))
@@ -222,21 +222,33 @@ async fn run(
     Ok(report)
 }
 
-/// Fails unless every member applies `Collected`, `BlobMounted` and the retention events (a
-/// node just started waits up to 5 s to hear every member's version).
+/// How long after the log records protocol 3 collections may start: a mount decided before
+/// that entry proposes the older, unchecked `BlobLinked`, and must have applied by then.
+const UPGRADE_SETTLE: Duration = Duration::from_secs(10);
+
+/// Fails unless the log records that every member applies `Collected`, `BlobMounted` and the
+/// retention events (`ClusterUpgraded`); waits for that (up to 15 s: a cluster just started,
+/// or just upgraded) and for [`UPGRADE_SETTLE`] after it. Call after a read barrier.
 pub(crate) async fn require_collections(meta: &MetaNode) -> Result<(), ProposeError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while meta.cluster_protocol() == 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    match meta.cluster_protocol() {
-        0 => {
-            Err(ProposeError::Unavailable("the versions of the members are not known yet (is every member up?)".into()))
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (p, at) = meta.reader().protocol().map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let age = Duration::from_millis(now_ms().saturating_sub(at));
+        if p >= PROTOCOL_COLLECTIONS && age >= UPGRADE_SETTLE {
+            return Ok(());
         }
-        p if p < PROTOCOL_COLLECTIONS => Err(ProposeError::Unavailable(format!(
-            "a member runs an older release (peer protocol {p} < {PROTOCOL_COLLECTIONS}): upgrade every node first"
-        ))),
-        _ => Ok(()),
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProposeError::Unavailable(match (p >= PROTOCOL_COLLECTIONS, meta.cluster_protocol()) {
+                (true, _) => "the cluster was upgraded a moment ago: try again in a few seconds".into(),
+                (false, 0) => "the versions of the members are not known yet (is every member up?)".into(),
+                (false, c) if c < PROTOCOL_COLLECTIONS => format!(
+                    "a member runs an older release (peer protocol {c} < {PROTOCOL_COLLECTIONS}): upgrade every node first"
+                ),
+                (false, _) => "every member speaks protocol 3, the leader has not recorded it yet: try again".into(),
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        meta.read_barrier().await?;
     }
 }
 
@@ -249,21 +261,23 @@ pub fn spawn_sweeper(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut collections = meta.reader().collections();
-        // files kept young by the last sweep: swept again once they are old enough
-        let mut again = false;
+        // files the last sweep kept young: looked at again (only they) once old enough
+        let mut young: Vec<raftyard_types::Digest> = Vec::new();
         loop {
+            let again = !young.is_empty();
             let wait = if again { FILE_GRACE } else { Duration::from_secs(86_400) };
-            tokio::select! {
-                r = collections.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(wait) => if !again { continue },
+            let full = tokio::select! {
+                r = collections.changed() => { if r.is_err() { return } true }
+                _ = tokio::time::sleep(wait) => { if !again { continue } false }
                 _ = stop.cancelled() => return,
-            }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(SETTLE) => {}
                 _ = stop.cancelled() => return,
             }
             collections.borrow_and_update();
-            match sweep(&meta, &store).await {
+            let only = (!full).then(|| std::mem::take(&mut young));
+            match sweep(&meta, &store, only).await {
                 Ok(r) => {
                     let s = &stats.0;
                     s.sweeps.fetch_add(1, Ordering::Relaxed);
@@ -273,28 +287,36 @@ pub fn spawn_sweeper(
                     info!(
                         removed = r.removed,
                         bytes = r.bytes,
-                        kept_young = r.young,
+                        kept_young = r.young.len(),
                         files = r.files,
+                        full,
                         "blob files swept"
                     );
-                    again = r.young > 0;
+                    young = r.young;
                 }
                 Err(e) => {
-                    warn!(error = %e, "sweeping blob files failed; trying again after the grace");
-                    again = true;
+                    warn!(error = %e, "sweeping blob files failed; a full sweep comes with the next collection");
                 }
             }
         }
     })
 }
 
-/// One sweep of this node's blob files against its applied state.
-pub async fn sweep(meta: &MetaNode, store: &Arc<BlobStore>) -> Result<SweepReport, raftyard_blobstore::BlobError> {
+/// One sweep of this node's blob files against its applied state: every file, or `only` these.
+pub async fn sweep(
+    meta: &MetaNode,
+    store: &Arc<BlobStore>,
+    only: Option<Vec<raftyard_types::Digest>>,
+) -> Result<SweepReport, raftyard_blobstore::BlobError> {
     let reader = meta.reader().clone();
     let store = store.clone();
-    tokio::task::spawn_blocking(move || store.sweep(|d| Ok(reader.blob_info(d)?.is_some()), FILE_GRACE))
-        .await
-        .map_err(|e| raftyard_blobstore::BlobError::Io(std::io::Error::other(e)))?
+    let linked = move |d: &raftyard_types::Digest| Ok(reader.blob_info(d)?.is_some());
+    tokio::task::spawn_blocking(move || match only {
+        None => store.sweep(linked, FILE_GRACE),
+        Some(ds) => store.sweep_only(&ds, linked, FILE_GRACE),
+    })
+    .await
+    .map_err(|e| raftyard_blobstore::BlobError::Io(std::io::Error::other(e)))?
 }
 
 /// Runs a collection every `every` while this node leads, until `stop`.

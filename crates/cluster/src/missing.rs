@@ -97,6 +97,10 @@ impl Missing {
     /// Whether the registry knows `d` and this node lacks it (since `since`, if newly).
     fn recheck(&self, inner: &mut Inner, d: &Digest, since: Instant) {
         let info = self.meta.reader().blob_info(d).ok().flatten();
+        if info.is_some() {
+            // linked here now: that keeps its file from sweeps, a hold no longer needs to
+            self.store.release(d);
+        }
         match info {
             Some(info) if self.store.stat(d).is_none() => {
                 inner.wants.entry(d.clone()).or_insert(Want { size: info.size, since });
@@ -143,6 +147,7 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         | Event::RobotUsed { .. }
         | Event::SigningKeyAdded { .. }
         | Event::JournalTrimmed { .. }
+        | Event::ClusterUpgraded { .. }
         | Event::RetentionSet(_)
         | Event::RetentionRemoved { .. }
         | Event::TagExpired { .. } => vec![],

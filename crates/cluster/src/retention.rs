@@ -26,8 +26,8 @@ pub struct RetentionReport {
 
 /// Runs the stored policies once through `meta`.
 pub async fn run(meta: &MetaNode, dry_run: bool) -> Result<RetentionReport, ProposeError> {
-    crate::gc::require_collections(meta).await?;
     meta.read_barrier().await?;
+    crate::gc::require_collections(meta).await?;
     let reader = meta.reader().clone();
     let now = now_ms();
     let plan = tokio::task::spawn_blocking(move || reader.retention_plan(now))

@@ -155,7 +155,9 @@ impl pb::blobs_server::Blobs for PeerServices {
     }
 
     async fn replicate(&self, req: Request<Streaming<pb::ReplicaPart>>) -> Result<Response<pb::PutBlobReply>, Status> {
-        let size = self.receive_replica(req.into_inner()).await?;
+        let (size, digest) = self.receive_replica(req.into_inner()).await?;
+        // counted in the upload's write quorum: no sweep takes it before its link applies here
+        self.blobs.hold(&digest);
         Ok(Response::new(pb::PutBlobReply { size }))
     }
 
@@ -167,8 +169,15 @@ impl pb::blobs_server::Blobs for PeerServices {
         };
         let d = digest(&header.digest)?;
         let repo = RepoName::parse(&header.repo).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.blobs.durable_stat(&d).map_err(|e| Status::internal(e.to_string()))? == Some(header.size) {
-            // Content addressing: the same digest is the same bytes.
+        let (store, dd) = (self.blobs.clone(), d.clone());
+        let present = tokio::task::spawn_blocking(move || store.durable_stat(&dd))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if present == Some(header.size) {
+            // Content addressing: the same digest is the same bytes. Counted in a write
+            // quorum: held from sweeps until its link applies here.
+            self.blobs.hold(&d);
             return Ok(Response::new(pb::PutBlobReply { size: header.size }));
         }
         let body = stream.map(|p| match p {
@@ -181,6 +190,7 @@ impl pb::blobs_server::Blobs for PeerServices {
             .put_stream(repo, &d, Some(header.size), Box::pin(body))
             .await
             .map_err(|e| Status::aborted(e.to_string()))?;
+        self.blobs.hold(&d);
         Ok(Response::new(pb::PutBlobReply { size }))
     }
 }
@@ -197,7 +207,7 @@ impl pb::uploads_server::Uploads for PeerServices {
 impl PeerServices {
     /// Receives a replica of an upload in progress: bytes are hashed and written as they
     /// arrive; the copy becomes visible only once `finish_digest` matches.
-    async fn receive_replica(&self, mut stream: Streaming<pb::ReplicaPart>) -> Result<u64, Status> {
+    async fn receive_replica(&self, mut stream: Streaming<pb::ReplicaPart>) -> Result<(u64, Digest), Status> {
         use pb::replica_part::Part;
         let start = match stream.next().await {
             Some(Ok(pb::ReplicaPart { part: Some(Part::Start(s)) })) => s,
@@ -241,7 +251,8 @@ impl PeerServices {
         let result = match (appended, finish) {
             (Ok(_), Some(d)) => {
                 let d = digest(&d)?;
-                self.blobs.finish(&id, &d).await.map(|(_, size)| size).map_err(|e| Status::aborted(e.to_string()))
+                let size = self.blobs.finish(&id, &d).await.map(|(_, size)| size);
+                size.map(|s| (s, d)).map_err(|e| Status::aborted(e.to_string()))
             }
             (Err(e), _) => Err(Status::aborted(e.to_string())),
             (Ok(_), None) => Err(Status::aborted("replica ended before its digest")),

@@ -71,6 +71,17 @@ pub fn spawn(meta: MetaNode, peers: Arc<Peers>, stop: CancellationToken) -> toki
             let oldest =
                 members.iter().map(|(id, ..)| known.get(id).copied().unwrap_or(0)).fold(PEER_PROTOCOL, u32::min);
             let oldest = if joined { oldest } else { 0 };
+            // the leader records in the log that every member speaks this protocol: from that
+            // entry on, every node applies and proposes what it adds
+            let recorded = meta.reader().protocol().map(|p| p.0).unwrap_or(u32::MAX);
+            let leads = meta.raft().metrics().borrow().current_leader == Some(meta.id());
+            if leads && oldest > recorded && oldest >= raftyard_raft::node::PROTOCOL_COLLECTIONS {
+                let ev = raftyard_types::Event::ClusterUpgraded { protocol: oldest };
+                match meta.propose(vec![ev]).await {
+                    Ok(()) => info!(protocol = oldest, "every member speaks this peer protocol: recorded in the log"),
+                    Err(e) => warn!(error = %e, "recording the members' peer protocol failed; trying again"),
+                }
+            }
             if oldest != meta.cluster_protocol() {
                 meta.set_cluster_protocol(oldest);
                 info!(

@@ -6,13 +6,13 @@
 //! | `m/` | `applied`, `membership` | bincode of LogId / StoredMembership |
 //! | `b/` | repo `\0` digest | blob size (u64 BE): the blob is linked in the repo |
 //! | `B/` | digest | [`crate::state::BlobInfo`] (size, holders): present while a repo links it |
-//! | `L/` | digest `\0` repo | link time, ms (u64 BE; empty for links made before layout 3): the repositories linking a blob (reverse of `b/`) |
+//! | `L/` | digest `\0` repo | link time, ms (u64 BE; empty for links made before protocol 3): the repositories linking a blob (reverse of `b/`) |
 //! | `M/` | repo `\0` digest | [`crate::state::ManifestRecord`] |
 //! | `t/` | repo `\0` tag | digest string |
-//! | `T/` | repo `\0` tag | when the tag was last set, ms (u64 BE); absent for tags set before it was kept |
+//! | `T/` | repo `\0` tag | when the tag was last set, ms (u64 BE); absent for tags set before protocol 3 |
 //! | `y/` | repository pattern | [`raftyard_types::lifecycle::RetentionPolicy`] |
 //! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
-//! | `f/` | repo `\0` digest `\0` manifest | empty: a manifest of the repo references the blob or child manifest (layout 3) |
+//! | `f/` | repo `\0` digest `\0` manifest | empty: a manifest of the repo references the blob or child manifest (from protocol 3) |
 //! | `R/` | repo | empty: the repository exists (catalog) |
 //! | `j/` | index (u64 BE) | versioned journal entry |
 //! | `a/u/` | user name | [`raftyard_types::access::UserRecord`] |
@@ -27,6 +27,9 @@ pub const APPLIED: &[u8] = b"m/applied";
 /// Version of the state's layout (u32 BE); absent: 1, before the `L/` index.
 pub const LAYOUT: &[u8] = b"m/layout";
 pub const MEMBERSHIP: &[u8] = b"m/membership";
+/// bincode of (u32, u64): the peer protocol every member speaks and when that was recorded
+/// (`ClusterUpgraded`); absent: 2 or older.
+pub const PROTOCOL: &[u8] = b"m/protocol";
 
 fn join(prefix: &[u8], parts: &[&str]) -> Vec<u8> {
     let mut k = prefix.to_vec();

@@ -227,8 +227,10 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
             if let Some(s) = subject {
                 tx.put(keys::referrer(r, &s.to_string(), &ds), vec![]);
             }
-            for d in refs {
-                tx.put(keys::reference(r, &d.to_string(), &ds), vec![]);
+            if protocol(tx)?.0 >= PROTOCOL_INDEXES {
+                for d in refs {
+                    tx.put(keys::reference(r, &d.to_string(), &ds), vec![]);
+                }
             }
         }
         Event::TagSet { repo, tag, digest, expect } => {
@@ -244,7 +246,9 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 }
             }
             tx.put(tk, digest.to_string().into_bytes());
-            tx.put(keys::tag_time(r, tag.as_str()), time_ms.to_be_bytes().to_vec());
+            if protocol(tx)?.0 >= PROTOCOL_INDEXES {
+                tx.put(keys::tag_time(r, tag.as_str()), time_ms.to_be_bytes().to_vec());
+            }
         }
         Event::TagDeleted { repo, tag } => {
             let tk = keys::tag(repo.as_str(), tag.as_str());
@@ -261,6 +265,7 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 tx.del(keys::tag_time(r, t));
             }
         }
+        Event::ClusterUpgraded { protocol } => upgrade(tx, *protocol, time_ms)?,
         Event::RetentionSet(p) => tx.put(keys::retention(p.repos.as_str()), enc(p)),
         Event::RetentionRemoved { repos } => {
             let k = keys::retention(repos.as_str());
@@ -306,11 +311,50 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
     Ok(Ok(()))
 }
 
-/// Links a blob into a repository, recording when (a collection keeps young links).
+/// The peer protocol every member speaks, as recorded by `ClusterUpgraded` (2: none recorded),
+/// and when it was recorded.
+fn protocol(tx: &Tx) -> Result<(u32, u64), sled::Error> {
+    Ok(tx.get(keys::PROTOCOL)?.and_then(|v| dec(&v)).unwrap_or((2, 0)))
+}
+
+/// The first protocol whose nodes keep link and tag times and the `f/` index.
+const PROTOCOL_INDEXES: u32 = 3;
+
+/// Records that every member speaks `to`; crossing into protocol 3, builds the `f/` index of
+/// what each manifest references, from the manifests stored so far.
+fn upgrade(tx: &mut Tx, to: u32, time_ms: u64) -> Result<(), sled::Error> {
+    let (from, _) = protocol(tx)?;
+    if to <= from {
+        return Ok(());
+    }
+    tx.put(keys::PROTOCOL.to_vec(), enc(&(to, time_ms)));
+    if from < PROTOCOL_INDEXES && to >= PROTOCOL_INDEXES {
+        // streamed from the tree (this entry writes neither prefix before): no copy of every
+        // manifest in memory
+        for kv in tx.tree.scan_prefix(keys::REFERENCES) {
+            tx.del(kv?.0.to_vec());
+        }
+        for kv in tx.tree.scan_prefix(keys::MANIFESTS) {
+            let (k, v) = kv?;
+            let Some((repo, digest)) = keys::suffix(&k, keys::MANIFESTS).split_once('\0') else { continue };
+            for d in dec::<ManifestRecord>(&v).as_ref().and_then(manifest_refs).unwrap_or_default() {
+                tx.put(keys::reference(repo, &d.to_string(), digest), vec![]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Links a blob into a repository, recording when from protocol 3 (a collection keeps young
+/// links; before, every node records nothing, as older releases did).
 fn link_blob(tx: &mut Tx, repo: &RepoName, digest: &Digest, size: u64, time_ms: u64) -> Result<(), sled::Error> {
     let ds = digest.to_string();
+    let at = match protocol(tx)?.0 >= PROTOCOL_INDEXES {
+        true => time_ms.to_be_bytes().to_vec(),
+        false => vec![],
+    };
     tx.put(keys::link(repo.as_str(), &ds), size.to_be_bytes().to_vec());
-    tx.put(keys::linked_by(&ds, repo.as_str()), time_ms.to_be_bytes().to_vec());
+    tx.put(keys::linked_by(&ds, repo.as_str()), at);
     tx.put(keys::repo(repo.as_str()), vec![]);
     let bk = keys::blob(&ds);
     if !tx.has(&bk)? {
@@ -363,6 +407,31 @@ fn delete_manifest(tx: &mut Tx, r: &str, ds: &str, rec: &ManifestRecord) -> Resu
     Ok(())
 }
 
+/// Whether manifest `d` of repository `r` is in use now: tagged, younger than the cut, listed
+/// by a manifest, or a referrer of a manifest in use (followed `depth` subjects deep; deeper
+/// counts as in use).
+fn in_use(
+    tx: &Tx,
+    r: &str,
+    d: &Digest,
+    tagged: &std::collections::HashSet<Vec<u8>>,
+    before_ms: u64,
+    depth: u32,
+) -> Result<bool, sled::Error> {
+    let ds = d.to_string();
+    let Some(rec) = tx.get(&keys::manifest(r, &ds))?.and_then(|v| dec::<ManifestRecord>(&v)) else {
+        return Ok(false);
+    };
+    if tagged.contains(ds.as_bytes()) || rec.created_ms >= before_ms || tx.any(&keys::references_to(r, &ds))? {
+        return Ok(true);
+    }
+    match &rec.subject {
+        Some(s) if depth == 0 => Ok(tx.has(&keys::manifest(r, &s.to_string()))?),
+        Some(s) => in_use(tx, r, s, tagged, before_ms, depth - 1),
+        None => Ok(false),
+    }
+}
+
 /// Applies a collection (see [`Event::Collected`]): each listed manifest and link goes only if
 /// it is garbage now.
 fn collect(
@@ -388,6 +457,12 @@ fn collect(
         // still listed by a manifest, or still the subject of a referrer
         if tx.any(&keys::references_to(r, &ds))? || tx.any(&keys::referrers_of(r, &ds))? {
             continue;
+        }
+        // a referrer of a manifest that is in use again (tagged, pushed, listed since the plan)
+        if let Some(subject) = &rec.subject {
+            if in_use(tx, r, subject, &tagged[r], before_ms, 8)? {
+                continue;
+            }
         }
         delete_manifest(tx, r, &ds, &rec)?;
     }
@@ -536,6 +611,12 @@ impl StateReader {
             h.update(&v);
         }
         Ok((applied, hex::encode(h.finalize())))
+    }
+
+    /// The peer protocol every member speaks as the state records it (`ClusterUpgraded`; 2
+    /// when none is recorded), and when it was recorded (ms since the epoch).
+    pub fn protocol(&self) -> std::io::Result<(u32, u64)> {
+        Ok(self.tree.get(keys::PROTOCOL).map_err(io)?.and_then(|v| dec(&v)).unwrap_or((2, 0)))
     }
 
     /// Changes when a collection applied (its log index) or a snapshot was installed: then the
@@ -773,43 +854,30 @@ pub struct StateMachine {
 }
 
 /// The current version of the state's layout.
-const LAYOUT: u32 = 3;
+const LAYOUT: u32 = 2;
 
 /// Brings a state written by an earlier version to the current layout, in one batch; derived
 /// keys only, so every node that does it ends with the same state.
 /// - 1 → 2: the `L/` index of the repositories linking each blob, built from `b/`.
-/// - 2 → 3: the `f/` index of what each manifest references, built from `M/` (any `f/` keys
-///   already there, from a snapshot of a newer node, are built again).
+///
+/// (What protocol 3 adds is built by `ClusterUpgraded` as it applies, at the same entry on
+/// every node: a node of an older release cannot keep such an index up to date, so it must
+/// not start before every member maintains it.)
 fn migrate(state: &sled::Tree) -> Result<(), sled::Error> {
     let version = state.get(keys::LAYOUT)?.and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes));
-    let version = version.unwrap_or(1);
-    if version >= LAYOUT {
+    if version.unwrap_or(1) >= LAYOUT {
         return Ok(());
     }
     let mut batch = sled::Batch::default();
-    if version < 2 {
-        for kv in state.scan_prefix(keys::LINKS) {
-            let (k, _) = kv?;
-            if let Some((repo, digest)) = keys::suffix(&k, keys::LINKS).split_once('\0') {
-                batch.insert(keys::linked_by(digest, repo), vec![]);
-            }
-        }
-    }
-    let mut refs = 0u64;
-    for kv in state.scan_prefix(keys::REFERENCES) {
-        batch.remove(kv?.0);
-    }
-    for kv in state.scan_prefix(keys::MANIFESTS) {
-        let (k, v) = kv?;
-        let Some((repo, digest)) = keys::suffix(&k, keys::MANIFESTS).split_once('\0') else { continue };
-        for d in dec::<ManifestRecord>(&v).as_ref().and_then(manifest_refs).unwrap_or_default() {
-            batch.insert(keys::reference(repo, &d.to_string(), digest), vec![]);
-            refs += 1;
+    for kv in state.scan_prefix(keys::LINKS) {
+        let (k, _) = kv?;
+        if let Some((repo, digest)) = keys::suffix(&k, keys::LINKS).split_once('\0') {
+            batch.insert(keys::linked_by(digest, repo), vec![]);
         }
     }
     batch.insert(keys::LAYOUT, LAYOUT.to_be_bytes().to_vec());
     state.apply_batch(batch)?;
-    tracing::info!(from = version, layout = LAYOUT, references = refs, "metadata state migrated to the current layout");
+    tracing::info!(layout = LAYOUT, "metadata state migrated to the current layout");
     Ok(())
 }
 

@@ -31,6 +31,13 @@ impl Fixture {
         Fixture { _dir: dir, sm, next: 1, base: 0 }
     }
 
+    /// A fixture whose log starts with every member at protocol 3.
+    async fn upgraded() -> Self {
+        let mut f = Fixture::new();
+        f.apply(vec![Event::ClusterUpgraded { protocol: 3 }]).await.unwrap();
+        f
+    }
+
     fn now(&self) -> u64 {
         self.base + 1000 + self.next
     }
@@ -161,7 +168,7 @@ async fn scene(f: &mut Fixture) -> Scene {
 
 #[tokio::test]
 async fn a_collection_takes_what_nothing_references_and_keeps_index_children_and_referrers() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     // a layer uploaded just now, its manifest not pushed yet: younger than the cut
     let young = blob("young");
@@ -198,7 +205,7 @@ async fn a_collection_takes_what_nothing_references_and_keeps_index_children_and
 
 #[tokio::test]
 async fn without_untagged_only_unreferenced_links_go() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     let plan = f.plan(false);
     assert!(plan.manifests.is_empty());
@@ -212,7 +219,7 @@ async fn without_untagged_only_unreferenced_links_go() {
 /// application: each keeps what it uses.
 #[tokio::test]
 async fn pushes_between_the_plan_and_its_application_keep_what_they_use() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     let plan = f.plan(true);
     // the untagged image is tagged again
@@ -223,12 +230,11 @@ async fn pushes_between_the_plan_and_its_application_keep_what_they_use() {
     assert!(f.has_manifest("a", &s.untagged), "tagged since the plan");
     assert!(f.linked("a", &s.only_untagged), "its layer stays");
     assert!(f.linked("a", &s.orphan) && f.has_manifest("a", &new), "referenced since the plan");
-    // its referrer went: it was garbage when decided (its subject untagged), and nothing
-    // refers to a referrer
-    assert!(!f.has_manifest("a", &s.dead_sig));
+    // and so is its referrer: its subject is in use again
+    assert!(f.has_manifest("a", &s.dead_sig));
 
     // a referrer pushed since the plan keeps its subject
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     let plan = f.plan(true);
     let sig = f.push("a", &image(&s.config, &[], Some(&s.untagged))).await.unwrap();
@@ -237,7 +243,7 @@ async fn pushes_between_the_plan_and_its_application_keep_what_they_use() {
     assert!(f.linked("a", &s.only_untagged));
 
     // a layer uploaded again after the plan is young again
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     let plan = f.plan(false);
     f.link("a", &s.orphan).await;
@@ -249,7 +255,7 @@ async fn pushes_between_the_plan_and_its_application_keep_what_they_use() {
 /// uploads again), and a mount of it finds nothing to mount.
 #[tokio::test]
 async fn after_the_collection_a_push_of_a_collected_blob_uploads_again() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     let plan = f.plan(true);
     f.collect(&plan).await;
@@ -271,7 +277,7 @@ async fn after_the_collection_a_push_of_a_collected_blob_uploads_again() {
 /// blob whose files are being removed.
 #[tokio::test]
 async fn a_mount_racing_the_collection_of_its_blob_is_refused() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let s = scene(&mut f).await;
     // the mount checked that `a` links the orphan layer; then the collection applies
     let plan = f.plan(false);
@@ -284,7 +290,7 @@ async fn a_mount_racing_the_collection_of_its_blob_is_refused() {
 /// batch of its own; a referrer's subject goes after the referrer.
 #[tokio::test]
 async fn untagged_chains_go_parents_first_across_batches() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let (c, l) = (blob("c"), blob("l"));
     f.link("a", &c).await;
     f.link("a", &l).await;
@@ -308,7 +314,7 @@ async fn untagged_chains_go_parents_first_across_batches() {
         assert!(!f.has_manifest("a", m), "{m} collected");
     }
     // in the wrong order nothing goes: the child is still listed by the index
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     f.link("a", &c).await;
     f.link("a", &l).await;
     let child = f.push("a", &image(&c, &[&l], None)).await.unwrap();
@@ -326,7 +332,7 @@ async fn untagged_chains_go_parents_first_across_batches() {
 /// A blob linked in two repositories stays in the registry until both links go.
 #[tokio::test]
 async fn a_blob_leaves_the_registry_with_its_last_link() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let x = blob("x");
     f.link("a", &x).await;
     f.link("b", &x).await;
@@ -341,44 +347,35 @@ async fn a_blob_leaves_the_registry_with_its_last_link() {
     assert!(!f.linked("a", &x) && f.linked("b", &x) && f.in_registry(&x));
 }
 
-/// A state written before layout 3 gets the index of what manifests reference when opened, so
-/// a collection keeps the links they use.
+/// What protocol 3 keeps (link times, the reference index) starts at the `ClusterUpgraded`
+/// entry, on every node alike: manifests pushed before it are indexed as it applies, links made
+/// before it count as old.
 #[tokio::test]
-async fn an_earlier_layout_gets_the_reference_index() {
-    let dir = tempfile::tempdir().unwrap();
+async fn the_upgrade_entry_indexes_what_was_pushed_before_it() {
+    let mut f = Fixture::new();
     let (c, l, orphan) = (blob("c"), blob("l"), blob("orphan"));
-    let m;
-    {
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-        let mut f = Fixture { _dir: tempfile::tempdir().unwrap(), sm, next: 1, base: 0 };
-        for b in [&c, &l, &orphan] {
-            f.link("a", b).await;
-        }
-        m = f.push("a", &image(&c, &[&l], None)).await.unwrap();
-        f.tag("a", "t", &m).await;
-        // what layout 2 held: no reference index, link times empty
-        let state = db.open_tree("state").unwrap();
-        for k in state.scan_prefix(b"f/").keys() {
-            state.remove(k.unwrap()).unwrap();
-        }
-        for k in state.scan_prefix(b"L/").keys() {
-            state.insert(k.unwrap(), vec![]).unwrap();
-        }
-        state.insert(b"m/layout", 2u32.to_be_bytes().to_vec()).unwrap();
-        drop(f);
-        db.flush().unwrap();
+    for b in [&c, &l, &orphan] {
+        f.link("a", b).await;
     }
-    let db = sled::Config::new().path(dir.path()).open().unwrap();
-    let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-    let mut f = Fixture { _dir: dir, sm, next: 100, base: 0 };
-    // a plan that ignored the manifest would take every link: apply one that lists them all
-    let all = [&c, &l, &orphan].iter().map(|d| (repo("a"), (*d).clone())).collect();
-    let ev = Event::Collected { as_of: 0, before_ms: f.now(), manifests: vec![], links: all };
+    let m = f.push("a", &image(&c, &[&l], None)).await.unwrap();
+    f.tag("a", "t", &m).await;
+    assert_eq!(f.sm.reader().protocol().unwrap().0, 2, "nothing recorded yet");
+    f.apply(vec![Event::ClusterUpgraded { protocol: 3 }]).await.unwrap();
+    assert_eq!(f.sm.reader().protocol().unwrap().0, 3);
+    let fresh = blob("fresh");
+    f.link("a", &fresh).await;
+    // a collection that lists every link, with a cut older than any command: it keeps those
+    // the manifest references and the one linked with a time; the others have none
+    let all = [&c, &l, &orphan, &fresh].iter().map(|d| (repo("a"), (*d).clone())).collect();
+    let ev = Event::Collected { as_of: 0, before_ms: 1, manifests: vec![], links: all };
     f.apply(vec![ev]).await.unwrap();
     assert!(f.linked("a", &c) && f.linked("a", &l), "referenced by the tagged manifest");
-    assert!(!f.linked("a", &orphan), "links of layout 2 count as old");
+    assert!(f.linked("a", &fresh), "linked after the upgrade: its time is known");
+    assert!(!f.linked("a", &orphan), "linked before: no time, old");
     assert!(f.has_manifest("a", &m));
+    // an older protocol recorded again changes nothing
+    f.apply(vec![Event::ClusterUpgraded { protocol: 2 }]).await.unwrap();
+    assert_eq!(f.sm.reader().protocol().unwrap().0, 3);
 }
 
 const DAY: u64 = 86_400_000;
@@ -420,7 +417,7 @@ impl Fixture {
 /// than the age; the rest expire, and the journal says so.
 #[tokio::test]
 async fn retention_keeps_the_pattern_the_newest_and_the_young() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     for t in ["v1.0", "a", "b", "c", "d", "e"] {
         f.tagged("ci/app", t).await;
     }
@@ -459,7 +456,7 @@ async fn retention_keeps_the_pattern_the_newest_and_the_young() {
 /// matching policy does not let it go.
 #[tokio::test]
 async fn retention_keeps_what_changed_since_the_plan_and_what_any_policy_keeps() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     for t in ["a", "b", "c", "d"] {
         f.tagged("ci/app", t).await;
     }
@@ -482,7 +479,7 @@ async fn retention_keeps_what_changed_since_the_plan_and_what_any_policy_keeps()
 /// (the dry run names them), but not children of a kept index.
 #[tokio::test]
 async fn retention_takes_old_untagged_manifests_with_the_expired_tags() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::upgraded().await;
     let old = f.tagged("ci/app", "old").await;
     let kept = f.tagged("ci/app", "kept").await;
     f.base += DAY;

@@ -41,8 +41,8 @@ pub async fn list(node: &str, tls: &TlsDir, json: bool) -> anyhow::Result<()> {
     }
     let opt = |v: Option<u32>| v.map_or("-".to_string(), |n| n.to_string());
     println!(
-        "{:<32} {:>9} {:>13} {:>22} {}",
-        "REPOSITORIES", "KEEP LAST", "MAX AGE DAYS", "UNTAGGED MAX AGE DAYS", "KEEP PATTERN"
+        "{:<32} {:>9} {:>13} {:>22} KEEP PATTERN",
+        "REPOSITORIES", "KEEP LAST", "MAX AGE DAYS", "UNTAGGED MAX AGE DAYS"
     );
     for p in all {
         println!(

@@ -146,8 +146,8 @@ impl Registry {
 
     /// Links a blob the registry already holds into another repository (a mount). `false`:
     /// no repository links the blob any more (its files may be collected), so it is not
-    /// mountable. A cluster with a member of an older release links it as before (no
-    /// collection runs there).
+    /// mountable. Until the log records that every member speaks protocol 3, it links the
+    /// blob as older releases did (no collection runs before then).
     pub(crate) async fn link_existing(
         &self,
         repo: &RepoName,
@@ -155,7 +155,8 @@ impl Registry {
         size: u64,
     ) -> Result<bool, RegistryError> {
         let (repo, digest) = (repo.clone(), digest.clone());
-        let ev = match self.meta.cluster_protocol() >= raftyard_raft::node::PROTOCOL_COLLECTIONS {
+        let recorded = self.meta.reader().protocol()?.0;
+        let ev = match recorded >= raftyard_raft::node::PROTOCOL_COLLECTIONS {
             true => Event::BlobMounted { repo, digest, size },
             false => Event::BlobLinked { repo, digest, size },
         };

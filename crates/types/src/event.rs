@@ -147,6 +147,14 @@ pub enum Event {
         manifests: Vec<(RepoName, Digest)>,
         links: Vec<(RepoName, Digest)>,
     },
+    /// Every member speaks peer protocol `protocol` (proposed by the leader once it has heard so
+    /// from each): from this entry on, every node applies what that protocol adds (for 3: link
+    /// and tag times, the index of what manifests reference, built when this applies), and
+    /// nodes propose its events (`BlobMounted`, `Collected`, retention). Recorded in the state,
+    /// so every node switches at the same entry, whatever it knew of the others' versions.
+    ClusterUpgraded {
+        protocol: u32,
+    },
     /// A retention policy is stored for its pattern (replacing any other for it).
     RetentionSet(RetentionPolicy),
     /// The retention policy of exactly this pattern goes.
@@ -255,6 +263,7 @@ impl Event {
                 json!({"type":"Collected","asOf":as_of,"before":before_ms,
                        "manifests":pairs(manifests),"links":pairs(links)})
             }
+            Event::ClusterUpgraded { protocol } => json!({"type":"ClusterUpgraded","protocol":protocol}),
             Event::RetentionSet(p) => json!({"type":"RetentionSet","policy":p}),
             Event::RetentionRemoved { repos } => json!({"type":"RetentionRemoved","repos":repos}),
             Event::TagExpired { repo, tag, digest } => {

@@ -41,12 +41,10 @@ impl RetentionPolicy {
         Ok(())
     }
 
-    /// The keep pattern, compiled (`None`: none, or one that does not compile, which keeps
-    /// every tag: a stored policy is never more eager than what was checked).
-    pub fn keeps(&self) -> Result<Option<regex::Regex>, ()> {
-        match &self.keep_pattern {
-            None => Ok(None),
-            Some(p) => regex::Regex::new(p).map(Some).map_err(|_| ()),
-        }
+    /// The keep pattern, compiled: `Ok(None)` without one, `Err` for one that no longer
+    /// compiles (a policy stored by another release): such a policy keeps every tag, it is
+    /// never more eager than what was checked.
+    pub fn keeps(&self) -> Result<Option<regex::Regex>, regex::Error> {
+        self.keep_pattern.as_deref().map(regex::Regex::new).transpose()
     }
 }
