@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Garbage collection of a large store, side by side with docker-registry's.
 #
-# COUNT small images (a layer and a config each: 2 × COUNT blobs) are pushed to docker-registry
-# (CNCF Distribution) and imported into a three-node raftyard cluster (cluster/local/up.sh, on
+# COUNT small images (a layer and a config each: 2 × COUNT blobs) are written into a
+# docker-registry (CNCF Distribution) filesystem store (benches/gc/layout.py) and imported into a three-node raftyard cluster (cluster/local/up.sh, on
 # its ports 5001-5003, 5101-5103, 6000, 7000, 7500); then every other image is deleted from both,
 # through the API. docker-registry's `garbage-collect` runs with the registry stopped, as its
 # documentation requires. `raftyard gc` runs online while CLIENTS clients push small images
@@ -49,9 +49,11 @@ YML
 start_dist() { docker-registry serve "$work/dist.yml" >"$work/dist.log" 2>&1 & dist=$!; wait_http http://127.0.0.1:5900/v2/; }
 stop_dist() { kill "$dist"; wait "$dist" 2>/dev/null || true; dist=; }
 
-echo "== filling docker-registry with $count images ($((2 * count)) blobs)"
+echo "== a docker-registry store of $count images ($((2 * count)) blobs)"
+python3 benches/gc/layout.py "$root" "$count"
 start_dist
-python3 benches/import/fill.py http://127.0.0.1:5900 small "$count" 8
+curl -fs -o /dev/null -H 'accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://127.0.0.1:5900/v2/bench/r1/manifests/t1" || { echo "docker-registry does not serve the store" >&2; exit 1; }
 stop_dist
 echo "== a three-node raftyard cluster, the same content imported"
 cluster/local/up.sh >/dev/null

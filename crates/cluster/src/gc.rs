@@ -227,10 +227,10 @@ async fn run(
 const UPGRADE_SETTLE: Duration = Duration::from_secs(10);
 
 /// Fails unless the log records that every member applies `Collected`, `BlobMounted` and the
-/// retention events (`ClusterUpgraded`); waits for that (up to 15 s: a cluster just started,
+/// retention events (`ClusterUpgraded`); waits for that (up to 30 s: a cluster just started,
 /// or just upgraded) and for [`UPGRADE_SETTLE`] after it. Call after a read barrier.
 pub(crate) async fn require_collections(meta: &MetaNode) -> Result<(), ProposeError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (p, at) = meta.reader().protocol().map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         let age = Duration::from_millis(now_ms().saturating_sub(at));

@@ -75,7 +75,8 @@ pub fn spawn(meta: MetaNode, peers: Arc<Peers>, stop: CancellationToken) -> toki
             // entry on, every node applies and proposes what it adds
             let recorded = meta.reader().protocol().map(|p| p.0).unwrap_or(u32::MAX);
             let leads = meta.raft().metrics().borrow().current_leader == Some(meta.id());
-            if leads && oldest > recorded && oldest >= raftyard_raft::node::PROTOCOL_COLLECTIONS {
+            let unrecorded = oldest > recorded && oldest >= raftyard_raft::node::PROTOCOL_COLLECTIONS;
+            if leads && unrecorded {
                 let ev = raftyard_types::Event::ClusterUpgraded { protocol: oldest };
                 match meta.propose(vec![ev]).await {
                     Ok(()) => info!(protocol = oldest, "every member speaks this peer protocol: recorded in the log"),
@@ -93,7 +94,8 @@ pub fn spawn(meta: MetaNode, peers: Arc<Peers>, stop: CancellationToken) -> toki
             let every = if !joined {
                 // waiting for the first membership: nothing to ask, so look again soon
                 Duration::from_millis(100)
-            } else if members.iter().all(|(id, ..)| known.contains_key(id)) {
+            } else if !unrecorded && members.iter().all(|(id, ..)| known.contains_key(id)) {
+                // (while the protocol waits to be recorded, whoever leads next records it soon)
                 Duration::from_secs(10)
             } else {
                 Duration::from_millis(500)

@@ -26,7 +26,8 @@ pub(crate) async fn client(addr: &str, tls: &TlsDir) -> anyhow::Result<AdminClie
         .connect()
         .await
         .with_context(|| format!("connecting to the peer port {addr}"))?;
-    Ok(AdminClient::new(ch))
+    // reports name every item (a collection of 100,000 links is about 8 MB of JSON)
+    Ok(AdminClient::new(ch).max_decoding_message_size(1 << 30))
 }
 
 async fn status_of(addr: &str, tls: &TlsDir) -> anyhow::Result<StatusReply> {

@@ -657,6 +657,13 @@ async fn names_catalog_and_methods(e: Env) {
 #[tokio::test]
 async fn event_journal_over_http_and_cli() {
     let e = env();
+    // the leader records the members' protocol on its own, soon after it starts: after that,
+    // only this test writes
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !e.get("/v2/_raftyard/events?since=0").await.text().await.unwrap().contains("ClusterUpgraded") {
+        assert!(std::time::Instant::now() < deadline, "ClusterUpgraded recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let md = push_image(&e.c, e.n(), "ev", "v1", b"e").await;
     e.delete("/v2/ev/manifests/v1").await;
     let r = e.get("/v2/_raftyard/events?since=yesterday").await;
@@ -670,7 +677,16 @@ async fn event_journal_over_http_and_cli() {
         .collect();
     assert_eq!(
         kinds,
-        vec!["BlobLinked", "BlobPlaced", "BlobLinked", "BlobPlaced", "ManifestPut", "TagSet", "TagDeleted"]
+        vec![
+            "ClusterUpgraded",
+            "BlobLinked",
+            "BlobPlaced",
+            "BlobLinked",
+            "BlobPlaced",
+            "ManifestPut",
+            "TagSet",
+            "TagDeleted"
+        ]
     );
     let put = entries.iter().find(|e| e["events"][0]["type"] == "ManifestPut").unwrap();
     assert_eq!(put["events"][0]["digest"], md.as_str());
