@@ -333,7 +333,7 @@ pub fn spawn_schedule(
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.cancelled() => return,
             }
-            let leads = meta.raft().metrics().borrow().current_leader == Some(meta.id());
+            let leads = meta.is_leader();
             if !leads {
                 continue;
             }

@@ -73,7 +73,7 @@ pub fn spawn_schedule(meta: MetaNode, every: Duration, stop: CancellationToken) 
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.cancelled() => return,
             }
-            let leads = meta.raft().metrics().borrow().current_leader == Some(meta.id());
+            let leads = meta.is_leader();
             if !leads || meta.reader().retention_policies().map(|p| p.is_empty()).unwrap_or(true) {
                 continue;
             }

@@ -74,7 +74,7 @@ pub fn spawn(meta: MetaNode, peers: Arc<Peers>, stop: CancellationToken) -> toki
             // the leader records in the log that every member speaks this protocol: from that
             // entry on, every node applies and proposes what it adds
             let recorded = meta.reader().protocol().map(|p| p.0).unwrap_or(u32::MAX);
-            let leads = meta.raft().metrics().borrow().current_leader == Some(meta.id());
+            let leads = meta.is_leader();
             let unrecorded = oldest > recorded && oldest >= raftyard_raft::node::PROTOCOL_COLLECTIONS;
             if leads && unrecorded {
                 let ev = raftyard_types::Event::ClusterUpgraded { protocol: oldest };

@@ -289,6 +289,11 @@ impl MetaNode {
         self.cluster_protocol() >= PROTOCOL_PROPOSAL_IDS
     }
 
+    /// Whether this node is the leader, as far as it knows.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
     /// Whether this node votes in the current membership.
     pub fn is_voter(&self) -> bool {
         self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == self.id)

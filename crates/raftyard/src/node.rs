@@ -552,7 +552,7 @@ async fn first_signing_key(meta: MetaNode, stop: CancellationToken) {
             if meta.reader().access().is_ok_and(|(_, s)| !s.keys.is_empty()) {
                 return;
             }
-            if meta.raft().metrics().borrow().current_leader == Some(meta.id()) {
+            if meta.is_leader() {
                 let key = raftyard_auth::token::new_signing_key(raftyard_types::event::now_ms());
                 match meta.propose(vec![raftyard_types::Event::SigningKeyAdded { key, only_if_none: true }]).await {
                     Ok(()) => info!("token signing key made"),
