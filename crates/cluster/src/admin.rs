@@ -1,9 +1,11 @@
 //! Membership and status over the peer port: what `raftyard cluster status|add|remove` use.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
+use raftyard_types::access::RepoGlob;
 use raftyard_raft::{NodeAddr, NodeId, ProposeError};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -133,6 +135,58 @@ impl pb::admin_server::Admin for PeerServices {
         tracing::info!(target: "raftyard::audit", "{line}");
         match result {
             Ok(json) => Ok(Response::new(pb::RetentionReply { json })),
+            Err(raftyard_raft::ProposeError::Rejected(rej)) => Err(Status::failed_precondition(rej.to_string())),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    async fn quota(&self, req: Request<pb::QuotaRequest>) -> Result<Response<pb::QuotaReply>, Status> {
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let err = codec::propose_error_to_status;
+        let io = |e: std::io::Error| Status::internal(e.to_string());
+        self.meta.read_barrier().await.map_err(err)?;
+        let reader = self.meta.reader();
+        if req.list {
+            let all = reader.quotas().map_err(io)?;
+            return Ok(Response::new(pb::QuotaReply { json: serde_json::to_string(&all).expect("json") }));
+        }
+        if !req.usage.is_empty() {
+            let glob = RepoGlob::parse(&req.usage).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let mut all = Vec::new();
+            loop {
+                let last = all.last().map(|u: &raftyard_types::lifecycle::RepoUsage| u.repository.clone());
+                let page = reader.usage(Some(&glob), last.as_deref(), 10_000).map_err(io)?;
+                if page.is_empty() {
+                    break;
+                }
+                all.extend(page);
+            }
+            return Ok(Response::new(pb::QuotaReply { json: serde_json::to_string(&all).expect("json") }));
+        }
+        crate::versions::require_protocol(&self.meta, raftyard_raft::node::PROTOCOL_QUOTAS, Duration::ZERO)
+            .await
+            .map_err(err)?;
+        let event = if !req.set.is_empty() {
+            let q: raftyard_types::lifecycle::Quota =
+                bincode::deserialize(&req.set).map_err(|e| Status::invalid_argument(format!("quota: {e}")))?;
+            raftyard_types::Event::QuotaSet(q)
+        } else if !req.remove.is_empty() {
+            let repos = RepoGlob::parse(&req.remove).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            raftyard_types::Event::QuotaRemoved { repos }
+        } else {
+            return Err(Status::invalid_argument("set, remove, list or usage"));
+        };
+        let what = event.to_json();
+        let result = self.meta.propose(vec![event]).await;
+        let line = serde_json::json!({
+            "audit": "quota", "node": self.meta.id(), "actor": req.actor,
+            "from": remote.map(|a| a.to_string()), "what": what,
+            "result": match &result { Ok(_) => "applied".to_string(), Err(e) => e.to_string() },
+        });
+        tracing::info!(target: "raftyard::audit", "{line}");
+        match result {
+            Ok(()) => Ok(Response::new(pb::QuotaReply { json: String::new() })),
             Err(raftyard_raft::ProposeError::Rejected(rej)) => Err(Status::failed_precondition(rej.to_string())),
             Err(e) => Err(err(e)),
         }

@@ -227,29 +227,9 @@ async fn run(
 const UPGRADE_SETTLE: Duration = Duration::from_secs(10);
 
 /// Fails unless the log records that every member applies `Collected`, `BlobMounted` and the
-/// retention events (`ClusterUpgraded`); waits for that (up to 30 s: a cluster just started,
-/// or just upgraded) and for [`UPGRADE_SETTLE`] after it. Call after a read barrier.
+/// retention events, and has for [`UPGRADE_SETTLE`] (see [`crate::versions::require_protocol`]).
 pub(crate) async fn require_collections(meta: &MetaNode) -> Result<(), ProposeError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (p, at) = meta.reader().protocol().map_err(|e| ProposeError::Unavailable(e.to_string()))?;
-        let age = Duration::from_millis(now_ms().saturating_sub(at));
-        if p >= PROTOCOL_COLLECTIONS && age >= UPGRADE_SETTLE {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ProposeError::Unavailable(match (p >= PROTOCOL_COLLECTIONS, meta.cluster_protocol()) {
-                (true, _) => "the cluster was upgraded a moment ago: try again in a few seconds".into(),
-                (false, 0) => "the versions of the members are not known yet (is every member up?)".into(),
-                (false, c) if c < PROTOCOL_COLLECTIONS => format!(
-                    "a member runs an older release (peer protocol {c} < {PROTOCOL_COLLECTIONS}): upgrade every node first"
-                ),
-                (false, _) => "every member speaks protocol 3, the leader has not recorded it yet: try again".into(),
-            }));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        meta.read_barrier().await?;
-    }
+    crate::versions::require_protocol(meta, PROTOCOL_COLLECTIONS, UPGRADE_SETTLE).await
 }
 
 /// Sweeps this node's blob files after each collection, until `stop`.

@@ -150,6 +150,8 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         | Event::ClusterUpgraded { .. }
         | Event::RetentionSet(_)
         | Event::RetentionRemoved { .. }
-        | Event::TagExpired { .. } => vec![],
+        | Event::TagExpired { .. }
+        | Event::QuotaSet(_)
+        | Event::QuotaRemoved { .. } => vec![],
     }
 }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use raftyard_raft::{MetaNode, NodeId};
+use raftyard_raft::{MetaNode, NodeId, ProposeError};
+use raftyard_types::event::now_ms;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -17,10 +18,37 @@ use crate::pb::VersionRequest;
 use crate::peers::Peers;
 
 /// The peer protocol this release speaks: 2 adds proposal ids in log entries and forwarded
-/// proposals (`VersionedCommand::V2`); 3 the `BlobMounted` and `Collected` events.
-pub const PEER_PROTOCOL: u32 = 3;
+/// proposals (`VersionedCommand::V2`); 3 the `BlobMounted` and `Collected` events; 4 usage
+/// figures and the quota events.
+pub const PEER_PROTOCOL: u32 = 4;
 /// The first protocol with proposal ids: a member below it cannot read entries that carry them.
 pub(crate) const PROPOSAL_IDS: u32 = raftyard_raft::node::PROTOCOL_PROPOSAL_IDS;
+
+/// Fails unless the log records that every member speaks peer protocol `want`
+/// (`ClusterUpgraded`), recorded at least `settle` ago; waits for that up to 30 s (a cluster
+/// just started, or just upgraded). Call after a read barrier.
+pub(crate) async fn require_protocol(meta: &MetaNode, want: u32, settle: Duration) -> Result<(), ProposeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (p, at) = meta.reader().protocol().map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let age = Duration::from_millis(now_ms().saturating_sub(at));
+        if p >= want && age >= settle {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ProposeError::Unavailable(match (p >= want, meta.cluster_protocol()) {
+                (true, _) => "the cluster was upgraded a moment ago: try again in a few seconds".into(),
+                (false, 0) => "the versions of the members are not known yet (is every member up?)".into(),
+                (false, c) if c < want => {
+                    format!("a member runs an older release (peer protocol {c} < {want}): upgrade every node first")
+                }
+                (false, _) => format!("every member speaks protocol {want}, the leader has not recorded it yet: try again"),
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        meta.read_barrier().await?;
+    }
+}
 
 /// Asks one peer for its protocol: `None` if it could not be reached.
 pub(crate) async fn protocol_of(peers: &Peers, addr: &str) -> Option<u32> {

@@ -11,6 +11,8 @@
 //! | `t/` | repo `\0` tag | digest string |
 //! | `T/` | repo `\0` tag | when the tag was last set, ms (u64 BE); absent for tags set before protocol 3 |
 //! | `y/` | repository pattern | [`raftyard_types::lifecycle::RetentionPolicy`] |
+//! | `u/` | repo | [`raftyard_types::lifecycle::Usage`]: what the repository holds (from protocol 4; absent: nothing) |
+//! | `q/` | repository pattern | [`raftyard_types::lifecycle::QuotaUsage`]: a quota and what its repositories hold |
 //! | `r/` | repo `\0` subject `\0` referrer | empty: referrers index |
 //! | `f/` | repo `\0` digest `\0` manifest | empty: a manifest of the repo references the blob or child manifest (from protocol 3) |
 //! | `R/` | repo | empty: the repository exists (catalog) |
@@ -71,6 +73,14 @@ pub fn tag_time(repo: &str, tag: &str) -> Vec<u8> {
 pub const RETENTION: &[u8] = b"y/";
 pub fn retention(repos: &str) -> Vec<u8> {
     join(RETENTION, &[repos])
+}
+pub const USAGE: &[u8] = b"u/";
+pub fn usage(repo: &str) -> Vec<u8> {
+    join(USAGE, &[repo])
+}
+pub const QUOTAS: &[u8] = b"q/";
+pub fn quota(repos: &str) -> Vec<u8> {
+    join(QUOTAS, &[repos])
 }
 /// Prefix of all tags of a repository.
 pub fn tags_of(repo: &str) -> Vec<u8> {

@@ -2,7 +2,8 @@
 //! store, and the event-sourced state machine that folds [`Command`]s into repository state
 //! (manifests, tags, blob links and placements) and keeps the event journal; consistent
 //! snapshots for online backups and seeding a node from one ([`backup`]), and the offline
-//! recovery of a backup into a cluster of one ([`recover`]); garbage collection and retention plans ([`gc`], [`retention`]).
+//! recovery of a backup into a cluster of one ([`recover`]); garbage collection and retention plans ([`gc`], [`retention`]); what repositories hold and
+//! the quotas over them ([`quota`]).
 //!
 //! Owns the `meta/` sled database under the data directory. It never touches blob files and
 //! never speaks HTTP; the network between nodes is supplied from outside through openraft's
@@ -17,6 +18,7 @@ pub mod keys;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod quota;
 pub mod recover;
 pub mod retention;
 pub mod state;

@@ -144,6 +144,8 @@ impl Retry {
 pub const PROTOCOL_PROPOSAL_IDS: u32 = 2;
 /// The first peer protocol whose nodes apply [`Event::BlobMounted`] and [`Event::Collected`].
 pub const PROTOCOL_COLLECTIONS: u32 = 3;
+/// The first peer protocol whose nodes keep usage figures and apply [`Event::QuotaSet`].
+pub const PROTOCOL_QUOTAS: u32 = 4;
 
 /// One member of the metadata Raft group.
 #[derive(Clone)]

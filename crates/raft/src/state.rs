@@ -17,6 +17,7 @@ use raftyard_types::access::{
     AccessState, Actions, Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord, KEYS_KEPT,
 };
 use raftyard_types::event::VersionedJournalEntry;
+use raftyard_types::lifecycle::{QuotaUsage, Usage};
 use raftyard_types::{Command, Digest, Event, JournalEntry, Outcome, Rejection, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -165,14 +166,14 @@ fn remember_proposal(tx: &mut Tx, id: u64, time_ms: u64, index: u64, outcome: &O
 /// Applies one event to the pending writes. Returns a rejection if the event cannot apply.
 fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejection>, sled::Error> {
     match ev {
-        Event::BlobLinked { repo, digest, size } => link_blob(tx, repo, digest, *size, time_ms)?,
+        Event::BlobLinked { repo, digest, size } => return link_blob(tx, repo, digest, *size, time_ms),
         Event::BlobMounted { repo, digest, size } => {
             // the blob must still be in the registry: once no repository links it, a collection
             // may remove its files at any time
             if !tx.has(&keys::blob(&digest.to_string()))? {
                 return Ok(Err(Rejection::BlobUnknown(digest.clone())));
             }
-            link_blob(tx, repo, digest, *size, time_ms)?;
+            return link_blob(tx, repo, digest, *size, time_ms);
         }
         Event::BlobUnlinked { repo, digest } => {
             let ds = digest.to_string();
@@ -215,6 +216,12 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
                 return Ok(Err(Rejection::ManifestBlobUnknown(missing)));
             }
             let ds = digest.to_string();
+            if !tx.has(&keys::manifest(r, &ds))? {
+                let adds = Usage { bytes: bytes.len() as u64, blobs: 0, manifests: 1 };
+                if let Err(rej) = account(tx, r, adds, 1)? {
+                    return Ok(Err(rej));
+                }
+            }
             let rec = ManifestRecord {
                 media_type: media_type.clone(),
                 bytes: bytes.clone(),
@@ -274,6 +281,25 @@ fn apply_event(tx: &mut Tx, ev: &Event, time_ms: u64) -> Result<Result<(), Rejec
             }
             tx.del(k);
         }
+        Event::QuotaSet(q) => {
+            if protocol(tx)?.0 < PROTOCOL_USAGE {
+                return Ok(Err(Rejection::NeedsProtocol(PROTOCOL_USAGE)));
+            }
+            let mut used = Usage::default();
+            for (k, v) in tx.scan(keys::USAGE)? {
+                if q.repos.matches(keys::suffix(&k, keys::USAGE)) {
+                    used = used.add(dec(&v).unwrap_or_default(), 1);
+                }
+            }
+            tx.put(keys::quota(q.repos.as_str()), enc(&QuotaUsage { quota: q.clone(), used }));
+        }
+        Event::QuotaRemoved { repos } => {
+            let k = keys::quota(repos.as_str());
+            if !tx.has(&k)? {
+                return Ok(Err(Rejection::QuotaUnknown(repos.as_str().to_string())));
+            }
+            tx.del(k);
+        }
         Event::ManifestDeleted { repo, digest } => {
             let r = repo.as_str();
             let ds = digest.to_string();
@@ -319,6 +345,43 @@ fn protocol(tx: &Tx) -> Result<(u32, u64), sled::Error> {
 
 /// The first protocol whose nodes keep link and tag times and the `f/` index.
 const PROTOCOL_INDEXES: u32 = 3;
+/// The first protocol whose nodes keep what each repository holds (`u/`) and quotas (`q/`).
+const PROTOCOL_USAGE: u32 = crate::node::PROTOCOL_QUOTAS;
+
+/// Counts `d` into (`sign` > 0) or out of what repository `r` and the quotas covering it hold,
+/// from protocol 4. Adding bytes is refused if it would take a quota over its limit.
+fn account(tx: &mut Tx, r: &str, d: Usage, sign: i8) -> Result<Result<(), Rejection>, sled::Error> {
+    if protocol(tx)?.0 < PROTOCOL_USAGE {
+        return Ok(Ok(()));
+    }
+    let mut quotas = Vec::new();
+    for (k, v) in tx.scan(keys::QUOTAS)? {
+        let Some(mut q) = dec::<QuotaUsage>(&v) else { continue };
+        if !q.quota.repos.matches(r) {
+            continue;
+        }
+        if sign > 0 && d.bytes > 0 && q.used.bytes.saturating_add(d.bytes) > q.quota.bytes {
+            return Ok(Err(Rejection::QuotaExceeded {
+                repos: q.quota.repos.as_str().to_string(),
+                limit: q.quota.bytes,
+                used: q.used.bytes,
+                adds: d.bytes,
+            }));
+        }
+        q.used = q.used.add(d, sign);
+        quotas.push((k, q));
+    }
+    for (k, q) in quotas {
+        tx.put(k, enc(&q));
+    }
+    let uk = keys::usage(r);
+    let u = tx.get(&uk)?.and_then(|v| dec::<Usage>(&v)).unwrap_or_default().add(d, sign);
+    match u == Usage::default() {
+        true => tx.del(uk),
+        false => tx.put(uk, enc(&u)),
+    }
+    Ok(Ok(()))
+}
 
 /// Records that every member speaks `to`; crossing into protocol 3, builds the `f/` index of
 /// what each manifest references, from the manifests stored so far.
@@ -342,13 +405,49 @@ fn upgrade(tx: &mut Tx, to: u32, time_ms: u64) -> Result<(), sled::Error> {
             }
         }
     }
+    if from < PROTOCOL_USAGE && to >= PROTOCOL_USAGE {
+        // what each repository holds, from its links and manifests (one figure per
+        // repository in memory)
+        let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
+        for kv in tx.tree.scan_prefix(keys::USAGE) {
+            tx.del(kv?.0.to_vec());
+        }
+        for kv in tx.tree.scan_prefix(keys::LINKS) {
+            let (k, v) = kv?;
+            let Some((repo, _)) = keys::suffix(&k, keys::LINKS).split_once('\0') else { continue };
+            let size = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let u = usage.entry(repo.to_string()).or_default();
+            *u = u.add(Usage { bytes: size, blobs: 1, manifests: 0 }, 1);
+        }
+        for kv in tx.tree.scan_prefix(keys::MANIFESTS) {
+            let (k, v) = kv?;
+            let Some((repo, _)) = keys::suffix(&k, keys::MANIFESTS).split_once('\0') else { continue };
+            let bytes = dec::<ManifestRecord>(&v).map_or(0, |m| m.bytes.len() as u64);
+            let u = usage.entry(repo.to_string()).or_default();
+            *u = u.add(Usage { bytes, blobs: 0, manifests: 1 }, 1);
+        }
+        for (repo, u) in usage {
+            tx.put(keys::usage(&repo), enc(&u));
+        }
+    }
     Ok(())
 }
 
 /// Links a blob into a repository, recording when from protocol 3 (a collection keeps young
 /// links; before, every node records nothing, as older releases did).
-fn link_blob(tx: &mut Tx, repo: &RepoName, digest: &Digest, size: u64, time_ms: u64) -> Result<(), sled::Error> {
+fn link_blob(
+    tx: &mut Tx,
+    repo: &RepoName,
+    digest: &Digest,
+    size: u64,
+    time_ms: u64,
+) -> Result<Result<(), Rejection>, sled::Error> {
     let ds = digest.to_string();
+    if !tx.has(&keys::link(repo.as_str(), &ds))? {
+        if let Err(rej) = account(tx, repo.as_str(), Usage { bytes: size, blobs: 1, manifests: 0 }, 1)? {
+            return Ok(Err(rej));
+        }
+    }
     let at = match protocol(tx)?.0 >= PROTOCOL_INDEXES {
         true => time_ms.to_be_bytes().to_vec(),
         false => vec![],
@@ -360,12 +459,16 @@ fn link_blob(tx: &mut Tx, repo: &RepoName, digest: &Digest, size: u64, time_ms: 
     if !tx.has(&bk)? {
         tx.put(bk, enc(&BlobInfo { size, holders: vec![] }));
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Removes a blob's link from a repository. Unlinked everywhere, the blob is gone from the
 /// registry (no mount finds it, no node fetches it any more) and its files are garbage.
 fn unlink_blob(tx: &mut Tx, repo: &str, ds: &str) -> Result<(), sled::Error> {
+    if let Some(v) = tx.get(&keys::link(repo, ds))? {
+        let size = v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+        let _ = account(tx, repo, Usage { bytes: size, blobs: 1, manifests: 0 }, -1)?;
+    }
     tx.del(keys::link(repo, ds));
     tx.del(keys::linked_by(ds, repo));
     if !tx.any(&keys::links_of(ds))? {
@@ -381,6 +484,7 @@ pub(crate) fn manifest_refs(rec: &ManifestRecord) -> Option<Vec<Digest>> {
 
 /// Removes a manifest with its referrers entry and its references (not its tags).
 fn delete_manifest(tx: &mut Tx, r: &str, ds: &str, rec: &ManifestRecord) -> Result<(), sled::Error> {
+    let _ = account(tx, r, Usage { bytes: rec.bytes.len() as u64, blobs: 0, manifests: 1 }, -1)?;
     tx.del(keys::manifest(r, ds));
     if let Some(s) = &rec.subject {
         tx.del(keys::referrer(r, &s.to_string(), ds));

@@ -1,6 +1,7 @@
-//! Garbage collection and retention at the state machine: what a plan finds, and every
+//! Garbage collection, retention and quotas at the state machine: what a plan finds, and every
 //! interleaving of a push with the plan and its application (the state machine re-checks each
-//! item, so what a push uses is kept, or the push is refused and uploads again).
+//! item, so what a push uses is kept, or the push is refused and uploads again); what each
+//! repository holds, and pushes refused over a quota.
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -9,7 +10,7 @@ use raftyard_raft::state::StateMachine;
 use raftyard_raft::{StorageWatch, TypeConfig};
 use raftyard_types::access::RepoGlob;
 use raftyard_types::event::VersionedCommand;
-use raftyard_types::lifecycle::RetentionPolicy;
+use raftyard_types::lifecycle::{Quota, RetentionPolicy, Usage};
 use raftyard_types::manifest::{OCI_INDEX, OCI_MANIFEST};
 use raftyard_types::{Command, Digest, Event, Rejection, RepoName, Tag};
 use serde_json::json;
@@ -33,8 +34,13 @@ impl Fixture {
 
     /// A fixture whose log starts with every member at protocol 3.
     async fn upgraded() -> Self {
+        Fixture::at(3).await
+    }
+
+    /// A fixture whose log starts with every member at `protocol`.
+    async fn at(protocol: u32) -> Self {
         let mut f = Fixture::new();
-        f.apply(vec![Event::ClusterUpgraded { protocol: 3 }]).await.unwrap();
+        f.apply(vec![Event::ClusterUpgraded { protocol }]).await.unwrap();
         f
     }
 
@@ -512,4 +518,117 @@ async fn retention_takes_old_untagged_manifests_with_the_expired_tags() {
     // what is left for the next run: nothing
     let next = f.sm.reader().retention_plan(f.now()).unwrap();
     assert!(next.tags.is_empty() && next.manifests.is_empty(), "{next:?}");
+}
+
+fn usage(f: &Fixture, r: &str) -> Usage {
+    f.sm.reader().repo_usage(r).unwrap()
+}
+
+fn quota(repos: &str, bytes: u64) -> Event {
+    Event::QuotaSet(Quota { repos: RepoGlob::parse(repos).unwrap(), bytes })
+}
+
+/// A repository holds each blob it links once, however many manifests and tags use it, plus
+/// its manifests; deletes and collections take their bytes away again.
+#[tokio::test]
+async fn usage_counts_each_blob_once_per_repository() {
+    let mut f = Fixture::at(4).await;
+    let (c, l) = (blob("c"), blob("l"));
+    f.link("x", &c).await;
+    f.link("x", &l).await;
+    f.link("x", &l).await; // linked again: still once
+    let bytes = image(&c, &[&l], None);
+    let m = f.push("x", &bytes).await.unwrap();
+    f.push("x", &bytes).await.unwrap(); // the same manifest again
+    f.tag("x", "a", &m).await;
+    f.tag("x", "b", &m).await;
+    let mounted = Event::BlobMounted { repo: repo("y"), digest: l.clone(), size: 10 };
+    f.apply(vec![mounted]).await.unwrap();
+    let mlen = bytes.len() as u64;
+    assert_eq!(usage(&f, "x"), Usage { bytes: 20 + mlen, blobs: 2, manifests: 1 });
+    assert_eq!(usage(&f, "y"), Usage { bytes: 10, blobs: 1, manifests: 0 }, "counted in each repository");
+    let listed = f.sm.reader().usage(None, None, 10).unwrap();
+    assert_eq!(listed.iter().map(|u| u.repository.as_str()).collect::<Vec<_>>(), ["x", "y"]);
+    let only_y = f.sm.reader().usage(Some(&RepoGlob::parse("y").unwrap()), None, 10).unwrap();
+    assert_eq!(only_y.len(), 1);
+
+    f.apply(vec![Event::ManifestDeleted { repo: repo("x"), digest: m.clone() }]).await.unwrap();
+    assert_eq!(usage(&f, "x"), Usage { bytes: 20, blobs: 2, manifests: 0 });
+    f.base += DAY;
+    let plan = f.plan(false);
+    f.collect(&plan).await;
+    assert_eq!(usage(&f, "x"), Usage::default(), "collected");
+    // (y's mount, which no manifest of y references, went with them)
+    assert_eq!(usage(&f, "y"), Usage::default());
+    assert!(f.sm.reader().usage(None, None, 10).unwrap().is_empty(), "an empty repository is not listed");
+}
+
+/// A quota covers every repository its pattern matches, together: what would take them over
+/// it is refused with the figures, whole commands at once; what adds nothing, deletes, and
+/// repositories outside it are not.
+#[tokio::test]
+async fn a_quota_refuses_what_would_take_its_repositories_over() {
+    let mut f = Fixture::at(4).await;
+    f.link("team/a", &blob("1")).await;
+    f.apply(vec![quota("team/**", 25)]).await.unwrap();
+    let q = &f.sm.reader().quotas().unwrap()[0];
+    assert_eq!((q.quota.bytes, q.used.bytes), (25, 10), "counts what was there before it");
+    f.link("team/b", &blob("2")).await;
+    let over = Event::BlobLinked { repo: repo("team/a"), digest: blob("3"), size: 10 };
+    let refused = f.apply(vec![over.clone()]).await;
+    assert_eq!(refused, Err(Rejection::QuotaExceeded { repos: "team/**".into(), limit: 25, used: 20, adds: 10 }));
+    assert!(!f.linked("team/a", &blob("3")));
+    // all or nothing: a command whose second link goes over links neither
+    let small = Event::BlobLinked { repo: repo("team/a"), digest: blob("4"), size: 5 };
+    assert!(f.apply(vec![small.clone(), over.clone()]).await.is_err());
+    assert!(!f.linked("team/a", &blob("4")));
+    assert!(f.sm.reader().quota_full("team/a").unwrap().is_none(), "5 bytes left");
+    // linking again what is linked adds nothing; other repositories are not covered
+    f.link("team/a", &blob("1")).await;
+    f.link("other", &blob("3")).await;
+    // a manifest's bytes count too
+    let m = image(&blob("1"), &[], None);
+    assert!(matches!(f.push("team/a", &m).await, Err(Rejection::QuotaExceeded { .. })));
+    f.apply(vec![small]).await.unwrap();
+    assert!(f.sm.reader().quota_full("team/b").unwrap().is_some(), "25 of 25");
+    // deletes free room
+    f.apply(vec![Event::BlobUnlinked { repo: repo("team/b"), digest: blob("2") }]).await.unwrap();
+    assert_eq!(f.sm.reader().quotas().unwrap()[0].used.bytes, 15);
+    f.apply(vec![over.clone()]).await.unwrap();
+    // a quota lowered below what is held keeps what is there and refuses more; deletes go on
+    f.apply(vec![quota("team/**", 5)]).await.unwrap();
+    assert_eq!(f.sm.reader().quotas().unwrap()[0].used.bytes, 25);
+    assert!(matches!(f.push("team/a", &m).await, Err(Rejection::QuotaExceeded { .. })));
+    f.apply(vec![Event::BlobUnlinked { repo: repo("team/a"), digest: blob("3") }]).await.unwrap();
+    // two quotas over one repository: both must have room
+    f.apply(vec![quota("team/**", 1000), quota("team/a", 20)]).await.unwrap();
+    assert!(matches!(
+        f.apply(vec![Event::BlobLinked { repo: repo("team/a"), digest: blob("5"), size: 6 }]).await,
+        Err(Rejection::QuotaExceeded { repos, .. }) if repos == "team/a"
+    ));
+    f.apply(vec![Event::QuotaRemoved { repos: RepoGlob::parse("team/a").unwrap() }]).await.unwrap();
+    f.apply(vec![Event::BlobLinked { repo: repo("team/a"), digest: blob("5"), size: 6 }]).await.unwrap();
+    let gone = f.apply(vec![Event::QuotaRemoved { repos: RepoGlob::parse("team/a").unwrap() }]).await;
+    assert_eq!(gone, Err(Rejection::QuotaUnknown("team/a".into())));
+    assert_eq!(f.sm.reader().quotas().unwrap()[0].used, usage(&f, "team/a").add(usage(&f, "team/b"), 1));
+}
+
+/// Usage figures and quotas start at the entry recording protocol 4, which counts what was
+/// pushed before it; a quota proposed before it is refused on every node alike.
+#[tokio::test]
+async fn the_upgrade_to_protocol_4_counts_what_was_there() {
+    let mut f = Fixture::upgraded().await;
+    let (c, l) = (blob("c"), blob("l"));
+    f.link("a", &c).await;
+    f.link("a", &l).await;
+    let bytes = image(&c, &[&l], None);
+    f.push("a", &bytes).await.unwrap();
+    f.link("b", &l).await;
+    assert_eq!(usage(&f, "a"), Usage::default(), "not kept before protocol 4");
+    assert_eq!(f.apply(vec![quota("a", 1000)]).await, Err(Rejection::NeedsProtocol(4)));
+    f.apply(vec![Event::ClusterUpgraded { protocol: 4 }]).await.unwrap();
+    assert_eq!(usage(&f, "a"), Usage { bytes: 20 + bytes.len() as u64, blobs: 2, manifests: 1 });
+    assert_eq!(usage(&f, "b"), Usage { bytes: 10, blobs: 1, manifests: 0 });
+    f.apply(vec![quota("*", 1000)]).await.unwrap();
+    assert_eq!(f.sm.reader().quotas().unwrap()[0].used.bytes, 30 + bytes.len() as u64);
 }

@@ -7,20 +7,9 @@ use raftyard_cluster::pb::GcRequest;
 
 use crate::admin::{client, TlsDir};
 
-/// Bytes as a person reads them.
-fn human(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+/// Bytes as a person reads them (binary units: `1.5 KiB`).
+pub(crate) fn human(b: u64) -> String {
+    bytesize::ByteSize(b).display().iec().to_string()
 }
 
 /// Runs one collection through `node` and prints its report (`json`: the whole report as JSON,
@@ -86,4 +75,14 @@ pub async fn run(
         println!("every node removes the files of those blobs within a minute (raftyard_gc_bytes_reclaimed_total)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(super::human(0), "0 B");
+        assert_eq!(super::human(1536), "1.5 KiB");
+        assert_eq!(super::human(10 << 30), "10.0 GiB");
+    }
 }

@@ -44,6 +44,7 @@ pub mod format;
 pub mod gc;
 pub mod import;
 pub mod node;
+pub mod quota;
 pub mod retention;
 pub mod tunnel;
 

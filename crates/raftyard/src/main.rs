@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use raftyard::config::Config;
 use raftyard::{access, admin, backup, certs, import, node, tunnel};
 use raftyard_types::access::RepoGlob;
-use raftyard_types::lifecycle::RetentionPolicy;
+use raftyard_types::lifecycle::{Quota, RetentionPolicy};
 
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
@@ -83,6 +83,27 @@ enum Cmd {
     Retention {
         #[command(subcommand)]
         cmd: RetentionCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+    /// Storage quotas: how much the repositories a pattern matches may hold together
+    /// (docs/operations.md).
+    Quota {
+        #[command(subcommand)]
+        cmd: QuotaCmd,
+        #[command(flatten)]
+        tls: PeerTlsArgs,
+    },
+    /// What each repository holds: bytes (each blob counted once per repository, however many
+    /// tags share it, plus its manifests), blobs and manifests, largest first.
+    Usage {
+        /// Only repositories this pattern matches (`team/*`, `team/**`, `ci/app`).
+        #[arg(long, default_value = "**")]
+        repos: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
         #[command(flatten)]
         tls: PeerTlsArgs,
     },
@@ -472,6 +493,36 @@ enum RetentionCmd {
 }
 
 #[derive(Subcommand)]
+enum QuotaCmd {
+    /// Store the quota of the repositories a pattern matches (replacing its earlier one): a
+    /// push that would take them over it together is refused (403 DENIED, with the figures).
+    Set {
+        /// Repository pattern (`team/*`, `team/**`, `ci/app`).
+        #[arg(long)]
+        repos: String,
+        /// Bytes: `5000000000`, `5GB`, `5GiB`.
+        #[arg(long)]
+        bytes: String,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// The stored quotas with what their repositories hold now.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: AtNode,
+    },
+    /// Remove the quota of exactly this pattern.
+    Remove {
+        #[arg(long)]
+        repos: String,
+        #[command(flatten)]
+        at: AtNode,
+    },
+}
+
+#[derive(Subcommand)]
 enum BackupCmd {
     /// Take a consistent snapshot on a running node (every write acknowledged before is in
     /// it) and copy the blobs it references that DIR does not hold yet.
@@ -636,6 +687,22 @@ fn main() -> anyhow::Result<()> {
                     raftyard::retention::run(&at.node, &tls, dry_run, json).await
                 }
             }
+        }),
+        Cmd::Quota { cmd, tls } => runtime()?.block_on(async {
+            let tls = tls.tls_dir;
+            let glob = |r: &str| RepoGlob::parse(r).map_err(|e| anyhow::anyhow!("--repos: {e}"));
+            match cmd {
+                QuotaCmd::Set { repos, bytes, at } => {
+                    let quota = Quota { repos: glob(&repos)?, bytes: raftyard::quota::parse_bytes(&bytes)? };
+                    raftyard::quota::set(&at.node, &tls, quota).await
+                }
+                QuotaCmd::List { json, at } => raftyard::quota::list(&at.node, &tls, json).await,
+                QuotaCmd::Remove { repos, at } => raftyard::quota::remove(&at.node, &tls, &glob(&repos)?).await,
+            }
+        }),
+        Cmd::Usage { repos, json, at, tls } => runtime()?.block_on(async {
+            let repos = RepoGlob::parse(&repos).map_err(|e| anyhow::anyhow!("--repos: {e}"))?;
+            raftyard::quota::usage(&at.node, &tls.tls_dir, &repos, json).await
         }),
         Cmd::Backup { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;

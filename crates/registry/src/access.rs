@@ -58,7 +58,8 @@ fn need(ep: &Endpoint, m: &Method) -> Need {
     let read = *m == Method::GET || *m == Method::HEAD;
     match ep {
         Endpoint::Health | Endpoint::Ready | Endpoint::StateDigest | Endpoint::Token => Need::Nothing,
-        Endpoint::Base => Need::Known,
+        // the repositories listed are those the caller may pull
+        Endpoint::Base | Endpoint::Usage => Need::Known,
         Endpoint::Catalog => Need::Catalog,
         Endpoint::Events => Need::Admin,
         Endpoint::Metrics => Need::Metrics,
@@ -426,6 +427,11 @@ pub(crate) fn may_pull_any<'a>(reg: &Registry, caller: &Caller, mut repos: impl 
     }
     let Some(st) = reg.auth.as_ref().map(|a| a.state()) else { return false };
     repos.any(|r| caller.may_pull(&st.1, r))
+}
+
+/// Whether `caller` sees every repository and quota (the usage endpoint).
+pub(crate) fn sees_all(reg: &Registry, caller: &Caller) -> bool {
+    caller.open || reg.auth.as_ref().is_some_and(|a| caller.is_admin(&a.state().1))
 }
 
 /// The repositories of `repos` that belong in `caller`'s catalog, reading the access state once.

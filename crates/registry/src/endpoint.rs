@@ -27,6 +27,9 @@ pub enum Endpoint {
     /// `/v2/_raftyard/state-digest`: a digest of this node's applied metadata state, to compare
     /// nodes (raftyard extension).
     StateDigest,
+    /// `/v2/_raftyard/usage`: what repositories hold and the quotas over them (raftyard
+    /// extension).
+    Usage,
     /// `/v2/<name>/manifests/<reference>`
     Manifest { name: RepoName, reference: String },
     /// `/v2/<name>/blobs/<digest>`
@@ -66,6 +69,7 @@ impl Endpoint {
             Endpoint::Health => "health",
             Endpoint::Ready => "ready",
             Endpoint::StateDigest => "state_digest",
+            Endpoint::Usage => "usage",
             Endpoint::Manifest { .. } => "manifest",
             Endpoint::Blob { .. } => "blob",
             Endpoint::UploadStart { .. } => "upload_start",
@@ -86,6 +90,7 @@ impl Endpoint {
             | Endpoint::Health
             | Endpoint::Ready
             | Endpoint::StateDigest
+            | Endpoint::Usage
             | Endpoint::Metrics => get_head,
             Endpoint::Token => get_head || *m == Method::POST,
             Endpoint::Tags { .. } | Endpoint::Referrers { .. } => get_head,
@@ -119,6 +124,7 @@ pub fn parse_endpoint(method: &Method, raw_path: &str) -> Result<Endpoint, Regis
             "_raftyard/health" => Endpoint::Health,
             "_raftyard/ready" => Endpoint::Ready,
             "_raftyard/state-digest" => Endpoint::StateDigest,
+            "_raftyard/usage" => Endpoint::Usage,
             _ => parse_repo_path(rest)?,
         }
     };
@@ -196,6 +202,7 @@ mod tests {
         assert_eq!(p(Method::GET, "/v2/_catalog").unwrap(), Endpoint::Catalog);
         assert_eq!(p(Method::GET, "/v2/_raftyard/events").unwrap(), Endpoint::Events);
         assert_eq!(p(Method::GET, "/v2/_raftyard/ready").unwrap(), Endpoint::Ready);
+        assert_eq!(p(Method::GET, "/v2/_raftyard/usage").unwrap(), Endpoint::Usage);
         assert!(matches!(p(Method::POST, "/v2/"), Err(RegistryError::MethodNotAllowed)));
         assert!(matches!(p(Method::GET, "/v1/"), Err(RegistryError::NotFound)));
     }

@@ -41,6 +41,10 @@ pub enum RegistryError {
     PaginationInvalid(String),
     #[error("{0}")]
     Denied(String),
+    /// A push that would take repositories over their storage quota: 403 `DENIED` with the
+    /// figures.
+    #[error("storage quota of {repos} exceeded: {used} of {limit} bytes used, this push adds {adds}")]
+    QuotaExceeded { repos: String, limit: u64, used: u64, adds: u64 },
     /// No valid credentials: 401 with the challenge to send them.
     #[error("authentication required: {message}")]
     Unauthorized { challenge: String, message: String },
@@ -93,7 +97,7 @@ impl RegistryError {
             | OAuth { .. } => StatusCode::BAD_REQUEST,
             ManifestTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Unsupported(_) | MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Denied(_) => StatusCode::FORBIDDEN,
+            Denied(_) | QuotaExceeded { .. } => StatusCode::FORBIDDEN,
             Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             UploadRange { .. } | BlobRange { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             TagConflict { .. } => StatusCode::PRECONDITION_FAILED,
@@ -121,7 +125,7 @@ impl RegistryError {
             SizeInvalid(_) | BlobRange { .. } | TooLarge => "SIZE_INVALID",
             Unsupported(_) | MethodNotAllowed => "UNSUPPORTED",
             PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
-            Denied(_) => "DENIED",
+            Denied(_) | QuotaExceeded { .. } => "DENIED",
             Unauthorized { .. } | OAuth { .. } => "UNAUTHORIZED",
             Unavailable(_) => "UNAVAILABLE",
             TooManyRequests(_) | LockedOut(_) => "TOOMANYREQUESTS",
@@ -136,6 +140,9 @@ impl RegistryError {
                 json!({ "size": size })
             }
             RegistryError::TagConflict { current, .. } => json!({ "current": current }),
+            RegistryError::QuotaExceeded { repos, limit, used, adds } => {
+                json!({ "quota": repos, "limit": limit, "used": used, "adds": adds })
+            }
             _ => serde_json::Value::Null,
         }
     }
@@ -223,11 +230,16 @@ impl From<Rejection> for RegistryError {
             Rejection::ManifestBlobUnknown(d) => RegistryError::ManifestBlobUnknown(d),
             Rejection::ManifestUnknown => RegistryError::ManifestUnknown,
             Rejection::TagConflict { tag, current } => RegistryError::TagConflict { tag: tag.to_string(), current },
+            Rejection::QuotaExceeded { repos, limit, used, adds } => {
+                RegistryError::QuotaExceeded { repos, limit, used, adds }
+            }
             r @ (Rejection::UserUnknown(_)
             | Rejection::UserExists(_)
             | Rejection::RobotUnknown(_)
             | Rejection::GrantUnknown
-            | Rejection::RetentionUnknown(_)) => RegistryError::Internal(format!("unexpected rejection: {r}")),
+            | Rejection::RetentionUnknown(_)
+            | Rejection::QuotaUnknown(_)
+            | Rejection::NeedsProtocol(_)) => RegistryError::Internal(format!("unexpected rejection: {r}")),
         }
     }
 }

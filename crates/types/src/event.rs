@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{Grant, RepoGlob, RobotRecord, SigningKey, Subject, UserRecord};
 use crate::digest::Digest;
-use crate::lifecycle::RetentionPolicy;
+use crate::lifecycle::{Quota, RetentionPolicy};
 use crate::name::{RepoName, Tag};
 
 /// Raft node id.
@@ -168,6 +168,13 @@ pub enum Event {
         tag: Tag,
         digest: Digest,
     },
+    /// A storage quota is stored for its pattern (replacing any other for it), with what the
+    /// repositories it covers hold as it applies. From protocol 4 (rejected before).
+    QuotaSet(Quota),
+    /// The quota of exactly this pattern goes.
+    QuotaRemoved {
+        repos: RepoGlob,
+    },
 }
 
 /// Journal entries one [`Event::JournalTrimmed`] drops at most.
@@ -269,6 +276,8 @@ impl Event {
             Event::TagExpired { repo, tag, digest } => {
                 json!({"type":"TagExpired","repo":repo,"tag":tag,"digest":digest})
             }
+            Event::QuotaSet(q) => json!({"type":"QuotaSet","repos":q.repos,"bytes":q.bytes}),
+            Event::QuotaRemoved { repos } => json!({"type":"QuotaRemoved","repos":repos}),
         }
     }
 }
@@ -360,6 +369,15 @@ pub enum Rejection {
     GrantUnknown,
     #[error("no retention policy for {0:?}")]
     RetentionUnknown(String),
+    #[error("no quota for {0:?}")]
+    QuotaUnknown(String),
+    /// The change would take the repositories of a quota over it.
+    #[error("storage quota of {repos} exceeded: {used} of {limit} bytes used, this push adds {adds}")]
+    QuotaExceeded { repos: String, limit: u64, used: u64, adds: u64 },
+    /// The event needs every member to speak this peer protocol, and the log does not record
+    /// that yet.
+    #[error("every member must run a release with peer protocol {0} first: upgrade every node")]
+    NeedsProtocol(u32),
 }
 
 /// The result of applying one command.

@@ -1,5 +1,6 @@
 //! Storage lifecycle rules kept in the cluster state: retention policies (which tags and
-//! untagged manifests expire).
+//! untagged manifests expire) and storage quotas (how much repositories may hold), with the
+//! usage figures quotas are checked against.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,4 +48,45 @@ impl RetentionPolicy {
     pub fn keeps(&self) -> Result<Option<regex::Regex>, regex::Error> {
         self.keep_pattern.as_deref().map(regex::Regex::new).transpose()
     }
+}
+
+/// What a repository holds: each blob it links counted once, however many manifests and tags
+/// use it, plus the bytes of its manifests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub bytes: u64,
+    pub blobs: u64,
+    pub manifests: u64,
+}
+
+impl Usage {
+    /// `self` with `d` added (`sign` < 0: taken away), never below zero.
+    pub fn add(self, d: Usage, sign: i8) -> Usage {
+        let f = |a: u64, b: u64| if sign < 0 { a.saturating_sub(b) } else { a.saturating_add(b) };
+        Usage { bytes: f(self.bytes, d.bytes), blobs: f(self.blobs, d.blobs), manifests: f(self.manifests, d.manifests) }
+    }
+}
+
+/// A storage quota (`raftyard quota set`): the repositories `repos` matches may hold at most
+/// `bytes` together (one repository, when the pattern names it). A push that would take them
+/// over is refused; one already over keeps what it has, and deletes are never refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub repos: RepoGlob,
+    pub bytes: u64,
+}
+
+/// A quota with what the repositories it covers hold now, kept up to date as they change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    pub quota: Quota,
+    pub used: Usage,
+}
+
+/// A repository's usage, for `raftyard usage` and `/v2/_raftyard/usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoUsage {
+    pub repository: String,
+    #[serde(flatten)]
+    pub usage: Usage,
 }

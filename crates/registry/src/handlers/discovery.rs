@@ -29,7 +29,8 @@ fn page_size(q: &[(String, String)]) -> Result<usize, RegistryError> {
     }
 }
 
-/// Adds `Link: <path?n=N&last=L>; rel="next"` when `items` holds one more than the page.
+/// Adds `Link: <path?n=N&last=L>; rel="next"` when `items` holds one more than the page
+/// (`path` may carry query parameters of its own: `?a=b`).
 fn paginate(items: &mut Vec<String>, n: usize, path: &str) -> Option<HeaderValue> {
     if items.len() <= n {
         return None;
@@ -37,7 +38,8 @@ fn paginate(items: &mut Vec<String>, n: usize, path: &str) -> Option<HeaderValue
     items.truncate(n);
     let last = items.last()?;
     let enc = percent_encoding::utf8_percent_encode(last, percent_encoding::NON_ALPHANUMERIC);
-    HeaderValue::from_str(&format!("<{path}?n={n}&last={enc}>; rel=\"next\"")).ok()
+    let sep = if path.contains('?') { '&' } else { '?' };
+    HeaderValue::from_str(&format!("<{path}{sep}n={n}&last={enc}>; rel=\"next\"")).ok()
 }
 
 pub(crate) async fn tags(reg: &Registry, name: &RepoName, q: &[(String, String)], head: bool) -> HandlerResult {
@@ -75,6 +77,55 @@ pub(crate) async fn catalog(reg: &Registry, q: &[(String, String)], caller: &raf
     }
     let link = paginate(&mut repos, n, "/v2/_catalog");
     let body = serde_json::to_vec(&json!({"repositories": repos})).expect("json");
+    let mut resp = json_response(StatusCode::OK, body, false);
+    if let Some(l) = link {
+        resp.headers_mut().insert(header::LINK, l);
+    }
+    Ok(resp)
+}
+
+/// `GET /v2/_raftyard/usage?repos=GLOB&n=N&last=L`: what each repository the caller may pull
+/// holds (bytes, blobs counted once per repository, manifests), by name and paginated like the
+/// catalog, and the quotas over them: every quota for an administrator (or without access
+/// control), else those covering a repository of the page.
+pub(crate) async fn usage(reg: &Registry, q: &[(String, String)], caller: &raftyard_auth::Caller) -> HandlerResult {
+    let glob = match query(q, "repos").filter(|g| !g.is_empty()) {
+        Some(g) => Some(
+            raftyard_types::access::RepoGlob::parse(g)
+                .map_err(|_| RegistryError::NameInvalid(format!("repository pattern {g:?}")))?,
+        ),
+        None => None,
+    };
+    reg.meta.read_barrier().await?;
+    let reader = reg.meta.reader();
+    let n = page_size(q)?;
+    let mut last = query(q, "last").filter(|l| !l.is_empty()).map(str::to_string);
+    let mut repos = Vec::new();
+    while n > 0 && repos.len() <= n {
+        let batch = reader.usage(glob.as_ref(), last.as_deref(), n + 1)?;
+        let done = batch.len() <= n;
+        last = batch.last().map(|u| u.repository.clone());
+        let visible = crate::access::in_catalog(reg, caller, batch.iter().map(|u| u.repository.clone()).collect());
+        repos.extend(batch.into_iter().filter(|u| visible.contains(&u.repository)));
+        if done {
+            break;
+        }
+    }
+    let mut names: Vec<String> = repos.iter().map(|u| u.repository.clone()).collect();
+    let path = match &glob {
+        Some(g) => format!("/v2/_raftyard/usage?repos={}", g.as_str()),
+        None => "/v2/_raftyard/usage".to_string(),
+    };
+    let link = paginate(&mut names, n, &path);
+    repos.truncate(names.len());
+    let all = crate::access::sees_all(reg, caller);
+    let quotas: Vec<_> = reader
+        .quotas()?
+        .into_iter()
+        .filter(|qu| all || repos.iter().any(|u| qu.quota.repos.matches(&u.repository)))
+        .map(|qu| json!({"repos": qu.quota.repos, "bytes": qu.quota.bytes, "used": qu.used}))
+        .collect();
+    let body = serde_json::to_vec(&json!({"repositories": repos, "quotas": quotas})).expect("json");
     let mut resp = json_response(StatusCode::OK, body, false);
     if let Some(l) = link {
         resp.headers_mut().insert(header::LINK, l);

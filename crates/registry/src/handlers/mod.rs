@@ -87,6 +87,7 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, mut req: Request<B>)
         Endpoint::Token => crate::access::token_endpoint(reg, req).await,
         Endpoint::Catalog => discovery::catalog(reg, &q, &crate::access::caller_of(&req)).await,
         Endpoint::Events => discovery::events(reg, &q).await,
+        Endpoint::Usage => discovery::usage(reg, &q, &crate::access::caller_of(&req)).await,
         Endpoint::Tags { name } => discovery::tags(reg, &name, &q, method == Method::HEAD).await,
         Endpoint::Referrers { name, digest } => {
             discovery::referrers(reg, &name, &digest, &q, method == Method::HEAD).await

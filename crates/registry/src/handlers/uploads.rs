@@ -151,12 +151,14 @@ pub(crate) async fn start<B: ReqBody>(
             }
         }
         // Not mountable: the spec says to open an ordinary session instead.
+        room_for(reg, &name, 0)?;
         let id = reg.blobs.start_upload(name.clone(), Algorithm::Sha256, client.as_deref())?;
         return accepted(&name, &id, 0, StatusCode::ACCEPTED);
     }
     if let Some(d) = query(q, "digest") {
         let digest = parse_digest(d)?;
         let len = content_length(req.headers())?;
+        room_for(reg, &name, len.unwrap_or(0))?;
         let replicas = reg.new_replicas(&name, digest.algorithm());
         let _pin = reg.blobs.pin(&digest);
         let stored = reg.blobs.put_stream(name.clone(), &digest, len, tee(body_stream(req), replicas.clone())).await;
@@ -177,8 +179,24 @@ pub(crate) async fn start<B: ReqBody>(
         None | Some("") => Algorithm::Sha256,
         Some(a) => a.parse::<Algorithm>().map_err(RegistryError::from)?,
     };
+    room_for(reg, &name, 0)?;
     let id = reg.blobs.start_upload(name.clone(), algorithm, client.as_deref())?;
     accepted(&name, &id, 0, StatusCode::ACCEPTED)
+}
+
+/// Refuses an upload into `name` at once when a quota covering it is already full, rather
+/// than after the client sent the bytes. (This node's view, without a read barrier: the
+/// state machine decides when the blob is linked.)
+fn room_for(reg: &Registry, name: &RepoName, adds: u64) -> Result<(), RegistryError> {
+    match reg.meta.reader().quota_full(name.as_str())? {
+        Some(q) => Err(RegistryError::QuotaExceeded {
+            repos: q.quota.repos.as_str().to_string(),
+            limit: q.quota.bytes,
+            used: q.used.bytes,
+            adds,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Links an existing blob into `name` if it is mountable: held by this node and linked in
