@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ChangeMembers;
-use raftyard_types::access::RepoGlob;
 use raftyard_raft::{NodeAddr, NodeId, ProposeError};
+use raftyard_types::access::RepoGlob;
 use tonic::{Request, Response, Status};
 use tracing::info;
 

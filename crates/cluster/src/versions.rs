@@ -26,7 +26,8 @@ pub(crate) const PROPOSAL_IDS: u32 = raftyard_raft::node::PROTOCOL_PROPOSAL_IDS;
 
 /// Fails unless the log records that every member speaks peer protocol `want`
 /// (`ClusterUpgraded`), recorded at least `settle` ago; waits for that up to 30 s (a cluster
-/// just started, or just upgraded). Call after a read barrier.
+/// just started, or just upgraded), unless a member is known to speak an older protocol.
+/// Call after a read barrier.
 pub(crate) async fn require_protocol(meta: &MetaNode, want: u32, settle: Duration) -> Result<(), ProposeError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -35,14 +36,18 @@ pub(crate) async fn require_protocol(meta: &MetaNode, want: u32, settle: Duratio
         if p >= want && age >= settle {
             return Ok(());
         }
-        if tokio::time::Instant::now() >= deadline {
+        // a member known to run an older release will not change its mind within the wait
+        let known_older = (1..want).contains(&meta.cluster_protocol()) && p < want;
+        if known_older || tokio::time::Instant::now() >= deadline {
             return Err(ProposeError::Unavailable(match (p >= want, meta.cluster_protocol()) {
                 (true, _) => "the cluster was upgraded a moment ago: try again in a few seconds".into(),
                 (false, 0) => "the versions of the members are not known yet (is every member up?)".into(),
                 (false, c) if c < want => {
                     format!("a member runs an older release (peer protocol {c} < {want}): upgrade every node first")
                 }
-                (false, _) => format!("every member speaks protocol {want}, the leader has not recorded it yet: try again"),
+                (false, _) => {
+                    format!("every member speaks protocol {want}, the leader has not recorded it yet: try again")
+                }
             }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -12,13 +12,14 @@
 //! | 1 | (no `FORMAT` file) everything before the stamp |
 //! | 2 | log commands `VersionedCommand::V2` (a proposal id) |
 //! | 3 | log events `BlobMounted` and `Collected`; state layout 3 (the `f/` index of what manifests reference, link times in `L/`) |
+//! | 4 | log events `QuotaSet`, `QuotaRemoved`; rejections `QuotaExceeded`, `QuotaUnknown`, `NeedsProtocol` in remembered outcomes; state keys `u/` (usage) and `q/` (quotas) |
 
 use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
 /// The format this binary writes.
-pub const DATA_FORMAT: u32 = 3;
+pub const DATA_FORMAT: u32 = 4;
 /// The oldest format this binary opens.
 pub const OLDEST_DATA_FORMAT: u32 = 1;
 const FILE: &str = "FORMAT";

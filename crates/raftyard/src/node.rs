@@ -194,7 +194,8 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
             lag: lag.clone(),
             peers: peers.clone(),
             version: match fault {
-                Some(DeliberateFault::PeerProtocol1) => None,
+                Some(DeliberateFault::PeerProtocol(1)) => None,
+                Some(DeliberateFault::PeerProtocol(p)) => Some((p, p.min(crate::format::DATA_FORMAT))),
                 _ => Some((raftyard_cluster::versions::PEER_PROTOCOL, crate::format::DATA_FORMAT)),
             },
             gc: gc_stats.clone(),
@@ -373,9 +374,9 @@ enum DeliberateFault {
     /// `hang-log-flush`: once the file [`HANG_LOG_FLUSH_MARKER`] exists in the data directory,
     /// Raft log flushes never return (a wedged disk).
     HangLogFlush,
-    /// `peer-protocol-1`: answers the peer port's version call as a release before it did
-    /// (an older member, for the upgrade tests).
-    PeerProtocol1,
+    /// `peer-protocol-1`: answers the peer port's version call as a release before it did;
+    /// `peer-protocol-3`: as the release before quotas (an older member, for the upgrade tests).
+    PeerProtocol(u32),
 }
 
 /// The file whose creation wedges the log flushes of a node started with
@@ -387,10 +388,11 @@ fn deliberate_fault() -> anyhow::Result<Option<DeliberateFault>> {
     let Ok(name) = std::env::var("RAFTYARD_FAULT") else { return Ok(None) };
     let fault = match name.as_str() {
         "hang-log-flush" => DeliberateFault::HangLogFlush,
-        "peer-protocol-1" => DeliberateFault::PeerProtocol1,
+        "peer-protocol-1" => DeliberateFault::PeerProtocol(1),
+        "peer-protocol-3" => DeliberateFault::PeerProtocol(3),
         _ => DeliberateFault::Registry(raftyard_registry::Fault::parse(&name).ok_or_else(|| {
             anyhow::anyhow!(
-                "RAFTYARD_FAULT={name:?}: not one of hang-log-flush, peer-protocol-1, {}",
+                "RAFTYARD_FAULT={name:?}: not one of hang-log-flush, peer-protocol-1, peer-protocol-3, {}",
                 raftyard_registry::Fault::NAMES
             )
         })?),

@@ -188,6 +188,29 @@ async fn basic_mode_enforces_the_grant_matrix_on_every_endpoint() {
     assert_eq!(catalog(&bob, &n).await, ["bob/own", "public/base", "team/app"]);
     assert_eq!(catalog(&carol, &n).await, ["public/base"]);
     assert_eq!(catalog(&admin, &n).await, ["bob/own", "other/secret", "public/base", "team/app", "team/sub/x"]);
+    // usage lists what the caller may pull, and the quotas over those repositories only
+    cli(&["quota", "set", "--repos", "other/**", "--bytes", "1GB", "--node", &n.peer]);
+    cli(&["quota", "set", "--repos", "team/**", "--bytes", "1GB", "--node", &n.peer]);
+    let usage = |c: reqwest::Client| {
+        let url = n.url("/v2/_raftyard/usage");
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            let names = |k: &str, f: &str| -> Vec<String> {
+                v[k].as_array().unwrap().iter().map(|x| x[f].as_str().unwrap().to_string()).collect()
+            };
+            (names("repositories", "repository"), names("quotas", "repos"))
+        }
+    };
+    assert_eq!(
+        usage(alice.clone()).await,
+        (vec!["public/base".into(), "team/app".into(), "team/sub/x".into()], vec!["team/**".into()])
+    );
+    assert_eq!(usage(carol.clone()).await, (vec!["public/base".into()], vec![]));
+    let (repos, quotas) = usage(admin.clone()).await;
+    assert!(repos.contains(&"other/secret".to_string()) && quotas.len() == 2, "{repos:?} {quotas:?}");
+    assert_eq!(status(&anon, n.url("/v2/_raftyard/usage")).await, 401);
     assert_eq!(status(&anon, n.url("/v2/_catalog")).await, 401);
     // pages are pages of what the caller sees
     let r = alice.get(n.url("/v2/_catalog?n=2")).send().await.unwrap();

@@ -60,6 +60,20 @@ async fn serves(n: &Node, expect: &serde_json::Value) {
         let r = c.head(n.url(&format!("/v2/{repo}/manifests/{tag}"))).header("accept", ACCEPT).send().await.unwrap();
         assert_eq!(r.status(), 404, "{name} was deleted");
     }
+    if let Some(usage) = expect.get("usage").and_then(|u| u.as_object()) {
+        let got: serde_json::Value = c.get(n.url("/v2/_raftyard/usage")).send().await.unwrap().json().await.unwrap();
+        for (repo, want) in usage {
+            let found = got["repositories"].as_array().unwrap().iter().find(|r| r["repository"] == repo.as_str());
+            let found = found.unwrap_or_else(|| panic!("usage of {repo}: {got}"));
+            for k in ["bytes", "blobs", "manifests"] {
+                assert_eq!(found[k], want[k], "usage of {repo}: {k}");
+            }
+        }
+    }
+    for repo in expect.get("full_quotas").and_then(|q| q.as_array()).into_iter().flatten() {
+        let r = c.post(n.url(&format!("/v2/{}/blobs/uploads/", repo.as_str().unwrap()))).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{repo} is at its quota");
+    }
     let events = c.get(n.url("/v2/_raftyard/events?since=0&limit=100000")).send().await.unwrap().text().await.unwrap();
     let entries = events.lines().filter(|l| !l.trim().is_empty()).count() as u64;
     assert!(entries >= expect["journal_entries"].as_u64().unwrap(), "the journal is whole: {entries}");

@@ -63,7 +63,11 @@ impl Usage {
     /// `self` with `d` added (`sign` < 0: taken away), never below zero.
     pub fn add(self, d: Usage, sign: i8) -> Usage {
         let f = |a: u64, b: u64| if sign < 0 { a.saturating_sub(b) } else { a.saturating_add(b) };
-        Usage { bytes: f(self.bytes, d.bytes), blobs: f(self.blobs, d.blobs), manifests: f(self.manifests, d.manifests) }
+        Usage {
+            bytes: f(self.bytes, d.bytes),
+            blobs: f(self.blobs, d.blobs),
+            manifests: f(self.manifests, d.manifests),
+        }
     }
 }
 
