@@ -100,6 +100,9 @@ async fn a_push_over_its_quota_is_refused_with_the_figures() {
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(list[0]["quota"]["repos"], "team/**");
     assert!(list[0]["used"]["bytes"].as_u64().unwrap() >= size, "{list}");
+    let metrics = c.get(cl.nodes[1].url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let limit = format!("raftyard_quota_limit_bytes{{repos=\"team/**\"}} {}", size + size / 2);
+    assert!(metrics.contains(&limit) && metrics.contains("raftyard_quota_used_bytes{repos=\"team/**\"}"), "{metrics}");
     let text = cli(&["usage", "--node", &cl.nodes[2].peer]);
     assert!(text.contains("team/app") && text.contains("other/app") && text.contains("total"), "{text}");
 

@@ -193,6 +193,26 @@ impl Metrics {
                 gc.last_sweep_ms as f64 / 1000.0,
             ),
         ]);
+        // the quotas, as this node's state holds them (no read barrier: a scrape never waits)
+        let quotas = reg.meta.reader().quotas().unwrap_or_default();
+        if !quotas.is_empty() {
+            out.push_str("# HELP raftyard_quota_limit_bytes Storage quota of the repositories a pattern matches.\n");
+            out.push_str("# TYPE raftyard_quota_limit_bytes gauge\n");
+            for q in &quotas {
+                let _ = writeln!(
+                    out,
+                    "raftyard_quota_limit_bytes{{repos=\"{}\"}} {}",
+                    q.quota.repos.as_str(),
+                    q.quota.bytes
+                );
+            }
+            out.push_str("# HELP raftyard_quota_used_bytes Bytes the repositories of a quota hold together.\n");
+            out.push_str("# TYPE raftyard_quota_used_bytes gauge\n");
+            for q in &quotas {
+                let _ =
+                    writeln!(out, "raftyard_quota_used_bytes{{repos=\"{}\"}} {}", q.quota.repos.as_str(), q.used.bytes);
+            }
+        }
         if let Some(auth) = &reg.auth {
             out.push_str("# HELP raftyard_auth_failures_total Failed authentications, by reason.\n");
             out.push_str("# TYPE raftyard_auth_failures_total counter\n");
