@@ -41,6 +41,50 @@ impl BlobBytes {
     }
 }
 
+/// What the kernel says of this process (Linux `/proc/self`): CPU seconds, resident and
+/// virtual bytes, open and allowed file descriptors, start time (seconds since the epoch).
+struct ProcessFigures {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    open_fds: u64,
+    max_fds: u64,
+    start_time_seconds: f64,
+}
+
+fn process_figures() -> Option<ProcessFigures> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // the fields after the command name, which is in parentheses and may hold spaces
+    let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    // SAFETY: sysconf reads a constant of the system
+    let (tick, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (tick, page) = (tick.max(1) as f64, page.max(1) as u64);
+    // fields 14, 15 (utime, stime), 22 (starttime, ticks after boot), 23 (vsize), 24 (rss
+    // pages), counted from 1 with the pid and the name: here from 0 after the name
+    let cpu_seconds = (num(11)? + num(12)?) as f64 / tick;
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))?;
+    let start_time_seconds = boot as f64 + num(19)? as f64 / tick;
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    let max_fds = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+        0 => lim.rlim_cur,
+        _ => 0,
+    };
+    Some(ProcessFigures {
+        cpu_seconds,
+        resident_bytes: num(21)? * page,
+        virtual_bytes: num(20)?,
+        open_fds,
+        max_fds,
+        start_time_seconds,
+    })
+}
+
 /// Counters by route, method and status, with latency histograms.
 #[derive(Default)]
 pub struct Metrics {
@@ -75,6 +119,7 @@ impl Metrics {
 
     pub async fn render(&self, reg: &Registry) -> Response<Body> {
         let blob_files = reg.disk.get(&reg.blobs).await;
+        let ready = reg.not_ready().await.is_none();
         let mut out = String::new();
         out.push_str("# HELP raftyard_http_requests_total HTTP requests by route, method and status.\n");
         out.push_str("# TYPE raftyard_http_requests_total counter\n");
@@ -212,6 +257,27 @@ impl Metrics {
                 let _ =
                     writeln!(out, "raftyard_quota_used_bytes{{repos=\"{}\"}} {}", q.quota.repos.as_str(), q.used.bytes);
             }
+        }
+        // the answer of /v2/_raftyard/ready (a read barrier, bounded by its deadline)
+        gauges.push((
+            "raftyard_ready",
+            "1 if this node is ready to take traffic (GET /v2/_raftyard/ready says why not).",
+            ready as u8 as f64,
+        ));
+        if let Some(p) = process_figures() {
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total User and system CPU time of this process.\n\
+                 # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
+                p.cpu_seconds
+            );
+            gauges.extend([
+                ("process_resident_memory_bytes", "Resident memory size.", p.resident_bytes as f64),
+                ("process_virtual_memory_bytes", "Virtual memory size.", p.virtual_bytes as f64),
+                ("process_open_fds", "Open file descriptors.", p.open_fds as f64),
+                ("process_max_fds", "Most file descriptors this process may open.", p.max_fds as f64),
+                ("process_start_time_seconds", "Start time, seconds since the epoch.", p.start_time_seconds),
+            ]);
         }
         if let Some(auth) = &reg.auth {
             out.push_str("# HELP raftyard_auth_failures_total Failed authentications, by reason.\n");
