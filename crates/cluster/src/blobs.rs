@@ -12,7 +12,7 @@ use raftyard_raft::{NodeAddr, NodeId};
 use raftyard_types::{Digest, RepoName};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument as _};
 
 use crate::pb::blobs_client::BlobsClient;
 use crate::pb::{put_blob_part, BlobChunk, GetBlobRequest, PutBlobHeader, PutBlobPart};
@@ -252,13 +252,16 @@ impl BlobPeers {
         for (id, addr) in targets {
             let this = self.clone();
             let (repo, digest) = (repo.clone(), digest.clone());
-            running.push(tokio::spawn(async move {
-                let r = this.push_to(&repo, &digest, &addr).await;
-                if let Err(e) = &r {
-                    warn!(%digest, peer = %addr, error = %e, "replicating blob to peer failed");
+            running.push(tokio::spawn(
+                async move {
+                    let r = this.push_to(&repo, &digest, &addr).await;
+                    if let Err(e) = &r {
+                        warn!(%digest, peer = %addr, error = %e, "replicating blob to peer failed");
+                    }
+                    (id, r.is_ok())
                 }
-                (id, r.is_ok())
-            }));
+                .in_current_span(),
+            ));
         }
         let mut done = Vec::new();
         while done.len() < needed {

@@ -25,7 +25,7 @@ impl GrpcLeaderLink {
         GrpcLeaderLink { peers }
     }
 
-    fn client(&self, leader: &NodeAddr) -> Result<MetaClient<tonic::transport::Channel>, ProposeError> {
+    fn client(&self, leader: &NodeAddr) -> Result<MetaClient<crate::peers::PeerChannel>, ProposeError> {
         let ch = self.peers.channel(&leader.peer).map_err(|e| ProposeError::Unavailable(e.to_string()))?;
         Ok(MetaClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
     }

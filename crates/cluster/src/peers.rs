@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+/// A connection to a peer whose calls carry the caller's trace context (W3C `traceparent`).
+pub type PeerChannel = tonic::service::interceptor::InterceptedService<Channel, raftyard_telemetry::TraceContext>;
+
 use crate::tls::{host_of, PeerTls};
 
 /// Largest peer message (a Raft append or a snapshot chunk). Blob bytes travel in much smaller
@@ -70,15 +73,18 @@ impl Peers {
     }
 
     /// A channel to `addr` (`host:port`), connected on first use and reconnected by tonic
-    /// after failures.
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// after failures. Every call on it carries the caller's trace context.
+    pub fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
         let mut map = self.channels.lock().unwrap();
-        if let Some(c) = map.get(addr) {
-            return Ok(c.clone());
-        }
-        let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
-        let ch = endpoint_via(addr, dial, self.tls.as_ref())?.connect_lazy();
-        map.insert(addr.to_string(), ch.clone());
-        Ok(ch)
+        let ch = match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let dial = self.dial_via.get(addr).map_or(addr, String::as_str);
+                let ch = endpoint_via(addr, dial, self.tls.as_ref())?.connect_lazy();
+                map.insert(addr.to_string(), ch.clone());
+                ch
+            }
+        };
+        Ok(tonic::service::interceptor::InterceptedService::new(ch, raftyard_telemetry::TraceContext))
     }
 }

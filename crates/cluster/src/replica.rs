@@ -15,7 +15,7 @@ use raftyard_types::{Algorithm, Digest, RepoName};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument as _};
 
 use crate::pb::blobs_client::BlobsClient;
 use crate::pb::{replica_part::Part, ReplicaPart, ReplicaStart};
@@ -64,13 +64,17 @@ impl ReplicaSet {
             if tx.try_send(start).is_err() {
                 continue;
             }
-            let done = tokio::spawn(async move {
-                BlobsClient::new(channel)
-                    .replicate(ReceiverStream::new(rx))
-                    .await
-                    .map(|r| r.into_inner().size)
-                    .map_err(|s| s.message().to_string())
-            });
+            // in the request's span: the call carries its trace
+            let done = tokio::spawn(
+                async move {
+                    BlobsClient::new(channel)
+                        .replicate(ReceiverStream::new(rx))
+                        .await
+                        .map(|r| r.into_inner().size)
+                        .map_err(|s| s.message().to_string())
+                }
+                .in_current_span(),
+            );
             replicas.push(Replica { node, tx: Some(tx), done });
         }
         ReplicaSet { replicas, pending: BytesMut::new() }

@@ -50,6 +50,7 @@ pub async fn serve(
     }
     builder
         .tcp_nodelay(true)
+        .trace_fn(raftyard_telemetry::peer_span)
         .initial_stream_window_size(crate::peers::STREAM_WINDOW)
         .initial_connection_window_size(crate::peers::CONNECTION_WINDOW)
         .add_service(

@@ -29,6 +29,8 @@ pub struct Config {
     pub gc: GcSection,
     /// Scheduled retention runs (docs/operations.md).
     pub retention: RetentionSection,
+    /// Log format and trace export (docs/observability.md).
+    pub telemetry: raftyard_telemetry::TelemetryConfig,
 }
 
 /// How often the leader applies the stored retention policies.

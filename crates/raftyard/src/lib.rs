@@ -48,13 +48,8 @@ pub mod quota;
 pub mod retention;
 pub mod tunnel;
 
-/// Log lines to stderr, filtered by `RUST_LOG` (default: info, with openraft and sled quieter).
+/// Log lines to stderr, filtered by `RUST_LOG` (default: info, with openraft and sled quieter),
+/// for the commands other than `serve` (which installs `[telemetry]`).
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    raftyard_telemetry::init_logging();
 }

@@ -15,6 +15,9 @@ use raftyard_types::lifecycle::{Quota, RetentionPolicy};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as `text` or `json` (for `serve`, overrides `[telemetry] log_format`).
+    #[arg(long, global = true)]
+    log_format: Option<raftyard_telemetry::LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -597,7 +600,9 @@ enum CertsCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    raftyard::init_logging();
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        raftyard_telemetry::init_logging_as(cli.log_format.unwrap_or_default());
+    }
     match cli.cmd {
         Cmd::Serve { config, listen, data_dir, peer_listen } => {
             let mut cfg = match &config {
@@ -613,8 +618,16 @@ fn main() -> anyhow::Result<()> {
             if let Some(p) = peer_listen {
                 cfg.cluster.listen = p;
             }
+            if let Some(f) = cli.log_format {
+                cfg.telemetry.log_format = f;
+            }
             cfg.validate()?;
-            runtime()?.block_on(node::serve(cfg))
+            runtime()?.block_on(async move {
+                let telemetry = raftyard_telemetry::init(&cfg.telemetry, &cfg.node.id.to_string())?;
+                let served = node::serve(cfg).await;
+                let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+                served
+            })
         }
         Cmd::Relay { config } => {
             let cfg = raftyard_tunnel::RelayConfig::load(&config)?;

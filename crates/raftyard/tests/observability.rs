@@ -180,3 +180,115 @@ async fn prometheus_scrapes_the_cluster_and_evaluates_the_alerts() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+mod otlp {
+    //! An OTLP/gRPC trace receiver of the test's own: every span exported to it, with the
+    //! `service.instance.id` of the node that sent it.
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    #[derive(Default, Clone)]
+    pub struct Receiver(pub Arc<Mutex<Vec<(String, Span)>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            for rs in req.into_inner().resource_spans {
+                let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
+                let instance = attrs
+                    .iter()
+                    .find(|a| a.key == "service.instance.id")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for s in ss.spans {
+                        self.0.lock().unwrap().push((instance.clone(), s));
+                    }
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
+    /// Serves on `addr` until the test ends.
+    pub fn start(addr: std::net::SocketAddr) -> Receiver {
+        let r = Receiver::default();
+        let svc = TraceServiceServer::new(r.clone());
+        tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve(addr));
+        r
+    }
+}
+
+/// A push through a follower, carrying the client's `traceparent`, is one trace: the
+/// follower's request span is a child of the client's span, and the calls it makes to the
+/// leader and to the peers holding the blob's copies are spans of the same trace on those
+/// nodes. The nodes' log lines are JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_push_through_a_follower_is_one_trace_across_nodes() {
+    let port = free_port();
+    let receiver = otlp::start(format!("127.0.0.1:{port}").parse().unwrap());
+    let telemetry = format!(
+        "[telemetry]\nlog_format = \"json\"\notlp_endpoint = \"http://127.0.0.1:{port}\"\notlp_protocol = \"grpc\"\n"
+    );
+    let env = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let cl = Cluster::start_each(3, |_| Extra { cluster: &telemetry, env: &env, ..Extra::default() });
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    // the client's own span: the follower's request spans are its children
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("traceparent", format!("00-{trace}-{parent}-01").parse().unwrap());
+    let c = reqwest::Client::builder().default_headers(h).timeout(Duration::from_secs(30)).build().unwrap();
+    let d = push_image(&c, &cl.nodes[follower], "traced/app", "v1", b"traced").await;
+    pull_image(&client(), &cl.nodes[leader], "traced/app", "v1", &d).await;
+
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (follower_id, leader_id) = ((follower + 1).to_string(), (leader + 1).to_string());
+    loop {
+        let spans: Vec<(String, String, String, String)> = receiver
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| hex(&s.trace_id) == trace)
+            .map(|(i, s)| (i.clone(), s.name.clone(), hex(&s.span_id), hex(&s.parent_span_id)))
+            .collect();
+        let put = spans.iter().find(|(i, n, _, p)| *i == follower_id && n == "PUT manifest" && p == parent);
+        // the write forwarded to the leader
+        let on_leader = put.and_then(|put| {
+            spans.iter().find(|(i, n, _, p)| *i == leader_id && *p == put.2 && n.ends_with("/Propose"))
+        });
+        let instances: std::collections::BTreeSet<&String> = spans.iter().map(|s| &s.0).collect();
+        if put.is_some() && on_leader.is_some() {
+            // the blob's copies went to the other nodes inside the same trace
+            // and the blob's copies went to both other nodes within the same trace
+            let replicated = spans.iter().filter(|(i, n, ..)| *i != follower_id && n.ends_with("/Replicate")).count();
+            assert!(instances.len() == 3 && replicated >= 2, "{spans:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no cross-node trace yet: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let log = std::fs::read_to_string(&cl.nodes[follower].log).unwrap();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(lines > 0, "the follower logged nothing");
+}

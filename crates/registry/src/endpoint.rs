@@ -60,6 +60,19 @@ impl Endpoint {
         }
     }
 
+    /// The repository and the reference (tag or digest) the request names, for its span.
+    pub fn subject(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Endpoint::Manifest { name, reference } => (Some(name.as_str()), Some(reference)),
+            Endpoint::Blob { name, digest } | Endpoint::Referrers { name, digest } => {
+                (Some(name.as_str()), Some(digest))
+            }
+            Endpoint::UploadStart { name } | Endpoint::Tags { name } => (Some(name.as_str()), None),
+            Endpoint::Upload { name, id } => (Some(name.as_str()), Some(id)),
+            _ => (None, None),
+        }
+    }
+
     /// A short route label for metrics and logs.
     pub fn route(&self) -> &'static str {
         match self {

@@ -43,14 +43,24 @@ pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Resp
     let path = req.uri().path().to_string();
     let ep = parse_endpoint(&method, &path);
     let route = ep.as_ref().map(|e| e.route()).unwrap_or("unknown");
-    let span = info_span!("request", %method, path = %path, route);
+    let (repository, reference) = ep.as_ref().map(|e| e.subject()).unwrap_or_default();
+    let span = info_span!("request",
+        otel.name = %format_args!("{method} {route}"), otel.kind = "server",
+        %method, path = %path, route, repository, reference,
+        status = tracing::field::Empty, request_bytes = tracing::field::Empty,
+        response_bytes = tracing::field::Empty,
+        trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+    raftyard_telemetry::continue_trace(&span, req.headers());
+    if let Some(n) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+        span.record("request_bytes", n);
+    }
     let result = async {
         match ep {
             Ok(ep) => dispatch(reg, ep, req).await,
             Err(e) => Err(e),
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
     let mut resp = match result {
         Ok(r) => r,
@@ -64,6 +74,10 @@ pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Resp
         }
     };
     resp.headers_mut().insert("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"));
+    span.record("status", resp.status().as_u16());
+    if let Some(n) = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
+        span.record("response_bytes", n);
+    }
     reg.metrics.observe(route, method.as_str(), resp.status().as_u16(), started.elapsed());
     resp
 }
