@@ -63,7 +63,7 @@ pub struct Args {
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password-1";
-const REPO: &str = "bench/app";
+pub(crate) const REPO: &str = "bench/app";
 /// bcrypt cost of `htpasswd -B` without `-C`.
 const HTPASSWD_COST: u32 = 5;
 
@@ -78,7 +78,7 @@ struct Subject {
     blob: Vec<(f64, f64)>,
 }
 
-fn client(auth: Option<String>) -> Result<reqwest::Client> {
+pub(crate) fn client(auth: Option<String>) -> Result<reqwest::Client> {
     let mut h = HeaderMap::new();
     if let Some(a) = auth {
         h.insert(AUTHORIZATION, HeaderValue::from_str(&a)?);
@@ -96,7 +96,7 @@ fn basic() -> String {
 }
 
 /// Waits until `GET /v2/` answers at all (200, or 401 with auth on).
-async fn wait_answering(base: &str, timeout: Duration) -> Result<()> {
+pub(crate) async fn wait_answering(base: &str, timeout: Duration) -> Result<()> {
     let c = reqwest::Client::new();
     let deadline = Instant::now() + timeout;
     loop {
@@ -145,7 +145,7 @@ async fn raftyard_with(bin: &Path, dir: &Path, mode: &str) -> Result<(Server, St
 }
 
 /// Pushes the image; returns the layer's digest.
-async fn seed(c: &reqwest::Client, base: &str) -> Result<String> {
+pub(crate) async fn seed(c: &reqwest::Client, base: &str) -> Result<String> {
     let config = Bytes::from_static(b"{\"architecture\":\"amd64\",\"os\":\"linux\"}");
     let layer = Bytes::from((0..4096u32).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>());
     for blob in [&config, &layer] {
@@ -181,7 +181,7 @@ async fn seed(c: &reqwest::Client, base: &str) -> Result<String> {
 }
 
 /// p50 and p99 in ms of `n` sequential GETs of `url` (bodies read and checked for status 200).
-async fn timed_gets(c: &reqwest::Client, url: &str, accept: &str, n: usize) -> Result<(f64, f64)> {
+pub(crate) async fn timed_gets(c: &reqwest::Client, url: &str, accept: &str, n: usize) -> Result<(f64, f64)> {
     let mut ms = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -305,7 +305,7 @@ async fn run_async(args: &Args) -> Result<()> {
     Ok(())
 }
 
-trait MkDir {
+pub(crate) trait MkDir {
     fn tap_mkdir(self) -> Result<PathBuf>;
 }
 

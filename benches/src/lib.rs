@@ -2,7 +2,8 @@
 //! (`raftyard-bench`, see its binary's docs) and the tunnel against rathole
 //! (`raftyard-tunnel-bench`, see [`tunnel`]), and the RPO of a backup node
 //! (`raftyard-backup-bench`, see [`backup`]), and what authentication costs
-//! (`raftyard-auth-bench`, see [`auth`]). The modules are the parts both binaries share:
+//! (`raftyard-auth-bench`, see [`auth`]), and what tracing costs (`raftyard-telemetry-bench`,
+//! see [`telemetry`]). The other modules are the parts the binaries share:
 //! starting processes, bulk HTTP transfers, medians and tables.
 
 pub mod auth;
@@ -15,5 +16,6 @@ pub mod deployment;
 pub mod failover;
 pub mod report;
 pub mod server;
+pub mod telemetry;
 pub mod tunnel;
 pub mod workload;

@@ -44,16 +44,13 @@ pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Resp
     let ep = parse_endpoint(&method, &path);
     let route = ep.as_ref().map(|e| e.route()).unwrap_or("unknown");
     let (repository, reference) = ep.as_ref().map(|e| e.subject()).unwrap_or_default();
+    let request_bytes = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+    // what log lines within the request show; the status and response size go to the trace
+    // only (recording them would format the span's fields again for the log lines)
     let span = info_span!("request",
         otel.name = %format_args!("{method} {route}"), otel.kind = "server",
-        %method, path = %path, route, repository, reference,
-        status = tracing::field::Empty, request_bytes = tracing::field::Empty,
-        response_bytes = tracing::field::Empty,
-        trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+        %method, path = %path, route, repository, reference, request_bytes);
     raftyard_telemetry::continue_trace(&span, req.headers());
-    if let Some(n) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
-        span.record("request_bytes", n);
-    }
     let result = async {
         match ep {
             Ok(ep) => dispatch(reg, ep, req).await,
@@ -74,9 +71,9 @@ pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Resp
         }
     };
     resp.headers_mut().insert("Docker-Distribution-API-Version", HeaderValue::from_static("registry/2.0"));
-    span.record("status", resp.status().as_u16());
-    if let Some(n) = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()) {
-        span.record("response_bytes", n);
+    raftyard_telemetry::set_attribute(&span, "http.response.status_code", resp.status().as_u16().into());
+    if let Some(n) = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<i64>().ok()) {
+        raftyard_telemetry::set_attribute(&span, "http.response.body.size", n);
     }
     reg.metrics.observe(route, method.as_str(), resp.status().as_u16(), started.elapsed());
     resp
