@@ -1,22 +1,45 @@
-//! Request metrics and the Prometheus text exposition at `/metrics`.
+//! The metrics of a node, through `prometheus-client`: counted as requests go (requests,
+//! latency, requests in flight, authentication), and read at each scrape from the parts that
+//! keep their own figures (Raft, readiness, disk, collections, quotas, backup lag, lockouts,
+//! the process). Served as OpenMetrics to a scraper that asks for it (Prometheus does), else in
+//! the Prometheus text format (what `promtool check metrics` and older scrapers read).
+//! docs/observability.md says what each one means.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::body::{full, Body};
 use crate::Registry;
 
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
-#[derive(Default)]
-struct Series {
-    count: u64,
-    sum: f64,
-    buckets: [u64; BUCKETS.len()],
+/// What `/metrics` answers an `Accept` of OpenMetrics with.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReposLabel {
+    repos: String,
 }
 
 /// The bytes of this node's blob files, walked at most once a minute (a walk reads every
@@ -85,232 +108,263 @@ fn process_figures() -> Option<ProcessFigures> {
     })
 }
 
-/// Counters by route, method and status, with latency histograms.
-#[derive(Default)]
+/// What a node counts as it serves.
 pub struct Metrics {
-    series: Mutex<BTreeMap<(&'static str, String, u16), Series>>,
-    auth_failures: Mutex<BTreeMap<&'static str, u64>>,
-    auth_denied: std::sync::atomic::AtomicU64,
+    requests: Family<RouteLabels, Counter>,
+    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    in_flight: Gauge,
+    auth_failures: Family<ReasonLabel, Counter>,
+    auth_denied: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        fn histogram() -> Histogram {
+            Histogram::new(BUCKETS.into_iter())
+        }
+        Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(histogram),
+            in_flight: Gauge::default(),
+            auth_failures: Family::default(),
+            auth_denied: Counter::default(),
+        }
+    }
+}
+
+/// A request being served: counted in `raftyard_http_requests_in_flight` until dropped.
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A scrape's registry, with the helpers that register figures read at that moment.
+struct Scrape(prometheus_client::registry::Registry);
+
+impl Scrape {
+    fn gauge(&mut self, name: &str, help: &str, v: i64) {
+        self.0.register(name, help, ConstGauge::new(v));
+    }
+    fn gauge_f(&mut self, name: &str, help: &str, v: f64) {
+        self.0.register(name, help, ConstGauge::new(v));
+    }
+    /// `name` without `_total` (the encoding adds it).
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.0.register(name, help, ConstCounter::new(v));
+    }
+    fn counter_f(&mut self, name: &str, help: &str, v: f64) {
+        self.0.register(name, help, ConstCounter::new(v));
+    }
 }
 
 impl Metrics {
     /// A failed authentication, by reason.
     pub fn auth_failure(&self, reason: &'static str) {
-        *self.auth_failures.lock().unwrap().entry(reason).or_default() += 1;
+        self.auth_failures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// An authenticated request refused for want of a grant.
     pub fn auth_denied(&self) {
-        self.auth_denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.auth_denied.inc();
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     pub fn observe(&self, route: &'static str, method: &str, status: u16, took: Duration) {
-        let secs = took.as_secs_f64();
-        let mut m = self.series.lock().unwrap();
-        let s = m.entry((route, method.to_string(), status)).or_default();
-        s.count += 1;
-        s.sum += secs;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                s.buckets[i] += 1;
-            }
-        }
+        let labels = RouteLabels { route, method: method.to_string(), status };
+        self.requests.get_or_create(&labels).inc();
+        self.latency.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
-    pub async fn render(&self, reg: &Registry) -> Response<Body> {
+    /// The `/metrics` answer: OpenMetrics when `accept` asks for it, else the text format.
+    pub async fn render(&self, reg: &Registry, accept: Option<&HeaderValue>) -> Response<Body> {
+        let openmetrics =
+            accept.and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("application/openmetrics-text"));
         let blob_files = reg.disk.get(&reg.blobs).await;
         let ready = reg.not_ready().await.is_none();
-        let mut out = String::new();
-        out.push_str("# HELP raftyard_http_requests_total HTTP requests by route, method and status.\n");
-        out.push_str("# TYPE raftyard_http_requests_total counter\n");
-        let m = self.series.lock().unwrap();
-        for ((route, method, status), s) in m.iter() {
-            let _ = writeln!(
-                out,
-                "raftyard_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}",
-                s.count
-            );
-        }
-        out.push_str("# HELP raftyard_http_request_duration_seconds Request latency.\n");
-        out.push_str("# TYPE raftyard_http_request_duration_seconds histogram\n");
-        for ((route, method, status), s) in m.iter() {
-            let l = format!("route=\"{route}\",method=\"{method}\",status=\"{status}\"");
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ =
-                    writeln!(out, "raftyard_http_request_duration_seconds_bucket{{{l},le=\"{b}\"}} {}", s.buckets[i]);
-            }
-            let _ = writeln!(out, "raftyard_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}", s.count);
-            let _ = writeln!(out, "raftyard_http_request_duration_seconds_sum{{{l}}} {}", s.sum);
-            let _ = writeln!(out, "raftyard_http_request_duration_seconds_count{{{l}}} {}", s.count);
-        }
-        drop(m);
+        let mut s = Scrape(prometheus_client::registry::Registry::default());
+        s.0.register("raftyard_http_requests", "HTTP requests by route, method and status", self.requests.clone());
+        s.0.register(
+            "raftyard_http_request_duration_seconds",
+            "Time until a response's head is ready, by route, method and status",
+            self.latency.clone(),
+        );
+        s.0.register("raftyard_http_requests_in_flight", "Requests being served now", self.in_flight.clone());
+        s.gauge(
+            "raftyard_ready",
+            "1 if this node is ready to take traffic (GET /v2/_raftyard/ready says why not)",
+            ready.into(),
+        );
+
         let rm = reg.meta.raft().metrics().borrow().clone();
-        let mut gauges = vec![
-            ("raftyard_raft_term", "Current Raft term.", rm.current_term as f64),
-            ("raftyard_raft_last_log_index", "Last Raft log index.", rm.last_log_index.unwrap_or(0) as f64),
-            (
-                "raftyard_raft_applied_index",
-                "Last applied Raft log index.",
-                rm.last_applied.map(|l| l.index).unwrap_or(0) as f64,
-            ),
-            ("raftyard_raft_leader", "Id of the current leader (0: none).", rm.current_leader.unwrap_or(0) as f64),
-            (
-                "raftyard_raft_is_leader",
-                "1 if this node is the leader.",
-                (rm.current_leader == Some(reg.meta.id())) as u8 as f64,
-            ),
-            ("raftyard_open_uploads", "Open upload sessions on this node.", reg.blobs.open_uploads() as f64),
-        ];
+        s.gauge("raftyard_raft_term", "Current Raft term", rm.current_term as i64);
+        s.gauge("raftyard_raft_last_log_index", "Last Raft log index", rm.last_log_index.unwrap_or(0) as i64);
+        s.gauge(
+            "raftyard_raft_applied_index",
+            "Last applied Raft log index",
+            rm.last_applied.map(|l| l.index).unwrap_or(0) as i64,
+        );
+        s.gauge("raftyard_raft_leader", "Id of the current leader (0: none)", rm.current_leader.unwrap_or(0) as i64);
+        s.gauge(
+            "raftyard_raft_is_leader",
+            "1 if this node is the leader",
+            (rm.current_leader == Some(reg.meta.id())).into(),
+        );
+        s.gauge("raftyard_open_uploads", "Open upload sessions on this node", reg.blobs.open_uploads() as i64);
+
         let lag = reg.lag.get();
         if lag.measured && reg.meta.is_backup() {
-            gauges.extend([
-                (
-                    "raftyard_backup_leader_reachable",
-                    "1 if the leader answered the last lag measurement.",
-                    lag.leader_reachable as u8 as f64,
-                ),
-                (
-                    "raftyard_backup_lag_entries",
-                    "Committed log entries not yet applied on this backup.",
-                    lag.entries_behind as f64,
-                ),
-                ("raftyard_backup_blobs_missing", "Blobs this backup has yet to fetch.", lag.blobs_missing as f64),
-                (
-                    "raftyard_backup_blob_bytes_missing",
-                    "Bytes of blobs this backup has yet to fetch.",
-                    lag.blob_bytes_missing as f64,
-                ),
-                (
-                    "raftyard_backup_blob_rpo_seconds",
-                    "For how long the oldest blob this backup lacks has been missing here.",
-                    lag.blob_rpo_ms as f64 / 1000.0,
-                ),
-            ]);
+            s.gauge(
+                "raftyard_backup_leader_reachable",
+                "1 if the leader answered the last lag measurement",
+                lag.leader_reachable.into(),
+            );
+            s.gauge(
+                "raftyard_backup_lag_entries",
+                "Committed log entries not yet applied on this backup",
+                lag.entries_behind as i64,
+            );
+            s.gauge("raftyard_backup_blobs_missing", "Blobs this backup has yet to fetch", lag.blobs_missing as i64);
+            s.gauge(
+                "raftyard_backup_blob_bytes_missing",
+                "Bytes of blobs this backup has yet to fetch",
+                lag.blob_bytes_missing as i64,
+            );
+            s.gauge_f(
+                "raftyard_backup_blob_rpo_seconds",
+                "For how long the oldest blob this backup lacks has been missing here",
+                lag.blob_rpo_ms as f64 / 1000.0,
+            );
             // unknown until the leader first answered or a command was applied here
             if lag.rpo_known {
-                gauges.push((
+                s.gauge_f(
                     "raftyard_backup_rpo_seconds",
-                    "Seconds of acknowledged metadata writes this backup could be missing.",
+                    "Seconds of acknowledged metadata writes this backup could be missing",
                     lag.rpo_ms as f64 / 1000.0,
-                ));
+                );
             }
         }
         if let Ok((total, free, used)) = raftyard_blobstore::disk_space(reg.blobs.root()) {
-            gauges.extend([
-                ("raftyard_disk_total_bytes", "Size of the filesystem holding this node's data.", total as f64),
-                ("raftyard_disk_free_bytes", "Bytes free on it (to an unprivileged writer).", free as f64),
-                ("raftyard_disk_used_bytes", "Bytes in use on it.", used as f64),
-            ]);
+            s.gauge("raftyard_disk_total_bytes", "Size of the filesystem holding this node's data", total as i64);
+            s.gauge("raftyard_disk_free_bytes", "Bytes free on it (to an unprivileged writer)", free as i64);
+            s.gauge("raftyard_disk_used_bytes", "Bytes in use on it", used as i64);
         }
         if let Some((files, bytes)) = blob_files {
-            gauges.extend([
-                ("raftyard_blob_files", "Blob files on this node (walked at most once a minute).", files as f64),
-                ("raftyard_blob_bytes", "Bytes of the blob files on this node.", bytes as f64),
-            ]);
+            s.gauge("raftyard_blob_files", "Blob files on this node (walked at most once a minute)", files as i64);
+            s.gauge("raftyard_blob_bytes", "Bytes of the blob files on this node", bytes as i64);
         }
+
         let gc = reg.gc.get();
-        let gc_counters = [
-            ("raftyard_gc_runs_total", "Collections this node ran.", gc.runs),
-            ("raftyard_gc_failures_total", "Collections this node started that failed.", gc.failures),
-            (
-                "raftyard_gc_manifests_removed_total",
-                "Untagged manifests its collections removed.",
-                gc.manifests_removed,
-            ),
-            ("raftyard_gc_links_removed_total", "Blob links its collections removed.", gc.links_removed),
-            ("raftyard_gc_blobs_removed_total", "Blobs its collections took out of the registry.", gc.blobs_removed),
-            ("raftyard_gc_sweeps_total", "Sweeps of this node's blob files.", gc.sweeps),
-            ("raftyard_gc_files_removed_total", "Blob files its sweeps removed.", gc.files_removed),
-            ("raftyard_gc_bytes_reclaimed_total", "Bytes its sweeps freed on this node's disk.", gc.bytes_reclaimed),
-        ];
-        for (name, help, v) in gc_counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        }
-        gauges.extend([
-            (
-                "raftyard_gc_last_run_timestamp_seconds",
-                "When this node's last collection finished (0: never).",
-                gc.last_run_ms as f64 / 1000.0,
-            ),
-            (
-                "raftyard_gc_last_sweep_timestamp_seconds",
-                "When this node's last sweep finished (0: never).",
-                gc.last_sweep_ms as f64 / 1000.0,
-            ),
-        ]);
+        s.counter("raftyard_gc_runs", "Collections this node ran", gc.runs);
+        s.counter("raftyard_gc_failures", "Collections this node started that failed", gc.failures);
+        s.counter("raftyard_gc_manifests_removed", "Untagged manifests its collections removed", gc.manifests_removed);
+        s.counter("raftyard_gc_links_removed", "Blob links its collections removed", gc.links_removed);
+        s.counter("raftyard_gc_blobs_removed", "Blobs its collections took out of the registry", gc.blobs_removed);
+        s.counter("raftyard_gc_sweeps", "Sweeps of this node's blob files", gc.sweeps);
+        s.counter("raftyard_gc_files_removed", "Blob files its sweeps removed", gc.files_removed);
+        s.counter("raftyard_gc_bytes_reclaimed", "Bytes its sweeps freed on this node's disk", gc.bytes_reclaimed);
+        s.gauge_f(
+            "raftyard_gc_last_run_timestamp_seconds",
+            "When this node's last collection finished (0: never)",
+            gc.last_run_ms as f64 / 1000.0,
+        );
+        s.gauge_f(
+            "raftyard_gc_last_sweep_timestamp_seconds",
+            "When this node's last sweep finished (0: never)",
+            gc.last_sweep_ms as f64 / 1000.0,
+        );
+
         // the quotas, as this node's state holds them (no read barrier: a scrape never waits)
         let quotas = reg.meta.reader().quotas().unwrap_or_default();
         if !quotas.is_empty() {
-            out.push_str("# HELP raftyard_quota_limit_bytes Storage quota of the repositories a pattern matches.\n");
-            out.push_str("# TYPE raftyard_quota_limit_bytes gauge\n");
+            let (limit, used) = (Family::<ReposLabel, Gauge>::default(), Family::<ReposLabel, Gauge>::default());
             for q in &quotas {
-                let _ = writeln!(
-                    out,
-                    "raftyard_quota_limit_bytes{{repos=\"{}\"}} {}",
-                    q.quota.repos.as_str(),
-                    q.quota.bytes
-                );
+                let l = ReposLabel { repos: q.quota.repos.as_str().to_string() };
+                limit.get_or_create(&l).set(q.quota.bytes as i64);
+                used.get_or_create(&l).set(q.used.bytes as i64);
             }
-            out.push_str("# HELP raftyard_quota_used_bytes Bytes the repositories of a quota hold together.\n");
-            out.push_str("# TYPE raftyard_quota_used_bytes gauge\n");
-            for q in &quotas {
-                let _ =
-                    writeln!(out, "raftyard_quota_used_bytes{{repos=\"{}\"}} {}", q.quota.repos.as_str(), q.used.bytes);
-            }
+            s.0.register("raftyard_quota_limit_bytes", "Storage quota of the repositories a pattern matches", limit);
+            s.0.register("raftyard_quota_used_bytes", "Bytes the repositories of a quota hold together", used);
         }
-        // the answer of /v2/_raftyard/ready (a read barrier, bounded by its deadline)
-        gauges.push((
-            "raftyard_ready",
-            "1 if this node is ready to take traffic (GET /v2/_raftyard/ready says why not).",
-            ready as u8 as f64,
-        ));
-        if let Some(p) = process_figures() {
-            let _ = writeln!(
-                out,
-                "# HELP process_cpu_seconds_total User and system CPU time of this process.\n\
-                 # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}",
-                p.cpu_seconds
-            );
-            gauges.extend([
-                ("process_resident_memory_bytes", "Resident memory size.", p.resident_bytes as f64),
-                ("process_virtual_memory_bytes", "Virtual memory size.", p.virtual_bytes as f64),
-                ("process_open_fds", "Open file descriptors.", p.open_fds as f64),
-                ("process_max_fds", "Most file descriptors this process may open.", p.max_fds as f64),
-                ("process_start_time_seconds", "Start time, seconds since the epoch.", p.start_time_seconds),
-            ]);
-        }
+
         if let Some(auth) = &reg.auth {
-            out.push_str("# HELP raftyard_auth_failures_total Failed authentications, by reason.\n");
-            out.push_str("# TYPE raftyard_auth_failures_total counter\n");
-            for (reason, n) in self.auth_failures.lock().unwrap().iter() {
-                let _ = writeln!(out, "raftyard_auth_failures_total{{reason=\"{reason}\"}} {n}");
-            }
-            let counters = [
-                (
-                    "raftyard_auth_denied_total",
-                    "Authenticated requests refused for want of a grant.",
-                    self.auth_denied.load(std::sync::atomic::Ordering::Relaxed),
-                ),
-                (
-                    "raftyard_auth_lockouts_total",
-                    "Client addresses locked out after too many failed authentications.",
-                    auth.lockout.lockouts.load(std::sync::atomic::Ordering::Relaxed),
-                ),
-            ];
-            for (name, help, v) in counters {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-            }
-            gauges.push((
+            s.0.register("raftyard_auth_failures", "Failed authentications, by reason", self.auth_failures.clone());
+            s.0.register(
+                "raftyard_auth_denied",
+                "Authenticated requests refused for want of a grant",
+                self.auth_denied.clone(),
+            );
+            s.counter(
+                "raftyard_auth_lockouts",
+                "Client addresses locked out after too many failed authentications",
+                auth.lockout.lockouts.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            s.gauge(
                 "raftyard_auth_locked_addresses",
-                "Client addresses locked out now.",
-                auth.lockout.locked_count() as f64,
-            ));
+                "Client addresses locked out now",
+                auth.lockout.locked_count() as i64,
+            );
         }
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+
+        if let Some(p) = process_figures() {
+            s.counter_f("process_cpu_seconds", "User and system CPU time of this process", p.cpu_seconds);
+            s.gauge("process_resident_memory_bytes", "Resident memory size", p.resident_bytes as i64);
+            s.gauge("process_virtual_memory_bytes", "Virtual memory size", p.virtual_bytes as i64);
+            s.gauge("process_open_fds", "Open file descriptors", p.open_fds as i64);
+            s.gauge("process_max_fds", "Most file descriptors this process may open", p.max_fds as i64);
+            s.gauge_f("process_start_time_seconds", "Start time, seconds since the epoch", p.start_time_seconds);
         }
-        let mut r = Response::new(full(out));
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &s.0).expect("writing to a String");
+        let (body, content_type) = match openmetrics {
+            true => (out, OPENMETRICS),
+            false => (text_format(&out), TEXT),
+        };
+        let mut r = Response::new(full(body));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         r
+    }
+}
+
+/// OpenMetrics as the Prometheus text format: a counter family is named with its `_total`
+/// (as its samples are), and the `# EOF` and `# UNIT` lines go.
+fn text_format(openmetrics: &str) -> String {
+    let counters: HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_named_with_their_total_in_the_text_format() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{r=\"x\"} 3\n\
+                  # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n# EOF\n";
+        assert_eq!(
+            super::text_format(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{r=\"x\"} 3\n\
+             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n"
+        );
     }
 }

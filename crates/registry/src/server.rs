@@ -196,7 +196,9 @@ pub async fn serve_metrics(reg: Arc<Registry>, listener: TcpListener, shutdown: 
                 let reg = reg.clone();
                 async move {
                     let r = if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
-                        crate::body::materialize(reg.metrics.render(&reg).await)
+                        crate::body::materialize(
+                            reg.metrics.render(&reg, req.headers().get(http::header::ACCEPT)).await,
+                        )
                     } else {
                         crate::body::materialize(crate::error::RegistryError::NotFound.into_response(false))
                     };

@@ -38,6 +38,7 @@ pub async fn handle(reg: Arc<Registry>, req: Request<hyper::body::Incoming>) -> 
 /// for the transport to send.
 pub(crate) async fn respond<B: ReqBody>(reg: &Registry, req: Request<B>) -> Response<Body> {
     let started = Instant::now();
+    let _in_flight = reg.metrics.in_flight();
     let method = req.method().clone();
     let head = method == Method::HEAD;
     let path = req.uri().path().to_string();
@@ -94,7 +95,7 @@ async fn dispatch<B: ReqBody>(reg: &Registry, ep: Endpoint, mut req: Request<B>)
         Endpoint::Health => discovery::health(reg).await,
         Endpoint::Ready => discovery::ready(reg).await,
         Endpoint::StateDigest => discovery::state_digest(reg).await,
-        Endpoint::Metrics => Ok(reg.metrics.render(reg).await),
+        Endpoint::Metrics => Ok(reg.metrics.render(reg, req.headers().get(header::ACCEPT)).await),
         Endpoint::Token => crate::access::token_endpoint(reg, req).await,
         Endpoint::Catalog => discovery::catalog(reg, &q, &crate::access::caller_of(&req)).await,
         Endpoint::Events => discovery::events(reg, &q).await,
