@@ -161,6 +161,39 @@ pub struct MetaNode {
     /// The oldest peer protocol among the members (0: not known yet). Entries a member's
     /// release cannot decode (proposal ids, new events) are only proposed once every member can.
     cluster_protocol: Arc<std::sync::atomic::AtomicU32>,
+    counters: RaftCounters,
+}
+
+/// What this node counts of its Raft group, for `/metrics`.
+#[derive(Clone, Debug)]
+pub struct RaftCounters {
+    /// Time from a proposal to its outcome applied here (forwarding and retries included).
+    pub proposal_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Times the leader this node knows changed (to another node or to none).
+    pub leader_changes: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for RaftCounters {
+    fn default() -> Self {
+        let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        RaftCounters {
+            proposal_seconds: prometheus_client::metrics::histogram::Histogram::new(buckets.into_iter()),
+            leader_changes: Default::default(),
+        }
+    }
+}
+
+/// Counts the changes of the leader this node knows, until Raft stops.
+async fn count_leader_changes(raft: Raft, changes: prometheus_client::metrics::counter::Counter) {
+    let mut metrics = raft.metrics();
+    let mut last = metrics.borrow_and_update().current_leader;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow_and_update().current_leader;
+        if now != last {
+            changes.inc();
+            last = now;
+        }
+    }
 }
 
 /// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
@@ -222,6 +255,8 @@ impl MetaNode {
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
         tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
+        let counters = RaftCounters::default();
+        tokio::spawn(count_leader_changes(raft.clone(), counters.leader_changes.clone()));
         let node = MetaNode {
             id: cfg.id,
             raft,
@@ -232,6 +267,7 @@ impl MetaNode {
             watch,
             snapshots,
             cluster_protocol: Default::default(),
+            counters,
         };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
@@ -319,6 +355,18 @@ impl MetaNode {
     /// again is safe even when the first attempt was committed after all: the command carries a
     /// proposal id, and the state machine applies an id once (`VersionedCommand::V2`).
     pub async fn propose(&self, events: Vec<Event>) -> Result<(), ProposeError> {
+        let started = tokio::time::Instant::now();
+        let r = self.propose_until_applied(events).await;
+        self.counters.proposal_seconds.observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// What this node counts of its Raft group.
+    pub fn counters(&self) -> &RaftCounters {
+        &self.counters
+    }
+
+    async fn propose_until_applied(&self, events: Vec<Event>) -> Result<(), ProposeError> {
         let cmd = match self.proposal_ids() {
             true => VersionedCommand::with_id(rand::random::<u64>().max(1), events),
             false => VersionedCommand::V1(raftyard_types::Command::new(events)),

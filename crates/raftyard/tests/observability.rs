@@ -76,13 +76,37 @@ async fn prometheus_scrapes_the_cluster_and_evaluates_the_alerts() {
     pull_image(&c, &cl.nodes[(leader + 1) % 3], "obs/app", "v1", &d).await;
 
     // what each target serves is clean OpenMetrics/Prometheus text
-    for n in &cl.nodes {
+    for (i, n) in cl.nodes.iter().enumerate() {
         let text = c.get(n.url("/metrics")).send().await.unwrap().text().await.unwrap();
         assert_eq!(promtool_lint(&text), "", "node metrics:\n{text}");
-        for name in ["raftyard_ready 1", "process_resident_memory_bytes", "raftyard_disk_free_bytes"] {
+        for name in [
+            "raftyard_ready 1",
+            "process_resident_memory_bytes",
+            "raftyard_disk_free_bytes",
+            "raftyard_http_requests_in_flight 1", // this scrape
+            "raftyard_raft_leader_changes_total",
+            "raftyard_raft_proposal_duration_seconds_count",
+        ] {
             assert!(text.contains(name), "{name} in\n{text}");
         }
+        if i == leader {
+            assert!(text.contains("raftyard_raft_follower_lag_entries{node="), "{text}");
+            // the push went to the leader: its uploads waited for their copies
+            let waits = text
+                .lines()
+                .find_map(|l| l.strip_prefix("raftyard_blob_quorum_wait_seconds_count "))
+                .and_then(|v| v.parse::<u64>().ok());
+            assert!(waits.is_some_and(|w| w >= 2), "{text}");
+        }
     }
+    let om = c
+        .get(cl.nodes[0].url("/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert!(om.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(om.text().await.unwrap().ends_with("# EOF\n"));
     let text = c.get(format!("http://{}/metrics", relay.dashboard)).send().await.unwrap().text().await.unwrap();
     assert_eq!(promtool_lint(&text), "", "relay metrics:\n{text}");
 

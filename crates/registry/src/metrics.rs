@@ -115,19 +115,27 @@ pub struct Metrics {
     in_flight: Gauge,
     auth_failures: Family<ReasonLabel, Counter>,
     auth_denied: Counter,
+    quorum_wait: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: u64,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS.into_iter())
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        fn histogram() -> Histogram {
-            Histogram::new(BUCKETS.into_iter())
-        }
         Metrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(histogram),
             in_flight: Gauge::default(),
             auth_failures: Family::default(),
             auth_denied: Counter::default(),
+            quorum_wait: histogram(),
         }
     }
 }
@@ -169,6 +177,12 @@ impl Metrics {
     /// An authenticated request refused for want of a grant.
     pub fn auth_denied(&self) {
         self.auth_denied.inc();
+    }
+
+    /// Time an upload waited, after its bytes were stored here, for the copies of its write
+    /// quorum.
+    pub fn quorum_wait(&self, took: Duration) {
+        self.quorum_wait.observe(took.as_secs_f64());
     }
 
     /// Counts a request in flight until the guard is dropped.
@@ -218,6 +232,36 @@ impl Metrics {
             (rm.current_leader == Some(reg.meta.id())).into(),
         );
         s.gauge("raftyard_open_uploads", "Open upload sessions on this node", reg.blobs.open_uploads() as i64);
+        let counters = reg.meta.counters();
+        s.0.register(
+            "raftyard_raft_proposal_duration_seconds",
+            "Time from a proposal on this node to its outcome applied here",
+            counters.proposal_seconds.clone(),
+        );
+        s.0.register(
+            "raftyard_raft_leader_changes",
+            "Changes of the leader this node knows",
+            counters.leader_changes.clone(),
+        );
+        if let Some(replication) = &rm.replication {
+            // on the leader: how far each follower's log is behind its own
+            let behind = Family::<NodeLabel, Gauge>::default();
+            let last = rm.last_log_index.unwrap_or(0);
+            for (node, matched) in replication.iter().filter(|(n, _)| **n != reg.meta.id()) {
+                let m = matched.as_ref().map(|l| l.index).unwrap_or(0);
+                behind.get_or_create(&NodeLabel { node: *node }).set(last.saturating_sub(m) as i64);
+            }
+            s.0.register(
+                "raftyard_raft_follower_lag_entries",
+                "On the leader: log entries each member has yet to receive",
+                behind,
+            );
+        }
+        s.0.register(
+            "raftyard_blob_quorum_wait_seconds",
+            "Time an upload waited, its bytes stored here, for the copies of its write quorum",
+            self.quorum_wait.clone(),
+        );
 
         let lag = reg.lag.get();
         if lag.measured && reg.meta.is_backup() {

@@ -98,8 +98,11 @@ impl Registry {
     pub(crate) async fn finish_replicas(&self, replicas: Option<Replicas>, digest: &Digest) -> Vec<NodeId> {
         match replicas {
             Some(r) => {
+                let started = std::time::Instant::now();
                 let set = r.lock().await.take();
-                set.finish(digest, self.replicas_needed()).await
+                let acked = set.finish(digest, self.replicas_needed()).await;
+                self.metrics.quorum_wait(started.elapsed());
+                acked
             }
             None => Vec::new(),
         }
@@ -129,7 +132,9 @@ impl Registry {
         if others.len() < needed {
             let rest: Vec<_> = self.targets().into_iter().filter(|(id, _)| !others.contains(id)).collect();
             debug!(%digest, have = others.len(), needed, "pushing the blob to other voters to reach the write quorum");
+            let started = std::time::Instant::now();
             others.extend(self.peers.replicate(repo, digest, rest, needed - others.len()).await);
+            self.metrics.quorum_wait(started.elapsed());
             if others.len() < needed {
                 return Err(RegistryError::Unavailable(format!(
                     "blob {digest} reached {} of the {needed} other voters the write quorum needs",
