@@ -227,7 +227,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     let lag_monitor = LagMonitor::new(meta.clone(), missing.clone(), peers.clone(), lag.clone()).spawn(stop.clone());
     let blob_peers = BlobPeers::new(peers, blobs.clone());
     let fetches = blob_peers.clone().throttled(cfg.cluster.fetch_limit_mib_per_sec << 20);
-    let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches, missing).spawn(stop.clone());
+    let repair = RepairWorker::new(meta.clone(), blobs.clone(), fetches, missing.clone()).spawn(stop.clone());
     let sweeper = raftyard_cluster::gc::spawn_sweeper(meta.clone(), blobs.clone(), gc_stats.clone(), stop.clone());
     if cfg.gc.interval_secs > 0 {
         let opts = raftyard_cluster::gc::GcOptions {
@@ -265,8 +265,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
         blobs.clone(),
         meta.clone(),
         blob_peers,
-        lag,
-        gc_stats,
+        raftyard_registry::NodeFigures { lag, gc: gc_stats, missing },
         RegistryConfig {
             delete_enabled: cfg.registry.delete_enabled,
             upload_idle_timeout: cfg.upload_idle_timeout(),

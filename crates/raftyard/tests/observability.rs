@@ -42,29 +42,44 @@ fn the_rules_and_their_unit_tests_pass_promtool() {
     assert!(tests.contains("SUCCESS"), "{tests}");
 }
 
-/// Waits until `query` (PromQL) answers a non-empty vector; its samples' values by their
-/// `instance` (or `""`).
-async fn query(prom: &str, q: &str, timeout: Duration) -> Vec<(String, f64)> {
+/// Waits until `query` (PromQL) answers a non-empty vector whose samples `ok` accepts (the
+/// rules and scrapes run every second: an early answer may predate them); the samples' values
+/// by their `instance` (or `""`).
+async fn query_until(
+    prom: &str,
+    q: &str,
+    ok: impl Fn(&[(String, f64)]) -> bool,
+    timeout: Duration,
+) -> Vec<(String, f64)> {
     let deadline = Instant::now() + timeout;
     let c = client();
+    let mut last = Vec::new();
     loop {
         let r = c.get(format!("http://{prom}/api/v1/query")).query(&[("query", q)]).send().await;
         if let Ok(r) = r {
             let v: serde_json::Value = r.json().await.unwrap_or_default();
-            let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
-            if !result.is_empty() {
-                return result
-                    .iter()
-                    .map(|s| {
-                        let inst = s["metric"]["instance"].as_str().unwrap_or("").to_string();
-                        (inst, s["value"][1].as_str().unwrap().parse().unwrap())
-                    })
-                    .collect();
+            last = v["data"]["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    let inst = s["metric"]["instance"].as_str().unwrap_or("").to_string();
+                    (inst, s["value"][1].as_str().unwrap().parse().unwrap())
+                })
+                .collect();
+            if !last.is_empty() && ok(&last) {
+                return last;
             }
         }
-        assert!(Instant::now() < deadline, "no answer to {q}");
+        assert!(Instant::now() < deadline, "{q} never answered as expected; last: {last:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The single value of `q` once it equals `want`.
+async fn query_value(prom: &str, q: &str, want: f64, timeout: Duration) {
+    query_until(prom, q, |v| v.len() == 1 && v[0].1 == want, timeout).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -144,27 +159,19 @@ async fn prometheus_scrapes_the_cluster_and_evaluates_the_alerts() {
     let _prom = Kill(prom);
 
     let t = Duration::from_secs(30);
-    let up = query(&listen, "sum(up)", t).await;
-    let deadline = Instant::now() + t;
-    let mut up = up[0].1;
-    while up < 4.0 {
-        assert!(Instant::now() < deadline, "targets up: {up} of 4");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        up = query(&listen, "sum(up)", t).await[0].1;
-    }
-    assert_eq!(query(&listen, "sum(raftyard_raft_is_leader)", t).await[0].1, 1.0);
-    assert_eq!(query(&listen, "raftyard:available", t).await[0].1, 1.0, "the recording rule");
-    let agents = query(&listen, r#"raftyard_relay_service_agents{service="registry"}"#, t).await;
-    assert_eq!(agents[0].1, 3.0);
-    let ok = query(&listen, "sum(raftyard_http_requests_total{route=\"manifest\"})", t).await;
-    assert!(ok[0].1 >= 2.0, "the push and the pull were counted: {ok:?}");
+    query_value(&listen, "sum(up)", 4.0, t).await;
+    query_value(&listen, "sum(raftyard_raft_is_leader)", 1.0, t).await;
+    query_value(&listen, "raftyard:available", 1.0, t).await; // the recording rule
+    query_value(&listen, r#"raftyard_relay_service_agents{service="registry"}"#, 3.0, t).await;
+    // the push and the pull were counted
+    query_until(&listen, r#"sum(raftyard_http_requests_total{route="manifest"})"#, |v| v[0].1 >= 2.0, t).await;
 
     // every rule loads and evaluates
     let rules: serde_json::Value =
         c.get(format!("http://{listen}/api/v1/rules")).send().await.unwrap().json().await.unwrap();
     let all: Vec<&serde_json::Value> =
         rules["data"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(all.len(), 14, "{rules}");
+    assert_eq!(all.len(), 15, "{rules}");
     let deadline = Instant::now() + t;
     loop {
         let rules: serde_json::Value =
@@ -187,7 +194,7 @@ async fn prometheus_scrapes_the_cluster_and_evaluates_the_alerts() {
     // a follower killed: its target goes down and the alert is pending (it fires after 1 m)
     let victim = (leader + 1) % 3;
     cl.nodes[victim].kill9();
-    let down = query(&listen, r#"up{job="raftyard"} == 0"#, t).await;
+    let down = query_until(&listen, r#"up{job="raftyard"} == 0"#, |_| true, t).await;
     assert_eq!(down[0].0, cl.nodes[victim].addr);
     let deadline = Instant::now() + t;
     loop {

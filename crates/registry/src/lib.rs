@@ -97,6 +97,8 @@ pub struct Registry {
     pub(crate) lag: raftyard_cluster::Lag,
     /// This node's collections and sweeps.
     pub(crate) gc: raftyard_cluster::GcStats,
+    /// The blobs this node lacks (the repair worker's queue).
+    pub(crate) missing: raftyard_cluster::Missing,
     /// The bytes of this node's blob files, walked at most once a minute for `/metrics`.
     pub(crate) disk: metrics::BlobBytes,
     /// Who may do what; `None`: everyone everything.
@@ -127,16 +129,26 @@ impl raftyard_cluster::LocalHttp for LocalRegistry {
     }
 }
 
+/// Figures other parts of the node keep, which the registry reports (`/metrics`).
+pub struct NodeFigures {
+    /// The lag of this node, if it is a backup.
+    pub lag: raftyard_cluster::Lag,
+    /// Its collections and sweeps.
+    pub gc: raftyard_cluster::GcStats,
+    /// The blobs it lacks.
+    pub missing: raftyard_cluster::Missing,
+}
+
 impl Registry {
     pub fn new(
         blobs: Arc<BlobStore>,
         meta: MetaNode,
         peers: BlobPeers,
-        lag: raftyard_cluster::Lag,
-        gc: raftyard_cluster::GcStats,
+        figures: NodeFigures,
         cfg: RegistryConfig,
         auth: Option<Arc<raftyard_auth::Auth>>,
     ) -> Arc<Self> {
+        let NodeFigures { lag, gc, missing } = figures;
         Arc::new(Registry {
             blobs,
             meta,
@@ -146,6 +158,7 @@ impl Registry {
             metrics: metrics::Metrics::default(),
             lag,
             gc,
+            missing,
             auth,
             proxied: Default::default(),
             disk: Default::default(),

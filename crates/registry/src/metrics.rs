@@ -263,6 +263,18 @@ impl Metrics {
             self.quorum_wait.clone(),
         );
 
+        let (blobs, bytes, since) = reg.missing.figures();
+        s.gauge(
+            "raftyard_blobs_missing",
+            "Blobs this node lacks and fetches from peers (the repair queue)",
+            blobs as i64,
+        );
+        s.gauge("raftyard_blob_bytes_missing", "Bytes of the blobs this node lacks", bytes as i64);
+        s.gauge_f(
+            "raftyard_blob_missing_oldest_seconds",
+            "For how long the blob this node has lacked longest has been missing (0: none)",
+            since.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        );
         let lag = reg.lag.get();
         if lag.measured && reg.meta.is_backup() {
             s.gauge(
