@@ -158,6 +158,11 @@ impl BlobPeers {
         BlobPeers { peers, store, throttle: None }
     }
 
+    /// The failed calls to peers so far (every client of these peers, not only blobs').
+    pub fn rpc_errors(&self) -> crate::peers::RpcErrors {
+        self.peers.rpc_errors()
+    }
+
     /// The same, with fetches limited to `bytes_per_sec` altogether (0: unlimited).
     pub fn throttled(mut self, bytes_per_sec: u64) -> Self {
         self.throttle = (bytes_per_sec > 0).then(|| Throttle::new(bytes_per_sec));

@@ -2,15 +2,70 @@
 //! every service client.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tonic::body::BoxBody;
 use tonic::transport::{Channel, Endpoint};
 
-/// A connection to a peer whose calls carry the caller's trace context (W3C `traceparent`).
-pub type PeerChannel = tonic::service::interceptor::InterceptedService<Channel, raftyard_telemetry::TraceContext>;
-
 use crate::tls::{host_of, PeerTls};
+
+/// A connection to a peer whose calls carry the caller's trace context (W3C `traceparent`)
+/// and whose failures are counted.
+pub type PeerChannel = tonic::service::interceptor::InterceptedService<Counted, raftyard_telemetry::TraceContext>;
+
+/// Failed peer calls, by peer and method (`/metrics`: `raftyard_peer_rpc_errors_total`).
+pub type RpcErrors = Family<RpcLabels, Counter>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub peer: String,
+    pub rpc: String,
+}
+
+/// A channel that counts the calls that fail: the transport's errors, and answers whose
+/// status is not OK when it comes in the response's headers (a call refused before any
+/// message, as a tonic handler's error is). A stream that ends in an error after messages is
+/// not counted here.
+#[derive(Clone)]
+pub struct Counted {
+    inner: Channel,
+    peer: String,
+    errors: RpcErrors,
+}
+
+impl tower_service::Service<http::Request<BoxBody>> for Counted {
+    type Response = http::Response<BoxBody>;
+    type Error = tonic::transport::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<BoxBody>) -> Self::Future {
+        let rpc = req.uri().path().to_string();
+        let (peer, errors) = (self.peer.clone(), self.errors.clone());
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let r = answer.await;
+            let failed = match &r {
+                Err(_) => true,
+                Ok(resp) => resp.headers().get("grpc-status").is_some_and(|s| s.as_bytes() != b"0"),
+            };
+            if failed {
+                errors.get_or_create(&RpcLabels { peer, rpc }).inc();
+            }
+            r
+        })
+    }
+}
 
 /// Largest peer message (a Raft append or a snapshot chunk). Blob bytes travel in much smaller
 /// chunks.
@@ -31,6 +86,7 @@ pub struct Peers {
     tls: Option<PeerTls>,
     /// Advertised peer address → the address actually dialled (NAT, a tunnel, a proxy).
     dial_via: HashMap<String, String>,
+    errors: RpcErrors,
 }
 
 /// An endpoint for the peer port at `addr`, with mutual TLS when `tls` is given.
@@ -85,6 +141,12 @@ impl Peers {
                 ch
             }
         };
-        Ok(tonic::service::interceptor::InterceptedService::new(ch, raftyard_telemetry::TraceContext))
+        let counted = Counted { inner: ch, peer: addr.to_string(), errors: self.errors.clone() };
+        Ok(tonic::service::interceptor::InterceptedService::new(counted, raftyard_telemetry::TraceContext))
+    }
+
+    /// The failed calls to peers so far.
+    pub fn rpc_errors(&self) -> RpcErrors {
+        self.errors.clone()
     }
 }

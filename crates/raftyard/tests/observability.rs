@@ -196,6 +196,19 @@ async fn prometheus_scrapes_the_cluster_and_evaluates_the_alerts() {
     cl.nodes[victim].kill9();
     let down = query_until(&listen, r#"up{job="raftyard"} == 0"#, |_| true, t).await;
     assert_eq!(down[0].0, cl.nodes[victim].addr);
+    // the leader's calls to it fail, and are counted
+    let victim_peer = cl.nodes[victim].peer.clone();
+    let leader_url = cl.nodes[leader].url("/metrics");
+    let deadline = Instant::now() + t;
+    loop {
+        let text = c.get(&leader_url).send().await.unwrap().text().await.unwrap();
+        let errors = format!("raftyard_peer_rpc_errors_total{{peer=\"{victim_peer}\"");
+        if text.contains(&errors) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed call to {victim_peer} counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let deadline = Instant::now() + t;
     loop {
         let alerts: serde_json::Value =

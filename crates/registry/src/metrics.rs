@@ -257,6 +257,7 @@ impl Metrics {
                 behind,
             );
         }
+        s.0.register("raftyard_peer_rpc_errors", "Failed calls to peers, by peer and method", reg.peers.rpc_errors());
         s.0.register(
             "raftyard_blob_quorum_wait_seconds",
             "Time an upload waited, its bytes stored here, for the copies of its write quorum",
