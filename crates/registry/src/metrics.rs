@@ -5,7 +5,6 @@
 //! the Prometheus text format (what `promtool check metrics` and older scrapers read).
 //! docs/observability.md says what each one means.
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,10 +19,6 @@ use crate::body::{full, Body};
 use crate::Registry;
 
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
-
-/// What `/metrics` answers an `Accept` of OpenMetrics with.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -379,49 +374,9 @@ impl Metrics {
             s.gauge_f("process_start_time_seconds", "Start time, seconds since the epoch", p.start_time_seconds);
         }
 
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &s.0).expect("writing to a String");
-        let (body, content_type) = match openmetrics {
-            true => (out, OPENMETRICS),
-            false => (text_format(&out), TEXT),
-        };
+        let (body, content_type) = raftyard_telemetry::encode_metrics(&s.0, openmetrics);
         let mut r = Response::new(full(body));
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         r
-    }
-}
-
-/// OpenMetrics as the Prometheus text format: a counter family is named with its `_total`
-/// (as its samples are), and the `# EOF` and `# UNIT` lines go.
-fn text_format(openmetrics: &str) -> String {
-    let counters: HashSet<&str> =
-        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(openmetrics.len() + 64);
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn counters_are_named_with_their_total_in_the_text_format() {
-        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{r=\"x\"} 3\n\
-                  # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n# EOF\n";
-        assert_eq!(
-            super::text_format(om),
-            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{r=\"x\"} 3\n\
-             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n"
-        );
     }
 }

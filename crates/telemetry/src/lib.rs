@@ -4,11 +4,13 @@
 //! `RUST_LOG`), the OpenTelemetry trace pipeline (spans exported over OTLP, gRPC or
 //! HTTP/protobuf, configured by `[telemetry]` and the standard `OTEL_*` variables), and W3C
 //! trace-context propagation (`traceparent`) over HTTP headers and gRPC metadata, so that one
-//! request is one trace across the nodes it touches.
+//! request is one trace across the nodes it touches; and the encoding of metrics registries
+//! (OpenMetrics, or the Prometheus text format for scrapers that do not ask for it).
 //!
 //! Off by default: without an OTLP endpoint no exporter exists, no span is sent, and
 //! propagation does nothing ([`tracing_enabled`] is false).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context as _};
@@ -409,9 +411,61 @@ impl tonic::service::Interceptor for TraceContext {
     }
 }
 
+/// What `/metrics` answers an `Accept` of OpenMetrics with.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What it answers anything else with: the Prometheus text format.
+pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scraper's `Accept` asks for OpenMetrics (Prometheus does).
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+/// A metrics registry encoded as OpenMetrics, or as the Prometheus text format (what
+/// `promtool check metrics` and older scrapers read); with its content type.
+pub fn encode_metrics(registry: &prometheus_client::registry::Registry, openmetrics: bool) -> (String, &'static str) {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String");
+    match openmetrics {
+        true => (out, OPENMETRICS),
+        false => (text_format(&out), TEXT_FORMAT),
+    }
+}
+
+/// OpenMetrics as the Prometheus text format: a counter family is named with its `_total`
+/// (as its samples are), and the `# EOF` and `# UNIT` lines go.
+fn text_format(openmetrics: &str) -> String {
+    let counters: HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn counters_are_named_with_their_total_in_the_text_format() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{r=\"x\"} 3\n\
+                  # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n# EOF\n";
+        assert_eq!(
+            text_format(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{r=\"x\"} 3\n\
+             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n"
+        );
+    }
 
     #[test]
     fn samplers_are_the_specifications() {

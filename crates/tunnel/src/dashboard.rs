@@ -1,4 +1,5 @@
-//! The relay's dashboard: `/` (HTML), `/api/status` (JSON) and `/metrics` (Prometheus text).
+//! The relay's dashboard: `/` (HTML), `/api/status` (JSON) and `/metrics` (OpenMetrics, or the
+//! Prometheus text format).
 
 use std::convert::Infallible;
 use std::fmt::Write;
@@ -95,82 +96,97 @@ pub fn status(state: &State) -> Status {
     }
 }
 
-/// One metric family: its header, then its samples (`labels` is empty or `{k="v",...}`).
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl IntoIterator<Item = (String, u64)>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{labels} {v}");
+/// A sample's labels, in order (`agent`, `service`, `reason`, `direction`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Labels(Vec<(&'static str, String)>);
+
+impl prometheus_client::encoding::EncodeLabelSet for Labels {
+    fn encode(&self, mut encoder: prometheus_client::encoding::LabelSetEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeLabel as _;
+        for (k, v) in &self.0 {
+            (*k, v.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
     }
 }
 
-fn metrics(st: &Status) -> String {
-    let mut o = String::new();
-    let by_service = |f: fn(&ServiceStatus) -> u64| {
-        st.services.iter().map(move |s| (format!("{{service=\"{}\"}}", s.name), f(s))).collect::<Vec<_>>()
+/// The dashboard's metrics, through `prometheus-client`: a registry made of the status.
+fn metrics(st: &Status, openmetrics: bool) -> (String, &'static str) {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    let mut r = prometheus_client::registry::Registry::default();
+    let labels = |pairs: &[(&'static str, &str)]| Labels(pairs.iter().map(|(k, v)| (*k, v.to_string())).collect());
+    let gauges = |samples: Vec<(Labels, u64)>| {
+        let f = Family::<Labels, Gauge>::default();
+        for (l, v) in samples {
+            f.get_or_create(&l).set(v as i64);
+        }
+        f
     };
-    family(&mut o, "raftyard_relay_agents", "gauge", "Agents connected.", [(String::new(), st.agents.len() as u64)]);
-    family(
-        &mut o,
+    let counters = |samples: Vec<(Labels, u64)>| {
+        let f = Family::<Labels, Counter>::default();
+        for (l, v) in samples {
+            f.get_or_create(&l).inc_by(v);
+        }
+        f
+    };
+    let by_service = |f: fn(&ServiceStatus) -> u64| -> Vec<(Labels, u64)> {
+        st.services.iter().map(|s| (labels(&[("service", &s.name)]), f(s))).collect()
+    };
+    use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+    r.register("raftyard_relay_agents", "Agents connected", ConstGauge::new(st.agents.len() as i64));
+    r.register(
         "raftyard_relay_agent_open_connections",
-        "gauge",
-        "Visitor connections open, by agent.",
-        st.agents.iter().map(|a| (format!("{{agent=\"{}\"}}", a.name), a.open_connections)),
+        "Visitor connections open, by agent",
+        gauges(st.agents.iter().map(|a| (labels(&[("agent", &a.name)]), a.open_connections)).collect()),
     );
-    family(
-        &mut o,
+    r.register(
         "raftyard_relay_service_agents",
-        "gauge",
-        "Live agents, by service.",
-        by_service(|s| s.live_agents as u64),
+        "Live agents, by service",
+        gauges(by_service(|s| s.live_agents as u64)),
     );
-    family(
-        &mut o,
+    r.register(
         "raftyard_relay_open_connections",
-        "gauge",
-        "Visitor connections open, by service.",
-        by_service(|s| s.open_connections),
+        "Visitor connections open, by service",
+        gauges(by_service(|s| s.open_connections)),
     );
-    family(
-        &mut o,
-        "raftyard_relay_connections_total",
-        "counter",
-        "Visitor connections accepted, by service.",
-        by_service(|s| s.connections_total),
+    r.register(
+        "raftyard_relay_connections",
+        "Visitor connections accepted, by service",
+        counters(by_service(|s| s.connections_total)),
     );
-    family(
-        &mut o,
-        "raftyard_relay_unserved_total",
-        "counter",
-        "Visitors closed because no agent took them.",
-        by_service(|s| s.unserved_total),
+    r.register(
+        "raftyard_relay_unserved",
+        "Visitors closed because no agent took them",
+        counters(by_service(|s| s.unserved_total)),
     );
-    family(
-        &mut o,
-        "raftyard_relay_bytes_total",
-        "counter",
-        "Bytes forwarded, by service and direction (in: visitor to agent).",
-        st.services.iter().flat_map(|s| {
-            [
-                (format!("{{service=\"{}\",direction=\"in\"}}", s.name), s.bytes_in),
-                (format!("{{service=\"{}\",direction=\"out\"}}", s.name), s.bytes_out),
-            ]
-        }),
+    r.register(
+        "raftyard_relay_bytes",
+        "Bytes forwarded, by service and direction (in: visitor to agent)",
+        counters(
+            st.services
+                .iter()
+                .flat_map(|s| {
+                    [
+                        (labels(&[("service", &s.name), ("direction", "in")]), s.bytes_in),
+                        (labels(&[("service", &s.name), ("direction", "out")]), s.bytes_out),
+                    ]
+                })
+                .collect(),
+        ),
     );
-    family(
-        &mut o,
-        "raftyard_relay_refused_total",
-        "counter",
-        "Connections refused on the control port, by reason.",
-        st.refused.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)),
+    r.register(
+        "raftyard_relay_refused",
+        "Connections refused on the control port, by reason",
+        counters(st.refused.iter().map(|(k, v)| (labels(&[("reason", k)]), *v)).collect()),
     );
-    family(
-        &mut o,
-        "raftyard_relay_failed_opens_total",
-        "counter",
-        "Data channels an agent failed to open in time.",
-        [(String::new(), st.failed_opens)],
+    r.register(
+        "raftyard_relay_failed_opens",
+        "Data channels an agent failed to open in time",
+        ConstCounter::new(st.failed_opens),
     );
-    o
+    raftyard_telemetry::encode_metrics(&r, openmetrics)
 }
 
 fn html(st: &Status) -> String {
@@ -247,10 +263,14 @@ fn respond(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full
         return r;
     }
     let st = status(state);
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let (ctype, body) = match req.uri().path() {
         "/" => ("text/html; charset=utf-8", html(&st)),
         "/api/status" => ("application/json", serde_json::to_string_pretty(&st).unwrap_or_default()),
-        "/metrics" => ("text/plain; version=0.0.4", metrics(&st)),
+        "/metrics" => {
+            let (body, ctype) = metrics(&st, raftyard_telemetry::wants_openmetrics(accept));
+            (ctype, body)
+        }
         _ => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
             *r.status_mut() = StatusCode::NOT_FOUND;
