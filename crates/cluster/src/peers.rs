@@ -29,10 +29,10 @@ pub struct RpcLabels {
     pub rpc: String,
 }
 
-/// A channel that counts the calls that fail: the transport's errors, and answers whose
-/// status is not OK when it comes in the response's headers (a call refused before any
-/// message, as a tonic handler's error is). A stream that ends in an error after messages is
-/// not counted here.
+/// A channel that counts the calls that fail: the transport's errors, answers whose status
+/// is not OK in the response's headers (a call refused before any message, as a tonic
+/// handler's error is), and streams that end in an error (a status in the trailers, or a
+/// broken body).
 #[derive(Clone)]
 pub struct Counted {
     inner: Channel,
@@ -55,15 +55,56 @@ impl tower_service::Service<http::Request<BoxBody>> for Counted {
         let answer = self.inner.call(req);
         Box::pin(async move {
             let r = answer.await;
-            let failed = match &r {
-                Err(_) => true,
-                Ok(resp) => resp.headers().get("grpc-status").is_some_and(|s| s.as_bytes() != b"0"),
-            };
-            if failed {
-                errors.get_or_create(&RpcLabels { peer, rpc }).inc();
+            let labels = RpcLabels { peer, rpc };
+            match r {
+                Ok(resp) if resp.headers().get("grpc-status").is_none_or(|s| s.as_bytes() == b"0") => {
+                    Ok(resp.map(|inner| BoxBody::new(CountedBody { inner, count: Some((errors, labels)) })))
+                }
+                r => {
+                    errors.get_or_create(&labels).inc();
+                    r
+                }
             }
-            r
         })
+    }
+}
+
+/// A response body that counts its call as failed once if the stream ends in an error.
+struct CountedBody {
+    inner: BoxBody,
+    count: Option<(RpcErrors, RpcLabels)>,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let failed = match &r {
+            Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => {
+                frame.trailers_ref().and_then(|t| t.get("grpc-status")).is_some_and(|s| s.as_bytes() != b"0")
+            }
+            _ => false,
+        };
+        if failed {
+            if let Some((errors, labels)) = self.count.take() {
+                errors.get_or_create(&labels).inc();
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -148,5 +189,49 @@ impl Peers {
     /// The failed calls to peers so far.
     pub fn rpc_errors(&self) -> RpcErrors {
         self.errors.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    fn counted(frames: Vec<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>, errors: &RpcErrors) -> CountedBody {
+        let inner = BoxBody::new(http_body_util::StreamBody::new(futures::stream::iter(frames)));
+        let labels = RpcLabels { peer: "p:1".into(), rpc: "/raftyard.peer.v1.Blobs/Get".into() };
+        CountedBody { inner, count: Some((errors.clone(), labels)) }
+    }
+
+    fn trailers(status: &'static str) -> http_body::Frame<bytes::Bytes> {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static(status));
+        http_body::Frame::trailers(t)
+    }
+
+    fn count(errors: &RpcErrors) -> u64 {
+        let labels = RpcLabels { peer: "p:1".into(), rpc: "/raftyard.peer.v1.Blobs/Get".into() };
+        errors.get_or_create(&labels).get()
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_ends_in_an_error_counts_once() {
+        let errors = RpcErrors::default();
+        let data = || Ok(http_body::Frame::data(bytes::Bytes::from_static(b"chunk")));
+        // OK trailers: not a failure
+        let _ = counted(vec![data(), Ok(trailers("0"))], &errors).collect().await;
+        assert_eq!(count(&errors), 0);
+        // a status in the trailers after messages
+        let _ = counted(vec![data(), data(), Ok(trailers("13"))], &errors).collect().await;
+        assert_eq!(count(&errors), 1);
+        // a broken body: counted once however far it is read
+        let mut b = counted(
+            vec![data(), Err(tonic::Status::unavailable("reset")), Err(tonic::Status::unavailable("again"))],
+            &errors,
+        );
+        while let Some(f) = b.frame().await {
+            let _ = f;
+        }
+        assert_eq!(count(&errors), 2);
     }
 }
