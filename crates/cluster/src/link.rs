@@ -1,5 +1,5 @@
 //! [`raftyard_raft::LeaderLink`] over the peer protocol: how a follower forwards proposals and
-//! asks for read indexes.
+//! asks for read indexes, and how a stopping leader asks a voter to stand for election.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use raftyard_types::{Outcome, Rejection};
 
 use crate::codec;
 use crate::pb::meta_client::MetaClient;
-use crate::pb::{HeartbeatRequest, ProposeRequest, ReadIndexRequest};
+use crate::pb::{CampaignRequest, HeartbeatRequest, ProposeRequest, ReadIndexRequest};
 use crate::peers::{Peers, MAX_MESSAGE};
 
 /// Deadline of a forwarded proposal (commit on a majority and apply on the leader).
@@ -64,5 +64,12 @@ impl LeaderLink for GrpcLeaderLink {
         req.set_timeout(crate::peers::CALL_TIMEOUT);
         let reply = self.client(leader)?.read_index(req).await.map_err(codec::status_to_propose_error)?;
         Ok(reply.into_inner().index)
+    }
+
+    async fn campaign(&self, from: NodeId, to: &NodeAddr, last_index: u64) -> Result<(), String> {
+        let mut c = self.client(to).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(CampaignRequest { from, last_index });
+        req.set_timeout(crate::peers::CALL_TIMEOUT);
+        c.campaign(req).await.map(|_| ()).map_err(|s| s.message().to_string())
     }
 }

@@ -107,7 +107,7 @@ impl pb::meta_server::Meta for PeerServices {
     }
 
     async fn heartbeat(&self, _: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let _ = self.meta.raft().trigger().heartbeat().await;
+        self.meta.heartbeat_now().await;
         Ok(Response::new(pb::HeartbeatReply {}))
     }
 
@@ -120,6 +120,12 @@ impl pb::meta_server::Meta for PeerServices {
         let index = self.meta.read_index_local().await.map_err(codec::propose_error_to_status)?;
         let _ = req.into_inner().from;
         Ok(Response::new(pb::ReadIndexReply { index }))
+    }
+
+    async fn campaign(&self, req: Request<pb::CampaignRequest>) -> Result<Response<pb::CampaignReply>, Status> {
+        let req = req.into_inner();
+        self.meta.campaign(req.from, req.last_index).await.map_err(Status::failed_precondition)?;
+        Ok(Response::new(pb::CampaignReply {}))
     }
 }
 

@@ -108,6 +108,9 @@ pub trait LeaderLink: Send + Sync + 'static {
     async fn read_index(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError>;
     /// Asks `leader` to send heartbeats (carrying its commit index) now.
     async fn nudge(&self, leader: &NodeAddr);
+    /// Asks the voter `to` to stand for election now: `from`, the leader, is stopping and has
+    /// replicated its log to it up to `last_index`.
+    async fn campaign(&self, from: NodeId, to: &NodeAddr, last_index: u64) -> Result<(), String>;
 }
 
 /// How long a proposal or read barrier keeps trying while no leader is known or the leader
@@ -162,6 +165,15 @@ pub struct MetaNode {
     /// release cannot decode (proposal ids, new events) are only proposed once every member can.
     cluster_protocol: Arc<std::sync::atomic::AtomicU32>,
     counters: RaftCounters,
+    /// Held shared by each proposal made here, exclusively while this node hands its
+    /// leadership over: the hand-over waits for proposals in flight, later ones wait for it
+    /// (and then go to the new leader).
+    leadership: Arc<tokio::sync::RwLock<()>>,
+    /// Set while a hand-over holds this leader's heartbeats back, so that the other voters'
+    /// leader leases run out and they vote for the successor.
+    quiet: Arc<std::sync::atomic::AtomicBool>,
+    /// How long a voter that heard from its leader refuses to vote for anyone else.
+    leader_lease: Duration,
 }
 
 /// What this node counts of its Raft group, for `/metrics`.
@@ -196,8 +208,9 @@ async fn count_leader_changes(raft: Raft, changes: prometheus_client::metrics::c
     }
 }
 
-/// Sends the leader's heartbeats every `every` while this node leads; ends when Raft stops.
-async fn drive_heartbeats(raft: Raft, every: Duration) {
+/// Sends the leader's heartbeats every `every` while this node leads and no hand-over holds
+/// them back (`quiet`); ends when Raft stops.
+async fn drive_heartbeats(raft: Raft, every: Duration, quiet: Arc<std::sync::atomic::AtomicBool>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let metrics = raft.metrics();
@@ -207,7 +220,7 @@ async fn drive_heartbeats(raft: Raft, every: Duration) {
             return; // Raft stopped: its metrics sender is gone
         }
         let leading = metrics.borrow().state == openraft::ServerState::Leader;
-        if leading && raft.trigger().heartbeat().await.is_err() {
+        if leading && !quiet.load(std::sync::atomic::Ordering::Relaxed) && raft.trigger().heartbeat().await.is_err() {
             return;
         }
     }
@@ -254,7 +267,8 @@ impl MetaNode {
         .validate()
         .map_err(raft_err)?;
         let raft = Raft::new(cfg.id, Arc::new(raft_cfg), network, log, sm).await.map_err(raft_err)?;
-        tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms)));
+        let quiet = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tokio::spawn(drive_heartbeats(raft.clone(), Duration::from_millis(cfg.heartbeat_ms), quiet.clone()));
         let counters = RaftCounters::default();
         tokio::spawn(count_leader_changes(raft.clone(), counters.leader_changes.clone()));
         let node = MetaNode {
@@ -268,6 +282,10 @@ impl MetaNode {
             snapshots,
             cluster_protocol: Default::default(),
             counters,
+            leadership: Default::default(),
+            quiet,
+            // openraft's leader lease is its election_timeout_max
+            leader_lease: Duration::from_millis(cfg.election_timeout_max_ms),
         };
         if let Some(members) = cfg.initial_members.filter(|m| !m.is_empty()) {
             if !node.raft.is_initialized().await.map_err(raft_err)? {
@@ -435,6 +453,7 @@ impl MetaNode {
 
     /// Proposes on this node, which must be the leader. Returns the applied index and outcome.
     pub async fn propose_local(&self, cmd: VersionedCommand) -> Result<(u64, Outcome), ProposeError> {
+        let _leading = self.leadership.read().await;
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -471,6 +490,120 @@ impl MetaNode {
                 Err(retry) => self.before_retry(retry, deadline).await?,
             }
         }
+    }
+
+    /// Sends heartbeats now if this node leads (a follower waiting to apply asks for them),
+    /// unless a hand-over holds them back.
+    pub async fn heartbeat_now(&self) {
+        if !self.quiet.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = self.raft.trigger().heartbeat().await;
+        }
+    }
+
+    /// Hands this node's leadership to an up-to-date voter before it stops, so that no write
+    /// waits for an election timeout: proposals in flight here finish and later ones wait, a
+    /// voter whose log matches the leader's is asked to stand for election, and the leader's
+    /// heartbeats pause so that the other voters' leader leases run out (openraft 0.9 has no
+    /// transfer of its own: a voter refuses to vote while its lease runs). The old leader
+    /// grants the vote itself; with three voters that is the majority at once, with more the
+    /// successor asks again once the leases have run out.
+    ///
+    /// Returns the new leader, or `None` when this node does not lead, has no voter to hand
+    /// over to, or the hand-over did not finish `within`: the cluster then elects a leader on
+    /// its own timeout, as after a kill. Raft decides every election; this only chooses when
+    /// one starts and who stands first, so it cannot cost safety.
+    pub async fn hand_over(&self, within: Duration) -> Option<NodeId> {
+        use std::sync::atomic::Ordering;
+        if !self.is_leader() {
+            return None;
+        }
+        let link = self.link.as_ref()?;
+        let deadline = tokio::time::Instant::now() + within;
+        let held = tokio::time::timeout_at(deadline, self.leadership.write()).await;
+        let Ok(_held) = held else {
+            tracing::warn!("proposals in flight did not finish in time: no hand-over");
+            return None;
+        };
+        let to = self.hand_over_held(link.as_ref(), deadline).await;
+        self.quiet.store(false, Ordering::Relaxed);
+        to
+    }
+
+    async fn hand_over_held(&self, link: &dyn LeaderLink, deadline: tokio::time::Instant) -> Option<NodeId> {
+        let mut metrics = self.raft.metrics();
+        // a voter with all of this leader's log: only it can win at once
+        let pick = tokio::time::timeout_at(deadline, async {
+            loop {
+                let found = {
+                    let m = metrics.borrow_and_update();
+                    if m.state != openraft::ServerState::Leader {
+                        return None;
+                    }
+                    let last = m.last_log_index.unwrap_or(0);
+                    let matched = |id: &NodeId| -> u64 {
+                        let r = m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten());
+                        r.map(|l| l.index).unwrap_or(0)
+                    };
+                    let membership = m.membership_config.membership();
+                    let up_to_date = membership.voter_ids().find(|v| *v != self.id && matched(v) == last);
+                    up_to_date.and_then(|id| membership.get_node(&id).map(|a| (id, a.clone(), last)))
+                };
+                if found.is_some() {
+                    return found;
+                }
+                if metrics.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await;
+        let Some((to, addr, last)) = pick.ok().flatten() else {
+            tracing::warn!("no voter has this leader's whole log: no hand-over");
+            return None;
+        };
+        self.quiet.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(to, last_index = last, "handing leadership over");
+        loop {
+            if let Err(e) = link.campaign(self.id, &addr, last).await {
+                tracing::warn!(to, error = %e, "the successor did not stand: no hand-over");
+                return None;
+            }
+            // a new leader, or else the other voters' leases have run out by then: ask again
+            let round = (tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(100)).min(deadline);
+            let elected =
+                tokio::time::timeout_at(round, metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != self.id)))
+                    .await;
+            match elected {
+                Ok(Ok(m)) => return m.current_leader,
+                Ok(Err(_)) => return None,
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(to, "no new leader in time: the cluster elects on its own");
+                    return None;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Stands for election at the request of `from`, this node's leader, which is stopping and
+    /// has replicated its log here up to `last_index` ([`MetaNode::hand_over`]).
+    pub async fn campaign(&self, from: NodeId, last_index: u64) -> Result<(), String> {
+        let (leader, last) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, m.last_log_index.unwrap_or(0))
+        };
+        if !self.is_voter() || self.is_leader() {
+            return Err(format!("node {} cannot stand for election", self.id));
+        }
+        if leader.is_some_and(|l| l != from) {
+            return Err(format!("node {from} is not the leader node {} follows", self.id));
+        }
+        if last < last_index {
+            return Err(format!("node {} has the log up to {last}, not {last_index}", self.id));
+        }
+        tracing::info!(from, "standing for election: the leader hands over");
+        self.raft.trigger().elect().await.map_err(|e| e.to_string())
     }
 
     /// Resolves once this node knows a leader other than `old`.

@@ -313,6 +313,19 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
         let meta = meta.clone();
         let failure = failure.clone();
         tokio::spawn(async move {
+            // a leader hands over at once, while its peer port still takes the proposals that
+            // followers forward, so that writes go on before the drain ends
+            let hand_over = tokio::spawn({
+                let (stop, meta, failure) = (stop.clone(), meta.clone(), failure.clone());
+                async move {
+                    stop.cancelled().await;
+                    if failure.get().is_none() {
+                        if let Some(to) = meta.hand_over(HAND_OVER_WITHIN).await {
+                            info!(to, "leadership handed over");
+                        }
+                    }
+                }
+            });
             if let Some(agent) = agent {
                 // leave the relays first, so no new visitor arrives while the registry drains
                 let stop = stop.clone();
@@ -331,6 +344,12 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
             let _ = repair.await;
             let _ = lag_monitor.await;
             let _ = sweeper.await;
+            // the hand-over ends within its own bound (a call to the successor may add its
+            // timeout): the peer port and Raft stay up for it
+            let abort = hand_over.abort_handle();
+            if tokio::time::timeout(HAND_OVER_WITHIN + Duration::from_secs(1), hand_over).await.is_err() {
+                abort.abort();
+            }
             peer_stop.cancel();
             if let Ok(Err(e)) =
                 tokio::time::timeout(Duration::from_secs(5), peer_server).await.map(|r| r.unwrap_or(Ok(())))
@@ -347,6 +366,10 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     };
     Ok(RunningNode { registry_addr, peer_addr, addr: me, meta, stop, failure, task })
 }
+
+/// How long a stopping leader tries to hand its leadership over before it leaves the
+/// election to the cluster's timeout; the peer port and Raft stay up until it ends.
+const HAND_OVER_WITHIN: Duration = Duration::from_millis(1800);
 
 /// The metadata's reserve of disk space, in the data directory.
 const META_RESERVE: &str = "meta-reserve";

@@ -138,6 +138,79 @@ async fn three_nodes_push_anywhere_survive_leader_loss_and_change_membership() {
     assert_eq!(st["members"].as_array().unwrap().len(), 3, "{st}");
 }
 
+/// SIGTERM on the leader hands leadership to an up-to-date follower before the node drains:
+/// the followers know the new leader at once (an election on timeouts alone takes at least the
+/// leader lease of 600 ms after the old leader's Raft stops, which is after its 2 s drain), and
+/// a writer pushing through a follower meanwhile sees no failure and no long gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_of_the_leader_hands_leadership_over_without_a_write_gap() {
+    let mut cl = Cluster::start(3);
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let (f1, f2) = ((leader + 1) % 3, (leader + 2) % 3);
+    let writer_node = cl.nodes[f1].url("");
+    let stop_writer = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn({
+        let stop = stop_writer.clone();
+        async move {
+            let c = client();
+            let (mut acked, mut failed, mut longest_gap, mut last_ok) = (0, 0, Duration::ZERO, Instant::now());
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                let data = format!("during-hand-over-{i}").into_bytes();
+                let d = sha256(&data);
+                let r = c
+                    .post(format!("{writer_node}/v2/handover/blobs/uploads/?digest={d}"))
+                    .body(data)
+                    .timeout(Duration::from_secs(15))
+                    .send()
+                    .await;
+                match r.map(|r| r.status().as_u16()) {
+                    Ok(201) => {
+                        acked += 1;
+                        longest_gap = longest_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    other => {
+                        eprintln!("push {i} failed: {other:?}");
+                        failed += 1;
+                    }
+                }
+                i += 1;
+            }
+            (acked, failed, longest_gap)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let signalled = Instant::now();
+    unsafe { libc::kill(cl.nodes[leader].pid() as i32, libc::SIGTERM) };
+    let old = (leader + 1) as u64;
+    let handed_to = loop {
+        let (a, b) = (cl.nodes[f1].health().await, cl.nodes[f2].health().await);
+        let (a, b) = (a.and_then(|h| h["leader"].as_u64()), b.and_then(|h| h["leader"].as_u64()));
+        if let (Some(a), Some(b)) = (a, b) {
+            if a == b && a != old {
+                break a;
+            }
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(10), "no new leader after the leader's SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = signalled.elapsed();
+    eprintln!("node {handed_to} leads {took:?} after node {old} was told to stop");
+    assert!(took < Duration::from_millis(500), "the followers knew the new leader only after {took:?}");
+    let status = cl.nodes[leader].wait_exit(Duration::from_secs(60)).expect("the old leader exits");
+    assert!(status.success(), "{status:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_writer.cancel();
+    let (acked, failed, longest_gap) = writer.await.unwrap();
+    eprintln!("writer: {acked} pushes acknowledged, {failed} failed, longest gap {longest_gap:?}");
+    assert_eq!(failed, 0);
+    assert!(acked > 0);
+    assert!(longest_gap < Duration::from_millis(500), "writes stopped for {longest_gap:?}");
+    let log = std::fs::read_to_string(&cl.nodes[leader].log).unwrap();
+    assert!(log.contains("leadership handed over"), "{log}");
+}
+
 /// A follower that was down while the log moved past what the leader keeps catches up from a
 /// snapshot (manifests, tags, journal), then fetches the blobs it lacks from its peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
