@@ -49,10 +49,15 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = parse_cluster_size)]
     pub cluster: u32,
 
-    /// Cluster mode: how many times to kill the leader (SIGKILL) under a stream of small
-    /// pushes and measure the recovery; 0 skips the failover measurement.
+    /// Cluster mode: how many times to stop the leader under a stream of small pushes and
+    /// measure the recovery; 0 skips the failover measurement.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub failover_reps: u32,
+
+    /// How the failover measurement stops the leader: `kill` (SIGKILL, a crash) or `term`
+    /// (SIGTERM: the leader hands its leadership over, then drains).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "kill")]
+    pub failover_signal: crate::failover::Signal,
 
     /// Timed repetitions of every workload, each run against both registries
     /// back to back in alternating order; medians are reported.

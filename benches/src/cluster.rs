@@ -233,6 +233,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends SIGTERM to node `id` and counts it out of the live nodes at once (it drains
+    /// meanwhile); [`Cluster::restart`] waits for it to exit.
+    pub fn terminate(&mut self, id: u64) -> Result<()> {
+        let node = self.node_mut(id)?;
+        node.server.terminate()?;
+        node.running = false;
+        Ok(())
+    }
+
     /// Starts killed node `id` again with its config and data directory.
     ///
     /// Must run on the benchmark's main task (see [`Server::start_raftyard_node`]).
@@ -241,6 +250,10 @@ impl Cluster {
         let node = self.node_mut(id)?;
         if node.running {
             bail!("node {id} is still running");
+        }
+        let status = node.server.wait_exit(Duration::from_secs(60))?;
+        if !status.success() && status.code().is_some() {
+            bail!("node {id} exited with {status} after SIGTERM");
         }
         node.server = Server::start_raftyard_node(&bin, Node::name(id), &node.config, &node.dir, node.registry_port)?;
         node.running = true;

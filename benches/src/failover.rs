@@ -4,8 +4,9 @@
 //! connection, each in a single `POST /v2/<repo>/blobs/uploads/?digest=` request. The writer
 //! takes the followers in turn (repetition 1 the lowest id, repetition 2 the next, …), so that
 //! both cases occur: the writer's node wins the election, or it stays a follower and forwards
-//! to the new leader. After 2 s the leader is killed with SIGKILL, and three times are taken
-//! from the kill:
+//! to the new leader. After 2 s the leader is killed with SIGKILL (or, with `--failover-signal
+//! term`, stopped with SIGTERM: it hands its leadership over, then drains), and three times
+//! are taken from the signal:
 //!
 //! * **election** — until every live node names the same live node as leader (health is
 //!   polled every 20 ms, so this is as coarse);
@@ -44,9 +45,19 @@ const AFTER_RECOVERY: Duration = Duration::from_secs(1);
 
 const REPO: &str = "bench/failover";
 
+/// How the leader is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Signal {
+    /// SIGKILL: a crash.
+    Kill,
+    /// SIGTERM: an orderly stop.
+    Term,
+}
+
 /// Timeouts of a failover measurement.
 pub struct FailoverPlan {
     pub reps: u32,
+    pub signal: Signal,
     /// Longest wait for a leader, a successful push after the kill, or a node to catch up.
     pub recovery_timeout: Duration,
     /// Timeout of one push.
@@ -119,7 +130,10 @@ async fn run_rep(cluster: &mut Cluster, rep: u32, plan: &FailoverPlan) -> Result
         bail!("leadership moved from node {leader} to node {current} while the writer warmed up");
     }
     let killed_at = Instant::now();
-    cluster.kill(leader)?;
+    match plan.signal {
+        Signal::Kill => cluster.kill(leader)?,
+        Signal::Term => cluster.terminate(leader)?,
+    }
     let new_leader = cluster.wait_for_leader(plan.recovery_timeout, HEALTH_POLL).await?.leader;
     let election = killed_at.elapsed();
     writer.wait_for_success_after(killed_at, plan.recovery_timeout).await?;

@@ -212,7 +212,12 @@ async fn run(args: &Args) -> Result<()> {
             term_after: after.term,
         });
         if args.failover_reps > 0 {
-            let plan = FailoverPlan { reps: args.failover_reps, recovery_timeout: startup_timeout, request_timeout };
+            let plan = FailoverPlan {
+                reps: args.failover_reps,
+                signal: args.failover_signal,
+                recovery_timeout: startup_timeout,
+                request_timeout,
+            };
             failover = failover::measure(cluster, &plan).await?;
         }
     }

@@ -279,7 +279,11 @@ impl Report<'_> {
 
     /// The failover table: median and maximum of each time, and every repetition's value.
     pub fn failover_table(&self) -> String {
-        let header = ["failover, ms from the leader's kill", "median", "max", "per rep"];
+        let first = match self.args.failover_signal {
+            failover::Signal::Kill => "failover, ms from the leader's kill",
+            failover::Signal::Term => "failover, ms from the leader's SIGTERM",
+        };
+        let header = [first, "median", "max", "per rep"];
         let mut rows = vec![header.map(String::from).to_vec()];
         for m in failover_metrics() {
             let samples: Vec<f64> = self.failover.iter().map(|r| millis((m.sample)(r))).collect();
@@ -319,12 +323,12 @@ impl Report<'_> {
         let mut out = format!(
             "failover: {} rep(s); {}; pushes: {ok} ok, {failed} failed\n",
             self.failover.len(),
-            failover_method()
+            failover_method(self.args.failover_signal)
         );
         for (i, r) in self.failover.iter().enumerate() {
             let writer_role = if r.writer == r.new_leader { "became the leader" } else { "stayed a follower" };
             out.push_str(&format!(
-                "  rep {}: killed node {}, node {} elected; the writer's node {} {writer_role}; {} ok, {} failed pushes; \
+                "  rep {}: stopped node {}, node {} elected; the writer's node {} {writer_role}; {} ok, {} failed pushes; \
                  node {} caught up {:.1} s after restart\n",
                 i + 1,
                 r.killed,
@@ -415,6 +419,7 @@ impl Report<'_> {
                 "manifest_warmup": a.manifest_warmup,
                 "cluster": a.cluster,
                 "failover_reps": a.failover_reps,
+                "failover_signal": format!("{:?}", a.failover_signal).to_lowercase(),
             },
             "cluster": self.cluster.as_ref().map(cluster_json),
             "failover": (!self.failover.is_empty()).then(|| self.failover_json()),
@@ -431,7 +436,7 @@ impl Report<'_> {
 
     fn failover_json(&self) -> Value {
         let mut out = serde_json::Map::new();
-        out.insert("method".into(), json!(failover_method()));
+        out.insert("method".into(), json!(failover_method(self.args.failover_signal)));
         for m in failover_metrics() {
             let samples: Vec<f64> = self.failover.iter().map(|r| millis((m.sample)(r))).collect();
             let max = samples.iter().copied().reduce(f64::max);
@@ -503,10 +508,14 @@ fn failover_metrics() -> [FailoverMetric; 3] {
 }
 
 /// How the failover is provoked and observed, for the report and the JSON output.
-fn failover_method() -> String {
+fn failover_method(signal: failover::Signal) -> String {
+    let how = match signal {
+        failover::Signal::Kill => "killed with SIGKILL",
+        failover::Signal::Term => "stopped with SIGTERM (it hands over, then drains)",
+    };
     format!(
         "a writer pushes {} KiB blobs (one POST ?digest= each, sequential, one connection, {} ms pause after a \
-         failure) to a follower, each rep the next one in id order; the leader is killed with SIGKILL after {} s; the live nodes' health is polled \
+         failure) to a follower, each rep the next one in id order; the leader is {how} after {} s; the live nodes' health is polled \
          every {} ms",
         failover::BLOB_BYTES / 1024,
         failover::RETRY_PAUSE.as_millis(),

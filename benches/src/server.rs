@@ -158,6 +158,33 @@ impl Server {
         Ok(())
     }
 
+    /// Sends SIGTERM and returns at once ([`Server::wait_exit`] reaps the process).
+    pub fn terminate(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            bail!("{} had already exited before it was to be stopped", self.name);
+        }
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: plain kill(2) on our own child's pid, which has not been reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, a short grace period, then SIGKILL.
     fn stop(&mut self) {
         if !matches!(self.child.try_wait(), Ok(None)) {

@@ -563,16 +563,21 @@ impl MetaNode {
         };
         self.quiet.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(to, last_index = last, "handing leadership over");
+        // the other voters' leases run out a lease after the last heartbeat they received (one
+        // in flight lands a round trip later): then the successor asks again, and so on
+        let mut round = tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(30);
         loop {
             if let Err(e) = link.campaign(self.id, &addr, last).await {
                 tracing::warn!(to, error = %e, "the successor did not stand: no hand-over");
                 return None;
             }
-            // a new leader, or else the other voters' leases have run out by then: ask again
-            let round = (tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(100)).min(deadline);
-            let elected =
-                tokio::time::timeout_at(round, metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != self.id)))
-                    .await;
+            let this_round = round.min(deadline);
+            round = tokio::time::Instant::now().max(round) + self.leader_lease;
+            let elected = tokio::time::timeout_at(
+                this_round,
+                metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != self.id)),
+            )
+            .await;
             match elected {
                 Ok(Ok(m)) => return m.current_leader,
                 Ok(Err(_)) => return None,
