@@ -64,7 +64,7 @@ impl MetaNodeConfig {
             dir,
             initial_members: Some(BTreeMap::from([(id, addr.clone())])),
             addr,
-            heartbeat_ms: 50,
+            heartbeat_ms: 100,
             append_timeout_ms: 150,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,

@@ -364,7 +364,10 @@ pub struct TlsSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftSection {
-    /// Leader heartbeat interval, milliseconds.
+    /// Leader heartbeat interval, milliseconds. Each heartbeat is a call to every member, most
+    /// of an idle cluster's CPU time; a follower stands for election only after
+    /// `election_timeout_max_ms` plus its election timeout without one (600 ms or more by
+    /// default), so 100 ms leaves six heartbeats to lose before that.
     pub heartbeat_ms: u64,
     /// How long the leader waits for a member's answer to an append before retrying,
     /// milliseconds: more than the round trip to the farthest member (a remote backup node
@@ -440,7 +443,7 @@ impl Default for ClusterSection {
 impl Default for RaftSection {
     fn default() -> Self {
         RaftSection {
-            heartbeat_ms: 50,
+            heartbeat_ms: 100,
             append_timeout_ms: 150,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
