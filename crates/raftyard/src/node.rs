@@ -518,6 +518,7 @@ fn start_agent(
         Some(trusted),
     )
     .context("starting the tunnel agent")?;
+    reg.set_agent(agent.status_handle());
     info!(relays = cfg.tunnel.relay.len(), "tunnel agent started");
     Ok(Some(agent))
 }

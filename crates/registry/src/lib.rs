@@ -106,6 +106,8 @@ pub struct Registry {
     /// Source addresses of the connections this node's own tunnel agent opened: each starts
     /// with a PROXY header naming the relay's visitor, the client address of its requests.
     pub(crate) proxied: Arc<raftyard_tunnel::proxy::Trusted>,
+    /// This node's tunnel agent, once started: its figures on `/metrics`.
+    agent: std::sync::OnceLock<raftyard_tunnel::AgentStatus>,
 }
 
 /// The address of the client a request came from (a request extension set by the server): the
@@ -161,6 +163,7 @@ impl Registry {
             missing,
             auth,
             proxied: Default::default(),
+            agent: Default::default(),
             disk: Default::default(),
         })
     }
@@ -197,6 +200,11 @@ impl Registry {
     /// Where this node's tunnel agent registers the connections it opens to the registry.
     pub fn proxied(&self) -> Arc<raftyard_tunnel::proxy::Trusted> {
         self.proxied.clone()
+    }
+
+    /// Publishes the figures of this node's tunnel agent on `/metrics`.
+    pub fn set_agent(&self, status: raftyard_tunnel::AgentStatus) {
+        let _ = self.agent.set(status);
     }
 
     pub fn meta(&self) -> &MetaNode {

@@ -37,6 +37,16 @@ struct ReposLabel {
     repos: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabel {
+    relay: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
 /// The bytes of this node's blob files, walked at most once a minute (a walk reads every
 /// file's metadata).
 #[derive(Default)]
@@ -332,6 +342,35 @@ impl Metrics {
             "When this node's last sweep finished (0: never)",
             gc.last_sweep_ms as f64 / 1000.0,
         );
+
+        if let Some(agent) = reg.agent.get() {
+            let (connected, connects) =
+                (Family::<RelayLabel, Gauge>::default(), Family::<RelayLabel, Counter>::default());
+            for l in agent.links() {
+                let label = RelayLabel { relay: l.relay };
+                connected.get_or_create(&label).set(l.connected as i64);
+                connects.get_or_create(&label).inc_by(l.connects);
+            }
+            s.0.register(
+                "raftyard_tunnel_agent_connected",
+                "Whether this node's tunnel agent is connected to a relay (1) or not (0)",
+                connected,
+            );
+            s.0.register(
+                "raftyard_tunnel_agent_connects",
+                "Connections this node's agent made to a relay (the first and each reconnect)",
+                connects,
+            );
+            let (inbound, outbound) = agent.bytes();
+            let bytes = Family::<DirectionLabel, Counter>::default();
+            bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(inbound);
+            bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(outbound);
+            s.0.register(
+                "raftyard_tunnel_agent_bytes",
+                "Bytes relayed between visitors and this node (in: to the node, out: back)",
+                bytes,
+            );
+        }
 
         // the quotas, as this node's state holds them (no read barrier: a scrape never waits)
         let quotas = reg.meta.reader().quotas().unwrap_or_default();

@@ -112,6 +112,25 @@ impl Services {
     }
 }
 
+/// What a running agent knows of its relays and the bytes it relayed, readable from elsewhere.
+#[derive(Clone)]
+pub struct AgentStatus {
+    links: Vec<Arc<Mutex<LinkStatus>>>,
+    meter: Arc<Meter>,
+}
+
+impl AgentStatus {
+    pub fn links(&self) -> Vec<LinkStatus> {
+        self.links.iter().map(|s| s.lock().unwrap().clone()).collect()
+    }
+
+    /// Bytes relayed from visitors to the local services, and back.
+    pub fn bytes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.meter.a_to_b.load(Relaxed), self.meter.b_to_a.load(Relaxed))
+    }
+}
+
 /// A running agent. Dropping it does not stop it; call [`Agent::stop`].
 pub struct Agent {
     links: Vec<Arc<Mutex<LinkStatus>>>,
@@ -171,6 +190,11 @@ impl Agent {
 
     pub fn status(&self) -> Vec<LinkStatus> {
         self.links.iter().map(|s| s.lock().unwrap().clone()).collect()
+    }
+
+    /// A handle on this agent's figures that outlives the agent (for a node's `/metrics`).
+    pub fn status_handle(&self) -> AgentStatus {
+        AgentStatus { links: self.links.clone(), meter: self.meter.clone() }
     }
 
     /// Closes every control connection, so relays stop sending new visitors at once.

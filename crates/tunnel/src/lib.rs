@@ -25,7 +25,7 @@ pub mod pump;
 pub mod relay;
 mod tls;
 
-pub use agent::{Agent, Gate, LinkStatus};
+pub use agent::{Agent, AgentStatus, Gate, LinkStatus};
 pub use config::{AgentFile, LocalService, RelayConfig, RelayLink};
 pub use relay::{Relay, RelayAddrs};
 
