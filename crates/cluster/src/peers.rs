@@ -69,7 +69,8 @@ impl tower_service::Service<http::Request<BoxBody>> for Counted {
     }
 }
 
-/// A response body that counts its call as failed once if the stream ends in an error.
+/// A response body that counts its call as failed once if the stream ends in an error, or
+/// without the trailers that carry gRPC's status (the headers had none either).
 struct CountedBody {
     inner: BoxBody,
     count: Option<(RpcErrors, RpcLabels)>,
@@ -86,10 +87,18 @@ impl http_body::Body for CountedBody {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         let failed = match &r {
             Poll::Ready(Some(Err(_))) => true,
-            Poll::Ready(Some(Ok(frame))) => {
-                frame.trailers_ref().and_then(|t| t.get("grpc-status")).is_some_and(|s| s.as_bytes() != b"0")
-            }
-            _ => false,
+            Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
+                Some(t) => {
+                    let ok = t.get("grpc-status").is_some_and(|s| s.as_bytes() == b"0");
+                    if ok {
+                        self.count = None; // a status was given: nothing more to count
+                    }
+                    !ok
+                }
+                None => false,
+            },
+            Poll::Ready(None) => true, // ended without a status
+            Poll::Pending => false,
         };
         if failed {
             if let Some((errors, labels)) = self.count.take() {
@@ -233,5 +242,8 @@ mod tests {
             let _ = f;
         }
         assert_eq!(count(&errors), 2);
+        // a stream that ends without a status
+        let _ = counted(vec![data()], &errors).collect().await;
+        assert_eq!(count(&errors), 3);
     }
 }

@@ -504,17 +504,22 @@ impl MetaNode {
     /// waits for an election timeout: proposals in flight here finish and later ones wait, a
     /// voter whose log matches the leader's is asked to stand for election, and the leader's
     /// heartbeats pause so that the other voters' leader leases run out (openraft 0.9 has no
-    /// transfer of its own: a voter refuses to vote while its lease runs). The old leader
-    /// grants the vote itself; with three voters that is the majority at once, with more the
-    /// successor asks again once the leases have run out.
+    /// transfer of its own: a voter refuses to vote while its lease runs). The old leader's
+    /// own lease dates from its election, so once it has led for longer than a lease it grants
+    /// the vote: with three voters that is the majority at once. With more voters, or a leader
+    /// elected less than a lease ago, the successor asks again once the leases have run out.
     ///
     /// Returns the new leader, or `None` when this node does not lead, has no voter to hand
     /// over to, or the hand-over did not finish `within`: the cluster then elects a leader on
     /// its own timeout, as after a kill. Raft decides every election; this only chooses when
     /// one starts and who stands first, so it cannot cost safety.
     pub async fn hand_over(&self, within: Duration) -> Option<NodeId> {
-        use std::sync::atomic::Ordering;
-        if !self.is_leader() {
+        let others = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config.membership().voter_ids().filter(|v| *v != self.id).count()
+        };
+        if !self.is_leader() || others == 0 {
             return None;
         }
         let link = self.link.as_ref()?;
@@ -524,9 +529,9 @@ impl MetaNode {
             tracing::warn!("proposals in flight did not finish in time: no hand-over");
             return None;
         };
-        let to = self.hand_over_held(link.as_ref(), deadline).await;
-        self.quiet.store(false, Ordering::Relaxed);
-        to
+        // heartbeats resume whatever happens, even if this future is dropped
+        let _loud = Loud(&self.quiet);
+        self.hand_over_held(link.as_ref(), deadline).await
     }
 
     async fn hand_over_held(&self, link: &dyn LeaderLink, deadline: tokio::time::Instant) -> Option<NodeId> {
@@ -545,8 +550,12 @@ impl MetaNode {
                         r.map(|l| l.index).unwrap_or(0)
                     };
                     let membership = m.membership_config.membership();
-                    let up_to_date = membership.voter_ids().find(|v| *v != self.id && matched(v) == last);
-                    up_to_date.and_then(|id| membership.get_node(&id).map(|a| (id, a.clone(), last)))
+                    let up_to_date: Vec<(NodeId, NodeAddr)> = membership
+                        .voter_ids()
+                        .filter(|v| *v != self.id && matched(v) == last)
+                        .filter_map(|id| membership.get_node(&id).map(|a| (id, a.clone())))
+                        .collect();
+                    (!up_to_date.is_empty()).then_some((up_to_date, last))
                 };
                 if found.is_some() {
                     return found;
@@ -557,20 +566,40 @@ impl MetaNode {
             }
         })
         .await;
-        let Some((to, addr, last)) = pick.ok().flatten() else {
+        let Some((candidates, last)) = pick.ok().flatten() else {
             tracing::warn!("no voter has this leader's whole log: no hand-over");
             return None;
         };
         self.quiet.store(true, std::sync::atomic::Ordering::Relaxed);
+        // the first up-to-date voter that agrees to stand (one of an older release cannot)
+        let mut standing = None;
+        for (to, addr) in candidates {
+            match tokio::time::timeout_at(deadline, link.campaign(self.id, &addr, last)).await {
+                Ok(Ok(())) => {
+                    standing = Some((to, addr));
+                    break;
+                }
+                Ok(Err(e)) => tracing::warn!(to, error = %e, "a successor did not stand"),
+                Err(_) => break,
+            }
+        }
+        let Some((to, addr)) = standing else {
+            tracing::warn!("no successor stood: the cluster elects on its own");
+            return None;
+        };
         tracing::info!(to, last_index = last, "handing leadership over");
         // the other voters' leases run out a lease after the last heartbeat they received (one
         // in flight lands a round trip later): then the successor asks again, and so on
         let mut round = tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(30);
+        let mut asked = true;
         loop {
-            if let Err(e) = link.campaign(self.id, &addr, last).await {
-                tracing::warn!(to, error = %e, "the successor did not stand: no hand-over");
-                return None;
+            if !asked {
+                let ask = tokio::time::timeout_at(deadline, link.campaign(self.id, &addr, last)).await;
+                if let Ok(Err(e)) = ask {
+                    tracing::warn!(to, error = %e, "the successor did not stand again");
+                }
             }
+            asked = false;
             let this_round = round.min(deadline);
             round = tokio::time::Instant::now().max(round) + self.leader_lease;
             let elected = tokio::time::timeout_at(
@@ -598,7 +627,10 @@ impl MetaNode {
             let m = m.borrow();
             (m.current_leader, m.last_log_index.unwrap_or(0))
         };
-        if !self.is_voter() || self.is_leader() {
+        if self.is_leader() {
+            return Ok(()); // elected already: the old leader has not heard yet
+        }
+        if !self.is_voter() {
             return Err(format!("node {} cannot stand for election", self.id));
         }
         if leader.is_some_and(|l| l != from) {
@@ -617,8 +649,10 @@ impl MetaNode {
         let _ = m.wait_for(|m| m.current_leader.is_some_and(|l| l != old)).await;
     }
 
-    /// The read index of this node, which must be the leader.
+    /// The read index of this node, which must be the leader. Waits while a hand-over is under
+    /// way: its round of heartbeats would renew the voters' leases the hand-over waits out.
     pub async fn read_index_local(&self) -> Result<u64, ProposeError> {
+        let _leading = self.leadership.read().await;
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -702,6 +736,15 @@ impl MetaNode {
 
 /// How long [`MetaNode::shutdown`] waits for Raft and the final flush.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Clears a hand-over's hold on heartbeats when dropped.
+struct Loud<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Loud<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Why a metadata node can no longer take part.
 #[derive(Debug, Clone)]

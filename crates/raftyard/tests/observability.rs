@@ -107,7 +107,7 @@ async fn prometheus_scrapes_the_cluster_and_evaluates_the_alerts() {
         // its tunnel agent is connected to the relay, and says so
         let connected = text.lines().find(|l| l.starts_with("raftyard_tunnel_agent_connected{relay="));
         assert!(connected.is_some_and(|l| l.ends_with(" 1")), "{text}");
-        assert!(text.contains("raftyard_tunnel_agent_connects_total{relay="), "{text}");
+        assert!(text.contains("raftyard_tunnel_agent_connections_total{relay="), "{text}");
         assert!(text.contains("raftyard_tunnel_agent_bytes_total{direction=\"in\"}"), "{text}");
         if i == leader {
             assert!(text.contains("raftyard_raft_follower_lag_entries{node="), "{text}");

@@ -357,7 +357,7 @@ impl Metrics {
                 connected,
             );
             s.0.register(
-                "raftyard_tunnel_agent_connects",
+                "raftyard_tunnel_agent_connections",
                 "Connections this node's agent made to a relay (the first and each reconnect)",
                 connects,
             );
