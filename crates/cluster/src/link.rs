@@ -60,10 +60,11 @@ impl LeaderLink for GrpcLeaderLink {
     }
 
     async fn read_index(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError> {
-        let mut req = tonic::Request::new(ReadIndexRequest { from });
-        req.set_timeout(crate::peers::CALL_TIMEOUT);
-        let reply = self.client(leader)?.read_index(req).await.map_err(codec::status_to_propose_error)?;
-        Ok(reply.into_inner().index)
+        self.ask_index(from, leader, false).await
+    }
+
+    async fn probe(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError> {
+        self.ask_index(from, leader, true).await
     }
 
     async fn campaign(&self, from: NodeId, to: &NodeAddr, last_index: u64) -> Result<(), String> {
@@ -71,5 +72,14 @@ impl LeaderLink for GrpcLeaderLink {
         let mut req = tonic::Request::new(CampaignRequest { from, last_index });
         req.set_timeout(crate::peers::CALL_TIMEOUT);
         c.campaign(req).await.map(|_| ()).map_err(|s| s.message().to_string())
+    }
+}
+
+impl GrpcLeaderLink {
+    async fn ask_index(&self, from: NodeId, leader: &NodeAddr, probe: bool) -> Result<u64, ProposeError> {
+        let mut req = tonic::Request::new(ReadIndexRequest { from, probe });
+        req.set_timeout(crate::peers::CALL_TIMEOUT);
+        let reply = self.client(leader)?.read_index(req).await.map_err(codec::status_to_propose_error)?;
+        Ok(reply.into_inner().index)
     }
 }

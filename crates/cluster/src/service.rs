@@ -117,8 +117,11 @@ impl pb::meta_server::Meta for PeerServices {
     }
 
     async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
-        let index = self.meta.read_index_local().await.map_err(codec::propose_error_to_status)?;
-        let _ = req.into_inner().from;
+        let index = match req.into_inner().probe {
+            true => self.meta.probe_local(),
+            false => self.meta.read_index_local().await,
+        };
+        let index = index.map_err(codec::propose_error_to_status)?;
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
 

@@ -106,6 +106,8 @@ pub trait LeaderLink: Send + Sync + 'static {
     ) -> Result<(u64, Outcome), ProposeError>;
     /// Asks `leader` for an index that makes a local read linearizable once applied.
     async fn read_index(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError>;
+    /// Asks `leader` for its answer to a readiness probe ([`MetaNode::probe_local`]).
+    async fn probe(&self, from: NodeId, leader: &NodeAddr) -> Result<u64, ProposeError>;
     /// Asks `leader` to send heartbeats (carrying its commit index) now.
     async fn nudge(&self, leader: &NodeAddr);
     /// Asks the voter `to` to stand for election now: `from`, the leader, is stopping and has
@@ -643,6 +645,44 @@ impl MetaNode {
         self.raft.trigger().elect().await.map_err(|e| e.to_string())
     }
 
+    /// The leader's answer to a readiness probe: its applied index, if a quorum acknowledged
+    /// it within [`PROBE_FRESH`]. Read from Raft's metrics, so without a round of heartbeats:
+    /// readiness asks whether a leader is in touch with a quorum and how far it got, not for a
+    /// linearizable read (that takes [`MetaNode::read_barrier`]).
+    pub fn probe_local(&self) -> Result<u64, ProposeError> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        if m.state != openraft::ServerState::Leader {
+            let leader =
+                m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|a| (id, a.clone())));
+            return Err(ProposeError::NotLeader { leader });
+        }
+        match m.millis_since_quorum_ack {
+            Some(ms) if ms < PROBE_FRESH.as_millis() as u64 => Ok(self.reader.applied_index()),
+            Some(ms) => Err(ProposeError::Unavailable(format!("no quorum acknowledged the leader for {ms} ms"))),
+            None => Err(ProposeError::Unavailable("no quorum acknowledged the leader yet".into())),
+        }
+    }
+
+    /// Whether this node could serve now: its leader (itself, or the one it asks) was
+    /// acknowledged by a quorum within [`PROBE_FRESH`], and this node applies up to the
+    /// leader's applied index `within`. The readiness check of `/v2/_raftyard/ready` and the
+    /// relay's gate; a leader of an older release answers the probe with a read barrier.
+    pub async fn probe(&self, within: Duration) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let (index, via) = match (self.probe_local(), &self.link) {
+            (Ok(index), _) => (index, None),
+            (Err(ProposeError::NotLeader { leader: Some((id, addr)) }), Some(link)) => {
+                let asked = tokio::time::timeout_at(deadline, link.probe(self.id, &addr)).await;
+                let index =
+                    asked.map_err(|_| ProposeError::Unavailable(format!("leader {id} did not answer in time")))??;
+                (index, Some(addr))
+            }
+            (Err(e), _) => return Err(e),
+        };
+        self.wait_applied_until(index, deadline, via.as_ref()).await
+    }
+
     /// Resolves once this node knows a leader other than `old`.
     async fn leader_moved_from(&self, old: NodeId) {
         let mut m = self.raft.metrics();
@@ -733,6 +773,9 @@ impl MetaNode {
         }
     }
 }
+
+/// How recently a quorum must have acknowledged a leader for it to pass a readiness probe.
+const PROBE_FRESH: Duration = Duration::from_secs(1);
 
 /// How long [`MetaNode::shutdown`] waits for Raft and the final flush.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);

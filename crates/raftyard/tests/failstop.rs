@@ -103,7 +103,7 @@ async fn a_node_whose_log_flush_hangs_exits_and_comes_back_clean() {
     nodes[0].kill9();
     nodes[1].kill9();
     let reason = wait_ready(&nodes[2], false, Duration::from_secs(15)).await;
-    assert!(reason.contains("barrier") || reason.contains("leader"), "{reason}");
+    assert!(reason.contains("probe") || reason.contains("leader"), "{reason}");
     nodes[0].spawn();
     nodes[1].spawn();
     wait_ready(&nodes[2], true, Duration::from_secs(30)).await;

@@ -176,10 +176,12 @@ impl Registry {
     }
 
     /// Why this node should not take traffic now, or `None` when it should: its Raft stopped,
-    /// a storage operation has been running for over [`SLOW_STORAGE`], or (on a voter) a read
-    /// barrier does not complete within [`READY_BARRIER`] — no leader can be reached, or this
-    /// node is too far behind to answer reads in time. A backup serves from its own state, so
-    /// only its own health counts.
+    /// a storage operation has been running for over [`SLOW_STORAGE`], or (on a voter) a
+    /// readiness probe does not complete within [`READY_BARRIER`] — no leader that a quorum
+    /// acknowledged within the last second can be reached, or this node is too far behind to
+    /// apply the leader's applied index in time ([`MetaNode::probe`]: the same question as a
+    /// read barrier, without its round of heartbeats to every member). A backup serves from its
+    /// own state, so only its own health counts.
     pub async fn not_ready(&self) -> Option<String> {
         if let Err(e) = &self.meta.raft().metrics().borrow().running_state {
             return Some(format!("raft stopped: {e}"));
@@ -190,10 +192,10 @@ impl Registry {
         if self.meta.is_backup() {
             return None;
         }
-        match tokio::time::timeout(READY_BARRIER, self.meta.read_barrier()).await {
+        match tokio::time::timeout(READY_BARRIER, self.meta.probe(READY_BARRIER)).await {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("read barrier failed: {e}")),
-            Err(_) => Some(format!("read barrier not done within {READY_BARRIER:?}: no leader, or far behind")),
+            Ok(Err(e)) => Some(format!("readiness probe failed: {e}")),
+            Err(_) => Some(format!("readiness probe not done within {READY_BARRIER:?}: no leader, or far behind")),
         }
     }
 
