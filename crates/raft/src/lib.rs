@@ -21,6 +21,7 @@ pub mod node;
 pub mod quota;
 pub mod recover;
 pub mod retention;
+pub mod size;
 pub mod state;
 pub mod watchdog;
 

@@ -156,3 +156,30 @@ pub async fn remove(node: &str, id: u64, tls: &TlsDir) -> anyhow::Result<()> {
     println!("{}", reply.into_inner().message);
     Ok(())
 }
+
+/// `raftyard meta-size`: what a stopped node's metadata holds, part by part, and bytes per
+/// manifest of each.
+pub fn meta_size(data_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let meta = data_dir.join("meta");
+    anyhow::ensure!(meta.is_dir(), "{} has no meta/ directory: not a raftyard data directory", data_dir.display());
+    let m = raftyard_raft::size::measure(&meta)
+        .with_context(|| format!("reading {} (is the node stopped?)", meta.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    let per = |b: u64| if m.manifests == 0 { "-".to_string() } else { format!("{:.0}", b as f64 / m.manifests as f64) };
+    println!("{} manifests; bytes per manifest in the last column", m.manifests);
+    println!("{:<16} {:>10} {:>14} {:>10}  what", "part", "entries", "bytes", "/manifest");
+    for p in &m.parts {
+        let b = p.key_bytes + p.value_bytes;
+        println!("{:<16} {:>10} {:>14} {:>10}  {}", p.part, p.entries, b, per(b), p.what);
+    }
+    let (logical, files) = (m.logical_bytes(), m.file_bytes());
+    println!("{:<16} {:>10} {:>14} {:>10}  keys and values of every part", "all parts", "", logical, per(logical));
+    for (name, len) in &m.files {
+        println!("{:<16} {:>10} {:>14} {:>10}  file", name, "", len, per(*len));
+    }
+    println!("{:<16} {:>10} {:>14} {:>10}  every file on disk", "on disk", "", files, per(files));
+    Ok(())
+}

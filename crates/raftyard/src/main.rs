@@ -110,6 +110,15 @@ enum Cmd {
         #[command(flatten)]
         tls: PeerTlsArgs,
     },
+    /// What a stopped node's metadata holds, part by part (the Raft log, the state by key
+    /// prefix, the snapshot, the files on disk), with bytes per manifest.
+    MetaSize {
+        /// The node's data directory (`node.data_dir`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Online backups to a directory: create, verify, restore (docs/recovery.md).
     Backup {
         #[command(subcommand)]
@@ -717,6 +726,7 @@ fn main() -> anyhow::Result<()> {
             let repos = RepoGlob::parse(&repos).map_err(|e| anyhow::anyhow!("--repos: {e}"))?;
             raftyard::quota::usage(&at.node, &tls.tls_dir, &repos, json).await
         }),
+        Cmd::MetaSize { data_dir, json } => admin::meta_size(&data_dir, json),
         Cmd::Backup { cmd, tls } => runtime()?.block_on(async {
             let tls = tls.tls_dir;
             match cmd {

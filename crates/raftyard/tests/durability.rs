@@ -207,3 +207,37 @@ async fn sigterm_finishes_in_flight_upload() {
     assert_eq!(got.status(), 200);
     assert_eq!(sha256(&got.bytes().await.unwrap()), d);
 }
+
+/// `raftyard meta-size` reads a stopped node's metadata part by part (a running node holds the
+/// storage's lock, and is refused): every manifest pushed is counted, the journal and the
+/// manifests are parts of their own, and the files on disk are at least what the parts hold.
+#[tokio::test]
+async fn meta_size_tells_the_parts_of_a_stopped_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let mut n = Node::start(&data);
+    let c = client();
+    for i in 0..3 {
+        push_image(&c, &n, "size/app", &format!("v{i}"), format!("size-{i}").as_bytes()).await;
+    }
+    let refused = cli_fails(&["meta-size", "--data-dir", data.to_str().unwrap()]);
+    assert!(refused.contains("is the node stopped"), "{refused}");
+    assert!(n.terminate().success());
+    let m: serde_json::Value =
+        serde_json::from_str(&cli(&["meta-size", "--data-dir", data.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(m["manifests"], 3, "{m}");
+    let part = |name: &str| m["parts"].as_array().unwrap().iter().find(|p| p["part"] == name).cloned();
+    let entries = |name: &str| part(name).map(|p| p["entries"].as_u64().unwrap()).unwrap_or(0);
+    assert_eq!(entries("state M/"), 3, "{m}");
+    assert_eq!(entries("state t/"), 3, "{m}");
+    assert!(entries("state j/") >= 3, "{m}");
+    assert!(entries("tree log") > 0, "{m}");
+    let logical: u64 = m["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key_bytes"].as_u64().unwrap() + p["value_bytes"].as_u64().unwrap())
+        .sum();
+    let on_disk: u64 = m["files"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert!(on_disk >= logical, "{on_disk} bytes on disk for {logical} bytes of parts");
+}
