@@ -496,7 +496,7 @@ fn failover_metrics() -> [FailoverMetric; 3] {
         },
         FailoverMetric {
             key: "first_push_after_kill_ms",
-            label: "(b) first push started after the kill succeeds",
+            label: "(b) first push started after the signal succeeds",
             sample: |r| r.first_push,
         },
         FailoverMetric {
