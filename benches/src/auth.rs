@@ -96,7 +96,7 @@ fn basic() -> String {
 }
 
 /// Waits until `GET /v2/` answers at all (200, or 401 with auth on).
-pub(crate) async fn wait_answering(base: &str, timeout: Duration) -> Result<()> {
+async fn wait_answering(base: &str, timeout: Duration) -> Result<()> {
     let c = reqwest::Client::new();
     let deadline = Instant::now() + timeout;
     loop {
@@ -120,8 +120,9 @@ fn cli(bin: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A one-node raftyard with `[auth] mode`, the bench user and its grant.
-async fn raftyard_with(bin: &Path, dir: &Path, mode: &str) -> Result<(Server, String)> {
+/// A one-node raftyard in `dir` whose config ends with `extra` (TOML sections), once it
+/// answers: the server, its registry's base URL and its peer address.
+pub(crate) async fn one_node(bin: &Path, dir: &Path, label: &str, extra: &str) -> Result<(Server, String, String)> {
     std::fs::create_dir_all(dir)?;
     let ports = free_ports(2)?;
     let (reg, peer) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
@@ -129,13 +130,20 @@ async fn raftyard_with(bin: &Path, dir: &Path, mode: &str) -> Result<(Server, St
     std::fs::write(
         &cfg,
         format!(
-            "[node]\ndata_dir = {:?}\n[registry]\nlisten = \"{reg}\"\n[cluster]\nlisten = \"{peer}\"\n[auth]\nmode = \"{mode}\"\n",
+            "[node]\ndata_dir = {:?}\n[registry]\nlisten = \"{reg}\"\n[cluster]\nlisten = \"{peer}\"\n{extra}",
             dir.join("data")
         ),
     )?;
-    let server = Server::start_raftyard_node(bin, format!("raftyard {mode}"), &cfg, dir, ports[0])?;
+    let server = Server::start_raftyard_node(bin, label.to_string(), &cfg, dir, ports[0])?;
     let base = format!("http://{reg}");
     wait_answering(&base, Duration::from_secs(30)).await?;
+    Ok((server, base, peer))
+}
+
+/// A one-node raftyard with `[auth] mode`, the bench user and its grant.
+async fn raftyard_with(bin: &Path, dir: &Path, mode: &str) -> Result<(Server, String)> {
+    let auth = format!("[auth]\nmode = \"{mode}\"\n");
+    let (server, base, peer) = one_node(bin, dir, &format!("raftyard {mode}"), &auth).await?;
     let pw = dir.join("password");
     std::fs::write(&pw, format!("{PASSWORD}\n"))?;
     let pw = pw.to_string_lossy().into_owned();

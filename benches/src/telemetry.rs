@@ -19,7 +19,7 @@
 //! target/release/raftyard-telemetry-bench --raftyard target/release/raftyard
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use serde_json::json;
 
-use crate::auth::{client, seed, timed_gets, wait_answering, MkDir as _, REPO};
+use crate::auth::{client, one_node, seed, timed_gets, MkDir as _, REPO};
 use crate::client::RegistryClient;
 use crate::report::median;
 use crate::server::{free_ports, RunDir, Server};
@@ -86,24 +86,6 @@ impl TraceService for Receiver {
     }
 }
 
-/// A one-node raftyard with `telemetry` as its `[telemetry]` section.
-async fn raftyard(bin: &Path, dir: &Path, label: &str, telemetry: &str) -> Result<(Server, String)> {
-    let ports = free_ports(2)?;
-    let (reg, peer) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
-    let cfg = dir.join("config.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[node]\ndata_dir = {:?}\n[registry]\nlisten = \"{reg}\"\n[cluster]\nlisten = \"{peer}\"\n{telemetry}",
-            dir.join("data")
-        ),
-    )?;
-    let server = Server::start_raftyard_node(bin, label.to_string(), &cfg, dir, ports[0])?;
-    let base = format!("http://{reg}");
-    wait_answering(&base, Duration::from_secs(30)).await?;
-    Ok((server, base))
-}
-
 struct Subject {
     label: &'static str,
     _server: Server,
@@ -142,7 +124,7 @@ async fn run_async(args: &Args) -> Result<()> {
     let mut subjects = Vec::new();
     for (label, telemetry) in [("raftyard", String::new()), ("raftyard traced", traced)] {
         let d = dir.join(label.replace(' ', "-")).tap_mkdir()?;
-        let (server, base) = raftyard(&args.raftyard, &d, label, &telemetry).await?;
+        let (server, base, _) = one_node(&args.raftyard, &d, label, &telemetry).await?;
         let http = client(None)?;
         seed(&http, &base).await.with_context(|| format!("seeding {label}"))?;
         let url = format!("{base}/v2/{REPO}/manifests/v1");
