@@ -593,23 +593,12 @@ impl MetaNode {
         // the other voters' leases run out a lease after the last heartbeat they received (one
         // in flight lands a round trip later): then the successor asks again, and so on
         let mut round = tokio::time::Instant::now() + self.leader_lease + Duration::from_millis(30);
-        let mut asked = true;
         loop {
-            if !asked {
-                let ask = tokio::time::timeout_at(deadline, link.campaign(self.id, &addr, last)).await;
-                if let Ok(Err(e)) = ask {
-                    tracing::warn!(to, error = %e, "the successor did not stand again");
-                }
-            }
-            asked = false;
             let this_round = round.min(deadline);
             round = tokio::time::Instant::now().max(round) + self.leader_lease;
-            let elected = tokio::time::timeout_at(
-                this_round,
-                metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != self.id)),
-            )
-            .await;
-            match elected {
+            let elected = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != self.id));
+            // matched at once: the metrics guard is gone before the next call
+            match tokio::time::timeout_at(this_round, elected).await {
                 Ok(Ok(m)) => return m.current_leader,
                 Ok(Err(_)) => return None,
                 Err(_) if tokio::time::Instant::now() >= deadline => {
@@ -617,6 +606,10 @@ impl MetaNode {
                     return None;
                 }
                 Err(_) => {}
+            }
+            let ask = tokio::time::timeout_at(deadline, link.campaign(self.id, &addr, last)).await;
+            if let Ok(Err(e)) = ask {
+                tracing::warn!(to, error = %e, "the successor did not stand again");
             }
         }
     }
