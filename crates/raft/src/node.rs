@@ -767,8 +767,11 @@ impl MetaNode {
     }
 }
 
-/// How recently a quorum must have acknowledged a leader for it to pass a readiness probe.
-const PROBE_FRESH: Duration = Duration::from_secs(1);
+/// How recently a quorum must have acknowledged a leader for it to pass a readiness probe:
+/// the 2 s a read barrier had to complete its round in, before probes replaced it. A busy
+/// leader skips heartbeats to followers whose appends are in flight, so the age of its last
+/// quorum acknowledgement can exceed a second while it commits.
+const PROBE_FRESH: Duration = Duration::from_secs(2);
 
 /// How long [`MetaNode::shutdown`] waits for Raft and the final flush.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);

@@ -178,7 +178,7 @@ impl Registry {
     /// Why this node should not take traffic now, or `None` when it should: its Raft stopped,
     /// a storage operation has been running for over [`SLOW_STORAGE`], or (on a voter) a
     /// readiness probe does not complete within [`READY_BARRIER`] — no leader that a quorum
-    /// acknowledged within the last second can be reached, or this node is too far behind to
+    /// acknowledged within the last 2 s can be reached, or this node is too far behind to
     /// apply the leader's applied index in time ([`MetaNode::probe`]: the same question as a
     /// read barrier, without its round of heartbeats to every member). A backup serves from its
     /// own state, so only its own health counts.
