@@ -10,6 +10,18 @@ use raftyard::{access, admin, backup, certs, import, node, tunnel};
 use raftyard_types::access::RepoGlob;
 use raftyard_types::lifecycle::{Quota, RetentionPolicy};
 
+/// jemalloc instead of the C library's allocator: glibc's per-thread arenas keep the memory a
+/// burst of writes freed (a node's resident size stayed at three times what it used), while
+/// jemalloc's background thread gives dirty pages back within seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings (read before the first allocation): purging on a background thread,
+/// dirty pages returned after a second, none kept as "muzzy".
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static _rjem_malloc_conf: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[derive(Parser)]
 #[command(name = "raftyard", version, about = "A container registry cluster on Raft")]
 struct Cli {
