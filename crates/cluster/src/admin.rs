@@ -89,7 +89,7 @@ impl PeerServices {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for PeerServices {
-    type BackupStream = futures::stream::Iter<std::vec::IntoIter<Result<pb::BackupChunk, Status>>>;
+    type BackupStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
     type GcStream = tokio_stream::wrappers::ReceiverStream<Result<pb::GcProgress, Status>>;
 
     async fn retention(&self, req: Request<pb::RetentionRequest>) -> Result<Response<pb::RetentionReply>, Status> {
@@ -229,12 +229,16 @@ impl pb::admin_server::Admin for PeerServices {
     }
 
     async fn backup(&self, _: Request<pb::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        use futures::StreamExt as _;
         let snap = self.meta.backup_snapshot().await.map_err(codec::propose_error_to_status)?;
-        info!(index = snap.index(), "backup snapshot taken");
-        let bytes = snap.to_bytes();
-        let chunks: Vec<Result<pb::BackupChunk, Status>> =
-            bytes.chunks(1 << 20).map(|c| Ok(pb::BackupChunk { data: c.to_vec().into() })).collect();
-        Ok(Response::new(futures::stream::iter(chunks)))
+        info!(index = snap.index(), bytes = snap.len, "backup snapshot taken");
+        // streamed from the snapshot's file: the node never holds the whole state in memory
+        let header = futures::stream::once(futures::future::ready(Ok(pb::BackupChunk { data: snap.header().into() })));
+        let file = tokio::fs::File::from_std(snap.file);
+        let data = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(|c| {
+            c.map(|data| pb::BackupChunk { data }).map_err(|e| Status::internal(format!("reading the snapshot: {e}")))
+        });
+        Ok(Response::new(Box::pin(header.chain(data))))
     }
 
     async fn access(&self, req: Request<pb::AccessRequest>) -> Result<Response<pb::AccessReply>, Status> {

@@ -3,7 +3,6 @@
 //! a read-only state, or used to seed a new node's storage.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::path::Path;
 use std::time::Duration;
 
@@ -99,8 +98,18 @@ impl BackupSnapshot {
     pub async fn open(&self, dir: &Path) -> Result<StateReader, StartError> {
         let db = sled::Config::new().path(dir).open()?;
         let mut sm = StateMachine::open(&db, dir, StorageWatch::offline())?;
-        sm.install_snapshot(&self.0.meta, Box::new(Cursor::new(self.0.data.clone()))).await?;
+        let data = self.data_file(&sm)?;
+        sm.install_snapshot(&self.0.meta, data).await?;
         Ok(sm.reader())
+    }
+
+    /// The snapshot's data in a file of the state machine's snapshot store, open, to install.
+    fn data_file(&self, sm: &StateMachine) -> Result<Box<tokio::fs::File>, StartError> {
+        use std::io::Write;
+        let path = sm.snapshots().temp("restore");
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        f.write_all(&self.0.data)?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 
     /// Seeds the metadata storage of a new node under `dir` (which must not hold any): the
@@ -120,7 +129,8 @@ impl BackupSnapshot {
             last_membership: StoredMembership::new(last, membership),
             snapshot_id: format!("restored-{}", self.0.meta.snapshot_id),
         };
-        sm.install_snapshot(&meta, Box::new(Cursor::new(self.0.data.clone()))).await?;
+        let data = self.data_file(&sm)?;
+        sm.install_snapshot(&meta, data).await?;
         if let Some(last) = last {
             // the log starts after the snapshot
             log.purge(last).await?;
@@ -134,10 +144,34 @@ impl BackupSnapshot {
     }
 }
 
+/// A snapshot taken on a running node for a backup: its meta and its data file, open (it
+/// stays readable when a newer snapshot replaces it). Sent as a stream: [`Self::header`] and
+/// then the file, which together are the bytes of a [`BackupSnapshot`].
+pub struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, NodeAddr>,
+    pub file: std::fs::File,
+    pub len: u64,
+}
+
+impl SnapshotFile {
+    /// The log index the state is at.
+    pub fn index(&self) -> u64 {
+        self.meta.last_log_id.map(|l| l.index).unwrap_or(0)
+    }
+
+    /// What comes before the data in a backup's bytes: the bincode of the meta, then the
+    /// data's length (the layout of the bincode of a [`StoredSnapshot`]).
+    pub fn header(&self) -> Vec<u8> {
+        let mut h = enc(&self.meta);
+        h.extend_from_slice(&self.len.to_le_bytes());
+        h
+    }
+}
+
 impl MetaNode {
     /// A consistent snapshot of the state including every write acknowledged before the call:
     /// after a read barrier, Raft builds a snapshot at (or after) the applied index.
-    pub async fn backup_snapshot(&self) -> Result<BackupSnapshot, ProposeError> {
+    pub async fn backup_snapshot(&self) -> Result<SnapshotFile, ProposeError> {
         self.read_barrier().await?;
         let target = self.reader().applied_index();
         let unavailable = |e: String| ProposeError::Unavailable(format!("backup snapshot: {e}"));
@@ -147,11 +181,36 @@ impl MetaNode {
             .await
             .map_err(|_| unavailable("not built within 120 s".into()))?
             .map_err(|e| unavailable(e.to_string()))?;
-        let s = self
+        let (meta, file) = self
             .snapshots()
-            .load()
+            .open_current()
             .map_err(|e| unavailable(e.to_string()))?
             .ok_or_else(|| unavailable("no snapshot stored".into()))?;
-        Ok(BackupSnapshot(s))
+        let len = file.metadata().map_err(|e| unavailable(e.to_string()))?.len();
+        Ok(SnapshotFile { meta, file, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backup streamed as header and data file has the bytes of the whole snapshot's bincode.
+    #[test]
+    fn a_streamed_backup_is_the_bincode_of_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        std::fs::write(&path, b"some snapshot data").unwrap();
+        let meta = SnapshotMeta::<NodeId, NodeAddr> {
+            last_log_id: Some(crate::LogId::new(openraft::CommittedLeaderId::new(4, 2), 77)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "4-77-18".into(),
+        };
+        let f = SnapshotFile { meta: meta.clone(), file: std::fs::File::open(&path).unwrap(), len: 18 };
+        let mut streamed = f.header();
+        streamed.extend_from_slice(&std::fs::read(&path).unwrap());
+        assert_eq!(streamed, enc(&StoredSnapshot { meta, data: b"some snapshot data".to_vec() }));
+        let back = BackupSnapshot::from_bytes(&streamed).unwrap();
+        assert_eq!((back.index(), back.term()), (77, 4));
     }
 }

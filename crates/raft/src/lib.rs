@@ -25,7 +25,6 @@ pub mod size;
 pub mod state;
 pub mod watchdog;
 
-use std::io::Cursor;
 
 use raftyard_types::event::VersionedCommand;
 use raftyard_types::Outcome;
@@ -60,7 +59,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = NodeAddr,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

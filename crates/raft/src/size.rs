@@ -103,11 +103,12 @@ pub fn measure(dir: &Path) -> Result<MetaSize, StartError> {
         let tree = db.open_tree(&name)?;
         for kv in tree.iter() {
             let (k, v) = kv?;
+            let is_state = crate::state::is_state_tree(name.as_bytes());
             let (part, what) = match name.as_str() {
-                "state" => state_part(&k),
+                _ if is_state => state_part(&k),
                 other => (format!("tree {other}"), tree_part(other)),
             };
-            if k.starts_with(crate::keys::MANIFESTS) && name == "state" {
+            if k.starts_with(crate::keys::MANIFESTS) && is_state {
                 manifests += 1;
             }
             let p = parts.entry(part.clone()).or_insert_with(|| Part { part, what, ..Part::default() });

@@ -7,7 +7,6 @@
 //! race: a manifest whose references vanished before it was applied is rejected on every node.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -679,7 +678,7 @@ fn apply_access_event(tx: &mut Tx, ev: &Event) -> Result<Result<(), Rejection>, 
 /// Read access to the applied state. Cheap to clone; reads see whole applied entries.
 #[derive(Clone)]
 pub struct StateReader {
-    tree: sled::Tree,
+    tree: StateTree,
     applied: watch::Receiver<u64>,
     collected: watch::Receiver<u64>,
 }
@@ -689,8 +688,9 @@ fn io<E: std::fmt::Display>(e: E) -> std::io::Error {
 }
 
 impl StateReader {
-    pub(crate) fn tree(&self) -> &sled::Tree {
-        &self.tree
+    /// The tree the state is in now (a snapshot install replaces it).
+    pub(crate) fn tree(&self) -> Arc<sled::Tree> {
+        self.tree.get()
     }
 
     /// Index of the last applied log entry.
@@ -704,7 +704,7 @@ impl StateReader {
         use sha2::Digest as _;
         let mut h = sha2::Sha256::new();
         let mut applied = 0;
-        for kv in self.tree.iter() {
+        for kv in self.tree().iter() {
             let (k, v) = kv.map_err(io)?;
             if &*k == crate::keys::APPLIED {
                 applied = dec::<LogId>(&v).map_or(0, |l| l.index);
@@ -720,7 +720,7 @@ impl StateReader {
     /// The peer protocol every member speaks as the state records it (`ClusterUpgraded`; 2
     /// when none is recorded), and when it was recorded (ms since the epoch).
     pub fn protocol(&self) -> std::io::Result<(u32, u64)> {
-        Ok(self.tree.get(keys::PROTOCOL).map_err(io)?.and_then(|v| dec(&v)).unwrap_or((2, 0)))
+        Ok(self.tree().get(keys::PROTOCOL).map_err(io)?.and_then(|v| dec(&v)).unwrap_or((2, 0)))
     }
 
     /// Changes when a collection applied (its log index) or a snapshot was installed: then the
@@ -737,7 +737,7 @@ impl StateReader {
 
     pub fn blob_link(&self, repo: &RepoName, digest: &Digest) -> std::io::Result<Option<u64>> {
         Ok(self
-            .tree
+            .tree()
             .get(keys::link(repo.as_str(), &digest.to_string()))
             .map_err(io)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
@@ -747,7 +747,7 @@ impl StateReader {
     pub fn linked_in(&self, digest: &Digest, n: usize) -> std::io::Result<Vec<String>> {
         let prefix = keys::links_of(&digest.to_string());
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix).take(n) {
+        for kv in self.tree().scan_prefix(&prefix).take(n) {
             let (k, _) = kv.map_err(io)?;
             out.push(keys::suffix(&k, &prefix).to_string());
         }
@@ -756,16 +756,16 @@ impl StateReader {
 
     /// Any repository linking this blob (for mounts without `from`).
     pub fn blob_info(&self, digest: &Digest) -> std::io::Result<Option<BlobInfo>> {
-        Ok(self.tree.get(keys::blob(&digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
+        Ok(self.tree().get(keys::blob(&digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
     }
 
     pub fn manifest(&self, repo: &RepoName, digest: &Digest) -> std::io::Result<Option<ManifestRecord>> {
-        Ok(self.tree.get(keys::manifest(repo.as_str(), &digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
+        Ok(self.tree().get(keys::manifest(repo.as_str(), &digest.to_string())).map_err(io)?.and_then(|v| dec(&v)))
     }
 
     pub fn tag(&self, repo: &RepoName, tag: &Tag) -> std::io::Result<Option<Digest>> {
         Ok(self
-            .tree
+            .tree()
             .get(keys::tag(repo.as_str(), tag.as_str()))
             .map_err(io)?
             .and_then(|v| Digest::parse(std::str::from_utf8(&v).ok()?).ok()))
@@ -783,7 +783,7 @@ impl StateReader {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for kv in self.tree.range(start..) {
+        for kv in self.tree().range(start..) {
             let (k, _) = kv.map_err(io)?;
             if !k.starts_with(&prefix) || out.len() >= n {
                 break;
@@ -794,7 +794,7 @@ impl StateReader {
     }
 
     pub fn repo_exists(&self, repo: &RepoName) -> std::io::Result<bool> {
-        self.tree.contains_key(keys::repo(repo.as_str())).map_err(io)
+        self.tree().contains_key(keys::repo(repo.as_str())).map_err(io)
     }
 
     /// Repositories in ASCII order, strictly after `last`, at most `n`.
@@ -808,7 +808,7 @@ impl StateReader {
             None => keys::REPOS.to_vec(),
         };
         let mut out = Vec::new();
-        for kv in self.tree.range(start..) {
+        for kv in self.tree().range(start..) {
             let (k, _) = kv.map_err(io)?;
             if !k.starts_with(keys::REPOS) || out.len() >= n {
                 break;
@@ -822,7 +822,7 @@ impl StateReader {
     pub fn blobs(&self) -> std::io::Result<Vec<(Digest, BlobInfo)>> {
         let prefix = keys::blob("");
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix) {
+        for kv in self.tree().scan_prefix(&prefix) {
             let (k, v) = kv.map_err(io)?;
             if let (Ok(d), Some(info)) = (Digest::parse(keys::suffix(&k, &prefix)), dec::<BlobInfo>(&v)) {
                 out.push((d, info));
@@ -835,7 +835,7 @@ impl StateReader {
     pub fn referrers(&self, repo: &RepoName, subject: &Digest) -> std::io::Result<Vec<Digest>> {
         let prefix = keys::referrers_of(repo.as_str(), &subject.to_string());
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix) {
+        for kv in self.tree().scan_prefix(&prefix) {
             let (k, _) = kv.map_err(io)?;
             if let Ok(d) = Digest::parse(keys::suffix(&k, &prefix)) {
                 out.push(d);
@@ -848,7 +848,7 @@ impl StateReader {
     /// current while this has not moved.
     pub fn access_version(&self) -> std::io::Result<u64> {
         Ok(self
-            .tree
+            .tree()
             .get(keys::ACCESS_VERSION)
             .map_err(io)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
@@ -861,19 +861,19 @@ impl StateReader {
         loop {
             let v = self.access_version()?;
             let mut s = AccessState::default();
-            for kv in self.tree.scan_prefix(keys::USERS) {
+            for kv in self.tree().scan_prefix(keys::USERS) {
                 let (k, val) = kv.map_err(io)?;
                 if let Some(u) = dec::<UserRecord>(&val) {
                     s.users.insert(keys::suffix(&k, keys::USERS).to_string(), u);
                 }
             }
-            for kv in self.tree.scan_prefix(keys::ROBOTS) {
+            for kv in self.tree().scan_prefix(keys::ROBOTS) {
                 let (k, val) = kv.map_err(io)?;
                 if let Some(r) = dec::<RobotRecord>(&val) {
                     s.robots.insert(keys::suffix(&k, keys::ROBOTS).to_string(), r);
                 }
             }
-            for kv in self.tree.scan_prefix(keys::GRANTS) {
+            for kv in self.tree().scan_prefix(keys::GRANTS) {
                 let (k, val) = kv.map_err(io)?;
                 let Some((subject, repos)) = keys::suffix(&k, keys::GRANTS).split_once('\0') else { continue };
                 if let (Some(subject), Ok(repos), Some(actions)) =
@@ -882,7 +882,7 @@ impl StateReader {
                     s.grants.push(Grant { subject, repos, actions });
                 }
             }
-            s.keys = self.tree.get(keys::SIGNING_KEYS).map_err(io)?.and_then(|v| dec(&v)).unwrap_or_default();
+            s.keys = self.tree().get(keys::SIGNING_KEYS).map_err(io)?.and_then(|v| dec(&v)).unwrap_or_default();
             if self.access_version()? == v {
                 return Ok((v, s));
             }
@@ -892,7 +892,7 @@ impl StateReader {
     /// The first index the journal still holds (0: nothing was ever trimmed).
     pub fn journal_first(&self) -> std::io::Result<u64> {
         Ok(self
-            .tree
+            .tree()
             .get(keys::JOURNAL_FIRST)
             .map_err(io)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -906,7 +906,7 @@ impl StateReader {
     pub fn journal_index_at(&self, time_ms: u64) -> std::io::Result<u64> {
         // read first: an entry applied during the scan is newer than the cut, never under it
         let applied = self.applied_index();
-        for kv in self.tree.range(keys::journal(self.journal_first()?)..keys::journal(applied + 1)) {
+        for kv in self.tree().range(keys::journal(self.journal_first()?)..keys::journal(applied + 1)) {
             let (k, v) = kv.map_err(io)?;
             if !k.starts_with(keys::JOURNAL) {
                 break;
@@ -922,7 +922,7 @@ impl StateReader {
 
     /// The latest journal entry (the last command applied here), if any.
     pub fn last_journal_entry(&self) -> std::io::Result<Option<JournalEntry>> {
-        let Some(kv) = self.tree.range(keys::journal(0)..keys::journal(u64::MAX)).next_back() else {
+        let Some(kv) = self.tree().range(keys::journal(0)..keys::journal(u64::MAX)).next_back() else {
             return Ok(None);
         };
         let (_, v) = kv.map_err(io)?;
@@ -932,7 +932,7 @@ impl StateReader {
     /// Journal entries with index ≥ `since`, at most `limit`.
     pub fn journal(&self, since: u64, limit: usize) -> std::io::Result<Vec<JournalEntry>> {
         let mut out = Vec::new();
-        for kv in self.tree.range(keys::journal(since)..) {
+        for kv in self.tree().range(keys::journal(since)..) {
             let (k, v) = kv.map_err(io)?;
             if !k.starts_with(keys::JOURNAL) || out.len() >= limit {
                 break;
@@ -945,10 +945,63 @@ impl StateReader {
     }
 }
 
-/// The openraft state machine over the `state` tree.
+/// The tree holding the state, shared by the state machine and every reader. A snapshot
+/// install fills a new tree and then points this at it, so a reader sees the state before the
+/// install or after it, never a mix; the tree it replaced is dropped once no reader holds it.
+#[derive(Clone)]
+pub(crate) struct StateTree(Arc<std::sync::RwLock<Arc<sled::Tree>>>);
+
+impl StateTree {
+    fn new(tree: sled::Tree) -> Self {
+        StateTree(Arc::new(std::sync::RwLock::new(Arc::new(tree))))
+    }
+
+    pub(crate) fn get(&self) -> Arc<sled::Tree> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Points every reader at `tree`; returns the tree it replaces.
+    fn replace(&self, tree: sled::Tree) -> Arc<sled::Tree> {
+        std::mem::replace(&mut *self.0.write().unwrap_or_else(|e| e.into_inner()), Arc::new(tree))
+    }
+}
+
+/// The trees that hold a state: `state`, and the `state.<n>` a snapshot install fills.
+pub(crate) fn is_state_tree(name: &[u8]) -> bool {
+    name == b"state" || name.starts_with(b"state.")
+}
+
+/// Drops a state tree an install replaced, once the readers that took it before the switch
+/// are done with it (the reference the [`StateTree`] held is then the only one).
+fn retire(db: sled::Db, old: Arc<sled::Tree>) {
+    let spawned = std::thread::Builder::new().name("state-retire".into()).spawn(move || {
+        while Arc::strong_count(&old) > 1 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let name = old.name();
+        drop(old);
+        if let Err(e) = db.drop_tree(&name) {
+            // the next start drops every state tree but the current one
+            tracing::warn!(error = %e, "dropping the state tree a snapshot replaced");
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "dropping the state tree a snapshot replaced");
+    }
+}
+
+/// A name no earlier file or tree of this process had (a counter and the time).
+fn unique() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("{t}-{n}")
+}
+
+/// The openraft state machine over the current state tree ([`StateTree`]).
 pub struct StateMachine {
     db: sled::Db,
-    state: sled::Tree,
+    state: StateTree,
     snap: SnapshotStore,
     applied_tx: Arc<watch::Sender<u64>>,
     /// The index of the last collection applied (or snapshot installed, which may stand for
@@ -989,13 +1042,27 @@ impl StateMachine {
     /// Opens the state's trees (migrating an earlier layout) of the database at `dir`, where
     /// snapshot files live too; every blocking write runs under `watch`.
     pub fn open(db: &sled::Db, dir: &Path, watch: StorageWatch) -> Result<Self, sled::Error> {
-        let state = db.open_tree("state")?;
-        migrate(&state)?;
         let snap = SnapshotStore::open(db, dir)?;
+        let name = snap.state_tree()?;
+        // an install a crash interrupted leaves a tree that never became the state
+        for t in db.tree_names() {
+            if is_state_tree(&t) && *t != *name.as_bytes() {
+                db.drop_tree(&t)?;
+            }
+        }
+        let state = db.open_tree(&name)?;
+        migrate(&state)?;
         let applied: Option<LogId> = state.get(keys::APPLIED)?.and_then(|v| dec(&v));
         let (tx, _) = watch::channel(applied.map(|l| l.index).unwrap_or(0));
         let collected_tx = Arc::new(watch::channel(0).0);
-        Ok(StateMachine { db: db.clone(), state, snap, applied_tx: Arc::new(tx), collected_tx, watch })
+        Ok(StateMachine {
+            db: db.clone(),
+            state: StateTree::new(state),
+            snap,
+            applied_tx: Arc::new(tx),
+            collected_tx,
+            watch,
+        })
     }
 
     /// Where the latest snapshot is kept.
@@ -1013,13 +1080,15 @@ impl StateMachine {
 
     fn read_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
         let err = |e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e);
-        let applied = self.state.get(keys::APPLIED).map_err(err)?.and_then(|v| dec(&v));
-        let membership = self.state.get(keys::MEMBERSHIP).map_err(err)?.and_then(|v| dec(&v)).unwrap_or_default();
+        let state = self.state.get();
+        let applied = state.get(keys::APPLIED).map_err(err)?.and_then(|v| dec(&v));
+        let membership = state.get(keys::MEMBERSHIP).map_err(err)?.and_then(|v| dec(&v)).unwrap_or_default();
         Ok((applied, membership))
     }
 
     fn apply_entry(&self, entry: &Entry<TypeConfig>) -> Result<Option<Outcome>, sled::Error> {
-        let mut tx = Tx::new(&self.state);
+        let state = self.state.get();
+        let mut tx = Tx::new(&state);
         let log_id = entry.log_id;
         let outcome = match &entry.payload {
             EntryPayload::Blank => None,
@@ -1058,19 +1127,61 @@ impl StateMachine {
         };
         tx.put(keys::APPLIED.to_vec(), enc(&log_id));
         let batch = tx.into_batch();
-        self.watch.run("state apply", || self.state.apply_batch(batch))?;
+        self.watch.run("state apply", || state.apply_batch(batch))?;
         Ok(outcome)
     }
 
-    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        self.snap.load().map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))
+    /// Fills a new tree with the state of snapshot data `file` (at `meta`), durably, and names
+    /// it the state together with the snapshot; readers switch to it at once.
+    async fn install_from(&mut self, meta: &SnapshotMeta<NodeId, NodeAddr>, mut file: std::fs::File) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        file.sync_all()?;
+        // the data's own file: the temporary file it was received into, else a copy
+        let tmp = match self.snap.temp_path_of(&file)? {
+            Some(p) => p,
+            None => {
+                let p = self.snap.temp("install");
+                file.seek(SeekFrom::Start(0))?;
+                let mut out = std::fs::File::create(&p)?;
+                std::io::copy(&mut file, &mut out)?;
+                out.sync_all()?;
+                p
+            }
+        };
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(0))?;
+        let name = format!("state.{}", unique());
+        let tree = self.db.open_tree(&name).map_err(io)?;
+        let (mut batch, mut bytes) = (sled::Batch::default(), 0usize);
+        for kv in PairReader::new(std::io::BufReader::with_capacity(1 << 20, &file), len)? {
+            let (k, v) = kv?;
+            bytes += k.len() + v.len() + 16;
+            batch.insert(k, v);
+            if bytes >= 4 << 20 {
+                tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
+                bytes = 0;
+            }
+        }
+        if let Some(l) = meta.last_log_id {
+            batch.insert(keys::APPLIED, enc(&l));
+        }
+        batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
+        tree.apply_batch(batch).map_err(io)?;
+        // a snapshot taken by an earlier version
+        migrate(&tree).map_err(io)?;
+        // durable before the snapshot store names it the state
+        self.db.flush_async().await.map_err(io)?;
+        self.snap.store(meta, &tmp, Some(&name), false)?;
+        retire(self.db.clone(), self.state.replace(tree));
+        Ok(())
     }
 }
 
 /// Where the latest snapshot is kept: its meta in the `snapshot` tree, its data in a file of
-/// its own beside the database (named in the tree), so that sled never holds or rewrites a value
-/// the size of the whole state. Earlier versions kept the data in the tree (`data`, or both in
-/// one bincode `current`); those are still read.
+/// its own beside the database (named in the tree), so that neither sled nor memory ever holds
+/// a value the size of the whole state. The tree also names the state tree that goes with it
+/// (an install fills a new one). Earlier versions kept the data in the tree (`data`, or both in
+/// one bincode `current`); those are moved to a file when opened.
 #[derive(Clone)]
 pub(crate) struct SnapshotStore {
     tree: sled::Tree,
@@ -1083,129 +1194,209 @@ const SNAP_META: &[u8] = b"meta";
 const SNAP_FILE: &[u8] = b"file";
 const SNAP_DATA: &[u8] = b"data";
 const SNAP_LEGACY: &[u8] = b"current";
+/// The name of the tree holding the state (absent: `state`).
+const SNAP_STATE: &[u8] = b"state_tree";
+/// Files being written (a build, a receive) start so; a start removes those it finds.
+const TMP_PREFIX: &str = "tmp-snapshot-";
 
 impl SnapshotStore {
     pub(crate) fn open(db: &sled::Db, dir: &Path) -> Result<Self, sled::Error> {
-        Ok(SnapshotStore { tree: db.open_tree("snapshot")?, dir: dir.to_path_buf(), lock: Default::default() })
+        let store = SnapshotStore { tree: db.open_tree("snapshot")?, dir: dir.to_path_buf(), lock: Default::default() };
+        for e in std::fs::read_dir(dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        store.move_legacy()?;
+        Ok(store)
     }
 
-    /// The latest snapshot, if any.
-    pub(crate) fn load(&self) -> std::io::Result<Option<StoredSnapshot>> {
-        // not while a snapshot is being stored: meta, file name and file belong together
-        let _l = self.lock.lock().unwrap();
+    /// An earlier version's snapshot, kept in the tree, moves to a file of its own.
+    fn move_legacy(&self) -> std::io::Result<()> {
+        if self.tree.get(SNAP_FILE).map_err(io)?.is_some() {
+            return Ok(());
+        }
         let meta = self.tree.get(SNAP_META).map_err(io)?.and_then(|m| dec::<SnapshotMeta<NodeId, NodeAddr>>(&m));
-        if let (Some(meta), Some(file)) = (meta.clone(), self.tree.get(SNAP_FILE).map_err(io)?) {
-            let data = std::fs::read(self.dir.join(String::from_utf8_lossy(&file).as_ref()))?;
-            return Ok(Some(StoredSnapshot { meta, data }));
+        let old = match (meta, self.tree.get(SNAP_DATA).map_err(io)?) {
+            (Some(meta), Some(data)) => Some(StoredSnapshot { meta, data: data.to_vec() }),
+            _ => self.tree.get(SNAP_LEGACY).map_err(io)?.and_then(|v| dec::<StoredSnapshot>(&v)),
+        };
+        let Some(old) = old else { return Ok(()) };
+        let tmp = self.temp("legacy");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&old.data)?;
+            f.sync_all()?;
         }
-        if let (Some(meta), Some(data)) = (meta, self.tree.get(SNAP_DATA).map_err(io)?) {
-            return Ok(Some(StoredSnapshot { meta, data: data.to_vec() }));
+        self.store(&old.meta, &tmp, None, false)?;
+        Ok(())
+    }
+
+    /// A new temporary file's path (`kind`: what it is for).
+    pub(crate) fn temp(&self, kind: &str) -> PathBuf {
+        self.dir.join(format!("{TMP_PREFIX}{kind}-{}", unique()))
+    }
+
+    /// The temporary file of this store that `file` is open on, if it is one.
+    fn temp_path_of(&self, file: &std::fs::File) -> std::io::Result<Option<PathBuf>> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                if let Ok(em) = e.metadata() {
+                    if (em.dev(), em.ino()) == (m.dev(), m.ino()) {
+                        return Ok(Some(e.path()));
+                    }
+                }
+            }
         }
-        Ok(self.tree.get(SNAP_LEGACY).map_err(io)?.and_then(|v| dec(&v)))
+        Ok(None)
+    }
+
+    /// The name of the tree that holds the state.
+    fn state_tree(&self) -> Result<String, sled::Error> {
+        Ok(self.tree.get(SNAP_STATE)?.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "state".into()))
+    }
+
+    /// The latest snapshot, if any: its meta and its data file, open (it stays readable when a
+    /// newer snapshot replaces it).
+    pub(crate) fn open_current(&self) -> std::io::Result<Option<(SnapshotMeta<NodeId, NodeAddr>, std::fs::File)>> {
+        // not while a snapshot is being stored: meta and file name belong together
+        let _l = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = self.tree.get(SNAP_META).map_err(io)?.and_then(|m| dec::<SnapshotMeta<NodeId, NodeAddr>>(&m));
+        match (meta, self.tree.get(SNAP_FILE).map_err(io)?) {
+            (Some(meta), Some(file)) => {
+                Ok(Some((meta, std::fs::File::open(self.dir.join(String::from_utf8_lossy(&file).as_ref()))?)))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The log id of the latest snapshot, read without its data.
     fn log_id(&self) -> std::io::Result<Option<LogId>> {
-        if let Some(meta) = self.tree.get(SNAP_META).map_err(io)? {
-            return Ok(dec::<SnapshotMeta<NodeId, NodeAddr>>(&meta).and_then(|m| m.last_log_id));
-        }
-        // an earlier version's: the meta comes first in its encoding
-        let legacy = self.tree.get(SNAP_LEGACY).map_err(io)?;
-        Ok(legacy.and_then(|v| dec::<SnapshotMeta<NodeId, NodeAddr>>(&v)).and_then(|m| m.last_log_id))
+        let meta = self.tree.get(SNAP_META).map_err(io)?;
+        Ok(meta.and_then(|m| dec::<SnapshotMeta<NodeId, NodeAddr>>(&m)).and_then(|m| m.last_log_id))
     }
 
-    /// Stores a snapshot as the latest one; with `only_if_newer`, not over a newer one (a
-    /// snapshot installed from the leader while this one was built). The data file is durable
-    /// before the tree names it; the caller flushes the tree.
-    fn store(&self, meta: &SnapshotMeta<NodeId, NodeAddr>, data: &[u8], only_if_newer: bool) -> std::io::Result<()> {
-        let _l = self.lock.lock().unwrap();
+    /// Stores the data in `tmp` (durable already) as the latest snapshot, with `state_tree` as
+    /// the tree of the state when given. With `only_if_newer`, not over a newer one (a snapshot
+    /// installed from the leader while this one was built): then `tmp` is removed and false
+    /// returned. The tree is flushed before the files of earlier snapshots go.
+    fn store(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        tmp: &Path,
+        state_tree: Option<&str>,
+        only_if_newer: bool,
+    ) -> std::io::Result<bool> {
+        let _l = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if only_if_newer && self.log_id()? > meta.last_log_id {
-            return Ok(());
+            std::fs::remove_file(tmp)?;
+            return Ok(false);
         }
         let name = match meta.last_log_id {
             Some(l) => format!("snapshot-{}-{}.data", l.leader_id.term, l.index),
             None => "snapshot-0-0.data".to_string(),
         };
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, self.dir.join(&name))?;
+        std::fs::rename(tmp, self.dir.join(&name))?;
         std::fs::File::open(&self.dir)?.sync_all()?;
         let mut batch = sled::Batch::default();
         batch.insert(SNAP_META, enc(meta));
         batch.insert(SNAP_FILE, name.as_bytes());
+        if let Some(t) = state_tree {
+            batch.insert(SNAP_STATE, t.as_bytes());
+        }
         batch.remove(SNAP_DATA);
         batch.remove(SNAP_LEGACY);
         self.tree.apply_batch(batch).map_err(io)?;
         // durable before the earlier files go: a crash must not leave the tree naming a file
         // that is gone
         self.tree.flush().map_err(io)?;
-        // the files of earlier snapshots go (once the tree names the new one, none is needed)
         for e in std::fs::read_dir(&self.dir)?.flatten() {
             let f = e.file_name().to_string_lossy().into_owned();
             if f.starts_with("snapshot-") && f != name {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
-/// The state's pairs in the snapshot data format (the bincode of `Vec<(Vec<u8>, Vec<u8>)>`:
-/// a u64 count, then each key and value as a u64 length and its bytes, little endian),
-/// written straight from the iterator: no copy of the pairs besides the encoding itself.
-fn encode_pairs(
+/// Writes pairs in the snapshot data format (the bincode of `Vec<(Vec<u8>, Vec<u8>)>`: a u64
+/// count, then each key and value as a u64 length and its bytes, little endian) to a new file
+/// at `path`, streamed from the iterator, and makes it durable. Returns the file's length.
+fn write_pairs(
+    path: &Path,
     pairs: impl Iterator<Item = Result<(sled::IVec, sled::IVec), sled::Error>>,
-) -> Result<Vec<u8>, sled::Error> {
-    let mut out = vec![0u8; 8];
-    let mut n: u64 = 0;
+) -> Result<u64, sled::Error> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    out.write_all(&[0; 8])?;
+    let (mut n, mut len) = (0u64, 8u64);
     for kv in pairs {
         let (k, v) = kv?;
         for part in [&k[..], &v[..]] {
-            out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-            out.extend_from_slice(part);
+            out.write_all(&(part.len() as u64).to_le_bytes())?;
+            out.write_all(part)?;
+            len += 8 + part.len() as u64;
         }
         n += 1;
     }
-    out[..8].copy_from_slice(&n.to_le_bytes());
-    Ok(out)
+    let mut f = out.into_inner().map_err(|e| e.into_error())?;
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&n.to_le_bytes())?;
+    f.sync_all()?;
+    Ok(len)
 }
 
-/// Key/value pairs borrowed from snapshot data.
-type BorrowedPairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+/// The pairs of snapshot data, read one at a time. Every length read is checked against what
+/// is left of the data (`len` bytes): damaged or cut-short data is an error, never an
+/// allocation of what a corrupt length says.
+pub(crate) struct PairReader<R> {
+    inp: R,
+    pairs_left: u64,
+    bytes_left: u64,
+}
 
-/// The pairs of snapshot data, borrowed from it.
-fn decode_pairs(data: &[u8]) -> Result<BorrowedPairs<'_>, String> {
-    let bad = || "snapshot data is truncated".to_string();
-    let mut rest = data;
-    let mut take = |len: usize| -> Result<&[u8], String> {
-        let (a, b) = rest.split_at_checked(len).ok_or_else(bad)?;
-        rest = b;
-        Ok(a)
-    };
-    let n = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let klen = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
-        let k = take(klen)?;
-        let vlen = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
-        let v = take(vlen)?;
-        out.push((k, v));
+impl<R: std::io::Read> PairReader<R> {
+    pub(crate) fn new(mut inp: R, len: u64) -> std::io::Result<Self> {
+        let mut n = [0u8; 8];
+        inp.read_exact(&mut n).map_err(|_| truncated())?;
+        Ok(PairReader { inp, pairs_left: u64::from_le_bytes(n), bytes_left: len.saturating_sub(8) })
     }
-    Ok(out)
+
+    fn part(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut l = [0u8; 8];
+        self.inp.read_exact(&mut l).map_err(|_| truncated())?;
+        let l = u64::from_le_bytes(l);
+        if self.bytes_left < 8 || l > self.bytes_left - 8 {
+            return Err(truncated());
+        }
+        self.bytes_left -= 8 + l;
+        let mut v = vec![0; l as usize];
+        self.inp.read_exact(&mut v).map_err(|_| truncated())?;
+        Ok(v)
+    }
 }
 
-/// Gives memory freed after a snapshot (the size of the whole state, for a moment) back to the
-/// operating system, so that it does not stay in the process's resident size.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
+fn truncated() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, "snapshot data is truncated")
+}
+
+impl<R: std::io::Read> Iterator for PairReader<R> {
+    type Item = std::io::Result<(Vec<u8>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pairs_left == 0 {
+            return None;
+        }
+        self.pairs_left -= 1;
+        let pair = self.part().and_then(|k| Ok((k, self.part()?)));
+        if pair.is_err() {
+            self.pairs_left = 0;
+        }
+        Some(pair)
     }
 }
 
@@ -1245,156 +1436,226 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        // Copy the state now, while no entry is being applied: the snapshot is consistent. A read
-        // error fails the build (a snapshot missing keys would be installed as the whole state).
+        // Copy the state to a file now, while no entry is being applied: the snapshot is
+        // consistent. A read error fails the build (a snapshot missing keys would be installed
+        // as the whole state).
         let _g = self.watch.enter_bulk("snapshot read");
-        let copy = encode_pairs(self.state.iter())
+        let tmp = self.snap.temp("build");
+        let copy = write_pairs(&tmp, self.state.get().iter())
             .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
-            .and_then(|data| self.read_applied().map(|(applied, membership)| (data, applied, membership)));
+            .and_then(|len| self.read_applied().map(|(applied, membership)| (tmp.clone(), len, applied, membership)));
+        if copy.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
         SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), copy: Some(copy), watch: self.watch.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let werr = |e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+        let tmp = self.snap.temp("receive");
+        let f = tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).await.map_err(werr)?;
+        Ok(Box::new(f))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeAddr>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let sig = Some(meta.signature());
-        let data = snapshot.into_inner();
-        let werr = |e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e);
+        let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let _g = self.watch.enter_bulk("snapshot install");
-        {
-            let pairs = decode_pairs(&data)
-                .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Read, e))?;
-            let mut batch = sled::Batch::default();
-            for kv in self.state.iter() {
-                batch.remove(kv.map_err(werr)?.0);
-            }
-            for (k, v) in pairs {
-                batch.insert(k, v);
-            }
-            if let Some(l) = meta.last_log_id {
-                batch.insert(keys::APPLIED, enc(&l));
-            }
-            batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
-            self.state.apply_batch(batch).map_err(werr)?;
-        }
-        // a snapshot taken by an earlier version
-        migrate(&self.state).map_err(werr)?;
-        self.snap
-            .store(meta, &data, false)
-            .map_err(|e| storage_err(ErrorSubject::Snapshot(sig.clone()), ErrorVerb::Write, e))?;
-        drop(data);
-        self.db.flush_async().await.map_err(werr)?;
+        let file = snapshot.into_std().await;
+        self.install_from(meta, file).await.map_err(werr)?;
         let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         self.applied_tx.send_replace(applied);
         self.collected_tx.send_replace(applied);
-        release_freed_memory();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.load_snapshot()?.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let current = self.snap.open_current().map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(current.map(|(meta, f)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(f)) }))
     }
 }
 
-/// A copy of the state: its pairs (encoded as snapshot data), applied log id and membership.
-type StateCopy = (Vec<u8>, Option<LogId>, Membership);
+/// A copy of the state taken for a snapshot: the temporary file of its pairs (snapshot data)
+/// and the file's length, the applied log id and the membership.
+type StateCopy = (PathBuf, u64, Option<LogId>, Membership);
 
 /// Builds a snapshot from a copy of the state taken by `get_snapshot_builder`.
 pub struct SnapshotBuilder {
     db: sled::Db,
     snap: SnapshotStore,
-    /// The state's pairs, applied log id and membership, or why they could not be read.
+    /// The copy of the state, or why it could not be taken.
     copy: Option<Result<StateCopy, StorageError>>,
     watch: StorageWatch,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, applied, membership) = self
+        let (tmp, len, applied, membership) = self
             .copy
             .take()
             .unwrap_or_else(|| Err(storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, "built twice")))?;
         let snapshot_id = match applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, data.len()),
-            None => format!("0-0-{}", data.len()),
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, len),
+            None => format!("0-0-{len}"),
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
+        let werr = |e: std::io::Error| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let _g = self.watch.enter_bulk("snapshot write");
+        // open before it is stored: the handle reads the data whatever name it ends under
+        let file = std::fs::File::open(&tmp).map_err(werr)?;
         // A snapshot installed from the leader while this one was being built may be newer:
         // the stored snapshot only ever moves forward.
-        self.snap.store(&meta, &data, true).map_err(|e| werr(sled::Error::Io(e)))?;
+        self.snap.store(&meta, &tmp, None, true).map_err(werr)?;
         // The state machine is flushed too, so logs purged after this snapshot are never needed.
-        self.db.flush_async().await.map_err(werr)?;
-        release_freed_memory();
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        self.db.flush_async().await.map_err(|e| werr(io(e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn snapshot_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|f| f.starts_with("snapshot-") || f.starts_with(TMP_PREFIX))
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn data_of(s: Snapshot<TypeConfig>) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = *s.snapshot;
+        f.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).await.unwrap();
+        v
+    }
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(3, 1), index), payload }
+    }
+
+    fn membership() -> EntryPayload<TypeConfig> {
+        let addr = NodeAddr { peer: "127.0.0.1:1".into(), registry: "127.0.0.1:2".into() };
+        EntryPayload::Membership(openraft::Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, addr)])))
+    }
 
     /// A built snapshot's data is a file beside the database (the tree holds its meta and the
     /// file's name); earlier snapshots' files go; a snapshot kept the earlier way, whole in the
-    /// tree, is still read.
+    /// tree, moves to a file when the store opens.
     #[tokio::test]
-    async fn snapshots_live_in_files_and_earlier_ones_still_read() {
-        use openraft::{CommittedLeaderId, RaftSnapshotBuilder};
+    async fn snapshots_live_in_files_and_earlier_ones_move_to_one() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-        let files = || -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(dir.path())
-                .unwrap()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|f| f.starts_with("snapshot-"))
-                .collect();
-            v.sort();
-            v
-        };
+        let mut last = Vec::new();
         for index in [1u64, 2] {
-            let entry = Entry::<TypeConfig> {
-                log_id: LogId::new(CommittedLeaderId::new(3, 1), index),
-                payload: EntryPayload::Blank,
-            };
-            sm.apply([entry]).await.unwrap();
+            sm.apply([entry(index, EntryPayload::Blank)]).await.unwrap();
             let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
-            assert_eq!(files(), vec![format!("snapshot-3-{index}.data")]);
+            assert_eq!(snapshot_files(dir.path()), vec![format!("snapshot-3-{index}.data")]);
             let current = sm.get_current_snapshot().await.unwrap().unwrap();
             assert_eq!(current.meta, built.meta);
-            assert_eq!(current.snapshot.into_inner(), built.snapshot.into_inner());
+            let (a, b) = (data_of(current).await, data_of(built).await);
+            assert_eq!(a, b);
+            assert!(a.len() > 8);
+            last = a;
         }
         assert!(sm.snap.tree.get(SNAP_DATA).unwrap().is_none());
 
-        // the way earlier versions kept it
-        let old = sm.snap.load().unwrap().unwrap();
+        // the way earlier versions kept it: meta and data whole in the tree
+        let (meta, _) = sm.snap.open_current().unwrap().unwrap();
         sm.snap.tree.remove(SNAP_META).unwrap();
         sm.snap.tree.remove(SNAP_FILE).unwrap();
-        sm.snap.tree.insert(SNAP_LEGACY, enc(&old)).unwrap();
+        sm.snap.tree.insert(SNAP_LEGACY, enc(&StoredSnapshot { meta: meta.clone(), data: last.clone() })).unwrap();
+        std::fs::remove_file(dir.path().join("snapshot-3-2.data")).unwrap();
+        drop(sm);
+        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        assert_eq!(snapshot_files(dir.path()), vec!["snapshot-3-2.data".to_string()]);
+        assert!(sm.snap.tree.get(SNAP_LEGACY).unwrap().is_none());
         let loaded = sm.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!(loaded.meta, old.meta);
-        assert_eq!(loaded.snapshot.into_inner(), old.data);
+        assert_eq!(loaded.meta, meta);
+        assert_eq!(data_of(loaded).await, last);
+    }
+
+    /// An install fills a tree of its own and switches readers to it at once: a reader taken
+    /// before sees exactly the snapshot's state after, the replaced tree goes, and the state
+    /// is the same after a restart. A tree an interrupted install left is dropped on open.
+    #[tokio::test]
+    async fn an_install_switches_to_a_tree_of_its_own() {
+        let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a_db = sled::Config::new().path(da.path()).open().unwrap();
+        let mut a = StateMachine::open(&a_db, da.path(), StorageWatch::offline()).unwrap();
+        a.apply([entry(1, membership())]).await.unwrap();
+        for i in 0..3000u32 {
+            a.state.get().insert(format!("x/{i:05}"), vec![7u8; 100]).unwrap();
+        }
+        a.apply([entry(2, EntryPayload::Blank)]).await.unwrap();
+        let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let want = a.reader().digest().unwrap();
+
+        let b_db = sled::Config::new().path(db_dir.path()).open().unwrap();
+        let mut b = StateMachine::open(&b_db, db_dir.path(), StorageWatch::offline()).unwrap();
+        b.state.get().insert("only/in/b", vec![1]).unwrap();
+        let reader = b.reader();
+        // received the way openraft receives it: into the file begin_receiving_snapshot gives
+        let mut recv = b.begin_receiving_snapshot().await.unwrap();
+        {
+            use tokio::io::AsyncWriteExt;
+            recv.write_all(&data_of(Snapshot { meta: snap.meta.clone(), snapshot: snap.snapshot }).await).await.unwrap();
+            recv.shutdown().await.unwrap();
+        }
+        b.install_snapshot(&snap.meta, recv).await.unwrap();
+        assert_eq!(reader.digest().unwrap(), want);
+        assert_eq!(reader.applied_index(), 2);
+        assert!(reader.tree().get("only/in/b").unwrap().is_none());
+        let state_trees = |db: &sled::Db| db.tree_names().into_iter().filter(|t| is_state_tree(t)).count();
+        for _ in 0..100 {
+            if state_trees(&b_db) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(state_trees(&b_db), 1, "the replaced tree is dropped");
+        // the received file became the stored snapshot; nothing temporary is left
+        assert_eq!(snapshot_files(db_dir.path()), vec!["snapshot-3-2.data".to_string()]);
+
+        // a crash in the middle of an install leaves a tree that never became the state
+        b_db.open_tree("state.1-1").unwrap().insert("half", vec![]).unwrap();
+        drop((b, reader));
+        let b = StateMachine::open(&b_db, db_dir.path(), StorageWatch::offline()).unwrap();
+        assert_eq!(b.reader().digest().unwrap(), want);
+        assert_eq!(state_trees(&b_db), 1);
     }
 
     /// The streamed encoding is the bincode of the pairs that earlier versions wrote (and that
-    /// backups hold), both ways.
+    /// backups hold), both ways; data cut short is an error.
     #[test]
     fn snapshot_data_is_the_bincode_of_the_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pairs");
         let pairs: Pairs = vec![(b"a".to_vec(), vec![]), (b"b/x\0y".to_vec(), vec![1, 2, 3]), (vec![], b"z".to_vec())];
         let ivecs = pairs.iter().map(|(k, v)| Ok((sled::IVec::from(k.as_slice()), sled::IVec::from(v.as_slice()))));
-        let data = encode_pairs(ivecs).unwrap();
+        let len = write_pairs(&path, ivecs).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(len, data.len() as u64);
         assert_eq!(data, bincode::serialize(&pairs).unwrap());
-        let back: Vec<(Vec<u8>, Vec<u8>)> =
-            decode_pairs(&data).unwrap().into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let back: Vec<(Vec<u8>, Vec<u8>)> = PairReader::new(&data[..], len).unwrap().map(|p| p.unwrap()).collect();
         assert_eq!(back, pairs);
-        assert!(decode_pairs(&data[..data.len() - 1]).is_err());
+        let cut = &data[..data.len() - 1];
+        assert!(PairReader::new(cut, cut.len() as u64).unwrap().any(|p| p.is_err()));
+        // a length larger than the data is refused before anything is allocated for it
+        let mut huge = data.clone();
+        huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(PairReader::new(&huge[..], huge.len() as u64).unwrap().next().unwrap().is_err());
     }
 }
