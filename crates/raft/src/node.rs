@@ -73,7 +73,7 @@ impl MetaNodeConfig {
             backup: false,
             storage_deadline: Duration::from_secs(20),
             hang_log_flush_when: None,
-            cache_bytes: 32 << 20,
+            cache_bytes: 8 << 20,
             exit_on_stuck_storage: false,
         }
     }

@@ -450,7 +450,7 @@ impl Default for RaftSection {
             snapshot_every: 5000,
             keep_logs: 1000,
             storage_deadline_ms: 20_000,
-            cache_mib: 32,
+            cache_mib: 8,
             journal_keep_days: 0,
             journal_keep_entries: 0,
             journal_trim_interval_secs: 60,
