@@ -3,7 +3,7 @@
 //! a read-only state, or used to seed a new node's storage.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
@@ -12,7 +12,7 @@ use raftyard_types::Digest;
 
 use crate::log_store::LogStore;
 use crate::node::{MetaNode, ProposeError, StartError};
-use crate::state::{dec, enc, BlobInfo, StateMachine, StoredSnapshot};
+use crate::state::{dec, enc, BlobInfo, PairReader, StateMachine};
 use crate::ManifestRecord;
 use crate::{keys, NodeAddr, NodeId, StateReader, StorageWatch};
 
@@ -27,36 +27,69 @@ pub struct Repository {
     pub tags: Vec<(String, Digest)>,
 }
 
-/// A snapshot of the metadata state: what `raftyard backup create` stores.
-pub struct BackupSnapshot(StoredSnapshot);
+/// A snapshot of the metadata state in a file, as `raftyard backup create` stores it (the
+/// bincode of the snapshot's meta, the data's length, then the data: the layout of the bincode
+/// of a `StoredSnapshot`). Read from the file as needed, never whole.
+pub struct BackupSnapshot {
+    meta: SnapshotMeta<NodeId, NodeAddr>,
+    path: PathBuf,
+    /// Where the data starts in the file, and its length.
+    data_at: u64,
+    len: u64,
+}
 
 impl BackupSnapshot {
+    /// Opens a backup's snapshot file, checking that its layout adds up to the file's length.
+    pub fn open_file(path: &Path) -> std::io::Result<Self> {
+        use bincode::Options as _;
+        use std::io::Read;
+        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let file = std::fs::File::open(path)?;
+        let total = file.metadata()?.len();
+        let mut r = std::io::BufReader::new(file);
+        // the layout of bincode::serialize, with a bound on what a damaged length could ask for
+        let opts = bincode::DefaultOptions::new().with_fixint_encoding().allow_trailing_bytes().with_limit(16 << 20);
+        let meta: SnapshotMeta<NodeId, NodeAddr> =
+            opts.deserialize_from(&mut r).map_err(|e| bad(format!("snapshot meta: {e}")))?;
+        let mut l = [0u8; 8];
+        r.read_exact(&mut l).map_err(|_| bad("cut short after the meta".into()))?;
+        let len = u64::from_le_bytes(l);
+        let data_at = opts.serialized_size(&meta).map_err(|e| bad(e.to_string()))? + 8;
+        if data_at.checked_add(len) != Some(total) {
+            return Err(bad(format!("{total} bytes, but the layout says {data_at} + {len}")));
+        }
+        Ok(BackupSnapshot { meta, path: path.to_path_buf(), data_at, len })
+    }
+
     /// The log index (and term) the state is at.
     pub fn index(&self) -> u64 {
-        self.0.meta.last_log_id.map(|l| l.index).unwrap_or(0)
+        self.meta.last_log_id.map(|l| l.index).unwrap_or(0)
     }
 
     pub fn term(&self) -> u64 {
-        self.0.meta.last_log_id.map(|l| l.leader_id.term).unwrap_or(0)
+        self.meta.last_log_id.map(|l| l.leader_id.term).unwrap_or(0)
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        enc(&self.0)
+    /// The data, positioned at its start and limited to its length.
+    fn data(&self) -> std::io::Result<std::io::Take<std::fs::File>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path)?;
+        f.seek(SeekFrom::Start(self.data_at))?;
+        Ok(f.take(self.len))
     }
 
-    pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        dec::<StoredSnapshot>(b).map(BackupSnapshot)
-    }
-
-    fn pairs(&self) -> Result<Vec<KeyValue>, StartError> {
-        bincode::deserialize(&self.0.data).map_err(|e| StartError::Storage(format!("snapshot data: {e}")))
+    /// The state's keys and values, one at a time.
+    fn pairs(&self) -> Result<impl Iterator<Item = std::io::Result<KeyValue>>, StartError> {
+        let data = std::io::BufReader::with_capacity(1 << 20, self.data()?);
+        Ok(PairReader::new(data, self.len)?)
     }
 
     /// Every blob the state knows, with its size.
     pub fn blobs(&self) -> Result<Vec<(Digest, u64)>, StartError> {
         let prefix = keys::blob("");
         let mut out = Vec::new();
-        for (k, v) in self.pairs()? {
+        for kv in self.pairs()? {
+            let (k, v) = kv?;
             if let Some(rest) = k.strip_prefix(prefix.as_slice()) {
                 if let (Ok(d), Some(info)) = (Digest::parse(&String::from_utf8_lossy(rest)), dec::<BlobInfo>(&v)) {
                     out.push((d, info.size));
@@ -68,7 +101,7 @@ impl BackupSnapshot {
 
     /// The voters and learners of the cluster it was taken from, with their addresses.
     pub fn members(&self) -> Vec<(NodeId, NodeAddr)> {
-        self.0.meta.last_membership.membership().nodes().map(|(id, a)| (*id, a.clone())).collect()
+        self.meta.last_membership.membership().nodes().map(|(id, a)| (*id, a.clone())).collect()
     }
 
     /// What `repo` holds: its blobs (digest, size), manifests (digest, media type, bytes) and
@@ -77,7 +110,8 @@ impl BackupSnapshot {
         let (lp, mp, tp) = (keys::link(repo, ""), keys::manifest(repo, ""), keys::tag(repo, ""));
         let mut r = Repository::default();
         let digest = |rest: &[u8]| Digest::parse(&String::from_utf8_lossy(rest)).ok();
-        for (k, v) in self.pairs()? {
+        for kv in self.pairs()? {
+            let (k, v) = kv?;
             if let Some(d) = k.strip_prefix(lp.as_slice()).and_then(digest) {
                 let size = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
                 r.blobs.push((d, size));
@@ -99,16 +133,16 @@ impl BackupSnapshot {
         let db = sled::Config::new().path(dir).open()?;
         let mut sm = StateMachine::open(&db, dir, StorageWatch::offline())?;
         let data = self.data_file(&sm)?;
-        sm.install_snapshot(&self.0.meta, data).await?;
+        sm.install_snapshot(&self.meta, data).await?;
         Ok(sm.reader())
     }
 
-    /// The snapshot's data in a file of the state machine's snapshot store, open, to install.
+    /// The snapshot's data copied into a file of the state machine's snapshot store, open, to
+    /// install.
     fn data_file(&self, sm: &StateMachine) -> Result<Box<tokio::fs::File>, StartError> {
-        use std::io::Write;
         let path = sm.snapshots().temp("restore");
         let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        f.write_all(&self.0.data)?;
+        std::io::copy(&mut self.data()?, &mut f)?;
         Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 
@@ -122,12 +156,12 @@ impl BackupSnapshot {
         let db = sled::Config::new().path(dir).open()?;
         let watch = StorageWatch::offline();
         let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, dir, watch)?);
-        let last = self.0.meta.last_log_id;
+        let last = self.meta.last_log_id;
         let membership = Membership::new(vec![BTreeSet::from([id])], BTreeMap::from([(id, addr)]));
         let meta = SnapshotMeta {
             last_log_id: last,
             last_membership: StoredMembership::new(last, membership),
-            snapshot_id: format!("restored-{}", self.0.meta.snapshot_id),
+            snapshot_id: format!("restored-{}", self.meta.snapshot_id),
         };
         let data = self.data_file(&sm)?;
         sm.install_snapshot(&meta, data).await?;
@@ -160,7 +194,7 @@ impl SnapshotFile {
     }
 
     /// What comes before the data in a backup's bytes: the bincode of the meta, then the
-    /// data's length (the layout of the bincode of a [`StoredSnapshot`]).
+    /// data's length (the layout of the bincode of a `StoredSnapshot`).
     pub fn header(&self) -> Vec<u8> {
         let mut h = enc(&self.meta);
         h.extend_from_slice(&self.len.to_le_bytes());
@@ -194,6 +228,7 @@ impl MetaNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::StoredSnapshot;
 
     /// A backup streamed as header and data file has the bytes of the whole snapshot's bincode.
     #[test]
@@ -210,7 +245,19 @@ mod tests {
         let mut streamed = f.header();
         streamed.extend_from_slice(&std::fs::read(&path).unwrap());
         assert_eq!(streamed, enc(&StoredSnapshot { meta, data: b"some snapshot data".to_vec() }));
-        let back = BackupSnapshot::from_bytes(&streamed).unwrap();
+        let backup = dir.path().join("backup.snap");
+        std::fs::write(&backup, &streamed).unwrap();
+        let back = BackupSnapshot::open_file(&backup).unwrap();
         assert_eq!((back.index(), back.term()), (77, 4));
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut back.data().unwrap(), &mut data).unwrap();
+        assert_eq!(data, b"some snapshot data");
+        // a file cut short, or with bytes after the data, is refused
+        std::fs::write(&backup, &streamed[..streamed.len() - 1]).unwrap();
+        assert!(BackupSnapshot::open_file(&backup).is_err());
+        streamed.push(0);
+        streamed.push(0);
+        std::fs::write(&backup, &streamed).unwrap();
+        assert!(BackupSnapshot::open_file(&backup).is_err());
     }
 }

@@ -99,16 +99,27 @@ pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("asking {node} for a snapshot"))?
         .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.context("receiving the snapshot")?.data);
-    }
-    spinner.finish_and_clear();
-    let snap = BackupSnapshot::from_bytes(&bytes).context("the node sent an unreadable snapshot")?;
-
+    // written to a file as it arrives: the snapshot is never whole in memory
     std::fs::create_dir_all(out.join("snapshots"))?;
+    let tmp = out.join("snapshots/receiving.tmp");
+    let (mut f, mut hash, mut received) = (std::fs::File::create(&tmp)?, sha2::Sha256::new(), 0u64);
+    while let Some(chunk) = stream.next().await {
+        use std::io::Write;
+        let data = chunk.context("receiving the snapshot")?.data;
+        hash.update(&data);
+        f.write_all(&data)?;
+        received += data.len() as u64;
+        spinner.set_message(format!("receiving the snapshot from {node}: {} MiB", received >> 20));
+    }
+    f.sync_all()?;
+    drop(f);
+    spinner.finish_and_clear();
+    let snap = BackupSnapshot::open_file(&tmp).context("the node sent an unreadable snapshot")?;
     let file = format!("snapshots/{}-{}.snap", snap.term(), snap.index());
-    write_durably(&out.join(&file), &bytes)?;
+    std::fs::rename(&tmp, out.join(&file))?;
+    std::fs::File::open(out.join("snapshots"))?.sync_all()?;
+    let snap = BackupSnapshot::open_file(&out.join(&file))?;
+    let sha256 = hex::encode(hash.finalize());
 
     let store = store_at(out)?;
     let blobs = snap.blobs()?;
@@ -147,7 +158,7 @@ pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> 
     let mut m = load_manifest(out)?;
     let rec = SnapshotRecord {
         file: file.clone(),
-        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        sha256,
         index: snap.index(),
         term: snap.term(),
         taken_ms: raftyard_types::event::now_ms(),
@@ -183,11 +194,18 @@ fn open_snapshot(dir: &Path, index: Option<u64>) -> anyhow::Result<(SnapshotReco
         None => m.snapshots.last().with_context(|| format!("{} holds no backup", dir.display()))?,
     }
     .clone();
-    let bytes = std::fs::read(dir.join(&rec.file)).with_context(|| format!("reading {}", rec.file))?;
-    let sum = hex::encode(sha2::Sha256::digest(&bytes));
+    let path = dir.join(&rec.file);
+    let sum = sha256_of(&path).with_context(|| format!("reading {}", rec.file))?;
     anyhow::ensure!(sum == rec.sha256, "{} is corrupt: sha256 {sum}, recorded {}", rec.file, rec.sha256);
-    let snap = BackupSnapshot::from_bytes(&bytes).with_context(|| format!("{} is unreadable", rec.file))?;
+    let snap = BackupSnapshot::open_file(&path).with_context(|| format!("{} is unreadable", rec.file))?;
     Ok((rec, snap))
+}
+
+/// The SHA-256 (hex) of a file, read in pieces.
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Hashes the file of `d` in `store`: `Ok(())` if it is there with that digest and size.
