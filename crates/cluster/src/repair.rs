@@ -25,6 +25,12 @@ const IDLE: Duration = Duration::from_secs(30);
 const MIN_PAUSE: Duration = Duration::from_millis(100);
 /// Blobs fetched at once.
 const PARALLEL: usize = 4;
+/// Most blobs fetched in one round, and most placements in one proposal. A node joining a
+/// large registry lacks every blob: fetching them all before recording any put 100,000
+/// placements in one log entry, which the leader could not commit before its followers'
+/// election timeouts (the cluster changed leaders over and over, and the proposal was tried
+/// again for ever). Rounds this size record their progress as they go.
+pub const ROUND_MAX: usize = 256;
 /// Backoff bounds for a blob whose fetch failed (its holders down or cut off: they come back
 /// within seconds to minutes, and a node must not stay without a blob much longer than that).
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -74,7 +80,8 @@ impl RepairWorker {
         })
     }
 
-    /// Blobs the registry knows that this node lacks and may try now, with their holders.
+    /// Blobs the registry knows that this node lacks and may try now, with their holders: at
+    /// most [`ROUND_MAX`] of them.
     fn due(&mut self) -> Vec<(Digest, Vec<String>)> {
         let wants = self.missing.wants();
         let me = self.meta.id();
@@ -93,6 +100,7 @@ impl RepairWorker {
             })
             // no peer known yet (a node that has not learnt the membership): not a failure
             .filter(|(_, sources)| !sources.is_empty())
+            .take(ROUND_MAX)
             .collect()
     }
 
@@ -142,20 +150,27 @@ impl RepairWorker {
     }
 
     /// Proposes the placements of blobs fetched here (with those whose proposal failed
-    /// before), in one proposal: a backup catching up fetches hundreds of blobs a second.
-    /// Returns whether there was anything to record.
+    /// before), up to [`ROUND_MAX`] per proposal: a backup catching up fetches hundreds of
+    /// blobs a second. What is not recorded is tried again next round. Returns whether there
+    /// was anything to record.
     async fn record(&mut self, mut placed: Vec<Event>) -> bool {
         placed.append(&mut self.unrecorded);
         if placed.is_empty() {
             return false;
         }
-        let n = placed.len();
-        match self.meta.propose(placed.clone()).await {
-            Ok(()) => info!(blobs = n, "blobs repaired from peers"),
-            Err(e) => {
-                warn!(blobs = n, error = %e, "blobs repaired but their placement not recorded: trying again");
-                self.unrecorded = placed;
+        while !placed.is_empty() {
+            let rest = placed.split_off(placed.len().min(ROUND_MAX));
+            let n = placed.len();
+            match self.meta.propose(placed.clone()).await {
+                Ok(()) => info!(blobs = n, "blobs repaired from peers"),
+                Err(e) => {
+                    warn!(blobs = n, error = %e, "blobs repaired but their placement not recorded: trying again");
+                    placed.extend(rest);
+                    self.unrecorded = placed;
+                    break;
+                }
             }
+            placed = rest;
         }
         true
     }

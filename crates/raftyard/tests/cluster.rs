@@ -273,6 +273,68 @@ async fn lagging_follower_catches_up_from_a_snapshot() {
     assert!(text.lines().count() >= 60, "journal on the caught-up node: {} entries", text.lines().count());
 }
 
+/// A node joining a registry of many blobs records their placements as it fetches them, in
+/// proposals of at most 256: one entry with every placement (100,000 of them for a backup
+/// joining a large registry) took the leader longer to commit than its followers waited
+/// before electing another, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joining_node_records_its_blobs_in_bounded_proposals() {
+    use futures::StreamExt as _;
+    const BLOBS: usize = 700;
+    let cl = Cluster::start(3);
+    let c = client();
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let pushed: Vec<String> = futures::stream::iter(0..BLOBS)
+        .map(|i| {
+            let (c, n) = (c.clone(), &cl.nodes[leader]);
+            async move { push_blob(&c, n, "many/blobs", format!("blob-{i}").as_bytes()).await }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert_eq!(pushed.len(), BLOBS);
+
+    let dir4 = tempfile::tempdir().unwrap();
+    let (p4, r4) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let n4 = Node::start_member(dir4.path(), 4, &r4, &p4, &[], true);
+    cli(&["cluster", "add", "--node", &cl.nodes[leader].peer, "--id", "4", "--peer", &p4, "--registry", &r4]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let st: serde_json::Value = serde_json::from_str(&cli(&["cluster", "status", "--node", &p4, "--json"])).unwrap();
+        let me = st["members"].as_array().unwrap().iter().find(|m| m["id"] == 4).cloned().unwrap_or_default();
+        if me["blobs_missing"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "blobs still missing on the new node: {me}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // every placement of node 4 is in the journal, in entries of at most 256
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sizes = loop {
+        let text = c.get(n4.url("/v2/_raftyard/events?since=0&limit=100000")).send().await.unwrap().text().await.unwrap();
+        let sizes: Vec<usize> = text
+            .lines()
+            .map(|l| {
+                let e: serde_json::Value = serde_json::from_str(l).unwrap();
+                e["events"].as_array().unwrap().iter().filter(|ev| ev["type"] == "BlobPlaced" && ev["node"] == 4).count()
+            })
+            .filter(|n| *n > 0)
+            .collect();
+        if sizes.iter().sum::<usize>() >= BLOBS {
+            break sizes;
+        }
+        assert!(Instant::now() < deadline, "placements of node 4 in the journal: {sizes:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("node 4's placements by entry: {sizes:?}");
+    assert!(sizes.iter().all(|n| *n <= 256), "a proposal of more than 256 placements: {sizes:?}");
+    assert!(sizes.len() >= BLOBS.div_ceil(256), "{sizes:?}");
+    for d in pushed.iter().take(20) {
+        let r = c.head(n4.url(&format!("/v2/many/blobs/blobs/{d}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{d} on node 4");
+    }
+}
+
 /// One upload whose requests land on three different nodes (as through a load balancer): the
 /// session lives on the node that started it, and the others stream the requests to it. When
 /// the owner is gone, the session is unknown everywhere.
