@@ -1440,6 +1440,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // consistent. A read error fails the build (a snapshot missing keys would be installed
         // as the whole state).
         let _g = self.watch.enter_bulk("snapshot read");
+        let started = std::time::Instant::now();
         let tmp = self.snap.temp("build");
         let copy = write_pairs(&tmp, self.state.get().iter())
             .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
@@ -1447,7 +1448,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if copy.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        SnapshotBuilder { db: self.db.clone(), snap: self.snap.clone(), copy: Some(copy), watch: self.watch.clone() }
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snap: self.snap.clone(),
+            copy: Some(copy),
+            copied_in: started.elapsed(),
+            watch: self.watch.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
@@ -1464,9 +1471,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError> {
         let werr = |e| storage_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Write, e);
         let _g = self.watch.enter_bulk("snapshot install");
+        let started = std::time::Instant::now();
         let file = snapshot.into_std().await;
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         self.install_from(meta, file).await.map_err(werr)?;
         let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+        tracing::info!(index = applied, bytes, took_ms = started.elapsed().as_millis() as u64, "snapshot installed");
         self.applied_tx.send_replace(applied);
         self.collected_tx.send_replace(applied);
         Ok(())
@@ -1488,6 +1498,8 @@ pub struct SnapshotBuilder {
     snap: SnapshotStore,
     /// The copy of the state, or why it could not be taken.
     copy: Option<Result<StateCopy, StorageError>>,
+    /// How long taking the copy held the state machine.
+    copied_in: std::time::Duration,
     watch: StorageWatch,
 }
 
@@ -1511,6 +1523,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         self.snap.store(&meta, &tmp, None, true).map_err(werr)?;
         // The state machine is flushed too, so logs purged after this snapshot are never needed.
         self.db.flush_async().await.map_err(|e| werr(io(e)))?;
+        tracing::info!(
+            index = applied.map(|l| l.index).unwrap_or(0),
+            bytes = len,
+            copy_ms = self.copied_in.as_millis() as u64,
+            "snapshot built"
+        );
         Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }
