@@ -140,10 +140,8 @@ impl BackupSnapshot {
     /// The snapshot's data copied into a file of the state machine's snapshot store, open, to
     /// install.
     fn data_file(&self, sm: &StateMachine) -> Result<Box<tokio::fs::File>, StartError> {
-        let path = sm.snapshots().temp("restore");
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        std::io::copy(&mut self.data()?, &mut f)?;
-        Ok(Box::new(tokio::fs::File::from_std(f)))
+        let path = sm.snapshots().copy_to_temp("restore", self.data()?)?;
+        Ok(Box::new(tokio::fs::File::from_std(std::fs::File::open(path)?)))
     }
 
     /// Seeds the metadata storage of a new node under `dir` (which must not hold any): the

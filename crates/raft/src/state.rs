@@ -1133,19 +1133,19 @@ impl StateMachine {
 
     /// Fills a new tree with the state of snapshot data `file` (at `meta`), durably, and names
     /// it the state together with the snapshot; readers switch to it at once.
-    async fn install_from(&mut self, meta: &SnapshotMeta<NodeId, NodeAddr>, mut file: std::fs::File) -> std::io::Result<()> {
+    async fn install_from(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeAddr>,
+        mut file: std::fs::File,
+    ) -> std::io::Result<()> {
         use std::io::{Seek, SeekFrom};
         file.sync_all()?;
         // the data's own file: the temporary file it was received into, else a copy
         let tmp = match self.snap.temp_path_of(&file)? {
             Some(p) => p,
             None => {
-                let p = self.snap.temp("install");
                 file.seek(SeekFrom::Start(0))?;
-                let mut out = std::fs::File::create(&p)?;
-                std::io::copy(&mut file, &mut out)?;
-                out.sync_all()?;
-                p
+                self.snap.copy_to_temp("install", &file)?
             }
         };
         let len = file.metadata()?.len();
@@ -1222,13 +1222,7 @@ impl SnapshotStore {
             _ => self.tree.get(SNAP_LEGACY).map_err(io)?.and_then(|v| dec::<StoredSnapshot>(&v)),
         };
         let Some(old) = old else { return Ok(()) };
-        let tmp = self.temp("legacy");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&old.data)?;
-            f.sync_all()?;
-        }
+        let tmp = self.copy_to_temp("legacy", &old.data[..])?;
         self.store(&old.meta, &tmp, None, false)?;
         Ok(())
     }
@@ -1236,6 +1230,15 @@ impl SnapshotStore {
     /// A new temporary file's path (`kind`: what it is for).
     pub(crate) fn temp(&self, kind: &str) -> PathBuf {
         self.dir.join(format!("{TMP_PREFIX}{kind}-{}", unique()))
+    }
+
+    /// A new temporary file holding what `from` reads, durable; its path.
+    pub(crate) fn copy_to_temp(&self, kind: &str, mut from: impl std::io::Read) -> std::io::Result<PathBuf> {
+        let path = self.temp(kind);
+        let mut f = std::fs::File::create(&path)?;
+        std::io::copy(&mut from, &mut f)?;
+        f.sync_all()?;
+        Ok(path)
     }
 
     /// The temporary file of this store that `file` is open on, if it is one.
@@ -1256,7 +1259,11 @@ impl SnapshotStore {
 
     /// The name of the tree that holds the state.
     fn state_tree(&self) -> Result<String, sled::Error> {
-        Ok(self.tree.get(SNAP_STATE)?.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "state".into()))
+        Ok(self
+            .tree
+            .get(SNAP_STATE)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_else(|| "state".into()))
     }
 
     /// The latest snapshot, if any: its meta and its data file, open (it stays readable when a
@@ -1483,7 +1490,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let current = self.snap.open_current().map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        let current =
+            self.snap.open_current().map_err(|e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
         Ok(current.map(|(meta, f)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(f)) }))
     }
 }
@@ -1629,7 +1637,9 @@ mod tests {
         let mut recv = b.begin_receiving_snapshot().await.unwrap();
         {
             use tokio::io::AsyncWriteExt;
-            recv.write_all(&data_of(Snapshot { meta: snap.meta.clone(), snapshot: snap.snapshot }).await).await.unwrap();
+            recv.write_all(&data_of(Snapshot { meta: snap.meta.clone(), snapshot: snap.snapshot }).await)
+                .await
+                .unwrap();
             recv.shutdown().await.unwrap();
         }
         b.install_snapshot(&snap.meta, recv).await.unwrap();
