@@ -25,7 +25,6 @@ pub mod size;
 pub mod state;
 pub mod watchdog;
 
-
 use raftyard_types::event::VersionedCommand;
 use raftyard_types::Outcome;
 use serde::{Deserialize, Serialize};

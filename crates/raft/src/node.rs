@@ -867,11 +867,11 @@ mod tests {
     async fn a_command_over_the_entry_limit_is_refused_before_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let addr = NodeAddr { peer: "127.0.0.1:1".into(), registry: "127.0.0.1:2".into() };
-        let node = MetaNode::start(MetaNodeConfig::new(1, dir.path().to_path_buf(), addr), crate::network::NoNetwork, None)
-            .await
-            .unwrap();
-        let placed =
-            |n: u64| Event::BlobPlaced { digest: Digest::sha256(&n.to_le_bytes()), size: n, node: 1 };
+        let node =
+            MetaNode::start(MetaNodeConfig::new(1, dir.path().to_path_buf(), addr), crate::network::NoNetwork, None)
+                .await
+                .unwrap();
+        let placed = |n: u64| Event::BlobPlaced { digest: Digest::sha256(&n.to_le_bytes()), size: n, node: 1 };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while node.propose(vec![placed(0)]).await.is_err() {
             assert!(tokio::time::Instant::now() < deadline, "no leader");

@@ -300,7 +300,8 @@ async fn a_joining_node_records_its_blobs_in_bounded_proposals() {
     cli(&["cluster", "add", "--node", &cl.nodes[leader].peer, "--id", "4", "--peer", &p4, "--registry", &r4]);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let st: serde_json::Value = serde_json::from_str(&cli(&["cluster", "status", "--node", &p4, "--json"])).unwrap();
+        let st: serde_json::Value =
+            serde_json::from_str(&cli(&["cluster", "status", "--node", &p4, "--json"])).unwrap();
         let me = st["members"].as_array().unwrap().iter().find(|m| m["id"] == 4).cloned().unwrap_or_default();
         if me["blobs_missing"] == 0 {
             break;
@@ -311,12 +312,18 @@ async fn a_joining_node_records_its_blobs_in_bounded_proposals() {
     // every placement of node 4 is in the journal, in entries of at most 256
     let deadline = Instant::now() + Duration::from_secs(30);
     let sizes = loop {
-        let text = c.get(n4.url("/v2/_raftyard/events?since=0&limit=100000")).send().await.unwrap().text().await.unwrap();
+        let text =
+            c.get(n4.url("/v2/_raftyard/events?since=0&limit=100000")).send().await.unwrap().text().await.unwrap();
         let sizes: Vec<usize> = text
             .lines()
             .map(|l| {
                 let e: serde_json::Value = serde_json::from_str(l).unwrap();
-                e["events"].as_array().unwrap().iter().filter(|ev| ev["type"] == "BlobPlaced" && ev["node"] == 4).count()
+                e["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|ev| ev["type"] == "BlobPlaced" && ev["node"] == 4)
+                    .count()
             })
             .filter(|n| *n > 0)
             .collect();
