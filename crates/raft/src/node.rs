@@ -35,6 +35,12 @@ pub struct MetaNodeConfig {
     pub append_timeout_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// How long the leader waits for a member's answer to one chunk of a snapshot it sends.
+    /// The last chunk's answer comes once the member has installed the snapshot, which takes
+    /// time in proportion to the state (16 s at 100,000 images here): a shorter wait gives up
+    /// on every install and sends the snapshot again and again. A link that is down is found
+    /// by the HTTP/2 keep-alive (15 s) instead.
+    pub snapshot_timeout: Duration,
     /// Build a snapshot (and allow log purge) after this many applied entries.
     pub snapshot_every: u64,
     /// Log entries kept behind the latest snapshot, so that a lagging follower can catch up
@@ -68,6 +74,7 @@ impl MetaNodeConfig {
             append_timeout_ms: 150,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
+            snapshot_timeout: Duration::from_secs(600),
             snapshot_every: 5000,
             keep_logs: 1000,
             backup: false,
@@ -288,6 +295,7 @@ impl MetaNode {
             enable_heartbeat: false,
             election_timeout_min: cfg.election_timeout_min_ms,
             election_timeout_max: cfg.election_timeout_max_ms,
+            install_snapshot_timeout: cfg.snapshot_timeout.as_millis() as u64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
             max_in_snapshot_log_to_keep: cfg.keep_logs,
             ..Default::default()

@@ -1232,6 +1232,17 @@ impl SnapshotStore {
         self.dir.join(format!("{TMP_PREFIX}{kind}-{}", unique()))
     }
 
+    /// Removes the temporary files of `kind` (their readers and writers keep what is open).
+    fn remove_temps(&self, kind: &str) -> std::io::Result<()> {
+        let prefix = format!("{TMP_PREFIX}{kind}-");
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// A new temporary file holding what `from` reads, durable; its path.
     pub(crate) fn copy_to_temp(&self, kind: &str, mut from: impl std::io::Read) -> std::io::Result<PathBuf> {
         let path = self.temp(kind);
@@ -1466,6 +1477,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
         let werr = |e| storage_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e);
+        // A new stream replaces any earlier one (openraft receives one at a time): the files
+        // of streams that never finished, a whole snapshot each at worst, go now, not at the
+        // next start.
+        self.snap.remove_temps("receive").map_err(werr)?;
         let tmp = self.snap.temp("receive");
         let f = tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).await.map_err(werr)?;
         Ok(Box::new(f))
@@ -1482,6 +1497,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file = snapshot.into_std().await;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         self.install_from(meta, file).await.map_err(werr)?;
+        // the installed file has its name now; what is left of streams that never finished goes
+        self.snap.remove_temps("receive").map_err(werr)?;
         let applied = meta.last_log_id.map(|l| l.index).unwrap_or(0);
         tracing::info!(index = applied, bytes, took_ms = started.elapsed().as_millis() as u64, "snapshot installed");
         self.applied_tx.send_replace(applied);
@@ -1633,6 +1650,12 @@ mod tests {
         let mut b = StateMachine::open(&b_db, db_dir.path(), StorageWatch::offline()).unwrap();
         b.state.get().insert("only/in/b", vec![1]).unwrap();
         let reader = b.reader();
+        // a stream the leader gave up on (a chunk timed out): openraft starts another
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut abandoned = b.begin_receiving_snapshot().await.unwrap();
+            abandoned.write_all(&[0u8; 4096]).await.unwrap();
+        }
         // received the way openraft receives it: into the file begin_receiving_snapshot gives
         let mut recv = b.begin_receiving_snapshot().await.unwrap();
         {
@@ -1654,7 +1677,8 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(state_trees(&b_db), 1, "the replaced tree is dropped");
-        // the received file became the stored snapshot; nothing temporary is left
+        // the received file became the stored snapshot; nothing temporary is left, not even
+        // the abandoned stream's file
         assert_eq!(snapshot_files(db_dir.path()), vec!["snapshot-3-2.data".to_string()]);
 
         // a crash in the middle of an install leaves a tree that never became the state

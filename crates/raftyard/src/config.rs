@@ -377,6 +377,9 @@ pub struct RaftSection {
     pub election_timeout_min_ms: u64,
     /// Upper bound of the randomised election timeout, milliseconds.
     pub election_timeout_max_ms: u64,
+    /// How long the leader waits for a member to take one chunk of a snapshot, seconds; the
+    /// last chunk is answered once the member has installed the whole snapshot.
+    pub snapshot_timeout_secs: u64,
     /// Take a state snapshot (allowing log compaction) every this many entries.
     pub snapshot_every: u64,
     /// Log entries kept behind the latest snapshot for lagging followers.
@@ -447,6 +450,7 @@ impl Default for RaftSection {
             append_timeout_ms: 150,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
+            snapshot_timeout_secs: 600,
             snapshot_every: 5000,
             keep_logs: 1000,
             storage_deadline_ms: 20_000,
@@ -469,6 +473,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.node.id > 0, "node.id must be > 0");
         anyhow::ensure!(self.raft.heartbeat_ms > 0, "raft.heartbeat_ms must be > 0");
+        anyhow::ensure!(self.raft.snapshot_timeout_secs > 0, "raft.snapshot_timeout_secs must be > 0");
         anyhow::ensure!(
             self.node.meta_reserve_mb == 0 || self.node.min_free_mb > self.node.meta_reserve_mb,
             "node.min_free_mb must exceed node.meta_reserve_mb: blob writes must stop before the metadata's reserve is used"

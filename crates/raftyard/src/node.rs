@@ -158,6 +158,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     meta_cfg.append_timeout_ms = cfg.raft.append_timeout_ms;
     meta_cfg.election_timeout_min_ms = cfg.raft.election_timeout_min_ms;
     meta_cfg.election_timeout_max_ms = cfg.raft.election_timeout_max_ms;
+    meta_cfg.snapshot_timeout = Duration::from_secs(cfg.raft.snapshot_timeout_secs);
     meta_cfg.snapshot_every = cfg.raft.snapshot_every;
     meta_cfg.keep_logs = cfg.raft.keep_logs;
     meta_cfg.backup = cfg.node.role == crate::config::Role::Backup;
