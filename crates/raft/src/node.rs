@@ -223,8 +223,12 @@ impl Default for RaftCounters {
 }
 
 /// Counts the changes of the leader this node knows, until Raft stops.
+///
+/// Long-lived waits watch `server_metrics` (vote, state, leader, membership), not `metrics`:
+/// openraft sends the latter at every turn of its core, that is several times per heartbeat,
+/// and each send wakes every waiter.
 async fn count_leader_changes(raft: Raft, changes: prometheus_client::metrics::counter::Counter) {
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     let mut last = metrics.borrow_and_update().current_leader;
     while metrics.changed().await.is_ok() {
         let now = metrics.borrow_and_update().current_leader;
@@ -773,17 +777,16 @@ impl MetaNode {
     }
 
     async fn raft_failed(&self) -> String {
-        let mut rx = self.raft.metrics();
-        let fatal = |m: &openraft::RaftMetrics<NodeId, NodeAddr>| match &m.running_state {
+        // The core sets `running_state` as it ends, and its metrics senders go with it: wait
+        // for that on the server metrics, which change seldom (see `count_leader_changes`).
+        let mut server = self.raft.server_metrics();
+        while server.changed().await.is_ok() {}
+        // Raft's final metrics stay readable after their sender is gone
+        let failed = match &self.raft.metrics().borrow().running_state {
             Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
             Err(e) => Some(e.to_string()),
         };
-        let seen = match rx.wait_for(|m| fatal(m).is_some()).await {
-            Ok(m) => fatal(&m),
-            Err(_) => None,
-        };
-        // Raft's final metrics stay readable after their sender is gone
-        match seen.or_else(|| fatal(&rx.borrow())) {
+        match failed {
             Some(e) => e,
             None => std::future::pending().await,
         }
