@@ -143,6 +143,31 @@ impl Cluster {
         Ok(())
     }
 
+    /// Removes node `id` from the membership (`raftyard cluster remove`, through another
+    /// running node), stops it and forgets it; returns its data directory, which stays.
+    pub fn remove(&mut self, id: u64) -> Result<PathBuf> {
+        let other = self.nodes.iter().find(|n| n.id != id && n.running).context("no other running node")?;
+        let out = std::process::Command::new(&self.bin)
+            .args(["cluster", "remove", "--node", &format!("127.0.0.1:{}", other.peer_port), "--id", &id.to_string()])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cluster remove: {}", String::from_utf8_lossy(&out.stderr));
+        let at = self.nodes.iter().position(|n| n.id == id).ok_or_else(|| anyhow!("no node {id} in the cluster"))?;
+        let mut node = self.nodes.remove(at);
+        node.server.terminate()?;
+        node.server.wait_exit(Duration::from_secs(60))?;
+        Ok(node.dir.join("data"))
+    }
+
+    /// Process id of node `id`.
+    pub fn pid(&self, id: u64) -> Result<u32> {
+        Ok(self.node(id)?.server.pid())
+    }
+
+    /// Path of node `id`'s log.
+    pub fn log_path(&self, id: u64) -> Result<PathBuf> {
+        Ok(self.node(id)?.server.log_path.clone())
+    }
+
     /// Node `id`'s data directory.
     pub fn data_dir(&self, id: u64) -> Result<PathBuf> {
         Ok(self.node(id)?.dir.join("data"))

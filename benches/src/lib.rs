@@ -3,7 +3,8 @@
 //! (`raftyard-tunnel-bench`, see [`tunnel`]), and the RPO of a backup node
 //! (`raftyard-backup-bench`, see [`backup`]), and what authentication costs
 //! (`raftyard-auth-bench`, see [`auth`]), and what tracing costs (`raftyard-telemetry-bench`,
-//! see [`telemetry`]). The other modules are the parts the binaries share:
+//! see [`telemetry`]), and how a cluster's costs grow with the registry
+//! (`raftyard-scale-bench`, see [`scale`]). The other modules are the parts the binaries share:
 //! starting processes, bulk HTTP transfers, medians and tables.
 
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod deployment;
 pub mod failover;
 pub mod report;
+pub mod scale;
 pub mod server;
 pub mod telemetry;
 pub mod tunnel;
