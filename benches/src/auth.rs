@@ -33,7 +33,7 @@ use serde_json::json;
 
 use crate::client::sha256_digest;
 use crate::report::{median, percentile};
-use crate::server::{free_ports, RunDir, Server};
+use crate::server::{free_ports, Server};
 
 #[derive(clap::Parser, Debug)]
 #[command(
@@ -53,12 +53,8 @@ pub struct Args {
     /// Sequential requests per workload, registry and repetition.
     #[arg(long, default_value_t = 1000)]
     pub requests: usize,
-    /// Where the run directory goes.
-    #[arg(long, default_value = "target/bench-tmp")]
-    pub work_dir: PathBuf,
-    /// Write the results as JSON here too.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: crate::server::RunOptions,
 }
 
 const USER: &str = "bench";
@@ -214,7 +210,7 @@ async fn run_async(args: &Args) -> Result<()> {
             args.docker_registry.display()
         );
     }
-    let run_dir = RunDir::create(&args.work_dir, false)?;
+    let run_dir = args.run.run_dir()?;
     let dir = &run_dir.path;
     let mut subjects = Vec::new();
 
@@ -301,7 +297,7 @@ async fn run_async(args: &Args) -> Result<()> {
     for (l, r) in &lines {
         println!("| {l} | {:.2} | {:.2} | {:.2} | {:.2} |", r[0], r[1], r[2], r[3]);
     }
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.run.json {
         let out = json!({
             "requests": args.requests, "reps": args.reps,
             "rows": rows.iter().map(|(l, r)| json!({"registry": l, "manifest_p50_ms": r[0], "manifest_p99_ms": r[1],

@@ -42,7 +42,6 @@ use sha2::Digest as _;
 use crate::client::RegistryClient;
 use crate::cluster::Cluster;
 use crate::report::{median, percentile};
-use crate::server::RunDir;
 
 const REPO: &str = "bench/backup";
 const BACKUP_ID: u64 = 4;
@@ -71,15 +70,8 @@ pub struct Args {
     /// Target manifest push rate, per second.
     #[arg(long, default_value_t = 50.0)]
     pub manifests_per_sec: f64,
-    /// Where the run directory goes.
-    #[arg(long, default_value = "target/bench-tmp")]
-    pub work_dir: PathBuf,
-    /// Keep the run directory.
-    #[arg(long)]
-    pub keep: bool,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: crate::server::RunOptions,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -138,7 +130,7 @@ fn manifest(config: &str, config_len: usize, tag: &str) -> Bytes {
 }
 
 async fn run_async(args: &Args) -> Result<()> {
-    let run_dir = RunDir::create(&args.work_dir, args.keep)?;
+    let run_dir = args.run.run_dir()?;
     let mut cluster = Cluster::start(&args.raftyard, &run_dir.path, 3)?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
     cluster.wait_for_leader(Duration::from_secs(30), Duration::from_millis(50)).await?;
@@ -396,7 +388,7 @@ async fn run_async(args: &Args) -> Result<()> {
     println!(
         "acknowledged manifests missing after recovery: {lost} (the oldest {lost_max_age:.3} s old at the kill); older than the reported RPO: {violations}"
     );
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.run.json {
         std::fs::write(p, serde_json::to_string_pretty(&result)? + "\n")?;
     }
     if violations > 0 {

@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use crate::client::{http_client, sha256_digest, RegistryClient};
 use crate::cluster::Cluster;
 use crate::report::{median, percentile};
-use crate::server::{rss_kib, RunDir};
+use crate::server::rss_kib;
 
 const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const TAGS_PER_REPO: u64 = 100;
@@ -67,15 +67,8 @@ pub struct Args {
     /// Seconds over which idle CPU is measured.
     #[arg(long, default_value_t = 10)]
     pub idle_secs: u64,
-    /// Where the run directory goes.
-    #[arg(long, default_value = "target/bench-tmp")]
-    pub work_dir: PathBuf,
-    /// Keep the run directory.
-    #[arg(long)]
-    pub keep: bool,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: crate::server::RunOptions,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -324,7 +317,7 @@ async fn measure(args: &Args, cluster: &mut Cluster, size: u64, step: usize, bin
 
 async fn run_async(args: &Args) -> Result<()> {
     let bin = args.raftyard.canonicalize().with_context(|| format!("{}", args.raftyard.display()))?;
-    let run = RunDir::create(&args.work_dir, args.keep)?;
+    let run = args.run.run_dir()?;
     let mut cluster = Cluster::start(&bin, &run.path, 3)?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
     cluster.wait_for_leader(Duration::from_secs(30), Duration::from_millis(100)).await?;
@@ -346,7 +339,7 @@ async fn run_async(args: &Args) -> Result<()> {
         results.push(r);
     }
     let out = json!({"sizes": results, "samples": args.samples, "idle_secs": args.idle_secs});
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.run.json {
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
     Ok(())

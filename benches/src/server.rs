@@ -316,6 +316,28 @@ pub fn docker_registry_version(bin: &Path) -> Option<String> {
     text.lines().next().map(|l| l.trim().to_string()).filter(|l| !l.is_empty())
 }
 
+/// Where a benchmark runs and where its results go: the options the benchmark binaries share
+/// (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunOptions {
+    /// Where the run directory goes.
+    #[arg(long, default_value = "target/bench-tmp")]
+    pub work_dir: PathBuf,
+    /// Keep the run directory.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// A new run directory under `work_dir`.
+    pub fn run_dir(&self) -> Result<RunDir> {
+        RunDir::create(&self.work_dir, self.keep)
+    }
+}
+
 /// A per-run directory under the work dir, removed on drop unless kept.
 pub struct RunDir {
     pub path: PathBuf,

@@ -32,7 +32,7 @@ use serde_json::json;
 use crate::auth::{client, one_node, seed, timed_gets, MkDir as _, REPO};
 use crate::client::RegistryClient;
 use crate::report::median;
-use crate::server::{free_ports, RunDir, Server};
+use crate::server::{free_ports, Server};
 use crate::workload::BlobSource;
 
 #[derive(clap::Parser, Debug)]
@@ -62,12 +62,8 @@ pub struct Args {
     /// With `--sampler`'s `*traceidratio`: the ratio.
     #[arg(long)]
     pub sampler_arg: Option<f64>,
-    /// Where the run directory goes.
-    #[arg(long, default_value = "target/bench-tmp")]
-    pub work_dir: PathBuf,
-    /// Write the results as JSON here too.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: crate::server::RunOptions,
 }
 
 /// Counts the spans exported to it.
@@ -102,7 +98,7 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 async fn run_async(args: &Args) -> Result<()> {
-    let run_dir = RunDir::create(&args.work_dir, false)?;
+    let run_dir = args.run.run_dir()?;
     let dir = &run_dir.path;
     let receiver = Receiver::default();
     let port = free_ports(1)?[0];
@@ -204,7 +200,7 @@ async fn run_async(args: &Args) -> Result<()> {
     println!("| manifest GET p50 (off / traced) | blob push MB/s (traced / off) | spans received |");
     println!("|---|---|---|");
     println!("| {get_ratio:.3} | {push_ratio:.3} | {spans} |");
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.run.json {
         let out = json!({
             "requests": args.requests, "pushes": args.pushes, "blob_mib": args.blob_mib, "reps": args.reps,
             "rows": rows.iter().map(|(l, r)| json!({"registry": l, "manifest_p50_ms": r[0], "manifest_p99_ms": r[1],
