@@ -129,7 +129,12 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     match format {
-        LogFormat::Text => Box::new(tracing_subscriber::fmt::layer().with_writer(writer)),
+        // colours only for a person at a terminal: a log file or journal gets plain text
+        LogFormat::Text => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(writer),
+        ),
         LogFormat::Json => Box::new(
             tracing_subscriber::fmt::layer()
                 .event_format(JsonLines)
