@@ -27,6 +27,11 @@ pub struct Want {
 #[derive(Default)]
 struct Inner {
     wants: HashMap<Digest, Want>,
+    /// Blobs here whose placement on this node the state does not record (yet: one just
+    /// fetched; or never: the node stopped between a fetch and its record, or the file came
+    /// back with a restore), with their sizes: taken by the repair worker, which proposes the
+    /// placements the state still lacks by then.
+    unrecorded: HashMap<Digest, u64>,
     /// The last journal index folded in; `None` until the first scan.
     folded: Option<u64>,
 }
@@ -56,9 +61,7 @@ impl Missing {
             let now = Instant::now();
             if let Ok(all) = reader.blobs() {
                 for (d, info) in all {
-                    if self.store.stat(&d).is_none() {
-                        inner.wants.insert(d, Want { size: info.size, since: now });
-                    }
+                    self.place(&mut inner, &d, &info, now);
                 }
                 inner.folded = Some(from);
             }
@@ -102,13 +105,34 @@ impl Missing {
             self.store.release(d);
         }
         match info {
-            Some(info) if self.store.stat(d).is_none() => {
-                inner.wants.entry(d.clone()).or_insert(Want { size: info.size, since });
-            }
-            _ => {
+            Some(info) => self.place(inner, d, &info, since),
+            None => {
                 inner.wants.remove(d);
+                inner.unrecorded.remove(d);
             }
         }
+    }
+
+    /// Files a blob the registry knows: wanted if its file is not here, unrecorded if it is
+    /// and the state does not list this node as its holder.
+    fn place(&self, inner: &mut Inner, d: &Digest, info: &raftyard_raft::state::BlobInfo, since: Instant) {
+        match self.store.stat(d) {
+            None => {
+                inner.wants.entry(d.clone()).or_insert(Want { size: info.size, since });
+            }
+            Some(size) => {
+                inner.wants.remove(d);
+                if !info.holders.contains(&self.meta.id()) {
+                    inner.unrecorded.insert(d.clone(), size);
+                }
+            }
+        }
+    }
+
+    /// The blobs here that the state did not record here when last looked at (see
+    /// `Inner::unrecorded`), once.
+    pub fn take_unrecorded(&self) -> Vec<(Digest, u64)> {
+        std::mem::take(&mut self.inner.lock().unwrap().unrecorded).into_iter().collect()
     }
 
     /// The blobs this node lacks now.

@@ -2,7 +2,9 @@
 //! holds every blob). Its work list is the [`Missing`] index — blobs the registry knows that
 //! this node lacks — derived from the replicated state and kept up to date from the journal,
 //! so it survives restarts without a queue of its own and costs nothing while nothing is
-//! missing; failed fetches back off exponentially per blob.
+//! missing; failed fetches back off exponentially per blob. It also records the blobs a node
+//! found at start-up that the state does not list it for (it stopped between a fetch and its
+//! record): nothing else would, since the index sees their files and never wants them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +61,7 @@ impl RepairWorker {
             loop {
                 let applied = self.meta.reader().applied_index();
                 self.missing.refresh_off_runtime().await;
+                self.take_unrecorded();
                 let worked = self.round().await;
                 // the next backoff expiry, if sooner than the idle pause
                 let now = Instant::now();
@@ -78,6 +81,34 @@ impl RepairWorker {
                 }
             }
         })
+    }
+
+    /// Adds the blobs here that the state does not list this node for, as the state is now:
+    /// those this worker just fetched have been recorded since (and drop out); the others were
+    /// fetched before a stop that came before their record, or restored by hand.
+    fn take_unrecorded(&mut self) {
+        let me = self.meta.id();
+        let reader = self.meta.reader();
+        let pending: std::collections::HashSet<Digest> = self
+            .unrecorded
+            .iter()
+            .filter_map(|e| match e {
+                Event::BlobPlaced { digest, .. } => Some(digest.clone()),
+                _ => None,
+            })
+            .collect();
+        let found: Vec<Event> = self
+            .missing
+            .take_unrecorded()
+            .into_iter()
+            .filter(|(d, _)| !pending.contains(d))
+            .filter(|(d, _)| reader.blob_info(d).ok().flatten().is_some_and(|i| !i.holders.contains(&me)))
+            .map(|(digest, size)| Event::BlobPlaced { digest, size, node: me })
+            .collect();
+        if !found.is_empty() {
+            info!(blobs = found.len(), "blobs held here but not recorded as here: recording them");
+            self.unrecorded.extend(found);
+        }
     }
 
     /// Blobs the registry knows that this node lacks and may try now, with their holders: at

@@ -342,6 +342,47 @@ async fn a_joining_node_records_its_blobs_in_bounded_proposals() {
     }
 }
 
+/// A node that holds a blob its placement is not recorded for (it stopped between fetching the
+/// blob and proposing the placement) records it when it starts again: its missing index sees
+/// the file, so no repair would ever fetch it, and without the record no other node would
+/// count it as a holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_records_blobs_it_holds_unrecorded_when_it_starts() {
+    let mut cl = Cluster::start(3);
+    let c = client();
+    let leader = cl.leader(Duration::from_secs(20)).await;
+    let down = (0..3).find(|i| *i != leader).unwrap();
+    let id = (down + 1) as u64;
+    cl.nodes[down].kill9();
+    let d = push_blob(&c, &cl.nodes[leader], "un/recorded", b"fetched, then the node stopped").await;
+    // the file where a fetch puts it, as if the node had stopped before recording it
+    let hex = d.strip_prefix("sha256:").unwrap();
+    let path = |n: &Node| n.data.join("blobs/sha256").join(&hex[..2]).join(hex);
+    std::fs::create_dir_all(path(&cl.nodes[down]).parent().unwrap()).unwrap();
+    std::fs::copy(path(&cl.nodes[leader]), path(&cl.nodes[down])).unwrap();
+    cl.nodes[down].spawn();
+
+    let placed = |text: &str| {
+        text.lines().any(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            e["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|ev| ev["type"] == "BlobPlaced" && ev["node"] == id && ev["digest"] == d.as_str())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.get(cl.nodes[leader].url("/v2/_raftyard/events?since=0&limit=100000")).send().await.unwrap();
+        if placed(&r.text().await.unwrap()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {id}'s placement of {d} was never recorded");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One upload whose requests land on three different nodes (as through a load balancer): the
 /// session lives on the node that started it, and the others stream the requests to it. When
 /// the owner is gone, the session is unknown everywhere.
