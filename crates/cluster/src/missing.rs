@@ -61,7 +61,7 @@ impl Missing {
             let now = Instant::now();
             if let Ok(all) = reader.blobs() {
                 for (d, info) in all {
-                    self.place(&mut inner, &d, &info, now);
+                    self.classify(&mut inner, &d, &info, now);
                 }
                 inner.folded = Some(from);
             }
@@ -91,10 +91,13 @@ impl Missing {
         let _ = tokio::task::spawn_blocking(move || this.refresh()).await;
     }
 
-    /// Re-checks one blob after this node fetched it (or failed to).
+    /// Re-checks one blob after this node fetched it (or failed to). The repair worker
+    /// records the placements of what it fetched itself, so a blob it fetched is not noted as
+    /// unrecorded (that would cost it a state read per blob to find it recorded after all).
     pub fn resolve(&self, d: &Digest) {
         let mut inner = self.inner.lock().unwrap();
         self.recheck(&mut inner, d, Instant::now());
+        inner.unrecorded.remove(d);
     }
 
     /// Whether the registry knows `d` and this node lacks it (since `since`, if newly).
@@ -105,7 +108,7 @@ impl Missing {
             self.store.release(d);
         }
         match info {
-            Some(info) => self.place(inner, d, &info, since),
+            Some(info) => self.classify(inner, d, &info, since),
             None => {
                 inner.wants.remove(d);
                 inner.unrecorded.remove(d);
@@ -115,7 +118,7 @@ impl Missing {
 
     /// Files a blob the registry knows: wanted if its file is not here, unrecorded if it is
     /// and the state does not list this node as its holder.
-    fn place(&self, inner: &mut Inner, d: &Digest, info: &raftyard_raft::state::BlobInfo, since: Instant) {
+    fn classify(&self, inner: &mut Inner, d: &Digest, info: &raftyard_raft::state::BlobInfo, since: Instant) {
         match self.store.stat(d) {
             None => {
                 inner.wants.entry(d.clone()).or_insert(Want { size: info.size, since });

@@ -87,8 +87,13 @@ impl RepairWorker {
     /// those this worker just fetched have been recorded since (and drop out); the others were
     /// fetched before a stop that came before their record, or restored by hand.
     fn take_unrecorded(&mut self) {
+        let noted = self.missing.take_unrecorded();
+        if noted.is_empty() {
+            return;
+        }
         let me = self.meta.id();
         let reader = self.meta.reader();
+        // already waiting here to be proposed again
         let pending: std::collections::HashSet<Digest> = self
             .unrecorded
             .iter()
@@ -97,9 +102,7 @@ impl RepairWorker {
                 _ => None,
             })
             .collect();
-        let found: Vec<Event> = self
-            .missing
-            .take_unrecorded()
+        let found: Vec<Event> = noted
             .into_iter()
             .filter(|(d, _)| !pending.contains(d))
             .filter(|(d, _)| reader.blob_info(d).ok().flatten().is_some_and(|i| !i.holders.contains(&me)))
