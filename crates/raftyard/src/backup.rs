@@ -71,13 +71,17 @@ fn load_manifest(dir: &Path) -> anyhow::Result<Manifest> {
 /// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
 fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    let dir = path.parent().context("no parent directory")?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
+    rename_durably(&tmp, path)
+}
+
+/// Gives the durable file `tmp` its name `path`, and syncs the directory so the name stays.
+fn rename_durably(tmp: &Path, path: &Path) -> anyhow::Result<()> {
+    std::fs::rename(tmp, path)?;
+    std::fs::File::open(path.parent().context("no parent directory")?)?.sync_all()?;
     Ok(())
 }
 
@@ -116,8 +120,7 @@ pub async fn create(node: &str, out: &Path, tls: &TlsDir) -> anyhow::Result<()> 
     spinner.finish_and_clear();
     let snap = BackupSnapshot::open_file(&tmp).context("the node sent an unreadable snapshot")?;
     let file = format!("snapshots/{}-{}.snap", snap.term(), snap.index());
-    std::fs::rename(&tmp, out.join(&file))?;
-    std::fs::File::open(out.join("snapshots"))?.sync_all()?;
+    rename_durably(&tmp, &out.join(&file))?;
     let snap = BackupSnapshot::open_file(&out.join(&file))?;
     let sha256 = hex::encode(hash.finalize());
 
