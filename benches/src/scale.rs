@@ -188,10 +188,15 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The numeric field `key` of the last line of `log` holding `message`.
-fn last_logged(log: &Path, message: &str, key: &str) -> Option<u64> {
+/// The last line of `log` holding `message`, without colour codes.
+fn last_line(log: &Path, message: &str) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    let line = text.lines().rev().map(strip_ansi).find(|l| l.contains(message))?;
+    text.lines().rev().map(strip_ansi).find(|l| l.contains(message))
+}
+
+/// The numeric field `key` of a log line.
+fn field(line: Option<&str>, key: &str) -> Option<u64> {
+    let line = line?;
     let at = line.find(&format!("{key}="))? + key.len() + 1;
     line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
@@ -249,8 +254,8 @@ async fn measure(args: &Args, cluster: &mut Cluster, size: u64, step: usize, bin
     let tags = base.join(&format!("/v2/scale/r{}/tags/list", size / TAGS_PER_REPO / 2))?;
     let tags_list = timed(pages, |_| get_ok(&http, tags.clone())).await?;
 
-    let snapshot_build_ms = last_logged(&cluster.log_path(leadership.leader)?, "snapshot built", "copy_ms");
-    let snapshot_bytes = last_logged(&cluster.log_path(leadership.leader)?, "snapshot built", "bytes");
+    let built = last_line(&cluster.log_path(leadership.leader)?, "snapshot built");
+    let (snapshot_build_ms, snapshot_bytes) = (field(built.as_deref(), "copy_ms"), field(built.as_deref(), "bytes"));
 
     // idle: every node caught up, 5 s of quiet, then CPU over the window
     for id in cluster.followers(leadership.leader) {
@@ -284,7 +289,7 @@ async fn measure(args: &Args, cluster: &mut Cluster, size: u64, step: usize, bin
     cluster.add_backup(new_id, &run_dir).await?;
     cluster.wait_caught_up(new_id, Duration::from_secs(1800)).await?;
     let catch_up_s = started.elapsed().as_secs_f64();
-    let install_ms = last_logged(&cluster.log_path(new_id)?, "snapshot installed", "took_ms");
+    let install_ms = field(last_line(&cluster.log_path(new_id)?, "snapshot installed").as_deref(), "took_ms");
     let new_dir = cluster.remove(new_id)?;
     let parts = std::process::Command::new(bin)
         .args(["meta-size", "--json", "--data-dir"])
@@ -417,9 +422,10 @@ mod tests {
              other line copy_ms=7\n",
         )
         .unwrap();
-        assert_eq!(last_logged(&log, "snapshot built", "copy_ms"), Some(41));
-        assert_eq!(last_logged(&log, "snapshot built", "bytes"), Some(2048));
-        assert_eq!(last_logged(&log, "snapshot installed", "took_ms"), None);
+        let built = last_line(&log, "snapshot built");
+        assert_eq!(field(built.as_deref(), "copy_ms"), Some(41));
+        assert_eq!(field(built.as_deref(), "bytes"), Some(2048));
+        assert_eq!(field(last_line(&log, "snapshot installed").as_deref(), "took_ms"), None);
     }
 
     #[test]
