@@ -14,6 +14,8 @@ use openraft::ChangeMembers;
 use raftyard::config::Config;
 use raftyard::node::{self, RunningNode};
 
+pub mod ports;
+
 /// A cluster of in-process nodes. Node `i` (0-based) has Raft id `i + 1`.
 pub struct TestCluster {
     dir: tempfile::TempDir,
@@ -25,8 +27,10 @@ fn config(dir: &std::path::Path, id: u64, join: bool) -> Config {
     let mut c = Config::default();
     c.node.id = id;
     c.node.data_dir = dir.join(format!("node{id}"));
-    c.registry.listen = "127.0.0.1:0".parse().expect("address");
-    c.cluster.listen = "127.0.0.1:0".parse().expect("address");
+    // not port 0: a restart binds the same ports again, and a port from the ephemeral range
+    // can be taken meanwhile by some outgoing connection
+    c.registry.listen = ([127, 0, 0, 1], ports::free_port()).into();
+    c.cluster.listen = ([127, 0, 0, 1], ports::free_port()).into();
     c.cluster.join = join;
     c.raft.election_timeout_min_ms = 300;
     c.raft.election_timeout_max_ms = 600;
