@@ -18,6 +18,7 @@ pub mod failover;
 pub mod report;
 pub mod scale;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod tunnel;
 pub mod workload;

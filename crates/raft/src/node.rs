@@ -257,6 +257,24 @@ async fn drive_heartbeats(raft: Raft, every: Duration, quiet: Arc<std::sync::ato
     }
 }
 
+/// Opens the metadata database at `dir` as a node does, with `cache_bytes` of sled cache.
+///
+/// No background flusher. Every write that must be durable is flushed where it is made (a log
+/// append, a vote, a snapshot switch), so the flusher adds nothing to durability; what it adds
+/// is sled 0.34's segment cleaning, which can fall into relocating the same pages for ever on an
+/// idle node: measured after a 20k-image fill, a segment (512 KiB) written every half second
+/// and a fsync every 500 ms on every node, a quarter of the leader's idle CPU, until a restart.
+/// Without it the file holds the same size under a steady working set (docs/architecture.md,
+/// "Metadata storage").
+pub fn open_db(dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
+    sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(None)
+        .open()
+}
+
 impl MetaNode {
     /// Opens storage under `cfg.dir` and starts Raft with the given network.
     pub async fn start<N: RaftNetworkFactory<TypeConfig>>(
@@ -271,19 +289,7 @@ impl MetaNode {
             false => StorageWatch::new(cfg.storage_deadline),
         };
         let opening = watch.enter_bulk("metadata database open");
-        // No background flusher. Every write that must be durable is flushed where it is made
-        // (a log append, a vote, a snapshot switch), so the flusher adds nothing to durability;
-        // what it adds is sled 0.34's segment cleaning, which can fall into relocating the same
-        // pages for ever on an idle node: measured after a 20k-image fill, a segment (512 KiB)
-        // written every half second and a fsync every 500 ms on every node, a quarter of the
-        // leader's idle CPU, until a restart. Without it the file holds the same size under a
-        // steady working set (docs/architecture.md, "Metadata storage").
-        let db = sled::Config::new()
-            .path(&cfg.dir)
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(cfg.cache_bytes)
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_db(&cfg.dir, cfg.cache_bytes)?;
         drop(opening);
         let log = LogStore::open_with_fault(&db, watch.clone(), cfg.hang_log_flush_when.clone())?;
         let sm = StateMachine::open(&db, &cfg.dir, watch.clone())?;

@@ -1368,6 +1368,14 @@ fn write_pairs(
     Ok(len)
 }
 
+/// The key-value pairs of a snapshot data file (`<data>/meta/snapshot-*.data`): the whole state
+/// at the snapshot's index, in key order. For tools that study the state (`raftyard-store-bench`).
+pub fn snapshot_pairs(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<(Vec<u8>, Vec<u8>)>>> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    PairReader::new(std::io::BufReader::with_capacity(1 << 20, file), len)
+}
+
 /// The pairs of snapshot data, read one at a time. Every length read is checked against what
 /// is left of the data (`len` bytes): damaged or cut-short data is an error, never an
 /// allocation of what a corrupt length says.
