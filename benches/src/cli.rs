@@ -161,6 +161,18 @@ fn workspace_root() -> PathBuf {
     manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
 }
 
+/// The `main` of every benchmark binary: parses its arguments, runs it, and exits 0, or 1
+/// after printing the error and its causes.
+pub fn main_of<A: Parser>(run: fn(&A) -> anyhow::Result<()>) -> std::process::ExitCode {
+    match run(&A::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,15 +1,6 @@
 //! `raftyard-store-bench`: disk taken by the metadata state in sled and in candidate stores
 //! (see [`raftyard_bench::store`]).
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let args = raftyard_bench::store::Args::parse();
-    match raftyard_bench::store::run(&args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    raftyard_bench::cli::main_of(raftyard_bench::store::run)
 }
