@@ -8,7 +8,13 @@
 //! that, like applies, consecutive commits land all over the key space; every
 //! `--durable-every` commits is made durable (a node's state is durable through its log and
 //! snapshots, not at each apply). Each store is then closed, opened again and given
-//! `--settle-secs` for background work (compaction) before its files are measured.
+//! `--settle-secs` for background work (compaction) before its files are measured, and a
+//! tenth of the keys, in scattered order, is read back through it and timed.
+//!
+//! Each store is written in a child process of its own (`--only`) and reopened in another
+//! (`--only --reopen`). Each child loads the pairs, notes its resident size, and samples it
+//! every 20 ms while the store works: the memory figures are what the store adds on top of the
+//! loaded pairs. Every store gets the same cache (`--cache-mib`, sled's default on a node).
 //! docs/metadata-store.md has the figures and what they decide.
 
 use std::path::{Path, PathBuf};
@@ -38,54 +44,102 @@ pub struct Args {
     /// (its pairs) and is durable, and the log is cut to its last 1,000 entries every 5,000.
     #[arg(long)]
     pub log: bool,
-    /// MiB of cache for sled (the node's default, `raft.cache_mib`).
+    /// MiB of cache for each store (the node's default for sled, `raft.cache_mib`): sled's
+    /// cache, redb's cache, fjall's block cache and its write buffers (at least 1 MiB).
     #[arg(long, default_value_t = 8)]
-    pub sled_cache_mib: u64,
+    pub cache_mib: u64,
+    /// Measure only this store, in this process, in `<work-dir>/<store>`, and print its result
+    /// as one line of JSON (how the bench runs each store in a child process).
+    #[arg(long, value_parser = ["sled", "redb", "fjall"])]
+    pub only: Option<String>,
+    /// With `--only`: open the store written by an earlier `--only` run instead of writing it.
+    #[arg(long, requires = "only")]
+    pub reopen: bool,
     #[command(flatten)]
     pub run: RunOptions,
 }
 
 /// What one store took.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct StoreResult {
-    pub store: &'static str,
+    pub store: String,
     pub write_secs: f64,
     pub bytes_after_writes: u64,
     pub bytes_settled: u64,
+    /// Resident bytes over the process's size before the store was opened (the pairs loaded):
+    /// the most while writing, and, in a fresh process, after reopening, settling and the read
+    /// pass.
+    pub rss_peak_added: u64,
+    pub rss_settled_added: u64,
+    /// Mean time of one read in the read pass (a tenth of the keys, scattered), microseconds.
+    pub read_us: f64,
 }
+
+const STORES: [&str; 3] = ["sled", "redb", "fjall"];
 
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 pub fn run(args: &Args) -> Result<()> {
     anyhow::ensure!(args.pairs_per_commit > 0 && args.durable_every > 0, "commit sizes must be positive");
-    let pairs: Pairs = raftyard_raft::state::snapshot_pairs(&args.snapshot)
+    if let Some(store) = &args.only {
+        let r = one_store(args, store)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let (mut pairs, mut live, mut manifests) = (0u64, 0u64, 0u64);
+    for kv in raftyard_raft::state::snapshot_pairs(&args.snapshot)
         .with_context(|| format!("opening {}", args.snapshot.display()))?
-        .collect::<std::io::Result<_>>()
-        .with_context(|| format!("reading {}", args.snapshot.display()))?;
-    anyhow::ensure!(!pairs.is_empty(), "{} holds no pairs", args.snapshot.display());
-    let live: u64 = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-    let manifests = pairs.iter().filter(|(k, _)| k.starts_with(raftyard_raft::keys::MANIFESTS)).count() as u64;
-    let order = scattered(pairs.len());
+    {
+        let (k, v) = kv.with_context(|| format!("reading {}", args.snapshot.display()))?;
+        pairs += 1;
+        live += (k.len() + v.len()) as u64;
+        manifests += k.starts_with(raftyard_raft::keys::MANIFESTS) as u64;
+    }
+    anyhow::ensure!(pairs > 0, "{} holds no pairs", args.snapshot.display());
     let dir = args.run.run_dir()?;
     let mut results = Vec::new();
-    for store in ["sled", "redb", "fjall"] {
-        let at = dir.path.join(store);
-        std::fs::create_dir_all(&at)?;
-        eprintln!("writing {} pairs into {store}", pairs.len());
-        let r = match store {
-            "sled" => with_sled(args, &at, &pairs, &order),
-            "redb" => with_redb(args, &at, &pairs, &order),
-            _ => with_fjall(args, &at, &pairs, &order),
+    for store in STORES {
+        eprintln!("{store}: writing {pairs} pairs, then reopening, each in a process of its own");
+        let mut phases = Vec::new();
+        for reopen in [false, true] {
+            let mut child = std::process::Command::new(std::env::current_exe()?);
+            child.arg("--snapshot").arg(&args.snapshot).arg("--only").arg(store).arg("--work-dir").arg(&dir.path);
+            for (flag, v) in [
+                ("--pairs-per-commit", args.pairs_per_commit as u64),
+                ("--durable-every", args.durable_every as u64),
+                ("--settle-secs", args.settle_secs),
+                ("--cache-mib", args.cache_mib),
+            ] {
+                child.arg(flag).arg(v.to_string());
+            }
+            if args.log {
+                child.arg("--log");
+            }
+            if reopen {
+                child.arg("--reopen");
+            }
+            let out = child.stderr(std::process::Stdio::inherit()).output().context("starting the child")?;
+            anyhow::ensure!(out.status.success(), "{store}: the child failed ({})", out.status);
+            let line = String::from_utf8_lossy(&out.stdout);
+            let r: StoreResult =
+                serde_json::from_str(line.trim()).with_context(|| format!("{store}: reading {line:?}"))?;
+            phases.push(r);
         }
-        .context(store)?;
-        results.push(r);
+        let (w, o) = (&phases[0], &phases[1]);
+        results.push(StoreResult {
+            store: store.to_string(),
+            write_secs: w.write_secs,
+            bytes_after_writes: w.bytes_after_writes,
+            rss_peak_added: w.rss_peak_added,
+            bytes_settled: o.bytes_settled,
+            rss_settled_added: o.rss_settled_added,
+            read_us: o.read_us,
+        });
     }
     println!("command: {}", std::env::args().collect::<Vec<_>>().join(" "));
     println!(
-        "state: {} pairs, {} bytes of keys and values ({:.0} per manifest, {manifests} manifests); \
+        "state: {pairs} pairs, {live} bytes of keys and values ({:.0} per manifest, {manifests} manifests); \
          {} pairs per commit, {}",
-        pairs.len(),
-        live,
         live as f64 / manifests.max(1) as f64,
         args.pairs_per_commit,
         match args.log {
@@ -94,25 +148,100 @@ pub fn run(args: &Args) -> Result<()> {
         }
     );
     println!();
-    println!("| store | write (s) | on disk after writes (MB) | settled (MB) | settled / live bytes | settled bytes per manifest |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| store | write (s) | on disk after writes (MB) | settled (MB) | settled / live bytes | settled bytes per manifest \
+         | RSS added, peak (MiB) | RSS added, settled (MiB) | read (µs) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     for r in &results {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.0} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.0} | {:.1} | {:.1} | {:.1} |",
             r.store,
             r.write_secs,
             r.bytes_after_writes as f64 / 1e6,
             r.bytes_settled as f64 / 1e6,
             r.bytes_settled as f64 / live as f64,
-            r.bytes_settled as f64 / manifests.max(1) as f64
+            r.bytes_settled as f64 / manifests.max(1) as f64,
+            mib(r.rss_peak_added),
+            mib(r.rss_settled_added),
+            r.read_us
         );
     }
     if let Some(p) = &args.run.json {
-        let doc =
-            serde_json::json!({ "pairs": pairs.len(), "live_bytes": live, "manifests": manifests, "stores": results });
+        let doc = serde_json::json!({ "pairs": pairs, "live_bytes": live, "manifests": manifests, "stores": results });
         std::fs::write(p, serde_json::to_vec_pretty(&doc)?)?;
     }
     Ok(())
+}
+
+/// Loads the pairs, then writes, reopens and reads one store in `<work-dir>/<store>`.
+fn one_store(args: &Args, store: &str) -> Result<StoreResult> {
+    let pairs: Pairs = raftyard_raft::state::snapshot_pairs(&args.snapshot)
+        .with_context(|| format!("opening {}", args.snapshot.display()))?
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("reading {}", args.snapshot.display()))?;
+    let order = scattered(pairs.len());
+    let at = args.run.work_dir.join(store);
+    if !args.reopen {
+        std::fs::create_dir_all(&at)?;
+    }
+    let rss = RssSampler::start()?;
+    let mut r = match store {
+        "sled" => with_sled(args, &at, &pairs, &order),
+        "redb" => with_redb(args, &at, &pairs, &order),
+        _ => with_fjall(args, &at, &pairs, &order),
+    }
+    .context(store.to_string())?;
+    let (peak, now) = rss.stop();
+    match args.reopen {
+        false => r.rss_peak_added = peak,
+        true => r.rss_settled_added = now,
+    }
+    Ok(r)
+}
+
+/// Samples the process's resident size every 20 ms from when it starts.
+struct RssSampler {
+    base: u64,
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start() -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let base = rss_now().context("reading /proc/self/status")?;
+        let peak = std::sync::Arc::new(AtomicU64::new(base));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(now) = rss_now() {
+                    p.fetch_max(now, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Ok(RssSampler { base, peak, stop, thread })
+    }
+
+    /// (peak, now), each over the size when sampling started.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+        let now = rss_now().unwrap_or(self.base);
+        let peak = self.peak.load(std::sync::atomic::Ordering::Relaxed).max(now);
+        (peak.saturating_sub(self.base), now.saturating_sub(self.base))
+    }
+}
+
+fn rss_now() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb << 10)
 }
 
 /// Every index of `0..n` once, in steps of a stride prime to `n`.
@@ -142,9 +271,12 @@ trait Store {
     fn purge(&mut self, upto: u64) -> Result<()>;
     /// Makes everything durable.
     fn sync(&mut self) -> Result<()>;
+    /// Reads one key of the state; its value's length.
+    fn get(&self, key: &[u8]) -> Result<Option<usize>>;
 }
 
-/// Writes every pair through `open()`'d store, reopens it and lets it settle.
+/// Writes every pair through an `open()`ed store; or, with `--reopen`, opens the written store,
+/// lets it settle, measures its files and reads a tenth of the keys back.
 fn measure<S: Store>(
     name: &'static str,
     args: &Args,
@@ -153,8 +285,9 @@ fn measure<S: Store>(
     order: &[usize],
     open: impl Fn() -> Result<S>,
 ) -> Result<StoreResult> {
-    let started = Instant::now();
-    {
+    let mut r = StoreResult { store: name.to_string(), ..Default::default() };
+    if !args.reopen {
+        let started = Instant::now();
         let mut s = open()?;
         for (n, chunk) in order.chunks(args.pairs_per_commit).enumerate() {
             let commit: Vec<_> = chunk.iter().map(|&i| &pairs[i]).collect();
@@ -171,15 +304,23 @@ fn measure<S: Store>(
             }
         }
         s.sync()?;
+        drop(s);
+        r.write_secs = started.elapsed().as_secs_f64();
+        r.bytes_after_writes = dir_bytes(at)?;
+        return Ok(r);
     }
-    let write_secs = started.elapsed().as_secs_f64();
-    let bytes_after_writes = dir_bytes(at)?;
     let mut s = open()?;
     std::thread::sleep(Duration::from_secs(args.settle_secs));
     s.sync()?;
-    drop(s);
-    let bytes_settled = dir_bytes(at)?;
-    Ok(StoreResult { store: name, write_secs, bytes_after_writes, bytes_settled })
+    r.bytes_settled = dir_bytes(at)?;
+    let reads: Vec<usize> = order.iter().step_by(10).copied().collect();
+    let started = Instant::now();
+    for &i in &reads {
+        let (k, v) = &pairs[i];
+        anyhow::ensure!(s.get(k)? == Some(v.len()), "{name}: a key read back wrong");
+    }
+    r.read_us = started.elapsed().as_secs_f64() * 1e6 / reads.len().max(1) as f64;
+    Ok(r)
 }
 
 fn dir_bytes(p: &Path) -> Result<u64> {
@@ -227,6 +368,10 @@ impl Store for Sled {
         self.db.flush()?;
         Ok(())
     }
+
+    fn get(&self, key: &[u8]) -> Result<Option<usize>> {
+        Ok(self.state.get(key)?.map(|v| v.len()))
+    }
 }
 
 const REDB_LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
@@ -262,6 +407,12 @@ impl Store for Redb {
         let mut tx = self.0.begin_write()?;
         tx.set_durability(redb::Durability::Immediate);
         Ok(tx.commit()?)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<usize>> {
+        let tx = self.0.begin_read()?;
+        let t = tx.open_table(REDB_STATE)?;
+        Ok(t.get(key)?.map(|v| v.value().len()))
     }
 }
 
@@ -299,22 +450,30 @@ impl Store for Fjall {
     fn sync(&mut self) -> Result<()> {
         Ok(self.ks.persist(fjall::PersistMode::SyncAll)?)
     }
+
+    fn get(&self, key: &[u8]) -> Result<Option<usize>> {
+        Ok(self.state.get(key)?.map(|v| v.len()))
+    }
 }
 
 fn with_sled(args: &Args, at: &Path, pairs: &Pairs, order: &[usize]) -> Result<StoreResult> {
     measure("sled", args, at, pairs, order, || {
-        let db = raftyard_raft::node::open_db(at, args.sled_cache_mib << 20)?;
+        let db = raftyard_raft::node::open_db(at, args.cache_mib << 20)?;
         Ok(Sled { log: db.open_tree("log")?, state: db.open_tree("state")?, db })
     })
 }
 
 fn with_redb(args: &Args, at: &Path, pairs: &Pairs, order: &[usize]) -> Result<StoreResult> {
-    measure("redb", args, at, pairs, order, || Ok(Redb(redb::Database::create(at.join("meta.redb"))?)))
+    measure("redb", args, at, pairs, order, || {
+        let db = redb::Builder::new().set_cache_size((args.cache_mib << 20) as usize).create(at.join("meta.redb"))?;
+        Ok(Redb(db))
+    })
 }
 
 fn with_fjall(args: &Args, at: &Path, pairs: &Pairs, order: &[usize]) -> Result<StoreResult> {
     measure("fjall", args, at, pairs, order, || {
-        let ks = fjall::Config::new(at).open()?;
+        let bytes = args.cache_mib << 20;
+        let ks = fjall::Config::new(at).cache_size(bytes).max_write_buffer_size(bytes.max(1 << 20)).open()?;
         let opts = fjall::PartitionCreateOptions::default;
         Ok(Fjall { log: ks.open_partition("log", opts())?, state: ks.open_partition("state", opts())?, ks })
     })
