@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use crate::client::{http_client, sha256_digest, RegistryClient};
 use crate::cluster::Cluster;
 use crate::report::{median, percentile};
-use crate::server::rss_kib;
+use crate::server::{dir_bytes, rss_kib};
 
 const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const TAGS_PER_REPO: u64 = 100;
@@ -174,18 +174,6 @@ fn cpu_ms(pid: u32) -> Result<f64> {
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks * 1000.0 / hz)
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// The last line of `log` holding `message`, without colour codes.

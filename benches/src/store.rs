@@ -13,7 +13,7 @@
 //!
 //! Each store is written in a child process of its own (`--only`) and reopened in another
 //! (`--only --reopen`). Each child loads the pairs, notes its resident size, and samples it
-//! every 20 ms while the store works: the memory figures are what the store adds on top of the
+//! while the store works (the benchmarks' own sampler): the memory figures are what the store adds on top of the
 //! loaded pairs. Every store gets the same cache (`--cache-mib`, sled's default on a node).
 //! docs/metadata-store.md has the figures and what they decide.
 
@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::server::RunOptions;
+use crate::server::{dir_bytes, RunOptions};
+use crate::workload::RssSampler;
 
 #[derive(Parser, Debug)]
 #[command(name = "raftyard-store-bench", about = "Disk taken by the metadata state in sled, redb and fjall")]
@@ -186,62 +187,25 @@ fn one_store(args: &Args, store: &str) -> Result<StoreResult> {
     if !args.reopen {
         std::fs::create_dir_all(&at)?;
     }
-    let rss = RssSampler::start()?;
+    // the benchmarks' sampler, on a runtime of its own while this thread works on the store
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_time().build()?;
+    let me = std::process::id();
+    let rss_kib = || crate::server::rss_kib(me).context("reading /proc/self/status");
+    let base = rss_kib()?;
+    let sampler = rt.block_on(async { RssSampler::start(vec![me]) });
     let mut r = match store {
         "sled" => with_sled(args, &at, &pairs, &order),
         "redb" => with_redb(args, &at, &pairs, &order),
         _ => with_fjall(args, &at, &pairs, &order),
     }
     .context(store.to_string())?;
-    let (peak, now) = rss.stop();
+    let now = rss_kib()?;
+    let peak = rt.block_on(sampler.stop()).max(now);
     match args.reopen {
-        false => r.rss_peak_added = peak,
-        true => r.rss_settled_added = now,
+        false => r.rss_peak_added = peak.saturating_sub(base) << 10,
+        true => r.rss_settled_added = now.saturating_sub(base) << 10,
     }
     Ok(r)
-}
-
-/// Samples the process's resident size every 20 ms from when it starts.
-struct RssSampler {
-    base: u64,
-    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl RssSampler {
-    fn start() -> Result<Self> {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let base = rss_now().context("reading /proc/self/status")?;
-        let peak = std::sync::Arc::new(AtomicU64::new(base));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (p, s) = (peak.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if let Some(now) = rss_now() {
-                    p.fetch_max(now, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Ok(RssSampler { base, peak, stop, thread })
-    }
-
-    /// (peak, now), each over the size when sampling started.
-    fn stop(self) -> (u64, u64) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.join();
-        let now = rss_now().unwrap_or(self.base);
-        let peak = self.peak.load(std::sync::atomic::Ordering::Relaxed).max(now);
-        (peak.saturating_sub(self.base), now.saturating_sub(self.base))
-    }
-}
-
-fn rss_now() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb << 10)
 }
 
 /// Every index of `0..n` once, in steps of a stride prime to `n`.
@@ -306,13 +270,13 @@ fn measure<S: Store>(
         s.sync()?;
         drop(s);
         r.write_secs = started.elapsed().as_secs_f64();
-        r.bytes_after_writes = dir_bytes(at)?;
+        r.bytes_after_writes = dir_bytes(at);
         return Ok(r);
     }
     let mut s = open()?;
     std::thread::sleep(Duration::from_secs(args.settle_secs));
     s.sync()?;
-    r.bytes_settled = dir_bytes(at)?;
+    r.bytes_settled = dir_bytes(at);
     let reads: Vec<usize> = order.iter().step_by(10).copied().collect();
     let started = Instant::now();
     for &i in &reads {
@@ -321,16 +285,6 @@ fn measure<S: Store>(
     }
     r.read_us = started.elapsed().as_secs_f64() * 1e6 / reads.len().max(1) as f64;
     Ok(r)
-}
-
-fn dir_bytes(p: &Path) -> Result<u64> {
-    let mut sum = 0;
-    for e in std::fs::read_dir(p)? {
-        let e = e?;
-        let m = e.metadata()?;
-        sum += if m.is_dir() { dir_bytes(&e.path())? } else { m.len() };
-    }
-    Ok(sum)
 }
 
 struct Sled {

@@ -396,14 +396,14 @@ fn total_rss_kib(pids: &[u32]) -> Option<u64> {
 }
 
 /// Background task recording the peak of the summed `VmRSS` of processes.
-struct RssSampler {
+pub(crate) struct RssSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
 impl RssSampler {
-    fn start(pids: Vec<u32>) -> Self {
+    pub(crate) fn start(pids: Vec<u32>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(total_rss_kib(&pids).unwrap_or(0)));
         let task = tokio::spawn({
@@ -422,7 +422,7 @@ impl RssSampler {
         RssSampler { stop, peak, task }
     }
 
-    async fn stop(self) -> u64 {
+    pub(crate) async fn stop(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         self.peak.load(Ordering::Relaxed)
