@@ -50,25 +50,27 @@ impl Missing {
     }
 
     /// Brings the index up to the applied state: the first time, a scan of every placement;
-    /// after that, the blob events of the journal entries applied since.
+    /// after that, the blob events of the journal entries applied since — or a scan again when
+    /// the journal no longer holds them.
     pub fn refresh(&self) {
         let reader = self.meta.reader();
         let mut inner = self.inner.lock().unwrap();
         let Some(mut folded) = inner.folded else {
-            // entries applied during the scan are folded again after it: re-checks are
-            // idempotent, so nothing is lost and nothing counted twice
-            let from = reader.applied_index();
-            let now = Instant::now();
-            if let Ok(all) = reader.blobs() {
-                for (d, info) in all {
-                    self.classify(&mut inner, &d, &info, now);
-                }
-                inner.folded = Some(from);
-            }
+            self.scan(&mut inner);
             return;
         };
         loop {
             let Ok(entries) = reader.journal(folded + 1, STEP) else { return };
+            // A trim (through the log, or in a snapshot installed from a leader that trimmed)
+            // may have dropped entries after `folded` before they were read: this read then
+            // started past them, and what they linked or removed would never be looked at
+            // again (a blob this node lacks never fetched, one removed still counted as
+            // missing). The first kept index only grows, so reading it after the entries
+            // tells whether they started where they should.
+            if reader.journal_first().is_ok_and(|first| first > folded + 1) {
+                self.scan(&mut inner);
+                return;
+            }
             let Some(last) = entries.last().map(|e| e.index) else { return };
             let (now, now_ms) = (Instant::now(), raftyard_types::event::now_ms());
             for e in &entries {
@@ -82,6 +84,23 @@ impl Missing {
             folded = last;
             inner.folded = Some(folded);
         }
+    }
+
+    /// Rebuilds the index from every placement (a blob still missing keeps the time it went
+    /// missing). Entries applied during the scan are folded again after it: re-checks are
+    /// idempotent, so nothing is lost and nothing counted twice.
+    fn scan(&self, inner: &mut Inner) {
+        let reader = self.meta.reader();
+        let from = reader.applied_index();
+        let Ok(all) = reader.blobs() else { return };
+        let before = std::mem::take(&mut inner.wants);
+        inner.unrecorded.clear();
+        let now = Instant::now();
+        for (d, info) in all {
+            let since = before.get(&d).map_or(now, |w| w.since);
+            self.classify(inner, &d, &info, since);
+        }
+        inner.folded = Some(from);
     }
 
     /// [`Missing::refresh`] on a blocking thread: the first one stats every blob the registry

@@ -125,12 +125,18 @@ impl RepairWorker {
         let wanted: std::collections::HashSet<&Digest> = wants.iter().map(|(d, _)| d).collect();
         self.failed.retain(|d, _| wanted.contains(d));
         let reader = self.meta.reader();
+        let missing = &self.missing;
         wants
             .iter()
             .filter(|(d, _)| self.failed.get(d).is_none_or(|(at, _)| *at <= now))
-            .filter_map(|(d, _)| {
-                let info = reader.blob_info(d).ok().flatten()?;
-                Some((d.clone(), fetch_sources(&members, me, &info.holders)))
+            .filter_map(|(d, _)| match reader.blob_info(d) {
+                Ok(Some(info)) => Some((d.clone(), fetch_sources(&members, me, &info.holders))),
+                // removed since the index looked: it must not stay counted as missing
+                Ok(None) => {
+                    missing.resolve(d);
+                    None
+                }
+                Err(_) => None,
             })
             // no peer known yet (a node that has not learnt the membership): not a failure
             .filter(|(_, sources)| !sources.is_empty())

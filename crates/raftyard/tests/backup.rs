@@ -416,3 +416,71 @@ async fn a_backup_fetches_within_its_bandwidth_limit() {
     let r = c.get(backup.url(&format!("/v2/{REPO}/blobs/{}", sha256(&data)))).send().await.unwrap();
     assert_eq!(sha256(&r.bytes().await.unwrap()), sha256(&data));
 }
+
+/// A backup that comes back after the journal was trimmed past what it had looked at (it was
+/// paused while the cluster wrote, then applied the writes and their trims in one burst) still
+/// fetches every blob written meanwhile: its repair index cannot learn of them from the
+/// journal, so it looks at every placement again. A backup gets blobs only through repair, and
+/// it is checked on its disk, not through reads (a read would fetch the blob itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_behind_a_journal_trim_still_fetches_every_blob() {
+    let cl = Cluster::start_with(1, "journal_keep_entries = 10\njournal_trim_interval_secs = 1\n");
+    cl.leader(Duration::from_secs(20)).await;
+    let c = client();
+    let dir = tempfile::tempdir().unwrap();
+    let (p2, r2) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let extra = Extra { join: true, node: "role = \"backup\"", ..Extra::default() };
+    let mut backup = Node::start_member_with(dir.path(), 2, &r2, &p2, &[], &extra);
+    cli(&["cluster", "add-backup", "--node", &cl.nodes[0].peer, "--id", "2", "--peer", &p2, "--registry", &r2]);
+    push_blob(&c, &cl.nodes[0], REPO, b"before the pause").await;
+    let before = cl.nodes[0].health().await.unwrap()["applied"].as_u64().unwrap();
+    backup.wait_applied(before, Duration::from_secs(20)).await;
+    let started = Instant::now();
+    while metric(&backup, "raftyard_backup_blobs_missing").await != Some(0.0) {
+        assert!(started.elapsed() < Duration::from_secs(20), "the backup never fetched the first blob");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let pid = backup.pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut blobs = Vec::new();
+    for i in 0..30 {
+        blobs.push(
+            push_blob(&c, &cl.nodes[0], REPO, format!("written while the backup was away: {i}").as_bytes()).await,
+        );
+    }
+    // the journal no longer holds what the backup last looked at
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let first = cl.nodes[0].health().await.unwrap()["journal_first"].as_u64().unwrap_or(0);
+        if first > before + 20 {
+            break;
+        }
+        if Instant::now() > deadline {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            panic!("no trim past index {before}: journal_first {first}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+
+    let path = |d: &str| {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        backup.data.join("blobs/sha256").join(&hex[..2]).join(hex)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lacking = blobs.iter().filter(|d| !path(d).exists()).count();
+        let missing = metric(&backup, "raftyard_backup_blobs_missing").await;
+        if lacking == 0 && missing == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup lacks {lacking} of the {} blobs written while it was away, and reports {missing:?} missing",
+            blobs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    backup.kill9();
+}
