@@ -65,8 +65,15 @@ pub struct Cluster {
     distant: Option<(u64, Duration)>,
     /// Nodes that exited by themselves and were started again, with their last log lines.
     pub crashes: Vec<(u64, String)>,
-    _dir: tempfile::TempDir,
+    /// Nodes that exited during every one of their last [`STARTS`] starts, with why.
+    pub unstartable: Vec<(u64, String)>,
+    /// `RUST_LOG` of the nodes and the relay.
+    log_level: String,
+    dir: tempfile::TempDir,
 }
+
+/// Starts in a row a node gets before it is recorded as unable to start.
+const STARTS: u32 = 5;
 
 /// The name of the file that fills a node's disk.
 const FILLER: &str = "chaos-filler";
@@ -92,6 +99,8 @@ impl Cluster {
     /// Starts `n` voters. With `broken = Some(id)`, node `id` acknowledges manifests before
     /// they commit, or otherwise as `RAFTYARD_FAULT` says: the suite must catch it.
     ///
+    /// `log_level` is the nodes' and the relay's `RUST_LOG`.
+    ///
     /// With `disk = Some(bytes)`, each node's data directory is a tmpfs of that size (mounting
     /// needs root), so [`Cluster::fill_disk`] can fill it. With `backup`, node `n + 1` is
     /// started as a backup (its links through proxies too); [`Cluster::add_backup`] adds it.
@@ -102,6 +111,7 @@ impl Cluster {
         with_relay: bool,
         disk: Option<u64>,
         backup: bool,
+        log_level: &str,
     ) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("raftyard-chaos-").tempdir()?;
         let mut free = FreeAddrs::new();
@@ -189,7 +199,9 @@ impl Cluster {
             backup,
             distant: None,
             crashes: Vec::new(),
-            _dir: dir,
+            unstartable: Vec::new(),
+            log_level: log_level.to_string(),
+            dir,
         };
         c.start_relay().await?;
         for id in ids.iter().rev() {
@@ -272,10 +284,11 @@ impl Cluster {
     fn spawn(&mut self, id: u64) -> Result<()> {
         let broken = self.broken.as_ref().filter(|b| b.0 == id).map(|b| b.1.clone());
         let bin = self.bin.clone();
+        let log_level = self.log_level.clone();
         let n = self.node_mut(id);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
         let mut cmd = Command::new(&bin);
-        cmd.args(["serve", "--config"]).arg(&n.config).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log);
+        cmd.args(["serve", "--config"]).arg(&n.config).env("RUST_LOG", &log_level).stdout(Stdio::null()).stderr(log);
         if let Some(how) = broken {
             cmd.env("RAFTYARD_FAULT", how);
         }
@@ -358,24 +371,47 @@ impl Cluster {
     }
 
     /// Starts a killed node on its data; a node that exited by itself is recorded in
-    /// `crashes` and started again, as a supervisor would.
+    /// `crashes` and started again, as a supervisor would: up to [`STARTS`] times a second
+    /// apart while it exits during its start. A node that never starts is recorded in
+    /// `unstartable` (a violation by name: the run goes on to its verdict) and tried again at
+    /// the next heal.
     pub async fn start_again(&mut self, id: u64) -> Result<()> {
-        let exited = match self.node_mut(id).child.as_mut() {
-            Some(c) => c.try_wait()?,
-            None => None,
-        };
-        if let Some(status) = exited {
-            let log = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
-            let why = log.lines().rev().find(|l| l.starts_with("Error: ")).or(log.lines().last()).unwrap_or("");
-            eprintln!("node {id} exited by itself ({status}); starting it again: {why}");
-            self.crashes.push((id, format!("{status}: {why}")));
-            self.node_mut(id).child = None;
-        }
-        if !self.node(id).running() {
+        for attempt in 1..=STARTS {
+            let exited = match self.node_mut(id).child.as_mut() {
+                Some(c) => c.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                let why = self.last_error(id);
+                eprintln!("node {id} exited by itself ({status}); starting it again: {why}");
+                self.crashes.push((id, format!("{status}: {why}")));
+                self.node_mut(id).child = None;
+            }
+            if self.node(id).running() {
+                return Ok(());
+            }
             self.spawn(id)?;
-            self.wait_serving(id, Duration::from_secs(30)).await?;
+            match self.wait_serving(id, Duration::from_secs(30)).await {
+                Ok(()) => {
+                    self.unstartable.retain(|(n, _)| *n != id);
+                    return Ok(());
+                }
+                Err(e) if attempt == STARTS => {
+                    eprintln!("node {id} did not start {STARTS} times in a row: {e:#}");
+                    let why = self.last_error(id);
+                    self.unstartable.retain(|(n, _)| *n != id);
+                    self.unstartable.push((id, why));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
         }
         Ok(())
+    }
+
+    /// The last `Error:` line of a node's log (or its last line).
+    fn last_error(&self, id: u64) -> String {
+        let log = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
+        log.lines().rev().find(|l| l.starts_with("Error: ")).or(log.lines().last()).unwrap_or("").to_string()
     }
 
     /// Starts the relay if there is one and it is not running; returns once it accepts.
@@ -386,7 +422,7 @@ impl Cluster {
         let child = Command::new(&bin)
             .args(["relay", "--config"])
             .arg(&r.config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.log_level)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -466,6 +502,15 @@ impl Cluster {
             }
         }
         votes.into_iter().find(|(_, v)| *v > self.ids().len() / 2).map(|(l, _)| l)
+    }
+}
+
+impl Cluster {
+    /// Keeps the run's directory (node logs, and the data of nodes not on a tmpfs) after the
+    /// run; its path.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
     }
 }
 

@@ -54,6 +54,11 @@ pub struct Options {
     /// Independent fault streams at once (1: one fault at a time). Stream 0 is the schedule of
     /// `seed` alone; a fault whose node another fault holds is skipped.
     pub concurrency: usize,
+    /// `RUST_LOG` of the nodes and the relay (`info`; `info,raftyard_cluster=debug` to see
+    /// every repair).
+    pub log_level: String,
+    /// Keep the run's directory (node logs; data of nodes not on a tmpfs) and say where.
+    pub keep: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,7 +157,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     let mut tries = 0;
     let disk = o.faults.contains(&faults::Kind::Disk).then_some(DISK_BYTES);
     let mut cluster = loop {
-        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk, o.backup).await {
+        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk, o.backup, &o.log_level).await {
             Ok(c) => break c,
             Err(e) if tries < 2 => {
                 tries += 1;
@@ -161,6 +166,9 @@ pub async fn run(o: &Options) -> Result<Report> {
             Err(e) => return Err(e),
         }
     };
+    if o.keep {
+        eprintln!("the run's directory is kept: {}", cluster.keep_dir().display());
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.leader(&http).await.is_none() {
         if Instant::now() > deadline {
@@ -309,6 +317,9 @@ pub async fn run(o: &Options) -> Result<Report> {
 
     let mut h = std::mem::take(&mut *history.lock().unwrap());
     let mut violations = std::mem::take(&mut h.violations);
+    for (id, why) in &cluster.unstartable {
+        violations.push(format!("node {id} exited during each of its last starts after healing: {why}"));
+    }
 
     // availability: the first acknowledged write after each fault
     // (a write begun before the fault may still be acknowledged after it: it does not count)

@@ -56,6 +56,13 @@ struct Cli {
     /// The raftyard binary [default: target/release/raftyard next to this workspace].
     #[arg(long)]
     raftyard: Option<PathBuf>,
+    /// RUST_LOG of the nodes and the relay (their logs are in the run's directory).
+    #[arg(long, default_value = "info")]
+    node_log: String,
+    /// Keep the run's directory (node logs, and data except a disk fault's tmpfs) and print
+    /// its path.
+    #[arg(long)]
+    keep: bool,
     /// Also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -106,6 +113,8 @@ fn main() -> ExitCode {
         backup: cli.backup,
         concurrency: cli.concurrency,
         distant: cli.distant,
+        log_level: cli.node_log.clone(),
+        keep: cli.keep,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     match rt.block_on(chaos_tests::run(&opts)) {

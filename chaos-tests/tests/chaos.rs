@@ -38,6 +38,8 @@ fn options(
         backup,
         concurrency: 1,
         distant: None,
+        log_level: "info".into(),
+        keep: false,
     }
 }
 
