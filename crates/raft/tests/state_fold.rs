@@ -213,7 +213,17 @@ async fn an_earlier_layout_is_migrated_on_open() {
         state.insert(format!("B/{ds}").into_bytes(), info).unwrap();
         db.flush().unwrap();
     }
-    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    // sled's threads let go of the database's file lock a moment after the last handle drops
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let db = loop {
+        match sled::Config::new().path(dir.path()).open() {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("reopening: {e}"),
+        }
+    };
     let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
     let mut f = Fixture { _dir: dir, sm, next: 1 };
     f.apply(vec![Event::BlobUnlinked { repo: repo("a"), digest: d(1) }]).await.unwrap();
