@@ -1,8 +1,9 @@
 //! The blobs this node lacks, as an index kept up to date from the event journal instead of a
 //! scan of every placement: one scan when the node starts, then each applied command's blob
-//! events re-check the digests they name. Idle, keeping it costs one empty journal read, the
-//! same at a thousand blobs as at a million. The repair worker fetches from it; a backup's lag
-//! monitor reads its figures.
+//! events re-check the digests they name, and a scan again only when the journal's retention
+//! dropped entries before they were read. Idle, keeping it costs one empty journal read and a
+//! read of the journal's first index, the same at a thousand blobs as at a million. The repair
+//! worker fetches from it; a backup's lag monitor reads its figures.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
