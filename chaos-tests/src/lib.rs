@@ -146,8 +146,16 @@ impl Report {
     }
 }
 
-/// The size of each node's disk when the `disk` fault is in the mix.
-pub const DISK_BYTES: u64 = 1 << 30;
+/// The size of each node's disk when the `disk` fault is in the mix: room for what the run
+/// writes (every node holds every blob; the workload writes about 0.45 MiB per client and
+/// second here, so a MiB is counted) above the nodes' free-space reserve (256 MiB by
+/// default), and at least 1 GiB. A disk the run outgrows would leave every node below its
+/// reserve at the end: blob writes refused and repairs waiting, which is what a full disk
+/// must do, but then the backup cannot hold everything and the check of it means nothing.
+/// tmpfs takes memory only for what is written, the `disk` fault's filler included.
+pub fn disk_bytes(duration: Duration, clients: usize) -> u64 {
+    ((512 << 20) + duration.as_secs() * clients as u64 * (1 << 20)).max(1 << 30)
+}
 
 /// Runs one scenario and checks it.
 pub async fn run(o: &Options) -> Result<Report> {
@@ -155,7 +163,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     // ports are picked free and then bound by the nodes: another process can take one in
     // between (tests run in parallel), so a failed start is tried again on other ports
     let mut tries = 0;
-    let disk = o.faults.contains(&faults::Kind::Disk).then_some(DISK_BYTES);
+    let disk = o.faults.contains(&faults::Kind::Disk).then_some(disk_bytes(o.duration, o.clients));
     let mut cluster = loop {
         match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk, o.backup, &o.log_level).await {
             Ok(c) => break c,
@@ -570,7 +578,12 @@ async fn backup_complete(http: &reqwest::Client, addr: &str, timeout: Duration) 
             return Ok(());
         }
         if Instant::now() > deadline {
-            anyhow::bail!("still missing {missing:?} blobs {} s after healing", timeout.as_secs());
+            // a full disk explains it (the node waits for space): say so
+            let free = text
+                .lines()
+                .find_map(|l| l.strip_prefix("raftyard_disk_free_bytes ").and_then(|v| v.trim().parse::<f64>().ok()));
+            let free = free.map(|b| format!(" ({} MiB free on its disk)", b as u64 >> 20)).unwrap_or_default();
+            anyhow::bail!("still missing {missing:?} blobs {} s after healing{free}", timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
