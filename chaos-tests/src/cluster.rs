@@ -408,6 +408,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Keeps the run's directory (node logs, and the data of nodes not on a tmpfs) after the
+    /// run; its path.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
+    }
+
     /// The last `Error:` line of a node's log (or its last line).
     fn last_error(&self, id: u64) -> String {
         let log = std::fs::read_to_string(&self.node(id).log).unwrap_or_default();
@@ -502,15 +509,6 @@ impl Cluster {
             }
         }
         votes.into_iter().find(|(_, v)| *v > self.ids().len() / 2).map(|(l, _)| l)
-    }
-}
-
-impl Cluster {
-    /// Keeps the run's directory (node logs, and the data of nodes not on a tmpfs) after the
-    /// run; its path.
-    pub fn keep_dir(&mut self) -> PathBuf {
-        self.dir.disable_cleanup(true);
-        self.dir.path().to_path_buf()
     }
 }
 

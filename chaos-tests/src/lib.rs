@@ -563,6 +563,11 @@ async fn fetch(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {
     Ok(r.bytes().await?.to_vec())
 }
 
+/// The value of the unlabelled metric `name` in a Prometheus text exposition.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Waits until the backup at `addr` reports no blob missing.
 async fn backup_complete(http: &reqwest::Client, addr: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -571,18 +576,15 @@ async fn backup_complete(http: &reqwest::Client, addr: &str, timeout: Duration) 
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        let missing = text
-            .lines()
-            .find_map(|l| l.strip_prefix("raftyard_backup_blobs_missing ").and_then(|v| v.trim().parse::<f64>().ok()));
+        let missing = gauge(&text, "raftyard_backup_blobs_missing");
         if missing == Some(0.0) {
             return Ok(());
         }
         if Instant::now() > deadline {
             // a full disk explains it (the node waits for space): say so
-            let free = text
-                .lines()
-                .find_map(|l| l.strip_prefix("raftyard_disk_free_bytes ").and_then(|v| v.trim().parse::<f64>().ok()));
-            let free = free.map(|b| format!(" ({} MiB free on its disk)", b as u64 >> 20)).unwrap_or_default();
+            let free = gauge(&text, "raftyard_disk_free_bytes")
+                .map(|b| format!(" ({} MiB free on its disk)", b as u64 >> 20))
+                .unwrap_or_default();
             anyhow::bail!("still missing {missing:?} blobs {} s after healing{free}", timeout.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -464,13 +464,9 @@ async fn a_backup_behind_a_journal_trim_still_fetches_every_blob() {
     }
     unsafe { libc::kill(pid, libc::SIGCONT) };
 
-    let path = |d: &str| {
-        let hex = d.strip_prefix("sha256:").unwrap();
-        backup.data.join("blobs/sha256").join(&hex[..2]).join(hex)
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let lacking = blobs.iter().filter(|d| !path(d).exists()).count();
+        let lacking = blobs.iter().filter(|d| !blob_path(&backup.data, d).exists()).count();
         let missing = metric(&backup, "raftyard_backup_blobs_missing").await;
         if lacking == 0 && missing == Some(0.0) {
             break;

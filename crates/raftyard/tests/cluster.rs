@@ -356,8 +356,7 @@ async fn a_node_records_blobs_it_holds_unrecorded_when_it_starts() {
     cl.nodes[down].kill9();
     let d = push_blob(&c, &cl.nodes[leader], "un/recorded", b"fetched, then the node stopped").await;
     // the file where a fetch puts it, as if the node had stopped before recording it
-    let hex = d.strip_prefix("sha256:").unwrap();
-    let path = |n: &Node| n.data.join("blobs/sha256").join(&hex[..2]).join(hex);
+    let path = |n: &Node| blob_path(&n.data, &d);
     std::fs::create_dir_all(path(&cl.nodes[down]).parent().unwrap()).unwrap();
     std::fs::copy(path(&cl.nodes[leader]), path(&cl.nodes[down])).unwrap();
     cl.nodes[down].spawn();
@@ -581,8 +580,7 @@ async fn a_node_short_of_space_serves_blobs_it_lacks_from_a_peer() {
     let r = c.head(short.url(&format!("/v2/short/app/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], data.len().to_string().as_str());
-    let hex = d.strip_prefix("sha256:").unwrap();
-    assert!(!short.data.join("blobs/sha256").join(&hex[..2]).join(hex).exists(), "no copy kept");
+    assert!(!blob_path(&short.data, &d).exists(), "no copy kept");
 }
 
 /// Journal retention: the leader trims the event journal through the log, so every node drops

@@ -548,6 +548,12 @@ pub fn skopeo_manifest_digest(reference: &str) -> String {
     sha256(run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", reference])).as_bytes())
 }
 
+/// Where a node with data directory `data` keeps the file of the sha256 blob `digest`.
+pub fn blob_path(data: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+    data.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
 pub fn blob_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("blobs/sha256"))
         .unwrap()
