@@ -131,7 +131,7 @@ fn manifest(config: &str, config_len: usize, tag: &str) -> Bytes {
 
 async fn run_async(args: &Args) -> Result<()> {
     let run_dir = args.run.run_dir()?;
-    let mut cluster = Cluster::start(&args.raftyard, &run_dir.path, 3)?;
+    let mut cluster = Cluster::start(&args.raftyard, &run_dir.path, 3, "")?;
     cluster.wait_ready(Duration::from_secs(30)).await?;
     cluster.wait_for_leader(Duration::from_secs(30), Duration::from_millis(50)).await?;
     cluster.add_backup(BACKUP_ID, &run_dir.path).await?;

@@ -85,6 +85,11 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
 
+    /// TOML appended to each raftyard node's config file in cluster mode, to compare a
+    /// setting side by side (e.g. `--node-config $'[raft]\ncompress_metadata = true'`).
+    #[arg(long, value_name = "TOML", default_value = "")]
+    pub node_config: String,
+
     /// Keep the run's data directories and server logs instead of deleting them.
     #[arg(long)]
     pub keep_data: bool,

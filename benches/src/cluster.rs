@@ -86,8 +86,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Writes the configs of `size` nodes (ids 1..=size) under `dir` and starts them all.
-    pub fn start(bin: &Path, dir: &Path, size: u32) -> Result<Cluster> {
+    /// Writes the configs of `size` nodes (ids 1..=size) under `dir`, each with `extra` (TOML)
+    /// appended, and starts them all.
+    pub fn start(bin: &Path, dir: &Path, size: u32, extra: &str) -> Result<Cluster> {
         let ids: Vec<u64> = (1..=u64::from(size)).collect();
         let ports = free_ports(2 * ids.len())?;
         let (registry_ports, peer_ports) = ports.split_at(ids.len());
@@ -99,7 +100,7 @@ impl Cluster {
             let data_dir = dir.join("data");
             fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
             let config = dir.join("config.toml");
-            fs::write(&config, node_config(id, &data_dir, registry_port, peer_port, &members))
+            fs::write(&config, node_config(id, &data_dir, registry_port, peer_port, &members) + "\n" + extra + "\n")
                 .with_context(|| format!("writing {}", config.display()))?;
             let server = Server::start_raftyard_node(bin, Node::name(id), &config, &dir, registry_port)?;
             eprintln!("started {} (pid {}) at {}, peer port {peer_port}", server.name, server.pid(), server.base);

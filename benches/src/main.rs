@@ -245,7 +245,7 @@ async fn start(
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let label = args.label(target);
     if target == Target::Raftyard && args.cluster_mode() {
-        let mut cluster = Cluster::start(&args.raftyard_bin(), &dir, args.cluster)?;
+        let mut cluster = Cluster::start(&args.raftyard_bin(), &dir, args.cluster, &args.node_config)?;
         cluster.wait_ready(startup_timeout).await?;
         let leadership = cluster.wait_for_leader(startup_timeout, LEADER_POLL).await?;
         let roles = cluster.roles(leadership.leader)?;

@@ -311,7 +311,7 @@ async fn measure(args: &Args, cluster: &mut Cluster, size: u64, step: usize, bin
 async fn run_async(args: &Args) -> Result<()> {
     let bin = args.raftyard.canonicalize().with_context(|| format!("{}", args.raftyard.display()))?;
     let run = args.run.run_dir()?;
-    let mut cluster = Cluster::start(&bin, &run.path, 3)?;
+    let mut cluster = Cluster::start(&bin, &run.path, 3, "")?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
     cluster.wait_for_leader(Duration::from_secs(30), Duration::from_millis(100)).await?;
     let clients: Vec<RegistryClient> = (1..=3u64)

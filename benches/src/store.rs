@@ -1,5 +1,5 @@
-//! `raftyard-store-bench`: how much disk the metadata state takes in sled, as a node keeps it,
-//! and in two candidate stores (redb, a copy-on-write B-tree; fjall, a log-structured merge
+//! `raftyard-store-bench`: how much disk the metadata state takes in sled, as a node keeps it
+//! (plain, and compressed as with `raft.compress_metadata`), and in two candidate stores (redb, a copy-on-write B-tree; fjall, a log-structured merge
 //! tree), written the way a node applies it.
 //!
 //! The input is a snapshot data file of a real node (`<data>/meta/snapshot-*.data`, the whole
@@ -27,7 +27,10 @@ use crate::server::{dir_bytes, RunOptions};
 use crate::workload::RssSampler;
 
 #[derive(Parser, Debug)]
-#[command(name = "raftyard-store-bench", about = "Disk taken by the metadata state in sled, redb and fjall")]
+#[command(
+    name = "raftyard-store-bench",
+    about = "Disk taken by the metadata state in sled (plain and zstd), redb and fjall"
+)]
 pub struct Args {
     /// A node's snapshot data file (`<data>/meta/snapshot-*.data`).
     #[arg(long)]
@@ -51,7 +54,7 @@ pub struct Args {
     pub cache_mib: u64,
     /// Measure only this store, in this process, in `<work-dir>/<store>`, and print its result
     /// as one line of JSON (how the bench runs each store in a child process).
-    #[arg(long, value_parser = ["sled", "redb", "fjall"])]
+    #[arg(long, value_parser = ["sled", "sled-zstd", "redb", "fjall"])]
     pub only: Option<String>,
     /// With `--only`: open the store written by an earlier `--only` run instead of writing it.
     #[arg(long, requires = "only")]
@@ -76,7 +79,7 @@ pub struct StoreResult {
     pub read_us: f64,
 }
 
-const STORES: [&str; 3] = ["sled", "redb", "fjall"];
+const STORES: [&str; 4] = ["sled", "sled-zstd", "redb", "fjall"];
 
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -195,6 +198,7 @@ fn one_store(args: &Args, store: &str) -> Result<StoreResult> {
     let sampler = rt.block_on(async { RssSampler::start(vec![me]) });
     let mut r = match store {
         "sled" => with_sled(args, &at, &pairs, &order),
+        "sled-zstd" => with_sled_zstd(args, &at, &pairs, &order),
         "redb" => with_redb(args, &at, &pairs, &order),
         _ => with_fjall(args, &at, &pairs, &order),
     }
@@ -412,7 +416,16 @@ impl Store for Fjall {
 
 fn with_sled(args: &Args, at: &Path, pairs: &Pairs, order: &[usize]) -> Result<StoreResult> {
     measure("sled", args, at, pairs, order, || {
-        let db = raftyard_raft::node::open_db(at, args.cache_mib << 20)?;
+        let db = raftyard_raft::node::open_db(at, args.cache_mib << 20, false)?;
+        Ok(Sled { log: db.open_tree("log")?, state: db.open_tree("state")?, db })
+    })
+}
+
+/// sled as a node opens it with `raft.compress_metadata` on: every page fragment it writes is
+/// compressed with zstd.
+fn with_sled_zstd(args: &Args, at: &Path, pairs: &Pairs, order: &[usize]) -> Result<StoreResult> {
+    measure("sled-zstd", args, at, pairs, order, || {
+        let db = raftyard_raft::node::open_db(at, args.cache_mib << 20, true)?;
         Ok(Sled { log: db.open_tree("log")?, state: db.open_tree("state")?, db })
     })
 }

@@ -58,6 +58,9 @@ pub struct MetaNodeConfig {
     /// Bytes of sled's page cache (sled's own default is 1 GiB). Reads past it come from the
     /// operating system's page cache.
     pub cache_bytes: u64,
+    /// Compress what the metadata database writes (zstd, sled's own): a new database only,
+    /// one that exists keeps the setting it was made with ([`open_db`]).
+    pub compress: bool,
     /// A stuck storage operation ends the whole process at once (the binary's choice; a node
     /// run inside a test process only reports it through [`MetaNode::failed`]).
     pub exit_on_stuck_storage: bool,
@@ -81,6 +84,7 @@ impl MetaNodeConfig {
             storage_deadline: Duration::from_secs(20),
             hang_log_flush_when: None,
             cache_bytes: 8 << 20,
+            compress: false,
             exit_on_stuck_storage: false,
         }
     }
@@ -257,7 +261,8 @@ async fn drive_heartbeats(raft: Raft, every: Duration, quiet: Arc<std::sync::ato
     }
 }
 
-/// Opens the metadata database at `dir` as a node does, with `cache_bytes` of sled cache.
+/// Opens the metadata database at `dir` as a node does, with `cache_bytes` of sled cache, its
+/// writes compressed if `compress` and the database is new.
 ///
 /// No background flusher. Every write that must be durable is flushed where it is made (a log
 /// append, a vote, a snapshot switch), so the flusher adds nothing to durability; what it adds
@@ -266,13 +271,37 @@ async fn drive_heartbeats(raft: Raft, every: Duration, quiet: Arc<std::sync::ato
 /// and a fsync every 500 ms on every node, a quarter of the leader's idle CPU, until a restart.
 /// Without it the file holds the same size under a steady working set (docs/architecture.md,
 /// "Metadata storage").
-pub fn open_db(dir: &std::path::Path, cache_bytes: u64) -> Result<sled::Db, sled::Error> {
+///
+/// sled refuses to open a database with another compression setting than it was made with, so
+/// an existing database keeps its own: `compress` applies to databases made from now on (a new
+/// node, or one emptied and filled again from a snapshot).
+pub fn open_db(dir: &std::path::Path, cache_bytes: u64, compress: bool) -> Result<sled::Db, sled::Error> {
+    let compress = made_compressed(dir)?.unwrap_or(compress);
     sled::Config::new()
         .path(dir)
         .mode(sled::Mode::HighThroughput)
         .cache_capacity(cache_bytes)
         .flush_every_ms(None)
+        .use_compression(compress)
         .open()
+}
+
+/// Opens an existing metadata database at `dir` for a tool (a stopped node's storage), with
+/// the compression setting it was made with.
+pub fn open_existing_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    sled::Config::new().path(dir).use_compression(made_compressed(dir)?.unwrap_or(false)).open()
+}
+
+/// Whether the database at `dir` was made with compression, from the storage parameters sled
+/// keeps beside it (`conf`: lines `key: value`, then a checksum); `None` when there is none yet.
+pub fn made_compressed(dir: &std::path::Path) -> Result<Option<bool>, sled::Error> {
+    let bytes = match std::fs::read(dir.join("conf")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    Ok(text.lines().find_map(|l| l.strip_prefix("use_compression: ")).map(|v| v.trim() == "true"))
 }
 
 impl MetaNode {
@@ -289,7 +318,7 @@ impl MetaNode {
             false => StorageWatch::new(cfg.storage_deadline),
         };
         let opening = watch.enter_bulk("metadata database open");
-        let db = open_db(&cfg.dir, cfg.cache_bytes)?;
+        let db = open_db(&cfg.dir, cfg.cache_bytes, cfg.compress)?;
         drop(opening);
         let log = LogStore::open_with_fault(&db, watch.clone(), cfg.hang_log_flush_when.clone())?;
         let sm = StateMachine::open(&db, &cfg.dir, watch.clone())?;

@@ -391,6 +391,11 @@ pub struct RaftSection {
     /// MiB of memory for the metadata database's own cache (sled's page cache); what does not
     /// fit is read through the operating system's page cache.
     pub cache_mib: u64,
+    /// Compress the metadata database's writes (sled's zstd): about 2.6 times less disk for
+    /// the metadata, for about 2.5 times the CPU per metadata write (docs/metadata-store.md).
+    /// Applies to a database the node makes (a new node, or one emptied and joined again); an
+    /// existing one keeps the setting it was made with.
+    pub compress_metadata: bool,
     /// Journal retention by age: entries older than this many days are dropped from the event
     /// journal (the state is untouched). 0: keep every event (the default).
     pub journal_keep_days: u64,
@@ -455,6 +460,7 @@ impl Default for RaftSection {
             keep_logs: 1000,
             storage_deadline_ms: 20_000,
             cache_mib: 8,
+            compress_metadata: false,
             journal_keep_days: 0,
             journal_keep_entries: 0,
             journal_trim_interval_secs: 60,

@@ -164,6 +164,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     meta_cfg.backup = cfg.node.role == crate::config::Role::Backup;
     meta_cfg.storage_deadline = Duration::from_millis(cfg.raft.storage_deadline_ms);
     meta_cfg.cache_bytes = cfg.raft.cache_mib << 20;
+    meta_cfg.compress = cfg.raft.compress_metadata;
     meta_cfg.exit_on_stuck_storage = exit_on_stuck_storage;
     let fault = deliberate_fault()?;
     if fault == Some(DeliberateFault::HangLogFlush) {

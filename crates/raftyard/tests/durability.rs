@@ -241,3 +241,51 @@ async fn meta_size_tells_the_parts_of_a_stopped_node() {
     let on_disk: u64 = m["files"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert!(on_disk >= logical, "{on_disk} bytes on disk for {logical} bytes of parts");
 }
+
+/// `raft.compress_metadata` applies to the database a node makes. In a cluster whose nodes 2
+/// and 3 compress and node 1 does not, every image is served by every node, also by a
+/// compressed node killed and started again; node 1, restarted with the setting on, keeps its
+/// database as it was made (sled cannot change it) and serves as before; `meta-size` reads a
+/// stopped compressed node.
+#[tokio::test]
+async fn compressed_metadata_serves_like_plain_and_an_existing_database_keeps_its_format() {
+    let mut cl = Cluster::start_each(3, |id| Extra {
+        raft: if id == 1 { "" } else { "compress_metadata = true" },
+        ..Extra::default()
+    });
+    cl.ready(Duration::from_secs(30)).await;
+    let c = client();
+    let mut pushed = Vec::new();
+    for i in 0..6 {
+        let tag = format!("v{i}");
+        let d = push_image(&c, &cl.nodes[i % 3], "zstd/app", &tag, format!("zstd-{i}").as_bytes()).await;
+        pushed.push((tag, d));
+    }
+    let made_compressed = |n: &Node| {
+        let conf = String::from_utf8_lossy(&std::fs::read(n.data.join("meta/conf")).unwrap()).into_owned();
+        assert!(conf.contains("use_compression: "), "{conf}");
+        conf.contains("use_compression: true")
+    };
+    assert!(!made_compressed(&cl.nodes[0]));
+    assert!(made_compressed(&cl.nodes[1]) && made_compressed(&cl.nodes[2]));
+
+    cl.nodes[1].kill9();
+    cl.nodes[1].spawn();
+    let cfg = cl.nodes[0].data.with_extension("toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen("[raft]\n", "[raft]\ncompress_metadata = true\n", 1);
+    std::fs::write(&cfg, text).unwrap();
+    assert!(cl.nodes[0].terminate().success());
+    cl.nodes[0].spawn();
+    cl.ready(Duration::from_secs(30)).await;
+    assert!(!made_compressed(&cl.nodes[0]), "an existing database changed its format");
+    for n in &cl.nodes {
+        for (tag, d) in &pushed {
+            pull_image(&c, n, "zstd/app", tag, d).await;
+        }
+    }
+
+    assert!(cl.nodes[2].terminate().success());
+    let data = cl.nodes[2].data.to_str().unwrap().to_string();
+    let m: serde_json::Value = serde_json::from_str(&cli(&["meta-size", "--data-dir", &data, "--json"])).unwrap();
+    assert_eq!(m["manifests"], 6, "{m}");
+}
