@@ -72,6 +72,22 @@ pub struct Cluster {
     dir: tempfile::TempDir,
 }
 
+/// How every node of a run is set up beyond the cluster's shape.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// `RUST_LOG` of the nodes and the relay (`info`; `info,raftyard_cluster=debug` to see
+    /// every repair).
+    pub log_level: String,
+    /// Lines added to every node's `[raft]` section (`compress_metadata = true`).
+    pub raft: Vec<String>,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings { log_level: "info".into(), raft: Vec::new() }
+    }
+}
+
 /// Starts in a row a node gets before it is recorded as unable to start.
 const STARTS: u32 = 5;
 
@@ -99,7 +115,7 @@ impl Cluster {
     /// Starts `n` voters. With `broken = Some(id)`, node `id` acknowledges manifests before
     /// they commit, or otherwise as `RAFTYARD_FAULT` says: the suite must catch it.
     ///
-    /// `log_level` is the nodes' and the relay's `RUST_LOG`.
+    /// `node` sets up every node beyond the cluster's shape (its `RUST_LOG`, extra settings).
     ///
     /// With `disk = Some(bytes)`, each node's data directory is a tmpfs of that size (mounting
     /// needs root), so [`Cluster::fill_disk`] can fill it. With `backup`, node `n + 1` is
@@ -111,7 +127,7 @@ impl Cluster {
         with_relay: bool,
         disk: Option<u64>,
         backup: bool,
-        log_level: &str,
+        node: &NodeSettings,
     ) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("raftyard-chaos-").tempdir()?;
         let mut free = FreeAddrs::new();
@@ -158,9 +174,10 @@ impl Cluster {
             let mut cfg = format!(
                 "[node]\nid = {id}\n{role}data_dir = {:?}\n[registry]\nlisten = \"{registry}\"\n\
                  [raft]\nheartbeat_ms = 50\nelection_timeout_min_ms = 300\nelection_timeout_max_ms = 600\n\
-                 journal_keep_entries = 3000\njournal_trim_interval_secs = 5\n\
+                 journal_keep_entries = 3000\njournal_trim_interval_secs = 5\n{}\
                  [cluster]\nlisten = \"{peer}\"\n",
-                data
+                data,
+                node.raft.iter().map(|l| format!("{l}\n")).collect::<String>()
             );
             let dial: Vec<String> = via[&id].iter().map(|(a, p)| format!("\"{a}\" = \"{p}\"")).collect();
             cfg.push_str(&format!("dial_via = {{ {} }}\n", dial.join(", ")));
@@ -200,7 +217,7 @@ impl Cluster {
             distant: None,
             crashes: Vec::new(),
             unstartable: Vec::new(),
-            log_level: log_level.to_string(),
+            log_level: node.log_level.clone(),
             dir,
         };
         c.start_relay().await?;

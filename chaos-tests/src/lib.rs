@@ -54,9 +54,8 @@ pub struct Options {
     /// Independent fault streams at once (1: one fault at a time). Stream 0 is the schedule of
     /// `seed` alone; a fault whose node another fault holds is skipped.
     pub concurrency: usize,
-    /// `RUST_LOG` of the nodes and the relay (`info`; `info,raftyard_cluster=debug` to see
-    /// every repair).
-    pub log_level: String,
+    /// Every node's `RUST_LOG` and extra settings.
+    pub node: cluster::NodeSettings,
     /// Keep the run's directory (node logs; data of nodes not on a tmpfs) and say where.
     pub keep: bool,
 }
@@ -165,7 +164,7 @@ pub async fn run(o: &Options) -> Result<Report> {
     let mut tries = 0;
     let disk = o.faults.contains(&faults::Kind::Disk).then_some(disk_bytes(o.duration, o.clients));
     let mut cluster = loop {
-        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk, o.backup, &o.log_level).await {
+        match Cluster::start(&o.bin, o.nodes, o.broken.clone(), o.relay, disk, o.backup, &o.node).await {
             Ok(c) => break c,
             Err(e) if tries < 2 => {
                 tries += 1;

@@ -59,6 +59,9 @@ struct Cli {
     /// RUST_LOG of the nodes and the relay (their logs are in the run's directory).
     #[arg(long, default_value = "info")]
     node_log: String,
+    /// A line for every node's `[raft]` section (`compress_metadata = true`). Repeatable.
+    #[arg(long, value_name = "KEY = VALUE")]
+    raft: Vec<String>,
     /// Keep the run's directory (node logs, and data except a disk fault's tmpfs) and print
     /// its path.
     #[arg(long)]
@@ -113,7 +116,7 @@ fn main() -> ExitCode {
         backup: cli.backup,
         concurrency: cli.concurrency,
         distant: cli.distant,
-        log_level: cli.node_log.clone(),
+        node: chaos_tests::cluster::NodeSettings { log_level: cli.node_log.clone(), raft: cli.raft.clone() },
         keep: cli.keep,
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -38,7 +38,7 @@ fn options(
         backup,
         concurrency: 1,
         distant: None,
-        log_level: "info".into(),
+        node: Default::default(),
         keep: false,
     }
 }
