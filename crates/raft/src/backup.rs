@@ -146,12 +146,13 @@ impl BackupSnapshot {
 
     /// Seeds the metadata storage of a new node under `dir` (which must not hold any): the
     /// state of this snapshot, with node `id` (at `addr`) the only voter. The node then starts
-    /// as a cluster of one at the snapshot's index.
-    pub async fn seed(&self, dir: &Path, id: NodeId, addr: NodeAddr) -> Result<(), StartError> {
+    /// as a cluster of one at the snapshot's index. With `compress`, the new database
+    /// compresses what it writes (as `raft.compress_metadata` makes a node's).
+    pub async fn seed(&self, dir: &Path, id: NodeId, addr: NodeAddr, compress: bool) -> Result<(), StartError> {
         if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
             return Err(StartError::Storage(format!("{} is not empty", dir.display())));
         }
-        let db = crate::node::open_existing_db(dir)?;
+        let db = sled::Config::new().path(dir).use_compression(compress).open()?;
         let watch = StorageWatch::offline();
         let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, dir, watch)?);
         let last = self.meta.last_log_id;

@@ -263,7 +263,14 @@ pub async fn verify(dir: &Path, index: Option<u64>) -> anyhow::Result<()> {
 /// `backup restore --data-dir`: a new node's data directory holding the backup: the metadata
 /// state with node `id` the only voter, and every blob. `raftyard serve` on it runs a cluster
 /// of one; add nodes with `raftyard cluster add`.
-pub async fn restore(dir: &Path, index: Option<u64>, data_dir: &Path, id: u64, addr: NodeAddr) -> anyhow::Result<()> {
+pub async fn restore(
+    dir: &Path,
+    index: Option<u64>,
+    data_dir: &Path,
+    id: u64,
+    addr: NodeAddr,
+    compress: bool,
+) -> anyhow::Result<()> {
     let (rec, snap) = open_snapshot(dir, index)?;
     let meta = data_dir.join("meta");
     anyhow::ensure!(
@@ -298,7 +305,7 @@ pub async fn restore(dir: &Path, index: Option<u64>, data_dir: &Path, id: u64, a
             std::fs::File::open(data_dir.join("blobs").join(alg).join(format!("{i:02x}")))?.sync_all()?;
         }
     }
-    snap.seed(&meta, id, addr.clone()).await.context("seeding the metadata")?;
+    snap.seed(&meta, id, addr.clone(), compress).await.context("seeding the metadata")?;
     println!(
         "{} now holds the backup at log index {} ({} blobs, {} MiB) as node {id}, the only voter \
          (peer {}, registry {}).\nStart it with `raftyard serve` (node.id = {id}); add nodes with `raftyard cluster add`.",

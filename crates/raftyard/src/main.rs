@@ -584,6 +584,10 @@ enum BackupCmd {
         /// The new node's registry address, as it will advertise it.
         #[arg(long, default_value = "127.0.0.1:5000")]
         registry: String,
+        /// Make the new node's metadata database compressed (as `raft.compress_metadata` does
+        /// for a database a node makes; it cannot be changed later).
+        #[arg(long, conflicts_with = "repo")]
+        compress_metadata: bool,
         /// Restore only this repository, through the registry API of --to.
         #[arg(long, requires = "to")]
         repo: Option<String>,
@@ -748,9 +752,10 @@ fn main() -> anyhow::Result<()> {
                     let login = http.login()?;
                     backup::restore_repo(&dir, index, &repo, &to, http.ca, login).await
                 }
-                BackupCmd::Restore { dir, index, data_dir, id, peer, registry, .. } => {
+                BackupCmd::Restore { dir, index, data_dir, id, peer, registry, compress_metadata, .. } => {
                     let data_dir = data_dir.context("--data-dir")?;
-                    backup::restore(&dir, index, &data_dir, id, raftyard_raft::NodeAddr { peer, registry }).await
+                    let addr = raftyard_raft::NodeAddr { peer, registry };
+                    backup::restore(&dir, index, &data_dir, id, addr, compress_metadata).await
                 }
             }
         }),

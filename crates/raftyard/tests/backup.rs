@@ -294,8 +294,8 @@ fn backup_record(dir: &std::path::Path) -> serde_json::Value {
 }
 
 /// `raftyard backup create` on a running cluster (incremental on the second run), `verify`
-/// (and a corrupted blob caught), `restore --data-dir` seeding a node that serves everything,
-/// and `restore --repo` pushing one repository into another registry.
+/// (and a corrupted blob caught), `restore --data-dir` seeding a node (its metadata compressed)
+/// that serves everything, and `restore --repo` pushing one repository into another registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn online_backup_create_verify_restore() {
     let mut cl = Cluster::start(3);
@@ -331,8 +331,21 @@ async fn online_backup_create_verify_restore() {
     // a new node seeded from it serves everything, as a cluster of one that takes pushes
     let data = dir.path().join("restored");
     let (p, r) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let said = cli(&["backup", "restore", out_s, "--data-dir", data.to_str().unwrap(), "--peer", &p, "--registry", &r]);
+    let said = cli(&[
+        "backup",
+        "restore",
+        out_s,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--peer",
+        &p,
+        "--registry",
+        &r,
+        "--compress-metadata",
+    ]);
     assert!(said.contains("only voter"), "{said}");
+    let conf = String::from_utf8_lossy(&std::fs::read(data.join("meta/conf")).unwrap()).into_owned();
+    assert!(conf.contains("use_compression: true"), "{conf}");
     let mut n = Node::start_with(&data, &[]);
     pull_image(&c, &n, REPO, "a", &a).await;
     pull_image(&c, &n, REPO, "b", &b).await;
