@@ -202,3 +202,45 @@ fn digests_of(ev: &Event) -> Vec<&Digest> {
         | Event::QuotaRemoved { .. } => vec![],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftyard_blobstore::BlobStoreConfig;
+    use raftyard_raft::node::MetaNodeConfig;
+    use raftyard_raft::NodeAddr;
+    use raftyard_types::RepoName;
+
+    /// An index that did not read the journal while its retention dropped entries (a node
+    /// paused, or installing a snapshot) still ends up right: a blob it wanted that was removed
+    /// in the gap is no longer wanted, and one linked in the gap is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entries_trimmed_before_they_were_read_are_not_lost_to_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = NodeAddr { peer: "127.0.0.1:1".into(), registry: "127.0.0.1:2".into() };
+        let cfg = MetaNodeConfig::new(1, dir.path().join("meta"), addr);
+        let node = MetaNode::start(cfg, raftyard_raft::network::NoNetwork, None).await.unwrap();
+        let store = BlobStore::open(BlobStoreConfig::new(dir.path().join("blobs"), "1")).unwrap();
+        let missing = Missing::new(node.clone(), Arc::new(store));
+        let repo = RepoName::parse("gap/app").unwrap();
+        let (gone, linked) = (Digest::sha256(b"removed in the gap"), Digest::sha256(b"linked in the gap"));
+        let link = |d: &Digest| Event::BlobLinked { repo: repo.clone(), digest: d.clone(), size: 1 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.propose(vec![link(&gone)]).await.is_err() {
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        missing.refresh_off_runtime().await;
+        assert!(missing.wants().iter().any(|(d, _)| *d == gone), "a linked blob with no file here is wanted");
+
+        node.propose(vec![Event::BlobUnlinked { repo: repo.clone(), digest: gone.clone() }]).await.unwrap();
+        node.propose(vec![link(&linked)]).await.unwrap();
+        let before = node.reader().applied_index() + 1;
+        node.propose(vec![Event::JournalTrimmed { before }]).await.unwrap();
+        assert!(node.reader().journal_first().unwrap() >= before, "the journal was trimmed");
+
+        missing.refresh_off_runtime().await;
+        let wants: Vec<Digest> = missing.wants().into_iter().map(|(d, _)| d).collect();
+        assert_eq!(wants, vec![linked], "after the gap");
+    }
+}
