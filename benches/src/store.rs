@@ -1,6 +1,7 @@
 //! `raftyard-store-bench`: how much disk the metadata state takes in sled, as a node keeps it
-//! (plain, and compressed as with `raft.compress_metadata`), and in two candidate stores (redb, a copy-on-write B-tree; fjall, a log-structured merge
-//! tree), written the way a node applies it.
+//! (plain, and compressed as with `raft.compress_metadata`), and in two candidate stores
+//! (redb, a copy-on-write B-tree; fjall, a log-structured merge tree), written the way a node
+//! applies it.
 //!
 //! The input is a snapshot data file of a real node (`<data>/meta/snapshot-*.data`, the whole
 //! state at one index, for example after `raftyard-scale-bench --keep`). Its pairs are written

@@ -225,11 +225,8 @@ mod tests {
         let repo = RepoName::parse("gap/app").unwrap();
         let (gone, linked) = (Digest::sha256(b"removed in the gap"), Digest::sha256(b"linked in the gap"));
         let link = |d: &Digest| Event::BlobLinked { repo: repo.clone(), digest: d.clone(), size: 1 };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.propose(vec![link(&gone)]).await.is_err() {
-            assert!(Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.wait_for_leader(Duration::from_secs(10)).await.expect("a leader");
+        node.propose(vec![link(&gone)]).await.unwrap();
         missing.refresh_off_runtime().await;
         assert!(missing.wants().iter().any(|(d, _)| *d == gone), "a linked blob with no file here is wanted");
 

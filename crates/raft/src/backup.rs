@@ -130,7 +130,7 @@ impl BackupSnapshot {
 
     /// Installs the state in a new sled database under `dir` and returns a reader of it.
     pub async fn open(&self, dir: &Path) -> Result<StateReader, StartError> {
-        let db = crate::node::open_existing_db(dir)?;
+        let db = crate::node::open_offline_db(dir, false)?;
         let mut sm = StateMachine::open(&db, dir, StorageWatch::offline())?;
         let data = self.data_file(&sm)?;
         sm.install_snapshot(&self.meta, data).await?;
@@ -152,7 +152,7 @@ impl BackupSnapshot {
         if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
             return Err(StartError::Storage(format!("{} is not empty", dir.display())));
         }
-        let db = sled::Config::new().path(dir).use_compression(compress).open()?;
+        let db = crate::node::open_offline_db(dir, compress)?;
         let watch = StorageWatch::offline();
         let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, dir, watch)?);
         let last = self.meta.last_log_id;

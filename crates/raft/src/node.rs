@@ -276,32 +276,29 @@ async fn drive_heartbeats(raft: Raft, every: Duration, quiet: Arc<std::sync::ato
 /// an existing database keeps its own: `compress` applies to databases made from now on (a new
 /// node, or one emptied and filled again from a snapshot).
 pub fn open_db(dir: &std::path::Path, cache_bytes: u64, compress: bool) -> Result<sled::Db, sled::Error> {
-    let compress = made_compressed(dir)?.unwrap_or(compress);
-    sled::Config::new()
-        .path(dir)
-        .mode(sled::Mode::HighThroughput)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(None)
-        .use_compression(compress)
-        .open()
+    sled_config(dir, compress)?.mode(sled::Mode::HighThroughput).cache_capacity(cache_bytes).flush_every_ms(None).open()
 }
 
-/// Opens an existing metadata database at `dir` for a tool (a stopped node's storage), with
-/// the compression setting it was made with.
-pub fn open_existing_db(dir: &std::path::Path) -> Result<sled::Db, sled::Error> {
-    sled::Config::new().path(dir).use_compression(made_compressed(dir)?.unwrap_or(false)).open()
+/// Opens the metadata database at `dir` for a tool (a stopped node's storage, or a new one it
+/// fills), with sled's own defaults; compressed if it was made so, or if it is new and
+/// `compress`.
+pub fn open_offline_db(dir: &std::path::Path, compress: bool) -> Result<sled::Db, sled::Error> {
+    sled_config(dir, compress)?.open()
 }
 
-/// Whether the database at `dir` was made with compression, from the storage parameters sled
-/// keeps beside it (`conf`: lines `key: value`, then a checksum); `None` when there is none yet.
-pub fn made_compressed(dir: &std::path::Path) -> Result<Option<bool>, sled::Error> {
-    let bytes = match std::fs::read(dir.join("conf")) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+/// A sled config for the database at `dir` with its compression setting: the one it was made
+/// with, read from the storage parameters sled keeps beside it (`conf`: lines `key: value`,
+/// then a checksum), or `compress` when there are none yet (a new database).
+fn sled_config(dir: &std::path::Path, compress: bool) -> Result<sled::Config, sled::Error> {
+    let made = match std::fs::read(dir.join("conf")) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes)
+            .lines()
+            .find_map(|l| l.strip_prefix("use_compression: "))
+            .map(|v| v.trim() == "true"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e.into()),
     };
-    let text = String::from_utf8_lossy(&bytes);
-    Ok(text.lines().find_map(|l| l.strip_prefix("use_compression: ")).map(|v| v.trim() == "true"))
+    Ok(sled::Config::new().path(dir).use_compression(made.unwrap_or(compress)))
 }
 
 impl MetaNode {
@@ -926,11 +923,8 @@ mod tests {
                 .await
                 .unwrap();
         let placed = |n: u64| Event::BlobPlaced { digest: Digest::sha256(&n.to_le_bytes()), size: n, node: 1 };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while node.propose(vec![placed(0)]).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.wait_for_leader(Duration::from_secs(10)).await.expect("a leader");
+        node.propose(vec![placed(0)]).await.unwrap();
         let applied = node.reader().applied_index();
         let huge: Vec<Event> = (1..100_000).map(placed).collect();
         let err = node.propose(huge).await.unwrap_err().to_string();

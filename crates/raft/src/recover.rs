@@ -58,7 +58,7 @@ pub async fn single_voter(dir: &Path, id: Option<NodeId>) -> Result<Recovered, S
     if !dir.join("conf").exists() && !dir.join("db").exists() {
         return Err(StartError::Storage(format!("{} holds no metadata storage", dir.display())));
     }
-    let db = crate::node::open_existing_db(dir)?;
+    let db = crate::node::open_offline_db(dir, false)?;
     let watch = StorageWatch::offline();
     let (mut log, mut sm) = (LogStore::open(&db, watch.clone())?, StateMachine::open(&db, dir, watch)?);
     let (m, applied, last) = membership(&mut log, &mut sm).await?;

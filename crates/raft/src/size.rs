@@ -92,7 +92,7 @@ pub fn measure(dir: &Path) -> Result<MetaSize, StartError> {
         let rel = path.strip_prefix(dir).unwrap_or(&path).display().to_string();
         files.insert(rel, len);
     }
-    let db = crate::node::open_existing_db(dir)?;
+    let db = crate::node::open_offline_db(dir, false)?;
     let mut parts: BTreeMap<String, Part> = BTreeMap::new();
     let mut manifests = 0;
     for name in db.tree_names() {

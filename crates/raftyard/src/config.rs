@@ -392,7 +392,7 @@ pub struct RaftSection {
     /// fit is read through the operating system's page cache.
     pub cache_mib: u64,
     /// Compress the metadata database's writes (sled's zstd): about 2.6 times less disk for
-    /// the metadata, for about 2.5 times the CPU per metadata write (docs/metadata-store.md).
+    /// the metadata, for a manifest PUT about 1.4 times as long (docs/metadata-store.md).
     /// Applies to a database the node makes (a new node, or one emptied and joined again); an
     /// existing one keeps the setting it was made with.
     pub compress_metadata: bool,
