@@ -11,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use reqwest::{Client, Url};
 use serde_json::Value;
 
@@ -265,6 +265,15 @@ impl Cluster {
         let node = self.node_mut(id)?;
         node.server.terminate()?;
         node.running = false;
+        Ok(())
+    }
+
+    /// Sends SIGTERM to node `id` and waits until it has exited cleanly (its storage may then
+    /// be opened by another process); [`Cluster::restart`] starts it again.
+    pub fn stop(&mut self, id: u64) -> Result<()> {
+        self.terminate(id)?;
+        let status = self.node_mut(id)?.server.wait_exit(Duration::from_secs(60))?;
+        ensure!(status.success(), "node {id} exited with {status} after SIGTERM");
         Ok(())
     }
 

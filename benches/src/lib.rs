@@ -4,7 +4,7 @@
 //! (`raftyard-backup-bench`, see [`backup`]), and what authentication costs
 //! (`raftyard-auth-bench`, see [`auth`]), and what tracing costs (`raftyard-telemetry-bench`,
 //! see [`telemetry`]), and how a cluster's costs grow with the registry
-//! (`raftyard-scale-bench`, see [`scale`]). The other modules are the parts the binaries share:
+//! (`raftyard-scale-bench`, see [`scale`]; [`direct`] fills stopped nodes for it). The other modules are the parts the binaries share:
 //! starting processes, bulk HTTP transfers, medians and tables.
 
 pub mod auth;
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod deployment;
+pub mod direct;
 pub mod failover;
 pub mod report;
 pub mod scale;

@@ -21,9 +21,15 @@
 //! Each figure is also given as a ratio to the smallest size: latency should stay within 1.2×
 //! and idle CPU and memory flat as the registry grows.
 //!
+//! With `--direct-from SIZE`, sizes from `SIZE` up are reached by a direct fill instead: the
+//! cluster is stopped while idle, the same images are applied by each node's own state
+//! machine and their blob files written ([`crate::direct`]), and the cluster starts again. The
+//! snapshot build of such a size is the one made right after the fill, offline.
+//!
 //! ```text
 //! cargo build --release -p raftyard -p raftyard-bench
 //! target/release/raftyard-scale-bench --sizes 10000,100000
+//! target/release/raftyard-scale-bench --sizes 10000,100000,1000000 --direct-from 1000000
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -39,6 +45,7 @@ use serde_json::{json, Value};
 
 use crate::client::{http_client, sha256_digest, RegistryClient};
 use crate::cluster::Cluster;
+use crate::direct;
 use crate::report::{median, percentile};
 use crate::server::{dir_bytes, rss_kib};
 
@@ -58,6 +65,11 @@ pub struct Args {
     /// Registry sizes to measure at, in images, ascending (filled through the API).
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     pub sizes: Vec<u64>,
+    /// Sizes from this one up are reached by a direct fill of the stopped nodes' storage
+    /// instead of through the API (the same commands, applied by each node's state machine;
+    /// see `direct`), and reported as such.
+    #[arg(long)]
+    pub direct_from: Option<u64>,
     /// Concurrent pushers while filling.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u64,
@@ -206,7 +218,84 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-async fn measure(args: &Args, cluster: &mut Cluster, size: u64, step: usize, bin: &Path) -> Result<Value> {
+/// Images `from..to` as [`fill`] pushes them, for a direct fill.
+fn direct_image(i: u64) -> direct::Image {
+    let (repo, tag, blob, digest) = image(i);
+    let manifest = manifest(&digest, blob.len(), "fill");
+    direct::Image { repo, tag, blob, manifest, media_type: MEDIA_TYPE.into() }
+}
+
+/// Stops the idle cluster (followers first, so no new leader appends an entry the others
+/// have not applied), fills every node with images `from..to` directly, and starts them again.
+async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Duration, direct::Filled)> {
+    let leadership = cluster.wait_for_leader(Duration::from_secs(30), Duration::from_millis(100)).await?;
+    let mut ids = cluster.followers(leadership.leader);
+    for &id in &ids {
+        cluster.wait_caught_up(id, Duration::from_secs(120)).await?;
+    }
+    ids.push(leadership.leader);
+    for &id in &ids {
+        cluster.stop(id)?;
+    }
+    let started = Instant::now();
+    let (mut first, mut filled): (Option<PathBuf>, Option<direct::Filled>) = (None, None);
+    for &id in &ids {
+        let data = cluster.data_dir(id)?;
+        let f = direct::fill_node(&data, from, to, direct_image, first.as_deref()).await?;
+        eprintln!(
+            "node {id}: applied {} images in {:.1} s, blob files in {:.1} s, snapshot of {} bytes built in {} ms",
+            to - from,
+            f.apply_s,
+            f.blobs_s,
+            f.snapshot_bytes,
+            f.snapshot_build_ms
+        );
+        if let Some(prev) = &filled {
+            anyhow::ensure!(prev.index == f.index, "node {id} was filled to index {}, another to {}", f.index, prev.index);
+        }
+        first.get_or_insert(data);
+        filled = Some(f);
+    }
+    let took = started.elapsed();
+    for &id in &ids {
+        cluster.restart(id)?;
+    }
+    cluster.wait_ready(Duration::from_secs(600)).await?;
+    // every node serves what was filled: manifests by tag, byte for byte, and their blobs
+    let mut rng = rand::rngs::StdRng::seed_from_u64(to);
+    for &id in &ids {
+        let client = RegistryClient::new(cluster.base(id)?, REQUEST_TIMEOUT, REQUEST_TIMEOUT)?;
+        for _ in 0..20 {
+            let img = direct_image(rng.gen_range(from..to));
+            let got = client.get_manifest(&img.repo, &img.tag, MEDIA_TYPE).await?;
+            anyhow::ensure!(got == img.manifest, "node {id} serves other bytes for {}:{}", img.repo, img.tag);
+            let len = client.pull_blob(&img.repo, &sha256_digest(&img.blob)).await?;
+            anyhow::ensure!(len == img.blob.len() as u64, "node {id}: blob of {}:{} has {len} bytes", img.repo, img.tag);
+        }
+    }
+    // then until the nodes' start-up work (the repair index's first scan, sled's cache) is done
+    let settled = Instant::now();
+    loop {
+        let pids = cluster.pids();
+        let before: Vec<f64> = pids.iter().map(|&p| cpu_ms(p)).collect::<Result<_>>()?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let busy = pids.iter().zip(before).map(|(&p, b)| Ok(cpu_ms(p)? - b)).collect::<Result<Vec<f64>>>()?;
+        if busy.iter().all(|&ms| ms < 100.0) || settled.elapsed() > Duration::from_secs(600) {
+            eprintln!("settled {:.0} s after the restart (CPU ms over the last 2 s: {busy:?})", settled.elapsed().as_secs_f64());
+            break;
+        }
+    }
+    Ok((took, filled.context("no node to fill")?))
+}
+
+async fn measure(
+    args: &Args,
+    cluster: &mut Cluster,
+    size: u64,
+    step: usize,
+    bin: &Path,
+    offline: Option<&direct::Filled>,
+) -> Result<Value> {
     let leadership = cluster.wait_for_leader(Duration::from_secs(30), Duration::from_millis(100)).await?;
     let reader = cluster.followers(leadership.leader)[0];
     let base = cluster.base(reader)?;
@@ -242,8 +331,12 @@ async fn measure(args: &Args, cluster: &mut Cluster, size: u64, step: usize, bin
     let tags = base.join(&format!("/v2/scale/r{}/tags/list", size / TAGS_PER_REPO / 2))?;
     let tags_list = timed(pages, |_| get_ok(&http, tags.clone())).await?;
 
+    // the leader's last build; after a direct fill, the one built then (the same code, offline)
     let built = last_line(&cluster.log_path(leadership.leader)?, "snapshot built");
-    let (snapshot_build_ms, snapshot_bytes) = (field(built.as_deref(), "copy_ms"), field(built.as_deref(), "bytes"));
+    let (snapshot_build_ms, snapshot_bytes) = match offline {
+        Some(f) => (Some(f.snapshot_build_ms), Some(f.snapshot_bytes)),
+        None => (field(built.as_deref(), "copy_ms"), field(built.as_deref(), "bytes")),
+    };
 
     // idle: every node caught up, 5 s of quiet, then CPU over the window
     for id in cluster.followers(leadership.leader) {
@@ -322,12 +415,20 @@ async fn run_async(args: &Args) -> Result<()> {
     let mut results = Vec::new();
     let mut filled = 0;
     for (step, &size) in args.sizes.iter().enumerate() {
-        let took = fill(&clients, filled, size, args.concurrency).await?;
+        let direct = args.direct_from.is_some_and(|d| size >= d);
+        let (took, offline) = if direct {
+            let (took, f) = fill_directly(&mut cluster, filled, size).await?;
+            (took, Some(f))
+        } else {
+            (fill(&clients, filled, size, args.concurrency).await?, None)
+        };
         let rate = (size - filled) as f64 / took.as_secs_f64();
-        eprintln!("filled to {size} images ({rate:.0} images/s)");
+        let how = if direct { "directly" } else { "through the API" };
+        eprintln!("filled to {size} images {how} ({rate:.0} images/s)");
         filled = size;
-        let mut r = measure(args, &mut cluster, size, step, &bin).await?;
+        let mut r = measure(args, &mut cluster, size, step, &bin, offline.as_ref()).await?;
         r["fill_images_per_s"] = json!(rate);
+        r["filled"] = json!(if direct { "direct" } else { "api" });
         print_size(&r, results.first());
         results.push(r);
     }
@@ -357,7 +458,7 @@ fn print_size(r: &Value, first: Option<&Value>) {
             ratio(&[k, "p99"])
         )
     };
-    println!("== {} images", r["images"]);
+    println!("== {} images (filled {})", r["images"], r["filled"].as_str().unwrap_or("?"));
     println!("  manifest PUT (follower)   {}", lat("manifest_put_ms"));
     println!("  tag GET (follower)        {}", lat("tag_get_ms"));
     println!("  catalog, first page       {}", lat("catalog_first_page_ms"));
