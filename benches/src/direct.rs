@@ -28,8 +28,7 @@ use raftyard_raft::state::StateMachine;
 use raftyard_raft::{StorageWatch, TypeConfig};
 use raftyard_types::event::VersionedCommand;
 use raftyard_types::manifest::parse_manifest;
-use raftyard_types::{Digest, Event, RepoName, Tag};
-use rand::Rng;
+use raftyard_types::{Command, Digest, Event, RepoName, Tag};
 
 /// Entries applied in one call to the state machine.
 const BATCH: usize = 1024;
@@ -55,13 +54,15 @@ pub struct Filled {
     pub snapshot_bytes: u64,
 }
 
-/// Fills the stopped node whose data directory is `data` with images `from..to`. Blob files are
-/// hard-linked from `link_from` (the data directory of a node filled before) when given,
-/// otherwise written.
+/// Fills the stopped node whose data directory is `data` with images `from..to`, stamped with
+/// `time_ms`: every node given the same arguments gets the same commands (their proposal ids
+/// are derived from the image's number), so the same state. Blob files are hard-linked from
+/// `link_from` (the data directory of a node filled before) when given, otherwise written.
 pub async fn fill_node(
     data: &Path,
     from: u64,
     to: u64,
+    time_ms: u64,
     image: impl Fn(u64) -> Image,
     link_from: Option<&Path>,
 ) -> Result<Filled> {
@@ -83,7 +84,6 @@ pub async fn fill_node(
     let started = Instant::now();
     let mut index = applied.index;
     let mut batch = Vec::with_capacity(BATCH);
-    let mut rng = rand::thread_rng();
     for i in from..to {
         let img = image(i);
         let repo = RepoName::parse(&img.repo)?;
@@ -105,12 +105,12 @@ pub async fn fill_node(
             },
             Event::TagSet { repo, tag: Tag::parse(&img.tag)?, digest: manifest_digest, expect: None },
         ];
-        for events in [blob, manifest] {
+        for (k, events) in [blob, manifest].into_iter().enumerate() {
             index += 1;
-            let id = rng.gen_range(1..u64::MAX);
+            let id = proposal_id(2 * i + k as u64);
             batch.push(Entry::<TypeConfig> {
                 log_id: openraft::LogId::new(applied.leader_id, index),
-                payload: EntryPayload::Normal(VersionedCommand::with_id(id, events)),
+                payload: EntryPayload::Normal(VersionedCommand::V2 { id, command: Command { time_ms, events } }),
             });
         }
         if batch.len() >= BATCH || i + 1 == to {
@@ -151,6 +151,15 @@ pub async fn fill_node(
     drop((snapshot, sm, log, db));
     wait_unlocked(&meta.join("db"))?;
     Ok(Filled { index, apply_s, blobs_s, snapshot_build_ms, snapshot_bytes })
+}
+
+/// A proposal id for the `n`th command of a fill: spread like a random one (splitmix64),
+/// never zero, and the same on every node.
+fn proposal_id(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
 }
 
 /// Waits until sled's lock on its database file is released: sled's threads let go of the

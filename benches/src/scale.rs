@@ -239,9 +239,10 @@ async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Dur
     }
     let started = Instant::now();
     let (mut first, mut filled): (Option<PathBuf>, Option<direct::Filled>) = (None, None);
+    let time_ms = raftyard_types::event::now_ms();
     for &id in &ids {
         let data = cluster.data_dir(id)?;
-        let f = direct::fill_node(&data, from, to, direct_image, first.as_deref()).await?;
+        let f = direct::fill_node(&data, from, to, time_ms, direct_image, first.as_deref()).await?;
         eprintln!(
             "node {id}: applied {} images in {:.1} s, blob files in {:.1} s, snapshot of {} bytes built in {} ms",
             to - from,
@@ -251,7 +252,14 @@ async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Dur
             f.snapshot_build_ms
         );
         if let Some(prev) = &filled {
-            anyhow::ensure!(prev.index == f.index, "node {id} was filled to index {}, another to {}", f.index, prev.index);
+            anyhow::ensure!(
+                (prev.index, prev.snapshot_bytes) == (f.index, f.snapshot_bytes),
+                "node {id} was filled to index {} ({} snapshot bytes), another to {} ({})",
+                f.index,
+                f.snapshot_bytes,
+                prev.index,
+                prev.snapshot_bytes
+            );
         }
         first.get_or_insert(data);
         filled = Some(f);
@@ -270,7 +278,12 @@ async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Dur
             let got = client.get_manifest(&img.repo, &img.tag, MEDIA_TYPE).await?;
             anyhow::ensure!(got == img.manifest, "node {id} serves other bytes for {}:{}", img.repo, img.tag);
             let len = client.pull_blob(&img.repo, &sha256_digest(&img.blob)).await?;
-            anyhow::ensure!(len == img.blob.len() as u64, "node {id}: blob of {}:{} has {len} bytes", img.repo, img.tag);
+            anyhow::ensure!(
+                len == img.blob.len() as u64,
+                "node {id}: blob of {}:{} has {len} bytes",
+                img.repo,
+                img.tag
+            );
         }
     }
     // then until the nodes' start-up work (the repair index's first scan, sled's cache) is done
@@ -281,7 +294,10 @@ async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Dur
         tokio::time::sleep(Duration::from_secs(2)).await;
         let busy = pids.iter().zip(before).map(|(&p, b)| Ok(cpu_ms(p)? - b)).collect::<Result<Vec<f64>>>()?;
         if busy.iter().all(|&ms| ms < 100.0) || settled.elapsed() > Duration::from_secs(600) {
-            eprintln!("settled {:.0} s after the restart (CPU ms over the last 2 s: {busy:?})", settled.elapsed().as_secs_f64());
+            eprintln!(
+                "settled {:.0} s after the restart (CPU ms over the last 2 s: {busy:?})",
+                settled.elapsed().as_secs_f64()
+            );
             break;
         }
     }
@@ -362,6 +378,12 @@ async fn measure(
         }));
     }
 
+    // what is measured so far, in case the catch-up does not finish
+    eprintln!(
+        "{size} images, before the catch-up: {}",
+        json!({"manifest_put_ms": stats(&put), "tag_get_ms": stats(&get), "catalog_first_page_ms": stats(&catalog_first),
+               "catalog_middle_page_ms": stats(&catalog_middle), "tags_list_ms": stats(&tags_list), "nodes": nodes})
+    );
     // a new node's catch-up, then what its metadata holds
     let new_id = 10 + step as u64;
     let started = Instant::now();
