@@ -7,6 +7,8 @@ use tonic::{Code, Status};
 
 /// Metadata key carrying the leader's id and addresses on a `FailedPrecondition` (not leader).
 const LEADER_HINT: &str = "x-raftyard-leader";
+/// The message of that status.
+const NOT_LEADER: &str = "not the leader";
 
 pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
     bincode::serialize(v).map_err(|e| Status::internal(format!("encoding: {e}")))
@@ -20,7 +22,7 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
 pub fn propose_error_to_status(e: ProposeError) -> Status {
     match e {
         ProposeError::NotLeader { leader } => {
-            let mut s = Status::failed_precondition("not the leader");
+            let mut s = Status::failed_precondition(NOT_LEADER);
             if let Some((id, addr)) = leader {
                 if let Ok(v) = format!("{id} {} {}", addr.peer, addr.registry).parse() {
                     s.metadata_mut().insert(LEADER_HINT, v);
@@ -31,6 +33,12 @@ pub fn propose_error_to_status(e: ProposeError) -> Status {
         ProposeError::Unavailable(m) => Status::unavailable(m),
         ProposeError::Rejected(r) => Status::internal(format!("unexpected rejection: {r}")),
     }
+}
+
+/// Whether a status says the node asked was not the leader (any more): asking the leader again
+/// may succeed. Other `FailedPrecondition`s (a refused member) are final.
+pub fn is_not_leader(s: &Status) -> bool {
+    s.code() == Code::FailedPrecondition && s.message() == NOT_LEADER
 }
 
 /// A status from the leader (or the transport) as a proposal error.

@@ -123,15 +123,40 @@ pub async fn add(
     learner: bool,
     tls: &TlsDir,
 ) -> anyhow::Result<()> {
-    let leader = leader_peer(node, tls).await?;
-    let reply = client(&leader, tls)
-        .await?
-        .add_member(Member { id, peer, registry, learner_only: learner })
-        .await
-        .context("adding the member")?;
-    println!("{}", reply.into_inner().message);
-    Ok(())
+    // Leadership can move while the member catches up (a large snapshot takes a while): the
+    // new leader is asked again. Adding a member that is already one is a no-op, so the second
+    // request finishes what the first began.
+    let deadline = std::time::Instant::now() + ADD_RETRY_FOR;
+    let mut asked = false;
+    loop {
+        let leader = match leader_peer(node, tls).await {
+            Ok(l) => l,
+            // a wrong address fails at once; a cluster between leaders is asked again
+            Err(e) if asked && std::time::Instant::now() < deadline => {
+                eprintln!("{e:#}; asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let member = Member { id, peer: peer.clone(), registry: registry.clone(), learner_only: learner };
+        asked = true;
+        match client(&leader, tls).await?.add_member(member).await {
+            Ok(reply) => {
+                println!("{}", reply.into_inner().message);
+                return Ok(());
+            }
+            Err(s) if raftyard_cluster::codec::is_not_leader(&s) && std::time::Instant::now() < deadline => {
+                eprintln!("{leader} is no longer the leader; asking the new one to add node {id}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => return Err(s).context("adding the member"),
+        }
+    }
 }
+
+/// How long `cluster add` keeps following leadership changes.
+const ADD_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// `cluster recover`: the stopped node whose data is under `data_dir` becomes the only voter.
 pub async fn recover(data_dir: &std::path::Path, id: Option<u64>) -> anyhow::Result<()> {
