@@ -4,8 +4,9 @@
 //! (`raftyard-backup-bench`, see [`backup`]), and what authentication costs
 //! (`raftyard-auth-bench`, see [`auth`]), and what tracing costs (`raftyard-telemetry-bench`,
 //! see [`telemetry`]), and how a cluster's costs grow with the registry
-//! (`raftyard-scale-bench`, see [`scale`]; [`direct`] fills stopped nodes for it). The other modules are the parts the binaries share:
-//! starting processes, bulk HTTP transfers, medians and tables.
+//! (`raftyard-scale-bench`, see [`scale`]; [`direct`] fills stopped nodes for it). The other
+//! modules are the parts the binaries share: starting processes, bulk HTTP transfers, medians
+//! and tables.
 
 pub mod auth;
 pub mod backup;

@@ -62,7 +62,8 @@ pub struct Args {
     /// The raftyard binary.
     #[arg(long, default_value = "target/release/raftyard")]
     pub raftyard: PathBuf,
-    /// Registry sizes to measure at, in images, ascending (filled through the API).
+    /// Registry sizes to measure at, in images, ascending (filled through the API, or
+    /// directly from `--direct-from` up).
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     pub sizes: Vec<u64>,
     /// Sizes from this one up are reached by a direct fill of the stopped nodes' storage
@@ -119,13 +120,13 @@ async fn fill(clients: &Arc<Vec<RegistryClient>>, from: u64, to: u64, concurrenc
             let mut i = from + k;
             while i < to {
                 let client = &clients[(i % clients.len() as u64) as usize];
-                let (repo, tag, blob, digest) = image(i);
-                let body = manifest(&digest, blob.len(), "fill");
+                let img = filled_image(i);
+                let digest = sha256_digest(&img.blob);
                 let mut tries = 0;
                 loop {
                     let r = async {
-                        client.push_blob_single_post(&repo, blob.clone(), &digest).await?;
-                        client.put_manifest(&repo, &tag, MEDIA_TYPE, body.clone()).await
+                        client.push_blob_single_post(&img.repo, img.blob.clone(), &digest).await?;
+                        client.put_manifest(&img.repo, &img.tag, &img.media_type, img.manifest.clone()).await
                     }
                     .await;
                     match r {
@@ -218,8 +219,8 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Images `from..to` as [`fill`] pushes them, for a direct fill.
-fn direct_image(i: u64) -> direct::Image {
+/// Image `i` of a fill, through the API or direct.
+fn filled_image(i: u64) -> direct::Image {
     let (repo, tag, blob, digest) = image(i);
     let manifest = manifest(&digest, blob.len(), "fill");
     direct::Image { repo, tag, blob, manifest, media_type: MEDIA_TYPE.into() }
@@ -242,7 +243,7 @@ async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Dur
     let time_ms = raftyard_types::event::now_ms();
     for &id in &ids {
         let data = cluster.data_dir(id)?;
-        let f = direct::fill_node(&data, from, to, time_ms, direct_image, first.as_deref()).await?;
+        let f = direct::fill_node(&data, from, to, time_ms, filled_image, first.as_deref()).await?;
         eprintln!(
             "node {id}: applied {} images in {:.1} s, blob files in {:.1} s, snapshot of {} bytes built in {} ms",
             to - from,
@@ -274,7 +275,7 @@ async fn fill_directly(cluster: &mut Cluster, from: u64, to: u64) -> Result<(Dur
     for &id in &ids {
         let client = RegistryClient::new(cluster.base(id)?, REQUEST_TIMEOUT, REQUEST_TIMEOUT)?;
         for _ in 0..20 {
-            let img = direct_image(rng.gen_range(from..to));
+            let img = filled_image(rng.gen_range(from..to));
             let got = client.get_manifest(&img.repo, &img.tag, MEDIA_TYPE).await?;
             anyhow::ensure!(got == img.manifest, "node {id} serves other bytes for {}:{}", img.repo, img.tag);
             let len = client.pull_blob(&img.repo, &sha256_digest(&img.blob)).await?;
@@ -348,10 +349,12 @@ async fn measure(
     let tags_list = timed(pages, |_| get_ok(&http, tags.clone())).await?;
 
     // the leader's last build; after a direct fill, the one built then (the same code, offline)
-    let built = last_line(&cluster.log_path(leadership.leader)?, "snapshot built");
     let (snapshot_build_ms, snapshot_bytes) = match offline {
         Some(f) => (Some(f.snapshot_build_ms), Some(f.snapshot_bytes)),
-        None => (field(built.as_deref(), "copy_ms"), field(built.as_deref(), "bytes")),
+        None => {
+            let built = last_line(&cluster.log_path(leadership.leader)?, "snapshot built");
+            (field(built.as_deref(), "copy_ms"), field(built.as_deref(), "bytes"))
+        }
     };
 
     // idle: every node caught up, 5 s of quiet, then CPU over the window
@@ -378,12 +381,21 @@ async fn measure(
         }));
     }
 
+    let mut r = json!({
+        "images": size,
+        "reader": reader,
+        "manifest_put_ms": stats(&put),
+        "tag_get_ms": stats(&get),
+        "catalog_first_page_ms": stats(&catalog_first),
+        "catalog_middle_page_ms": stats(&catalog_middle),
+        "tags_list_ms": stats(&tags_list),
+        "snapshot_build_ms": snapshot_build_ms,
+        "snapshot_bytes": snapshot_bytes,
+        "nodes": nodes,
+    });
     // what is measured so far, in case the catch-up does not finish
-    eprintln!(
-        "{size} images, before the catch-up: {}",
-        json!({"manifest_put_ms": stats(&put), "tag_get_ms": stats(&get), "catalog_first_page_ms": stats(&catalog_first),
-               "catalog_middle_page_ms": stats(&catalog_middle), "tags_list_ms": stats(&tags_list), "nodes": nodes})
-    );
+    eprintln!("{size} images, before the catch-up: {r}");
+
     // a new node's catch-up, then what its metadata holds
     let new_id = 10 + step as u64;
     let started = Instant::now();
@@ -406,21 +418,10 @@ async fn measure(
     };
     let _ = std::fs::remove_dir_all(new_dir.parent().unwrap_or(&new_dir));
 
-    Ok(json!({
-        "images": size,
-        "reader": reader,
-        "manifest_put_ms": stats(&put),
-        "tag_get_ms": stats(&get),
-        "catalog_first_page_ms": stats(&catalog_first),
-        "catalog_middle_page_ms": stats(&catalog_middle),
-        "tags_list_ms": stats(&tags_list),
-        "snapshot_build_ms": snapshot_build_ms,
-        "snapshot_bytes": snapshot_bytes,
-        "snapshot_install_ms": install_ms,
-        "catch_up_s": catch_up_s,
-        "nodes": nodes,
-        "meta_parts": parts,
-    }))
+    r["snapshot_install_ms"] = json!(install_ms);
+    r["catch_up_s"] = json!(catch_up_s);
+    r["meta_parts"] = parts;
+    Ok(r)
 }
 
 async fn run_async(args: &Args) -> Result<()> {
