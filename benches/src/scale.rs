@@ -12,7 +12,8 @@
 //! - **snapshot build**: the last `snapshot built` of the leader's log (copying the state to a
 //!   file while applies wait);
 //! - **catch-up**: a new node joins (`cluster add-backup`) and the time until it has applied
-//!   what the leader had; its `snapshot installed` line gives the install time. The node is
+//!   what the leader had; its `snapshot installed` line gives the install time, and the peak
+//!   resident size of the new node (`VmHWM`) and of the leader (sampled) meanwhile. The node is
 //!   then removed and stopped, and `raftyard meta-size` reads its metadata part by part (a
 //!   node built from a snapshot: state, journal and a short log);
 //! - **idle** CPU time of every node over `--idle-secs` (from `/proc`), after the cluster has
@@ -47,7 +48,8 @@ use crate::client::{http_client, sha256_digest, RegistryClient};
 use crate::cluster::Cluster;
 use crate::direct;
 use crate::report::{median, percentile};
-use crate::server::{dir_bytes, rss_kib};
+use crate::server::{dir_bytes, peak_rss_kib, rss_kib};
+use crate::workload::RssSampler;
 
 const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const TAGS_PER_REPO: u64 = 100;
@@ -401,9 +403,12 @@ async fn measure(
     let started = Instant::now();
     let run_dir =
         cluster.data_dir(leadership.leader)?.parent().and_then(Path::parent).context("run dir")?.to_path_buf();
+    let leader_rss = RssSampler::start(vec![cluster.pid(leadership.leader)?]);
     cluster.add_backup(new_id, &run_dir).await?;
     cluster.wait_caught_up(new_id, Duration::from_secs(1800)).await?;
     let catch_up_s = started.elapsed().as_secs_f64();
+    let leader_peak_kib = leader_rss.stop().await;
+    let new_peak_kib = peak_rss_kib(cluster.pid(new_id)?).unwrap_or(0);
     let install_ms = field(last_line(&cluster.log_path(new_id)?, "snapshot installed").as_deref(), "took_ms");
     let new_dir = cluster.remove(new_id)?;
     let parts = std::process::Command::new(bin)
@@ -420,6 +425,8 @@ async fn measure(
 
     r["snapshot_install_ms"] = json!(install_ms);
     r["catch_up_s"] = json!(catch_up_s);
+    r["catch_up_peak_rss_mib"] =
+        json!({"new_node": new_peak_kib as f64 / 1024.0, "leader": leader_peak_kib as f64 / 1024.0});
     r["meta_parts"] = parts;
     Ok(r)
 }
@@ -493,6 +500,11 @@ fn print_size(r: &Value, first: Option<&Value>) {
         r["snapshot_bytes"],
         r["snapshot_install_ms"],
         r["catch_up_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  peak RSS during the catch-up: new node {:.0} MiB, leader {:.0} MiB",
+        r["catch_up_peak_rss_mib"]["new_node"].as_f64().unwrap_or(0.0),
+        r["catch_up_peak_rss_mib"]["leader"].as_f64().unwrap_or(0.0)
     );
     for n in r["nodes"].as_array().into_iter().flatten() {
         println!(

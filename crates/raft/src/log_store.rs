@@ -246,12 +246,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first: a crash in between leaves extra entries, never a hole.
         self.put_meta(LAST_PURGED, &log_id, ErrorSubject::Logs)?;
         self.flush(ErrorSubject::Logs).await?;
-        let mut batch = sled::Batch::default();
+        // Oldest first, one at a time: a crash leaves a suffix of them, still no hole. A batch
+        // of the thousands of entries a purge removes would keep what it touched in memory
+        // (sled 0.34; measured 35 MiB resident against 14 for a log purged every 5,000).
+        let delete = |e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e);
         for kv in self.log.range(..=idx_key(log_id.index)) {
-            let (k, _) = kv.map_err(|e| storage_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
-            batch.remove(k);
+            let (k, _) = kv.map_err(delete)?;
+            self.watch.run("raft log write", || self.log.remove(k)).map_err(delete)?;
         }
-        self.apply_log_batch(batch, ErrorVerb::Delete)?;
         Ok(())
     }
 }

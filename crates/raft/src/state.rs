@@ -1025,15 +1025,15 @@ fn migrate(state: &sled::Tree) -> Result<(), sled::Error> {
     if version.unwrap_or(1) >= LAYOUT {
         return Ok(());
     }
-    let mut batch = sled::Batch::default();
+    // One insert at a time (a batch of a whole registry's links would stay in memory, see
+    // `install_from`); the layout is written last, so an interrupted migration runs again.
     for kv in state.scan_prefix(keys::LINKS) {
         let (k, _) = kv?;
         if let Some((repo, digest)) = keys::suffix(&k, keys::LINKS).split_once('\0') {
-            batch.insert(keys::linked_by(digest, repo), vec![]);
+            state.insert(keys::linked_by(digest, repo), vec![])?;
         }
     }
-    batch.insert(keys::LAYOUT, LAYOUT.to_be_bytes().to_vec());
-    state.apply_batch(batch)?;
+    state.insert(keys::LAYOUT, LAYOUT.to_be_bytes().to_vec())?;
     tracing::info!(layout = LAYOUT, "metadata state migrated to the current layout");
     Ok(())
 }
@@ -1152,21 +1152,19 @@ impl StateMachine {
         file.seek(SeekFrom::Start(0))?;
         let name = format!("state.{}", unique());
         let tree = self.db.open_tree(&name).map_err(io)?;
-        let (mut batch, mut bytes) = (sled::Batch::default(), 0usize);
+        // One insert at a time, not in batches: nothing reads this tree before the snapshot
+        // store names it, so it needs no atomicity, and sled 0.34 keeps in memory what a batch
+        // of thousands of writes touched. Measured filling a tree with 3 million pairs (about
+        // 230,000 images): 1.8 GB resident in 4 MiB batches, 77 MB one at a time, which is
+        // also twice as fast. The 1,000,000-image install ran out of memory so.
         for kv in PairReader::new(std::io::BufReader::with_capacity(1 << 20, &file), len)? {
             let (k, v) = kv?;
-            bytes += k.len() + v.len() + 16;
-            batch.insert(k, v);
-            if bytes >= 4 << 20 {
-                tree.apply_batch(std::mem::take(&mut batch)).map_err(io)?;
-                bytes = 0;
-            }
+            tree.insert(k, v).map_err(io)?;
         }
         if let Some(l) = meta.last_log_id {
-            batch.insert(keys::APPLIED, enc(&l));
+            tree.insert(keys::APPLIED, enc(&l)).map_err(io)?;
         }
-        batch.insert(keys::MEMBERSHIP, enc(&meta.last_membership));
-        tree.apply_batch(batch).map_err(io)?;
+        tree.insert(keys::MEMBERSHIP, enc(&meta.last_membership)).map_err(io)?;
         // a snapshot taken by an earlier version
         migrate(&tree).map_err(io)?;
         // durable before the snapshot store names it the state
@@ -1695,6 +1693,58 @@ mod tests {
         let b = StateMachine::open(&b_db, db_dir.path(), StorageWatch::offline()).unwrap();
         assert_eq!(b.reader().digest().unwrap(), want);
         assert_eq!(state_trees(&b_db), 1);
+    }
+
+    /// The resident size of this process, and its peak since [`reset_peak_rss`], in MiB.
+    fn rss_mib() -> (u64, u64) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let field = |name: &str| {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn reset_peak_rss() {
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    }
+
+    /// Installing a snapshot does not hold the snapshot in memory: 600,000 pairs shaped like
+    /// the state's (126 MiB, 46,000 small images) go into a database opened as a node opens
+    /// it (8 MiB cache), and the process's peak grows by less than 150 MiB (measured: 70; what
+    /// grows with the data is sled's table of its pages, 15 MiB per 600,000 pairs). Written in
+    /// 4 MiB batches, the same install peaked at 760 MiB more.
+    #[tokio::test]
+    async fn an_install_takes_memory_independent_of_the_snapshot_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::node::open_db(dir.path(), 8 << 20, false).unwrap();
+        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        let path = sm.snap.temp("receive");
+        let value = [7u8; 120];
+        let pairs = (0..600_000u64).map(|i| {
+            let key = format!("m/repo{:07}/sha256:{i:064x}", i / 13);
+            Ok((sled::IVec::from(key.as_bytes()), sled::IVec::from(&value[..])))
+        });
+        let len = write_pairs(&path, pairs).unwrap();
+        assert!(len > 110 << 20, "{len}");
+        let applied = LogId::new(CommittedLeaderId::new(3, 1), 700_000);
+        let meta = SnapshotMeta {
+            last_log_id: Some(applied),
+            last_membership: Membership::new(Some(applied), match membership() {
+                EntryPayload::Membership(m) => m,
+                _ => unreachable!(),
+            }),
+            snapshot_id: "3-700000-test".into(),
+        };
+        let file = tokio::fs::File::open(&path).await.unwrap();
+        reset_peak_rss();
+        let (before, _) = rss_mib();
+        sm.install_snapshot(&meta, Box::new(file)).await.unwrap();
+        let (_, peak) = rss_mib();
+        assert_eq!(sm.reader().applied_index(), 700_000);
+        let last = format!("m/repo{:07}/sha256:{:064x}", 599_999 / 13, 599_999);
+        assert_eq!(sm.reader().tree().get(last).unwrap().as_deref(), Some(&value[..]));
+        assert!(peak - before < 150, "an install of {} MiB grew the peak from {before} to {peak} MiB", len >> 20);
     }
 
     /// The streamed encoding is the bincode of the pairs that earlier versions wrote (and that
