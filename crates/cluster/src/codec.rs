@@ -43,15 +43,34 @@ pub fn is_not_leader(s: &Status) -> bool {
 
 /// A status from the leader (or the transport) as a proposal error.
 pub fn status_to_propose_error(s: Status) -> ProposeError {
-    match s.code() {
-        Code::FailedPrecondition => {
-            let leader = s.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).and_then(|v| {
-                let mut it = v.split(' ');
-                let id: NodeId = it.next()?.parse().ok()?;
-                Some((id, NodeAddr { peer: it.next()?.to_string(), registry: it.next()?.to_string() }))
-            });
-            ProposeError::NotLeader { leader }
+    if !is_not_leader(&s) {
+        return ProposeError::Unavailable(format!("peer: {}", s.message()));
+    }
+    let leader = s.metadata().get(LEADER_HINT).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let mut it = v.split(' ');
+        let id: NodeId = it.next()?.parse().ok()?;
+        Some((id, NodeAddr { peer: it.next()?.to_string(), registry: it.next()?.to_string() }))
+    });
+    ProposeError::NotLeader { leader }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// "Not the leader" crosses the wire with its hint; another refusal with the same code
+    /// (a member the leader refused) is not mistaken for it, so nobody retries it.
+    #[test]
+    fn only_not_leader_comes_back_as_not_leader() {
+        let addr = NodeAddr { peer: "127.0.0.1:7001".into(), registry: "127.0.0.1:5001".into() };
+        let s = propose_error_to_status(ProposeError::NotLeader { leader: Some((2, addr.clone())) });
+        assert!(is_not_leader(&s));
+        match status_to_propose_error(s) {
+            ProposeError::NotLeader { leader } => assert_eq!(leader, Some((2, addr))),
+            other => panic!("{other:?}"),
         }
-        _ => ProposeError::Unavailable(format!("peer: {}", s.message())),
+        let refused = Status::failed_precondition("node 4 is not a member");
+        assert!(!is_not_leader(&refused));
+        assert!(matches!(status_to_propose_error(refused), ProposeError::Unavailable(_)));
     }
 }
