@@ -33,6 +33,8 @@ pub struct PeerServices {
     pub version: Option<(u32, u32)>,
     /// This node's collection counters.
     pub gc: crate::gc::GcStats,
+    /// The blobs this node lacks (what `status` reports).
+    pub missing: crate::Missing,
 }
 
 /// Serves the peer protocol on `listener` until `shutdown` completes.

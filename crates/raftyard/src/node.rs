@@ -188,6 +188,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     // an upload's replica to this node.
     let peer_stop = CancellationToken::new();
     let gc_stats = raftyard_cluster::GcStats::default();
+    let missing = Missing::new(meta.clone(), blobs.clone());
     let peer_server = tokio::spawn(raftyard_cluster::serve(
         PeerServices {
             meta: meta.clone(),
@@ -201,6 +202,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
                 _ => Some((raftyard_cluster::versions::PEER_PROTOCOL, crate::format::DATA_FORMAT)),
             },
             gc: gc_stats.clone(),
+            missing: missing.clone(),
         },
         peer_listener,
         peer_tls,
@@ -225,7 +227,6 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
         Some(t) => Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone() }.acceptor()?),
         None => None,
     };
-    let missing = Missing::new(meta.clone(), blobs.clone());
     let lag_monitor = LagMonitor::new(meta.clone(), missing.clone(), peers.clone(), lag.clone()).spawn(stop.clone());
     let blob_peers = BlobPeers::new(peers, blobs.clone());
     let fetches = blob_peers.clone().throttled(cfg.cluster.fetch_limit_mib_per_sec << 20);
