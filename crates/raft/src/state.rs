@@ -1730,10 +1730,13 @@ mod tests {
         let applied = LogId::new(CommittedLeaderId::new(3, 1), 700_000);
         let meta = SnapshotMeta {
             last_log_id: Some(applied),
-            last_membership: Membership::new(Some(applied), match membership() {
-                EntryPayload::Membership(m) => m,
-                _ => unreachable!(),
-            }),
+            last_membership: Membership::new(
+                Some(applied),
+                match membership() {
+                    EntryPayload::Membership(m) => m,
+                    _ => unreachable!(),
+                },
+            ),
             snapshot_id: "3-700000-test".into(),
         };
         let file = tokio::fs::File::open(&path).await.unwrap();
