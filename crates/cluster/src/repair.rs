@@ -117,31 +117,36 @@ impl RepairWorker {
     /// Blobs the registry knows that this node lacks and may try now, with their holders: at
     /// most [`ROUND_MAX`] of them.
     fn due(&mut self) -> Vec<(Digest, Vec<String>)> {
-        let wants = self.missing.wants();
         let me = self.meta.id();
         let members = self.meta.members();
         let now = Instant::now();
         // backoffs of blobs no longer missing (fetched by a read, deleted) are forgotten
-        let wanted: std::collections::HashSet<&Digest> = wants.iter().map(|(d, _)| d).collect();
-        self.failed.retain(|d, _| wanted.contains(d));
-        let reader = self.meta.reader();
         let missing = &self.missing;
-        wants
-            .iter()
-            .filter(|(d, _)| self.failed.get(d).is_none_or(|(at, _)| *at <= now))
-            .filter_map(|(d, _)| match reader.blob_info(d) {
-                Ok(Some(info)) => Some((d.clone(), fetch_sources(&members, me, &info.holders))),
+        self.failed.retain(|d, _| missing.wants(d));
+        let failed = &self.failed;
+        let reader = self.meta.reader();
+        let mut removed = Vec::new();
+        let due = missing.pick(ROUND_MAX, |d| {
+            if failed.get(d).is_some_and(|(at, _)| *at > now) {
+                return None;
+            }
+            match reader.blob_info(d) {
+                // no peer known yet (a node that has not learnt the membership): not a failure
+                Ok(Some(info)) => {
+                    Some((d.clone(), fetch_sources(&members, me, &info.holders))).filter(|(_, s)| !s.is_empty())
+                }
                 // removed since the index looked: it must not stay counted as missing
                 Ok(None) => {
-                    missing.resolve(d);
+                    removed.push(d.clone());
                     None
                 }
                 Err(_) => None,
-            })
-            // no peer known yet (a node that has not learnt the membership): not a failure
-            .filter(|(_, sources)| !sources.is_empty())
-            .take(ROUND_MAX)
-            .collect()
+            }
+        });
+        for d in removed {
+            missing.resolve(&d);
+        }
+        due
     }
 
     /// One pass over the missing blobs; returns whether anything was fetched.

@@ -820,15 +820,20 @@ impl StateReader {
 
     /// Every blob the registry knows, with its placement.
     pub fn blobs(&self) -> std::io::Result<Vec<(Digest, BlobInfo)>> {
+        self.blobs_iter().collect()
+    }
+
+    /// Every blob the registry knows, one at a time, in the order of their digests' text (a
+    /// walk of a million placements holds one at a time, not a million).
+    pub fn blobs_iter(&self) -> impl Iterator<Item = std::io::Result<(Digest, BlobInfo)>> {
         let prefix = keys::blob("");
-        let mut out = Vec::new();
-        for kv in self.tree().scan_prefix(&prefix) {
-            let (k, v) = kv.map_err(io)?;
-            if let (Ok(d), Some(info)) = (Digest::parse(keys::suffix(&k, &prefix)), dec::<BlobInfo>(&v)) {
-                out.push((d, info));
-            }
-        }
-        Ok(out)
+        self.tree().scan_prefix(&prefix).filter_map(move |kv| match kv {
+            Err(e) => Some(Err(io(e))),
+            Ok((k, v)) => match (Digest::parse(keys::suffix(&k, &prefix)), dec::<BlobInfo>(&v)) {
+                (Ok(d), Some(info)) => Some(Ok((d, info))),
+                _ => None,
+            },
+        })
     }
 
     /// Digests of the manifests in `repo` whose subject is `subject`.
