@@ -99,14 +99,19 @@ pub async fn status(node: &str, as_json: bool, tls: &TlsDir) -> anyhow::Result<(
         if lag.is_null() {
             continue;
         }
+        let blobs = match lag["blobs_missing"].as_u64().unwrap_or(0) {
+            0 => "no blobs to fetch".to_string(),
+            n => format!(
+                "{n} blobs ({} MiB) to fetch, oldest missing for {:.1} s",
+                lag["blob_bytes_missing"].as_u64().unwrap_or(0) >> 20,
+                lag["blob_rpo_seconds"].as_f64().unwrap_or(0.0)
+            ),
+        };
         println!(
-            "backup {}: {} entries behind, RPO {} (metadata), {} blobs ({} MiB) to fetch, oldest missing for {:.1} s{}",
+            "backup {}: {} entries behind, RPO {} (metadata), {blobs}{}",
             r["id"],
             lag["entries"],
             lag["rpo_seconds"].as_f64().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "unknown".into()),
-            lag["blobs_missing"],
-            lag["blob_bytes_missing"].as_u64().unwrap_or(0) >> 20,
-            lag["blob_rpo_seconds"].as_f64().unwrap_or(0.0),
             if lag["leader_reachable"].as_bool() == Some(true) { "" } else { "; the leader did not answer" },
         );
     }

@@ -555,8 +555,9 @@ async fn journal_retention(meta: MetaNode, raft: crate::config::RaftSection, sto
             if r.journal_first().map_or(true, |f| before < f.saturating_add(margin)) {
                 continue;
             }
-            // one batch per event, so that each apply stays small
-            while r.journal_first().is_ok_and(|f| f < before) {
+            // a few hundred entries per event, so that each apply stays small
+            while let Some(first) = r.journal_first().ok().filter(|f| *f < before) {
+                let before = raftyard_types::event::journal_trim_next(first, before);
                 let ev = raftyard_types::Event::JournalTrimmed { before };
                 if let Err(e) = meta.propose(vec![ev]).await {
                     warn!(error = %e, "journal retention: trimming failed; trying again later");
