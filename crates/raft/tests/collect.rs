@@ -632,3 +632,64 @@ async fn the_upgrade_to_protocol_4_counts_what_was_there() {
     f.apply(vec![quota("*", 1000)]).await.unwrap();
     assert_eq!(f.sm.reader().quotas().unwrap()[0].used.bytes, 30 + bytes.len() as u64);
 }
+
+fn rss_mib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A large collection leaves little memory behind: 20,000 untagged images (a manifest, a
+/// config and a layer each, in 100 repositories) collected as `raftyard gc` proposes it, in a
+/// database opened as a node opens it, grow the process's peak by less than 17 MiB (measured:
+/// 10–11, sled's table of the pages the deletes wrote; 22 at 40,000 images). sled 0.34 also
+/// keeps pages that a batch of thousands of deletes touched: at 1,000 items per event (the
+/// plan until then), 23 MiB at 20,000 images and 35 at 40,000.
+#[tokio::test]
+async fn a_large_collection_leaves_little_memory_behind() {
+    const IMAGES: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = raftyard_raft::node::open_db(dir.path(), 8 << 20, false).unwrap();
+    let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+    let mut f = Fixture { _dir: dir, sm, next: 1, base: 0 };
+    f.apply(vec![Event::ClusterUpgraded { protocol: 4 }]).await.unwrap();
+    let mut events = Vec::new();
+    for i in 0..IMAGES {
+        let r = repo(&format!("many/r{}", i % 100));
+        let (config, layer) = (blob(&format!("config {i}")), blob(&format!("layer {i}")));
+        let bytes = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": desc("application/vnd.oci.image.config.v1+json", &config),
+            "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
+        }))
+        .unwrap();
+        let p = raftyard_types::manifest::parse_manifest(&bytes, "").unwrap();
+        events.push(Event::BlobLinked { repo: r.clone(), digest: config, size: 10 });
+        events.push(Event::BlobLinked { repo: r.clone(), digest: layer, size: 10 });
+        events.push(Event::ManifestPut {
+            repo: r,
+            digest: Digest::sha256(&bytes),
+            media_type: p.media_type,
+            bytes,
+            refs: p.required,
+            subject: p.subject,
+            artifact_type: p.artifact_type,
+        });
+        if events.len() >= 60 {
+            f.apply(std::mem::take(&mut events)).await.unwrap();
+        }
+    }
+    f.apply(events).await.unwrap();
+    let plan = f.plan(true);
+    assert_eq!((plan.manifests.len(), plan.links.len()), (IMAGES, 2 * IMAGES));
+
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let (before, _) = rss_mib();
+    f.collect(&plan).await;
+    let (_, peak) = rss_mib();
+    assert!(f.sm.reader().blobs().unwrap().is_empty(), "every blob left the registry");
+    assert!(peak - before < 17, "a collection of {IMAGES} images grew the peak from {before} to {peak} MiB");
+}
