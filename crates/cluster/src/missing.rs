@@ -108,9 +108,16 @@ impl Missing {
     /// Brings the index up to the applied state: the first time, a scan of every placement;
     /// after that, the blob events of the journal entries applied since — or a scan again when
     /// the journal no longer holds them, or for the next window (see the module). Returns at
-    /// once if another refresh is running.
+    /// once if another refresh is running, unless the index has not been filled yet (its
+    /// figures would say nothing is missing).
     pub fn refresh(&self) {
-        let Ok(_running) = self.refreshing.try_lock() else { return };
+        let filled = self.inner.lock().unwrap().folded.is_some();
+        let _running = match self.refreshing.try_lock() {
+            Ok(running) => running,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if filled => return,
+            Err(std::sync::TryLockError::WouldBlock) => self.refreshing.lock().unwrap_or_else(|p| p.into_inner()),
+        };
         let reader = self.meta.reader();
         let rescan = {
             let inner = self.inner.lock().unwrap();
@@ -136,7 +143,7 @@ impl Missing {
             // tells whether they started where they should.
             if reader.journal_first().is_ok_and(|first| first > folded + 1) {
                 self.scan();
-                continue;
+                return;
             }
             let Some(last) = entries.last().map(|e| e.index) else { return };
             let (now, now_ms) = (Instant::now(), raftyard_types::event::now_ms());
