@@ -1801,6 +1801,68 @@ mod tests {
         assert!(peak - before < 15, "a trim of {ENTRIES} entries grew the peak from {before} to {peak} MiB");
     }
 
+    /// A large collection leaves little memory behind: 20,000 untagged images (a manifest, a
+    /// config and a layer each, in 100 repositories) collected as `raftyard gc` proposes it, in
+    /// a database opened as a node opens it, grow the process's peak by less than 17 MiB
+    /// (measured: 10–11, sled's table of the pages the deletes wrote; 22 at 40,000 images).
+    /// sled 0.34 also keeps pages that a batch of thousands of deletes touched: at 1,000 items
+    /// per event (the plan until then), 23 MiB at 20,000 images and 35 at 40,000.
+    #[tokio::test]
+    async fn a_large_collection_leaves_little_memory_behind() {
+        const IMAGES: usize = 20_000;
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::node::open_db(dir.path(), 8 << 20, false).unwrap();
+        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        let mut index = 0;
+        let mut apply = async |sm: &mut StateMachine, events: Vec<Event>| {
+            index += 1;
+            let cmd = raftyard_types::event::VersionedCommand::V1(Command { time_ms: 1000 + index, events });
+            assert_eq!(sm.apply([entry(index, EntryPayload::Normal(cmd))]).await.unwrap(), vec![Ok(())]);
+            index
+        };
+        apply(&mut sm, vec![Event::ClusterUpgraded { protocol: 4 }]).await;
+        let desc = |media_type: &str, d: &Digest| serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": 10});
+        let mut events = Vec::new();
+        for i in 0..IMAGES {
+            let repo = RepoName::parse(&format!("many/r{}", i % 100)).unwrap();
+            let (config, layer) =
+                (Digest::sha256(format!("config {i}").as_bytes()), Digest::sha256(format!("layer {i}").as_bytes()));
+            let bytes = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2, "mediaType": raftyard_types::manifest::OCI_MANIFEST,
+                "config": desc("application/vnd.oci.image.config.v1+json", &config),
+                "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
+            }))
+            .unwrap();
+            let p = raftyard_types::manifest::parse_manifest(&bytes, "").unwrap();
+            events.push(Event::BlobLinked { repo: repo.clone(), digest: config, size: 10 });
+            events.push(Event::BlobLinked { repo: repo.clone(), digest: layer, size: 10 });
+            events.push(Event::ManifestPut {
+                repo,
+                digest: Digest::sha256(&bytes),
+                media_type: p.media_type,
+                bytes,
+                refs: p.required,
+                subject: p.subject,
+                artifact_type: p.artifact_type,
+            });
+            if events.len() >= 60 {
+                apply(&mut sm, std::mem::take(&mut events)).await;
+            }
+        }
+        let last = apply(&mut sm, events).await;
+        let plan = sm.reader().gc_plan(1000 + last + 1, true).unwrap();
+        assert_eq!((plan.manifests.len(), plan.links.len()), (IMAGES, 2 * IMAGES));
+
+        reset_peak_rss();
+        let (before, _) = rss_mib();
+        for ev in plan.events() {
+            apply(&mut sm, vec![ev]).await;
+        }
+        let (_, peak) = rss_mib();
+        assert!(sm.reader().blobs().unwrap().is_empty(), "every blob left the registry");
+        assert!(peak - before < 17, "a collection of {IMAGES} images grew the peak from {before} to {peak} MiB");
+    }
+
     /// The streamed encoding is the bincode of the pairs that earlier versions wrote (and that
     /// backups hold), both ways; data cut short is an error.
     #[test]
