@@ -123,11 +123,10 @@ impl Missing {
             let inner = self.inner.lock().unwrap();
             let since = inner.scanned.map(|at| at.elapsed());
             inner.folded.is_none()
-                || (inner.beyond.is_some()
-                    && since.is_none_or(|s| s >= self.rescan.0)
-                    && (inner.wants.len() < self.held / 2
-                        || inner.beyond.as_ref().is_some_and(|b| !b.counted)
-                        || since.is_none_or(|s| s >= self.rescan.1)))
+                || inner.beyond.as_ref().is_some_and(|b| {
+                    since.is_none_or(|s| s >= self.rescan.0)
+                        && (inner.wants.len() < self.held / 2 || !b.counted || since.is_none_or(|s| s >= self.rescan.1))
+                })
         };
         if rescan {
             self.scan();
@@ -317,7 +316,8 @@ impl Missing {
     }
 
     /// How many blobs the index holds as lacked here (at most [`HELD`]).
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.inner.lock().unwrap().wants.len()
     }
 

@@ -1713,6 +1713,32 @@ mod tests {
         std::fs::write("/proc/self/clear_refs", "5").unwrap();
     }
 
+    /// A state machine in a database opened as a node opens it (8 MiB of sled cache).
+    fn node_state_machine() -> (tempfile::TempDir, StateMachine) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::node::open_db(dir.path(), 8 << 20, false).unwrap();
+        let sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        (dir, sm)
+    }
+
+    /// The meta of a snapshot taken at log index `index`, with the test membership.
+    fn snapshot_meta(index: u64) -> SnapshotMeta<NodeId, NodeAddr> {
+        let applied = LogId::new(CommittedLeaderId::new(3, 1), index);
+        let EntryPayload::Membership(m) = membership() else { unreachable!() };
+        SnapshotMeta {
+            last_log_id: Some(applied),
+            last_membership: Membership::new(Some(applied), m),
+            snapshot_id: format!("3-{index}-test"),
+        }
+    }
+
+    /// Applies `events` as the command of log entry `index` (stamped `1000 + index`), which
+    /// must succeed.
+    async fn apply_ok(sm: &mut StateMachine, index: u64, events: Vec<Event>) {
+        let cmd = raftyard_types::event::VersionedCommand::V1(Command { time_ms: 1000 + index, events });
+        assert_eq!(sm.apply([entry(index, EntryPayload::Normal(cmd))]).await.unwrap(), vec![Ok(())]);
+    }
+
     /// Installing a snapshot does not hold the snapshot in memory: 600,000 pairs shaped like
     /// the state's (126 MiB, 46,000 small images) go into a database opened as a node opens
     /// it (8 MiB cache), and the process's peak grows by less than 150 MiB (measured: 70; what
@@ -1720,9 +1746,7 @@ mod tests {
     /// 4 MiB batches, the same install peaked at 760 MiB more.
     #[tokio::test]
     async fn an_install_takes_memory_independent_of_the_snapshot_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::node::open_db(dir.path(), 8 << 20, false).unwrap();
-        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        let (_dir, mut sm) = node_state_machine();
         let path = sm.snap.temp("receive");
         let value = [7u8; 120];
         let pairs = (0..600_000u64).map(|i| {
@@ -1731,18 +1755,7 @@ mod tests {
         });
         let len = write_pairs(&path, pairs).unwrap();
         assert!(len > 110 << 20, "{len}");
-        let applied = LogId::new(CommittedLeaderId::new(3, 1), 700_000);
-        let meta = SnapshotMeta {
-            last_log_id: Some(applied),
-            last_membership: Membership::new(
-                Some(applied),
-                match membership() {
-                    EntryPayload::Membership(m) => m,
-                    _ => unreachable!(),
-                },
-            ),
-            snapshot_id: "3-700000-test".into(),
-        };
+        let meta = snapshot_meta(700_000);
         let file = tokio::fs::File::open(&path).await.unwrap();
         reset_peak_rss();
         let (before, _) = rss_mib();
@@ -1761,9 +1774,7 @@ mod tests {
     #[tokio::test]
     async fn a_journal_trim_takes_memory_independent_of_the_journal_size() {
         const ENTRIES: u64 = 300_000;
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::node::open_db(dir.path(), 8 << 20, false).unwrap();
-        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
+        let (_dir, mut sm) = node_state_machine();
         // a state with a long journal, installed as a snapshot (the quickest way to make one)
         let path = sm.snap.temp("receive");
         let value = [7u8; 200];
@@ -1771,18 +1782,8 @@ mod tests {
             std::iter::once(Ok((sled::IVec::from(keys::JOURNAL_FIRST), sled::IVec::from(&1u64.to_be_bytes()[..]))));
         let journal = (1..=ENTRIES).map(|i| Ok((sled::IVec::from(keys::journal(i)), sled::IVec::from(&value[..]))));
         write_pairs(&path, first.chain(journal)).unwrap();
-        let applied = LogId::new(CommittedLeaderId::new(3, 1), ENTRIES);
-        let m = match membership() {
-            EntryPayload::Membership(m) => m,
-            _ => unreachable!(),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: Some(applied),
-            last_membership: Membership::new(Some(applied), m),
-            snapshot_id: "3-300000-test".into(),
-        };
         let file = tokio::fs::File::open(&path).await.unwrap();
-        sm.install_snapshot(&meta, Box::new(file)).await.unwrap();
+        sm.install_snapshot(&snapshot_meta(ENTRIES), Box::new(file)).await.unwrap();
         assert_eq!(sm.reader().journal_first().unwrap(), 1);
 
         reset_peak_rss();
@@ -1791,9 +1792,7 @@ mod tests {
         while let Some(first) = sm.reader().journal_first().ok().filter(|f| *f <= ENTRIES) {
             index += 1;
             let trim = Event::JournalTrimmed { before: raftyard_types::event::journal_trim_next(first, ENTRIES + 1) };
-            let cmd = raftyard_types::event::VersionedCommand::V1(Command { time_ms: 1, events: vec![trim] });
-            let r = sm.apply([entry(index, EntryPayload::Normal(cmd))]).await.unwrap();
-            assert_eq!(r, vec![Ok(())]);
+            apply_ok(&mut sm, index, vec![trim]).await;
         }
         let (_, peak) = rss_mib();
         assert!(sm.reader().journal_first().unwrap() > ENTRIES);
@@ -1810,17 +1809,9 @@ mod tests {
     #[tokio::test]
     async fn a_large_collection_leaves_little_memory_behind() {
         const IMAGES: usize = 20_000;
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::node::open_db(dir.path(), 8 << 20, false).unwrap();
-        let mut sm = StateMachine::open(&db, dir.path(), StorageWatch::offline()).unwrap();
-        let mut index = 0;
-        let mut apply = async |sm: &mut StateMachine, events: Vec<Event>| {
-            index += 1;
-            let cmd = raftyard_types::event::VersionedCommand::V1(Command { time_ms: 1000 + index, events });
-            assert_eq!(sm.apply([entry(index, EntryPayload::Normal(cmd))]).await.unwrap(), vec![Ok(())]);
-            index
-        };
-        apply(&mut sm, vec![Event::ClusterUpgraded { protocol: 4 }]).await;
+        let (_dir, mut sm) = node_state_machine();
+        let mut index = 1;
+        apply_ok(&mut sm, index, vec![Event::ClusterUpgraded { protocol: 4 }]).await;
         let desc = |media_type: &str, d: &Digest| serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": 10});
         let mut events = Vec::new();
         for i in 0..IMAGES {
@@ -1846,17 +1837,20 @@ mod tests {
                 artifact_type: p.artifact_type,
             });
             if events.len() >= 60 {
-                apply(&mut sm, std::mem::take(&mut events)).await;
+                index += 1;
+                apply_ok(&mut sm, index, std::mem::take(&mut events)).await;
             }
         }
-        let last = apply(&mut sm, events).await;
-        let plan = sm.reader().gc_plan(1000 + last + 1, true).unwrap();
+        index += 1;
+        apply_ok(&mut sm, index, events).await;
+        let plan = sm.reader().gc_plan(1000 + index + 1, true).unwrap();
         assert_eq!((plan.manifests.len(), plan.links.len()), (IMAGES, 2 * IMAGES));
 
         reset_peak_rss();
         let (before, _) = rss_mib();
         for ev in plan.events() {
-            apply(&mut sm, vec![ev]).await;
+            index += 1;
+            apply_ok(&mut sm, index, vec![ev]).await;
         }
         let (_, peak) = rss_mib();
         assert!(sm.reader().blobs().unwrap().is_empty(), "every blob left the registry");
