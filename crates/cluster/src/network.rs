@@ -20,7 +20,8 @@ use crate::peers::{Peers, MAX_MESSAGE};
 /// Serialized appends larger than this are split by openraft (it retries with fewer entries).
 const MAX_APPEND_BYTES: usize = 64 * 1024 * 1024;
 
-/// Creates Raft clients for peers.
+/// Creates Raft clients for peers over `peers`' connections: give it connections of its own
+/// ([`Peers::own_connections`]), so that they are opened, and run, on Raft's runtime.
 #[derive(Clone)]
 pub struct PeerNetwork {
     peers: Arc<Peers>,

@@ -178,6 +178,18 @@ impl Peers {
         self
     }
 
+    /// The same peers over connections of their own, whose failures count with these. Raft's
+    /// messages go so ([`crate::network::PeerNetwork`]): their connections live on Raft's
+    /// runtime, where they are first used, and its heartbeats do not queue behind blob bytes.
+    pub fn own_connections(&self) -> Peers {
+        Peers {
+            channels: Default::default(),
+            tls: self.tls.clone(),
+            dial_via: self.dial_via.clone(),
+            errors: self.errors.clone(),
+        }
+    }
+
     /// A channel to `addr` (`host:port`), connected on first use and reconnected by tonic
     /// after failures. Every call on it carries the caller's trace context.
     pub fn channel(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {

@@ -1144,33 +1144,38 @@ impl StateMachine {
         mut file: std::fs::File,
     ) -> std::io::Result<()> {
         use std::io::{Seek, SeekFrom};
-        file.sync_all()?;
-        // the data's own file: the temporary file it was received into, else a copy
-        let tmp = match self.snap.temp_path_of(&file)? {
-            Some(p) => p,
-            None => {
-                file.seek(SeekFrom::Start(0))?;
-                self.snap.copy_to_temp("install", &file)?
+        // seconds to minutes for a large state: off Raft's worker, which goes on meanwhile
+        let (tmp, name, tree) = crate::node::blocking(|| -> std::io::Result<_> {
+            file.sync_all()?;
+            // the data's own file: the temporary file it was received into, else a copy
+            let tmp = match self.snap.temp_path_of(&file)? {
+                Some(p) => p,
+                None => {
+                    file.seek(SeekFrom::Start(0))?;
+                    self.snap.copy_to_temp("install", &file)?
+                }
+            };
+            let len = file.metadata()?.len();
+            file.seek(SeekFrom::Start(0))?;
+            let name = format!("state.{}", unique());
+            let tree = self.db.open_tree(&name).map_err(io)?;
+            // One insert at a time, not in batches: nothing reads this tree before the snapshot
+            // store names it, so it needs no atomicity, and sled 0.34 keeps in memory what a
+            // batch of thousands of writes touched (the test `an_install_takes_memory_…`: 760 MiB
+            // more in 4 MiB batches, 70 one at a time). The 1,000,000-image install ran out of
+            // memory so.
+            for kv in PairReader::new(std::io::BufReader::with_capacity(1 << 20, &file), len)? {
+                let (k, v) = kv?;
+                tree.insert(k, v).map_err(io)?;
             }
-        };
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(0))?;
-        let name = format!("state.{}", unique());
-        let tree = self.db.open_tree(&name).map_err(io)?;
-        // One insert at a time, not in batches: nothing reads this tree before the snapshot
-        // store names it, so it needs no atomicity, and sled 0.34 keeps in memory what a batch
-        // of thousands of writes touched (the test `an_install_takes_memory_…`: 760 MiB more
-        // in 4 MiB batches, 70 one at a time). The 1,000,000-image install ran out of memory so.
-        for kv in PairReader::new(std::io::BufReader::with_capacity(1 << 20, &file), len)? {
-            let (k, v) = kv?;
-            tree.insert(k, v).map_err(io)?;
-        }
-        if let Some(l) = meta.last_log_id {
-            tree.insert(keys::APPLIED, enc(&l)).map_err(io)?;
-        }
-        tree.insert(keys::MEMBERSHIP, enc(&meta.last_membership)).map_err(io)?;
-        // a snapshot taken by an earlier version
-        migrate(&tree).map_err(io)?;
+            if let Some(l) = meta.last_log_id {
+                tree.insert(keys::APPLIED, enc(&l)).map_err(io)?;
+            }
+            tree.insert(keys::MEMBERSHIP, enc(&meta.last_membership)).map_err(io)?;
+            // a snapshot taken by an earlier version
+            migrate(&tree).map_err(io)?;
+            Ok((tmp, name, tree))
+        })?;
         // durable before the snapshot store names it the state
         self.db.flush_async().await.map_err(io)?;
         self.snap.store(meta, &tmp, Some(&name), false)?;
@@ -1470,9 +1475,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let _g = self.watch.enter_bulk("snapshot read");
         let started = std::time::Instant::now();
         let tmp = self.snap.temp("build");
-        let copy = write_pairs(&tmp, self.state.get().iter())
-            .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
-            .and_then(|len| self.read_applied().map(|(applied, membership)| (tmp.clone(), len, applied, membership)));
+        // seconds for a large state: off Raft's worker, which goes on meanwhile (no entry
+        // applies until this returns)
+        let copy = crate::node::blocking(|| {
+            write_pairs(&tmp, self.state.get().iter())
+                .map_err(|e| storage_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
+                .and_then(|len| {
+                    self.read_applied().map(|(applied, membership)| (tmp.clone(), len, applied, membership))
+                })
+        });
         if copy.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }

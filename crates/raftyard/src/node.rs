@@ -176,7 +176,7 @@ async fn start_node(cfg: Config, exit_on_stuck_storage: bool) -> anyhow::Result<
     };
     let peers = Arc::new(Peers::with_tls(peer_tls.clone()).dialling_via(cfg.cluster.dial_via.clone()));
     let link = Arc::new(GrpcLeaderLink::new(peers.clone()));
-    let meta = MetaNode::start(meta_cfg, PeerNetwork::new(peers.clone()), Some(link))
+    let meta = MetaNode::start(meta_cfg, PeerNetwork::new(Arc::new(peers.own_connections())), Some(link))
         .await
         .context("starting the metadata node")?;
 
