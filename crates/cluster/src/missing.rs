@@ -311,8 +311,15 @@ impl Missing {
     }
 
     /// Whether the index holds `d` as lacked here.
-    pub fn wants(&self, d: &Digest) -> bool {
+    #[cfg(test)]
+    fn wants(&self, d: &Digest) -> bool {
         self.inner.lock().unwrap().wants.contains_key(d)
+    }
+
+    /// Keeps in `map` the blobs the index holds as lacked here, under one hold of its lock.
+    pub fn retain_wanted<V>(&self, map: &mut std::collections::HashMap<Digest, V>) {
+        let inner = self.inner.lock().unwrap();
+        map.retain(|d, _| inner.wants.contains_key(d));
     }
 
     /// How many blobs the index holds as lacked here (at most [`HELD`]).

@@ -122,7 +122,7 @@ impl RepairWorker {
         let now = Instant::now();
         // backoffs of blobs no longer missing (fetched by a read, deleted) are forgotten
         let missing = &self.missing;
-        self.failed.retain(|d, _| missing.wants(d));
+        missing.retain_wanted(&mut self.failed);
         let failed = &self.failed;
         let reader = self.meta.reader();
         let mut removed = Vec::new();
